@@ -1,0 +1,83 @@
+// forklift - the error types thrown at the API edge
+//
+// Every public call that fails throws a `forklift::Error` or one of the
+// subclasses below. Each names what went wrong in words a user can act on:
+// the command, the argument, the process, the errno. Destructors never throw
+// (except `SyncIndex`, which documents its own rule); they log instead.
+//
+// Which subclass to catch:
+//   SystemError   an OS call failed; `code()` holds the errno.
+//   TypeError     a message argument is missing or has the wrong type.
+//   DecodeError   bytes that are not a valid forklift message.
+//   LimitError    a message or frame larger than the configured limit.
+//   TimeoutError  a bounded wait ran out.
+//   PeerClosed    the other end of a channel is gone (process exited).
+//   ProcessDied   a backend process died while we waited for it.
+//   RemoteError   a backend handler threw; `what()` carries its message.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+namespace forklift {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// An OS call failed. The message reads "cannot <verb> <object>: <strerror>".
+class SystemError : public Error {
+ public:
+  SystemError(int errnum, const std::string& what);
+  const std::error_code& code() const noexcept { return code_; }
+
+ private:
+  std::error_code code_;
+};
+
+class TypeError : public Error {
+ public:
+  using Error::Error;
+};
+
+class DecodeError : public Error {
+ public:
+  using Error::Error;
+};
+
+class LimitError : public Error {
+ public:
+  using Error::Error;
+};
+
+class TimeoutError : public Error {
+ public:
+  using Error::Error;
+};
+
+class PeerClosed : public Error {
+ public:
+  using Error::Error;
+};
+
+// A subclass of PeerClosed: code that only cares that the other side is gone
+// catches PeerClosed and sees both.
+class ProcessDied : public PeerClosed {
+ public:
+  using PeerClosed::PeerClosed;
+};
+
+class RemoteError : public Error {
+ public:
+  using Error::Error;
+};
+
+namespace detail {
+// Throws SystemError(errno, what). errno is read first, before anything else
+// can overwrite it.
+[[noreturn]] void throwErrno(const std::string& what);
+}  // namespace detail
+
+}  // namespace forklift

@@ -1,0 +1,136 @@
+// forklift - Message: a command name with named arguments, and its codec
+//
+// A `Message` is what the frontend sends to a backend and what a backend
+// sends out: `Message("ping", {{"parameter", "gotcha!"}, {"count", 3}})`.
+// It is the native form of valkka-multiprocess's `MessageObject(command,
+// **kwargs)`.
+//
+// Reading arguments is strict. `get<T>(name)` throws `TypeError` when the
+// argument is missing or has the wrong type, and the text names the command,
+// the argument, the type found and the type wanted:
+//   command 'ping': argument 'count': string found, int32 wanted
+//
+// The codec is msgpack: [command, {args...}, id]. Decoding is safe against
+// any bytes. Total size, nesting depth and element counts are limited
+// (`Limits`), so malformed or hostile input gives a `DecodeError` or
+// `LimitError`, never a crash and never an allocation larger than the input.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <iosfwd>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "forklift/value.hpp"
+
+namespace forklift {
+
+struct Limits {
+  std::size_t maxBytes = 16u << 20;     // encoded size of one message
+  std::uint32_t maxDepth = 32;          // nesting of lists and maps
+  std::uint32_t maxElements = 1u << 20; // list items + map entries in one message
+};
+
+class Message {
+ public:
+  Message() = default;
+  explicit Message(std::string command, Map args = {}) : command_(std::move(command)), args_(std::move(args)) {}
+
+  const std::string& command() const noexcept { return command_; }
+  const Map& args() const noexcept { return args_; }
+  Map& args() noexcept { return args_; }
+
+  bool has(std::string_view name) const noexcept { return find(name) != nullptr; }
+  const Value* find(std::string_view name) const noexcept;
+
+  // Throws TypeError naming the command and argument when `name` is missing
+  // or does not convert to T (see Value::as).
+  template <class T>
+  T get(std::string_view name) const {
+    const Value* v = find(name);
+    if (!v) missing(name);
+    try {
+      return v->as<T>();
+    } catch (const TypeError& e) {
+      wrongType(name, e);
+    }
+  }
+
+  // As get(name) but returns `fallback` when the argument is absent. A
+  // present argument of the wrong type still throws.
+  template <class T>
+  T get(std::string_view name, T fallback) const {
+    const Value* v = find(name);
+    if (!v) return fallback;
+    try {
+      return v->as<T>();
+    } catch (const TypeError& e) {
+      wrongType(name, e);
+    }
+  }
+
+  // Sets (replaces or appends) an argument; returns *this for chaining.
+  Message& set(std::string name, Value v);
+
+  // Transport metadata: the id that pairs a call with its reply. 0 means
+  // "no reply wanted". Users normally never touch it.
+  std::uint64_t id() const noexcept { return id_; }
+  void setId(std::uint64_t id) noexcept { id_ = id; }
+
+  bool operator==(const Message& o) const {
+    return command_ == o.command_ && args_ == o.args_ && id_ == o.id_;
+  }
+
+  std::string toString() const;  // "ping(parameter=\"x\", count=3)", for logs
+
+ private:
+  [[noreturn]] void missing(std::string_view name) const;
+  [[noreturn]] void wrongType(std::string_view name, const TypeError& e) const;
+
+  std::string command_;
+  Map args_;
+  std::uint64_t id_ = 0;
+};
+
+// Prints toString(); lets test frameworks show messages readably.
+std::ostream& operator<<(std::ostream& os, const Message& m);
+
+// A growable byte buffer that keeps its capacity across clear(), so encoding
+// in a loop allocates only while it warms up. Satisfies msgpack's Stream.
+class Buffer {
+ public:
+  void write(const char* p, std::size_t n) {
+    if (size_ + n > bytes_.size()) grow(size_ + n);
+    std::memcpy(bytes_.data() + size_, p, n);
+    size_ += n;
+  }
+  void clear() noexcept { size_ = 0; }
+  void truncate(std::size_t n) noexcept {
+    if (n < size_) size_ = n;
+  }
+  char* data() noexcept { return bytes_.data(); }
+  const char* data() const noexcept { return bytes_.data(); }
+  std::size_t size() const noexcept { return size_; }
+  std::size_t capacity() const noexcept { return bytes_.size(); }
+  // Drops the storage when it grew past `keep` bytes (after a huge message).
+  void shrinkTo(std::size_t keep);
+
+ private:
+  void grow(std::size_t need);
+  std::vector<char> bytes_;
+  std::size_t size_ = 0;
+};
+
+// Appends the encoding of `m` to `out`.
+void encode(const Message& m, Buffer& out);
+
+// Decodes exactly `size` bytes into a message. Throws LimitError when the
+// input breaks `limits`, DecodeError for anything else that is not one
+// well-formed message.
+Message decode(const char* data, std::size_t size, const Limits& limits = {});
+
+}  // namespace forklift

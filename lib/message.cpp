@@ -1,0 +1,340 @@
+#include "forklift/message.hpp"
+
+#include <msgpack.hpp>
+
+#include <cstring>
+#include <ostream>
+
+namespace forklift {
+
+namespace {
+
+// msgpack ext type that carries an Array:
+//   u8 dtype, u8 rank, rank x u64 dims (little endian), then the data.
+constexpr std::int8_t kArrayExt = 1;
+
+}  // namespace
+
+// ---------------------------------------------------------------- Message
+
+const Value* Message::find(std::string_view name) const noexcept {
+  for (const auto& [k, v] : args_)
+    if (k == name) return &v;
+  return nullptr;
+}
+
+Message& Message::set(std::string name, Value v) {
+  for (auto& [k, old] : args_) {
+    if (k == name) {
+      old = std::move(v);
+      return *this;
+    }
+  }
+  args_.emplace_back(std::move(name), std::move(v));
+  return *this;
+}
+
+void Message::missing(std::string_view name) const {
+  throw TypeError("command '" + command_ + "': argument '" + std::string(name) + "' is missing");
+}
+
+void Message::wrongType(std::string_view name, const TypeError& e) const {
+  throw TypeError("command '" + command_ + "': argument '" + std::string(name) + "': " + e.what());
+}
+
+std::string Message::toString() const {
+  std::string s = command_ + "(";
+  for (std::size_t i = 0; i < args_.size(); ++i) s += (i ? ", " : "") + args_[i].first + "=" + args_[i].second.toString();
+  return s + ")";
+}
+
+std::ostream& operator<<(std::ostream& os, const Message& m) { return os << m.toString(); }
+
+// ---------------------------------------------------------------- Buffer
+
+void Buffer::grow(std::size_t need) {
+  std::size_t cap = bytes_.empty() ? 256 : bytes_.size();
+  while (cap < need) cap *= 2;
+  bytes_.resize(cap);
+}
+
+void Buffer::shrinkTo(std::size_t keep) {
+  if (bytes_.size() > keep) {
+    std::vector<char>().swap(bytes_);
+    size_ = 0;
+  }
+}
+
+// ---------------------------------------------------------------- encode
+
+namespace {
+
+void packValue(msgpack::packer<Buffer>& pk, Buffer& out, const Value& v);
+
+// msgpack-cxx packs a double with an integral value as an integer; a Value
+// keeps its kind across the wire, so doubles are always written as float64.
+void packFloat64(Buffer& out, double d) {
+  std::uint64_t bits;
+  std::memcpy(&bits, &d, sizeof bits);
+  char b[9];
+  b[0] = static_cast<char>(0xcb);
+  for (int i = 0; i < 8; ++i) b[1 + i] = static_cast<char>((bits >> (56 - 8 * i)) & 0xff);
+  out.write(b, sizeof b);
+}
+
+void packArray(msgpack::packer<Buffer>& pk, const Array& a) {
+  const auto rank = static_cast<std::uint8_t>(a.shape().size());
+  const std::size_t size = 2 + 8u * rank + a.data().size();
+  pk.pack_ext(size, kArrayExt);
+  char head[2 + 8 * Array::kMaxRank];
+  head[0] = static_cast<char>(a.dtype());
+  head[1] = static_cast<char>(rank);
+  for (std::size_t i = 0; i < rank; ++i) {
+    const auto d = static_cast<std::uint64_t>(a.shape()[i]);
+    for (int b = 0; b < 8; ++b) head[2 + 8 * i + b] = static_cast<char>((d >> (8 * b)) & 0xff);
+  }
+  pk.pack_ext_body(head, 2 + 8u * rank);
+  if (!a.data().empty())
+    pk.pack_ext_body(reinterpret_cast<const char*>(a.data().data()), static_cast<std::uint32_t>(a.data().size()));
+}
+
+void packMap(msgpack::packer<Buffer>& pk, Buffer& out, const Map& m) {
+  pk.pack_map(static_cast<std::uint32_t>(m.size()));
+  for (const auto& [k, v] : m) {
+    pk.pack_str(static_cast<std::uint32_t>(k.size()));
+    pk.pack_str_body(k.data(), static_cast<std::uint32_t>(k.size()));
+    packValue(pk, out, v);
+  }
+}
+
+void packValue(msgpack::packer<Buffer>& pk, Buffer& out, const Value& v) {
+  switch (v.kind()) {
+    case Value::Kind::Nil: pk.pack_nil(); break;
+    case Value::Kind::Bool: *v.getIf<bool>() ? pk.pack_true() : pk.pack_false(); break;
+    case Value::Kind::Int: pk.pack_int64(*v.getIf<std::int64_t>()); break;
+    case Value::Kind::Double: packFloat64(out, *v.getIf<double>()); break;
+    case Value::Kind::String: {
+      const auto& s = *v.getIf<std::string>();
+      pk.pack_str(static_cast<std::uint32_t>(s.size()));
+      pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
+      break;
+    }
+    case Value::Kind::Bytes: {
+      const auto& b = *v.getIf<Bytes>();
+      pk.pack_bin(static_cast<std::uint32_t>(b.size()));
+      pk.pack_bin_body(reinterpret_cast<const char*>(b.data()), static_cast<std::uint32_t>(b.size()));
+      break;
+    }
+    case Value::Kind::List: {
+      const auto& l = *v.getIf<List>();
+      pk.pack_array(static_cast<std::uint32_t>(l.size()));
+      for (const Value& e : l) packValue(pk, out, e);
+      break;
+    }
+    case Value::Kind::Map: packMap(pk, out, *v.getIf<Map>()); break;
+    case Value::Kind::Array: packArray(pk, *v.getIf<Array>()); break;
+  }
+}
+
+}  // namespace
+
+void encode(const Message& m, Buffer& out) {
+  msgpack::packer<Buffer> pk(out);
+  pk.pack_array(3);
+  pk.pack_str(static_cast<std::uint32_t>(m.command().size()));
+  pk.pack_str_body(m.command().data(), static_cast<std::uint32_t>(m.command().size()));
+  packMap(pk, out, m.args());
+  pk.pack_uint64(m.id());
+}
+
+// ---------------------------------------------------------------- decode
+
+namespace {
+
+// Builds a Value tree straight from msgpack's SAX-style parser: no msgpack
+// zone, no intermediate object. Every container size is checked against the
+// bytes left before anything is reserved, so memory stays proportional to
+// the input.
+class ValueBuilder {
+ public:
+  ValueBuilder(std::size_t inputSize, const Limits& limits) : inputSize_(inputSize), limits_(limits) {}
+
+  Value root;
+  std::string error;   // set when a callback refused the input
+  bool limitHit = false;
+
+  bool visit_nil() { return emit(Value()); }
+  bool visit_boolean(bool v) { return emit(Value(v)); }
+  bool visit_positive_integer(std::uint64_t v) {
+    if (v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+      return fail("integer " + std::to_string(v) + " does not fit int64");
+    return emit(Value(static_cast<std::int64_t>(v)));
+  }
+  bool visit_negative_integer(std::int64_t v) { return emit(Value(v)); }
+  bool visit_float32(float v) { return emit(Value(v)); }
+  bool visit_float64(double v) { return emit(Value(v)); }
+  bool visit_str(const char* p, std::uint32_t n) {
+    if (expectingKey()) {
+      pendingKey_.assign(p, n);
+      haveKey_ = true;
+      return true;
+    }
+    return emit(Value(std::string(p, n)));
+  }
+  bool visit_bin(const char* p, std::uint32_t n) {
+    const auto* b = reinterpret_cast<const std::uint8_t*>(p);
+    return emit(Value(Bytes(b, b + n)));
+  }
+  bool visit_ext(const char* p, std::uint32_t n) {
+    if (n < 1 || static_cast<std::int8_t>(p[0]) != kArrayExt) return fail("unknown msgpack extension type");
+    return decodeArray(p + 1, n - 1);
+  }
+  bool start_array(std::uint32_t n) {
+    if (!reserveElements(n)) return false;
+    List l;
+    l.reserve(n);
+    if (!emit(Value(std::move(l)))) return false;
+    return push();
+  }
+  bool start_array_item() { return true; }
+  bool end_array_item() { return true; }
+  bool end_array() { stack_.pop_back(); return true; }
+  bool start_map(std::uint32_t n) {
+    if (!reserveElements(n)) return false;
+    Map m;
+    m.reserve(n);
+    if (!emit(Value(std::move(m)))) return false;
+    return push();
+  }
+  bool start_map_key() { return true; }
+  bool end_map_key() {
+    if (!haveKey_) return fail("map key is not a string");
+    return true;
+  }
+  bool start_map_value() { return true; }
+  bool end_map_value() { return true; }
+  bool end_map() { stack_.pop_back(); return true; }
+  void parse_error(std::size_t, std::size_t off) {
+    if (error.empty()) error = "malformed msgpack at byte " + std::to_string(off);
+  }
+  void insufficient_bytes(std::size_t, std::size_t) {
+    if (error.empty()) error = "truncated message";
+  }
+
+ private:
+  bool fail(std::string why) {
+    if (error.empty()) error = std::move(why);
+    return false;
+  }
+  bool failLimit(std::string why) {
+    limitHit = true;
+    return fail(std::move(why));
+  }
+  bool expectingKey() const {
+    return !stack_.empty() && stack_.back()->kind() == Value::Kind::Map && !haveKey_;
+  }
+  bool reserveElements(std::uint32_t n) {
+    // Each element takes at least one byte of input: a count beyond the
+    // input size is a lie, and must not become a huge reserve().
+    if (n > inputSize_) return fail("container claims " + std::to_string(n) + " elements in " +
+                                    std::to_string(inputSize_) + " bytes");
+    elements_ += n;
+    if (elements_ > limits_.maxElements)
+      return failLimit("message has more than " + std::to_string(limits_.maxElements) + " elements");
+    return true;
+  }
+  bool push() {
+    if (stack_.size() >= limits_.maxDepth)
+      return failLimit("message nests deeper than " + std::to_string(limits_.maxDepth) + " levels");
+    stack_.push_back(last_);
+    return true;
+  }
+  // Places a finished value in its parent. Parents reserved their exact
+  // element count, so pointers into them stay valid while we fill them.
+  bool emit(Value v) {
+    if (stack_.empty()) {
+      root = std::move(v);
+      last_ = &root;
+      return true;
+    }
+    Value* parent = stack_.back();
+    if (parent->kind() == Value::Kind::List) {
+      auto& l = *parent->getIf<List>();
+      l.push_back(std::move(v));
+      last_ = &l.back();
+      return true;
+    }
+    if (!haveKey_) return fail("map key is not a string");
+    auto& m = *parent->getIf<Map>();
+    m.emplace_back(std::move(pendingKey_), std::move(v));
+    haveKey_ = false;
+    last_ = &m.back().second;
+    return true;
+  }
+  bool decodeArray(const char* p, std::size_t n) {
+    if (n < 2) return fail("array extension too short");
+    const auto raw = static_cast<std::uint8_t>(p[0]);
+    const auto rank = static_cast<std::uint8_t>(p[1]);
+    if (!dtypeValid(raw)) return fail("array has invalid element type " + std::to_string(raw));
+    if (rank > Array::kMaxRank) return fail("array rank " + std::to_string(rank) + " too large");
+    if (n < 2 + 8u * rank) return fail("array extension too short for its shape");
+    std::vector<std::int64_t> shape(rank);
+    for (std::size_t i = 0; i < rank; ++i) {
+      std::uint64_t d = 0;
+      for (int b = 0; b < 8; ++b) d |= static_cast<std::uint64_t>(static_cast<std::uint8_t>(p[2 + 8 * i + b])) << (8 * b);
+      if (d > n) return fail("array dimension larger than the message");
+      shape[i] = static_cast<std::int64_t>(d);
+    }
+    const char* body = p + 2 + 8 * rank;
+    const std::size_t len = n - 2 - 8u * rank;
+    try {
+      const auto* b = reinterpret_cast<const std::uint8_t*>(body);
+      return emit(Value(Array(static_cast<DType>(raw), std::move(shape), Bytes(b, b + len))));
+    } catch (const TypeError& e) {
+      return fail(e.what());
+    }
+  }
+
+  std::size_t inputSize_;
+  const Limits& limits_;
+  std::vector<Value*> stack_;
+  Value* last_ = nullptr;
+  std::string pendingKey_;
+  bool haveKey_ = false;
+  std::uint64_t elements_ = 0;
+};
+
+}  // namespace
+
+Message decode(const char* data, std::size_t size, const Limits& limits) {
+  if (size > limits.maxBytes)
+    throw LimitError("message of " + std::to_string(size) + " bytes exceeds the limit of " +
+                     std::to_string(limits.maxBytes) + " bytes");
+  ValueBuilder b(size, limits);
+  std::size_t off = 0;
+  bool ok = false;
+  try {
+    ok = msgpack::parse(data, size, off, b);
+  } catch (const std::exception& e) {  // msgpack reports a few overflows by throwing
+    throw DecodeError(std::string("cannot decode message: ") + e.what());
+  }
+  if (!ok) {
+    const std::string why = b.error.empty() ? "malformed msgpack" : b.error;
+    if (b.limitHit) throw LimitError("cannot decode message: " + why);
+    throw DecodeError("cannot decode message: " + why);
+  }
+  if (off != size) throw DecodeError("cannot decode message: " + std::to_string(size - off) + " trailing bytes");
+
+  List* top = b.root.getIf<List>();
+  if (!top || top->size() != 3) throw DecodeError("cannot decode message: not a [command, args, id] triple");
+  auto* command = (*top)[0].getIf<std::string>();
+  auto* args = (*top)[1].getIf<Map>();
+  const auto* id = (*top)[2].getIf<std::int64_t>();
+  if (!command || !args || !id || *id < 0)
+    throw DecodeError("cannot decode message: not a [command, args, id] triple");
+  Message m(std::move(*command), std::move(*args));
+  m.setId(static_cast<std::uint64_t>(*id));
+  return m;
+}
+
+}  // namespace forklift

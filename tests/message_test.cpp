@@ -1,0 +1,298 @@
+#include "forklift/message.hpp"
+
+#include <Eigen/Core>
+#include <msgpack.hpp>
+#include <gtest/gtest.h>
+
+#include <random>
+
+namespace forklift {
+namespace {
+
+Message roundTrip(const Message& m, const Limits& limits = {}) {
+  Buffer b;
+  encode(m, b);
+  return decode(b.data(), b.size(), limits);
+}
+
+Buffer encoded(const Message& m) {
+  Buffer b;
+  encode(m, b);
+  return b;
+}
+
+template <class Fn>
+std::string errorOf(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(Message, EveryValueKindRoundTrips) {
+  Message m("ping", {{"nil", nullptr},
+                     {"yes", true},
+                     {"no", false},
+                     {"int", 3},
+                     {"neg", -1234567890123LL},
+                     {"big", std::int64_t{1} << 62},
+                     {"double", 2.5},
+                     {"string", "gotcha!"},
+                     {"empty", ""},
+                     {"bytes", Bytes{0, 1, 2, 255}},
+                     {"list", List{1, "two", 3.0, List{}}},
+                     {"map", Map{{"a", 1}, {"b", Map{{"c", "d"}}}}},
+                     {"array", std::vector<float>{1.5f, -2.0f, 3.25f}}});
+  m.setId(42);
+  const Message out = roundTrip(m);
+  EXPECT_EQ(out, m);
+  EXPECT_EQ(out.command(), "ping");
+  EXPECT_EQ(out.id(), 42u);
+  EXPECT_TRUE(out.get<Value>("nil").isNil());
+  EXPECT_TRUE(out.get<bool>("yes"));
+  EXPECT_FALSE(out.get<bool>("no"));
+  EXPECT_EQ(out.get<int>("int"), 3);
+  EXPECT_EQ(out.get<std::int64_t>("neg"), -1234567890123LL);
+  EXPECT_EQ(out.get<double>("double"), 2.5);
+  EXPECT_EQ(out.get<std::string>("string"), "gotcha!");
+  EXPECT_EQ(out.get<Bytes>("bytes"), (Bytes{0, 1, 2, 255}));
+  EXPECT_EQ(out.get<List>("list").size(), 4u);
+  EXPECT_EQ(out.get<Map>("map")[1].second.as<Map>()[0].second.as<std::string>(), "d");
+  EXPECT_EQ(out.get<std::vector<float>>("array"), (std::vector<float>{1.5f, -2.0f, 3.25f}));
+}
+
+TEST(Message, IntegralDoublesStayDoubles) {
+  const Message out = roundTrip(Message("d", {{"x", 3.0}, {"y", -0.0}, {"n", 3}}));
+  EXPECT_EQ(out.get<Value>("x").kind(), Value::Kind::Double);
+  EXPECT_EQ(out.get<Value>("y").kind(), Value::Kind::Double);
+  EXPECT_EQ(out.get<Value>("n").kind(), Value::Kind::Int);
+}
+
+TEST(Message, NoArgumentsRoundTrip) {
+  const Message m("stop");
+  EXPECT_EQ(roundTrip(m), m);
+  EXPECT_TRUE(roundTrip(m).args().empty());
+}
+
+TEST(Message, EigenMatricesRoundTripInEitherStorageOrder) {
+  Eigen::MatrixXd a(3, 4);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 4; ++j) a(i, j) = i * 10 + j;
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> b(2, 5);
+  b.setRandom();
+  Eigen::Matrix3i c;
+  c << 1, 2, 3, 4, 5, 6, 7, 8, 9;
+  const Message out = roundTrip(Message("m", {{"a", a}, {"b", b}, {"c", c}}));
+  EXPECT_EQ(out.get<Eigen::MatrixXd>("a"), a);
+  EXPECT_EQ((out.get<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>("b")), b);
+  EXPECT_EQ(out.get<Eigen::Matrix3i>("c"), c);
+  // Row-major on the wire, like numpy: element (0, 1) is the second value.
+  const Array arr = out.get<Array>("a");
+  EXPECT_EQ(arr.shape(), (std::vector<std::int64_t>{3, 4}));
+  EXPECT_EQ(reinterpret_cast<const double*>(arr.data().data())[1], 1.0);
+  EXPECT_EQ(arr.describe(), "float64[3x4]");
+}
+
+TEST(Message, EveryArrayElementTypeRoundTrips) {
+  const Message m("t", {{"i8", std::vector<std::int8_t>{-1, 2}},
+                        {"u8", std::vector<std::uint8_t>{255, 0}},
+                        {"i16", std::vector<std::int16_t>{-300}},
+                        {"u16", std::vector<std::uint16_t>{65535}},
+                        {"i32", std::vector<std::int32_t>{-70000}},
+                        {"u32", std::vector<std::uint32_t>{4000000000u}},
+                        {"i64", std::vector<std::int64_t>{-(std::int64_t{1} << 40)}},
+                        {"u64", std::vector<std::uint64_t>{~std::uint64_t{0}}},
+                        {"f32", std::vector<float>{}},
+                        {"f64", std::vector<double>{1e300}}});
+  const Message out = roundTrip(m);
+  EXPECT_EQ(out, m);
+  EXPECT_EQ(out.get<std::vector<std::uint64_t>>("u64")[0], ~std::uint64_t{0});
+  EXPECT_TRUE(out.get<std::vector<float>>("f32").empty());
+}
+
+TEST(Message, MissingArgumentNamesCommandAndArgument) {
+  const Message m("ping", {{"parameter", "x"}});
+  EXPECT_EQ(errorOf([&] { (void)m.get<std::string>("count"); }),
+            "command 'ping': argument 'count' is missing");
+  EXPECT_THROW((void)m.get<int>("count"), TypeError);
+}
+
+TEST(Message, WrongTypeNamesFoundAndWanted) {
+  const Message m("ping", {{"count", "three"}, {"ratio", 0.5}, {"n", 300}, {"neg", -1}, {"flag", 1}});
+  EXPECT_EQ(errorOf([&] { (void)m.get<int>("count"); }),
+            "command 'ping': argument 'count': string found, int32 wanted");
+  // No silent narrowing: a double is not an int, 300 is not an int8, -1 is
+  // not unsigned, 1 is not a bool.
+  EXPECT_EQ(errorOf([&] { (void)m.get<std::int64_t>("ratio"); }),
+            "command 'ping': argument 'ratio': double found, int64 wanted");
+  EXPECT_EQ(errorOf([&] { (void)m.get<std::int8_t>("n"); }),
+            "command 'ping': argument 'n': int 300 found, int8 wanted (out of range)");
+  EXPECT_EQ(errorOf([&] { (void)m.get<unsigned>("neg"); }),
+            "command 'ping': argument 'neg': int -1 found, uint32 wanted (out of range)");
+  EXPECT_EQ(errorOf([&] { (void)m.get<bool>("flag"); }),
+            "command 'ping': argument 'flag': int found, bool wanted");
+  EXPECT_EQ(errorOf([&] { (void)m.get<std::vector<double>>("count"); }),
+            "command 'ping': argument 'count': string found, list or array wanted");
+  // Widening is allowed.
+  EXPECT_EQ(m.get<double>("n"), 300.0);
+}
+
+TEST(Message, ArrayTypeMismatchIsAnError) {
+  const Message m("a", {{"v", std::vector<float>{1, 2}}, {"m", Eigen::MatrixXd::Zero(2, 2).eval()}});
+  EXPECT_EQ(errorOf([&] { (void)m.get<std::vector<double>>("v"); }),
+            "command 'a': argument 'v': array float32[2] found, array<float64> of rank 1 wanted");
+  EXPECT_EQ(errorOf([&] { (void)m.get<Eigen::Matrix3d>("m"); }),
+            "command 'a': argument 'm': array of 2x2 does not fit a fixed-size matrix of 3x3");
+  EXPECT_THROW((void)m.get<Eigen::MatrixXf>("m"), TypeError);
+}
+
+TEST(Message, FallbackOnlyForMissing) {
+  const Message m("ping", {{"count", "three"}});
+  EXPECT_EQ(m.get<int>("absent", 7), 7);
+  EXPECT_THROW((void)m.get<int>("count", 7), TypeError);
+}
+
+TEST(Message, SetReplacesOrAppends) {
+  Message m("x", {{"a", 1}});
+  m.set("a", 2).set("b", "c");
+  EXPECT_EQ(m.get<int>("a"), 2);
+  EXPECT_EQ(m.get<std::string>("b"), "c");
+  EXPECT_EQ(m.args().size(), 2u);
+  EXPECT_EQ(m.toString(), "x(a=2, b=\"c\")");
+}
+
+TEST(Message, UnsignedBeyondInt64IsRefused) {
+  EXPECT_THROW(Value(~std::uint64_t{0}), TypeError);
+  EXPECT_NO_THROW(Value(std::uint64_t{1} << 62));
+}
+
+TEST(Message, InvalidArrayShapeIsRefused) {
+  EXPECT_EQ(errorOf([] { Array(DType::F64, {2, 2}, Bytes(8)); }),
+            "array: float64[2x2] needs 4 elements of 8 bytes, got 8 bytes");
+  EXPECT_THROW(Array(DType::U8, {1, 1, 1, 1, 1, 1, 1, 1, 1}, Bytes(1)), TypeError);
+  EXPECT_THROW(Array(DType::U8, {-1}, Bytes{}), TypeError);
+}
+
+TEST(Decode, SizeLimit) {
+  const Message m("big", {{"s", std::string(1000, 'x')}});
+  Limits l;
+  l.maxBytes = 100;
+  const Buffer b = encoded(m);
+  EXPECT_THROW(decode(b.data(), b.size(), l), LimitError);
+  EXPECT_EQ(errorOf([&] { decode(b.data(), b.size(), l); }),
+            "message of " + std::to_string(b.size()) + " bytes exceeds the limit of 100 bytes");
+}
+
+TEST(Decode, DepthLimit) {
+  Value v = 1;
+  for (int i = 0; i < 40; ++i) v = List{v};
+  const Buffer b = encoded(Message("deep", {{"v", v}}));
+  EXPECT_THROW(decode(b.data(), b.size()), LimitError);
+  Limits l;
+  l.maxDepth = 64;
+  EXPECT_NO_THROW(decode(b.data(), b.size(), l));
+}
+
+TEST(Decode, ElementLimit) {
+  List l(5000, Value(1));
+  const Buffer b = encoded(Message("wide", {{"l", l}}));
+  Limits lim;
+  lim.maxElements = 1000;
+  EXPECT_THROW(decode(b.data(), b.size(), lim), LimitError);
+  EXPECT_NO_THROW(decode(b.data(), b.size()));
+}
+
+TEST(Decode, ContainerCountBeyondInputIsRefusedWithoutAllocating) {
+  // array32 claiming 4 billion elements, in 5 bytes.
+  const char bytes[] = {'\xdd', '\xff', '\xff', '\xff', '\xff'};
+  EXPECT_EQ(errorOf([&] { decode(bytes, sizeof bytes); }),
+            "cannot decode message: container claims 4294967295 elements in 5 bytes");
+  // str32 claiming 4 GiB: truncated, not allocated.
+  const char str[] = {'\x93', '\xdb', '\xff', '\xff', '\xff', '\xff', 'a'};
+  EXPECT_THROW(decode(str, sizeof str), DecodeError);
+}
+
+TEST(Decode, NotAMessageShape) {
+  Buffer b;
+  msgpack::packer<Buffer> pk(b);
+  pk.pack_array(2);
+  pk.pack_int(1);
+  pk.pack_int(2);
+  EXPECT_EQ(errorOf([&] { decode(b.data(), b.size()); }),
+            "cannot decode message: not a [command, args, id] triple");
+  const Buffer good = encoded(Message("x"));
+  std::string withTrailer(good.data(), good.size());
+  withTrailer += '\x01';
+  EXPECT_EQ(errorOf([&] { decode(withTrailer.data(), withTrailer.size()); }),
+            "cannot decode message: 1 trailing bytes");
+}
+
+TEST(Decode, NonStringMapKeyIsRefused) {
+  Buffer b;
+  msgpack::packer<Buffer> pk(b);
+  pk.pack_array(3);
+  pk.pack_str(1);
+  pk.pack_str_body("x", 1);
+  pk.pack_map(1);
+  pk.pack_int(5);
+  pk.pack_int(6);
+  pk.pack_uint64(0);
+  EXPECT_EQ(errorOf([&] { decode(b.data(), b.size()); }), "cannot decode message: map key is not a string");
+}
+
+TEST(Decode, BadArrayExtensionIsRefused) {
+  Buffer b;
+  msgpack::packer<Buffer> pk(b);
+  pk.pack_array(3);
+  pk.pack_str(1);
+  pk.pack_str_body("x", 1);
+  pk.pack_map(1);
+  pk.pack_str(1);
+  pk.pack_str_body("a", 1);
+  const char ext[] = {static_cast<char>(DType::F64), 1, 2, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3};  // 2 doubles, 3 bytes
+  pk.pack_ext(sizeof ext, 1);
+  pk.pack_ext_body(ext, sizeof ext);
+  pk.pack_uint64(0);
+  EXPECT_THROW(decode(b.data(), b.size()), DecodeError);
+}
+
+// Thousands of random and truncated inputs: every one either decodes or
+// throws one of our errors. Under ASan/UBSan this also proves no overflow.
+TEST(Decode, RandomAndTruncatedBytesNeverCrash) {
+  std::mt19937 rng(12345);
+  const Message sample("ping", {{"parameter", "gotcha!"}, {"count", 3}, {"list", List{1, 2.5, "x", Map{{"k", nullptr}}}},
+                                {"arr", std::vector<double>{1, 2, 3}}, {"bytes", Bytes{1, 2, 3}}});
+  const Buffer good = encoded(sample);
+  int decoded = 0, refused = 0;
+  auto tryDecode = [&](const char* p, std::size_t n) {
+    try {
+      (void)decode(p, n);
+      ++decoded;
+    } catch (const DecodeError&) {
+      ++refused;
+    } catch (const LimitError&) {
+      ++refused;
+    }
+  };
+  for (std::size_t n = 0; n < good.size(); ++n) tryDecode(good.data(), n);  // every truncation
+  EXPECT_EQ(decoded, 0);
+  std::string mutated(good.data(), good.size());
+  for (int i = 0; i < 3000; ++i) {
+    std::string s = mutated;
+    const int flips = 1 + static_cast<int>(rng() % 4);
+    for (int f = 0; f < flips; ++f) s[rng() % s.size()] = static_cast<char>(rng());
+    tryDecode(s.data(), s.size());
+  }
+  for (int i = 0; i < 3000; ++i) {
+    std::string s(rng() % 64, '\0');
+    for (char& c : s) c = static_cast<char>(rng());
+    tryDecode(s.data(), s.size());
+  }
+  EXPECT_EQ(decoded + refused, static_cast<int>(good.size()) + 6000);
+  EXPECT_GT(refused, 3000);
+}
+
+}  // namespace
+}  // namespace forklift

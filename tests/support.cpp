@@ -1,0 +1,115 @@
+#include "support.hpp"
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace forklift::test {
+
+pid_t forkChild(const std::function<int()>& body) {
+  std::fflush(nullptr);  // do not let the child flush the parent's buffered output twice
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    std::perror("fork");
+    std::abort();
+  }
+  if (pid == 0) {
+    int code = 99;
+    try {
+      code = body();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "child %d threw: %s\n", ::getpid(), e.what());
+    } catch (...) {
+      std::fprintf(stderr, "child %d threw\n", ::getpid());
+    }
+    ::_exit(code);
+  }
+  return pid;
+}
+
+std::optional<int> waitChild(pid_t pid, std::chrono::milliseconds timeout) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int status = 0;
+    const pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) return status;
+    if (r < 0 && errno != EINTR) return std::nullopt;
+    if (std::chrono::steady_clock::now() >= end) {
+      ::kill(pid, SIGKILL);
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      return std::nullopt;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+int exitCodeOf(std::optional<int> status) {
+  if (!status || !WIFEXITED(*status)) return -1;
+  return WEXITSTATUS(*status);
+}
+
+int openFdCount() {
+  int n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return -1;
+  while (dirent* e = ::readdir(d))
+    if (e->d_name[0] != '.') ++n;
+  ::closedir(d);
+  return n - 1;  // the directory stream itself
+}
+
+bool hasChildren() {
+  siginfo_t info{};
+  // P_ALL + WNOHANG + WNOWAIT: looks without reaping.
+  const int r = ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT | WSTOPPED | WCONTINUED);
+  return !(r < 0 && errno == ECHILD);
+}
+
+std::vector<std::string> forkliftSegments() {
+  std::vector<std::string> out;
+  DIR* d = ::opendir("/dev/shm");
+  if (!d) return out;
+  while (dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.rfind("fk.", 0) == 0) out.push_back(name);
+  }
+  ::closedir(d);
+  return out;
+}
+
+bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+namespace {
+
+// After the whole binary ran: no child process may be left, running or
+// zombie, and no forklift segment in /dev/shm may belong to this process.
+class NoLeftoversEnvironment : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    EXPECT_FALSE(hasChildren()) << "a test left a child process behind";
+    const std::string mine = "fk." + std::to_string(::getpid()) + ".";
+    for (const auto& name : forkliftSegments())
+      EXPECT_NE(name.rfind(mine, 0), 0u) << "a test left /dev/shm/" << name << " behind";
+  }
+};
+
+[[maybe_unused]] ::testing::Environment* const kNoLeftovers =
+    ::testing::AddGlobalTestEnvironment(new NoLeftoversEnvironment);
+
+}  // namespace
+}  // namespace forklift::test

@@ -1,0 +1,39 @@
+// Helpers shared by the multi-process tests: children that always leave with
+// _exit, waits that always have a bound, and checks that a test left no
+// process, descriptor or shared-memory segment behind.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace forklift::test {
+
+// Forks; the child runs `body` and leaves with _exit(its return value), or
+// _exit(99) if it threw. Never returns in the child.
+pid_t forkChild(const std::function<int()>& body);
+
+// Waits for `pid` up to `timeout`; returns the raw wait status, or nullopt
+// after killing (SIGKILL) and reaping a child that did not end in time.
+std::optional<int> waitChild(pid_t pid, std::chrono::milliseconds timeout);
+
+// Exit code of a child that exited normally, or -1 (signalled, timed out).
+int exitCodeOf(std::optional<int> status);
+
+// Number of open descriptors of this process.
+int openFdCount();
+
+// True while this process has a child (running or zombie).
+bool hasChildren();
+
+// Names in /dev/shm that forklift created (prefix "fk.").
+std::vector<std::string> forkliftSegments();
+
+// Polls `pred` every millisecond until it holds or `timeout` passes.
+bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
+
+}  // namespace forklift::test
