@@ -3,6 +3,9 @@
 
 #include "forklift/channel.hpp"
 #include "forklift/error.hpp"
+#include "forklift/log.hpp"
 #include "forklift/message.hpp"
+#include "forklift/process.hpp"
+#include "forklift/sync.hpp"
 #include "forklift/timeout.hpp"
 #include "forklift/value.hpp"

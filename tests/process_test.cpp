@@ -1,0 +1,557 @@
+#include "forklift/process.hpp"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "forklift/sync.hpp"
+#include "support.hpp"
+
+namespace forklift {
+namespace {
+
+using namespace std::chrono_literals;
+using test::exitCodeOf;
+using test::forkChild;
+using test::waitChild;
+
+std::string errorOf(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// A process with one command per behaviour under test.
+class EchoProcess : public MessageProcess {
+ public:
+  explicit EchoProcess(std::string name = "echo", ProcessOptions o = {}) : MessageProcess(std::move(name), std::move(o)) {
+    command("square", &EchoProcess::c__square, {"x"});
+    command("greet", &EchoProcess::c__greet, {"who", "times"});
+    command("pid", &EchoProcess::c__pid);
+    command("boom", &EchoProcess::c__boom, {"what"});
+    command("nothing", &EchoProcess::c__nothing);
+    command("chatter", &EchoProcess::c__chatter, {"n"});
+    command("later", &EchoProcess::c__later, {"ms", "value"});
+    command("drop", &EchoProcess::c__drop);
+    command("sleep", &EchoProcess::c__sleep, {"ms"});
+    command("spin", &EchoProcess::c__spin);
+    command("flood", &EchoProcess::c__flood, {"bytes"});
+    command("tick", &EchoProcess::c__tick, {"period_ms", "count"});
+    command("watch", &EchoProcess::c__watch);
+    command("set", &EchoProcess::c__set, {"event_index"});
+    command("ignore_term", &EchoProcess::c__ignoreTerm);
+    command("comm", &EchoProcess::c__comm);
+    commandRaw("raw", [](const Message& m) { return Value(static_cast<std::int64_t>(m.args().size())); });
+  }
+
+  Event userEvent;       // made before fork: the backend watches it
+  Event postRunEvent;    // set by postRun__
+  EventGroup events{4};
+  bool failPreRun = false;
+
+ private:
+  void preRun__() override {
+    if (failPreRun) throw std::runtime_error("no GPU today");
+  }
+  void postRun__() override { postRunEvent.set(); }
+
+  double c__square(double x) { return x * x; }
+  std::string c__greet(std::string who, int times) {
+    std::string s;
+    for (int i = 0; i < times; ++i) s += "hello " + who + ";";
+    return s;
+  }
+  std::int64_t c__pid() { return ::getpid(); }
+  void c__boom(std::string what) { throw std::runtime_error(what); }
+  void c__nothing() {}
+  int c__chatter(int n) {
+    for (int i = 0; i < n; ++i) sendOut__(Message("chat", {{"i", i}}));
+    return n;
+  }
+  void c__later(int ms, std::string value, Reply reply) {
+    auto shared = std::make_shared<Reply>(std::move(reply));
+    after__(Timeout(ms), [shared, value] { shared->resolve(value); });
+  }
+  void c__drop(Reply) {}  // drops the reply: the caller hears an error
+  void c__sleep(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+  void c__spin() {
+    for (;;) ::pause();
+  }
+  // Sends until sendOut__ refuses; returns how many went out.
+  std::int64_t c__flood(int bytes) {
+    std::int64_t sent = 0;
+    try {
+      for (;;) {
+        sendOut__(Message("blob", {{"seq", sent}, {"data", std::string(static_cast<std::size_t>(bytes), 'x')}}));
+        ++sent;
+      }
+    } catch (const TimeoutError&) {
+    }
+    return sent;
+  }
+  void c__tick(int periodMs, int count) {
+    auto n = std::make_shared<int>(0);
+    auto id = std::make_shared<std::uint64_t>(0);
+    *id = every__(Timeout(periodMs), [this, n, id, count] {
+      sendOut__(Message("tick", {{"n", ++*n}}));
+      if (*n == count) cancel__(*id);
+    });
+  }
+  void c__watch() {
+    watch__(userEvent.fd(), [this](int) {
+      userEvent.clear();
+      sendOut__(Message("seen"));
+    });
+  }
+  void c__set(std::size_t eventIndex) { events.set(eventIndex); }
+  void c__ignoreTerm() { ::signal(SIGTERM, SIG_IGN); }
+  std::string c__comm() {
+    std::ifstream f("/proc/self/comm");
+    std::string s;
+    std::getline(f, s);
+    return s;
+  }
+};
+
+TEST(Process, SendRunsTheHandlerInTheBackend) {
+  EchoProcess p;
+  p.start();
+  EXPECT_GT(p.pid(), 0);
+  EXPECT_NE(p.pid(), ::getpid());
+  EXPECT_TRUE(p.isAlive());
+  EXPECT_EQ(p.call("pid", {}, 5s).as<std::int64_t>(), p.pid());
+  p.send("chatter", {{"n", 2}});
+  EXPECT_EQ(p.recv(5s)->get<int>("i"), 0);
+  EXPECT_EQ(p.recv(5s)->get<int>("i"), 1);
+  const ExitStatus s = p.stop(5s);
+  EXPECT_TRUE(s.ok()) << s.describe();
+  EXPECT_FALSE(p.isAlive());
+}
+
+TEST(Process, CallReturnsWhatTheHandlerReturns) {
+  EchoProcess p;
+  p.start();
+  EXPECT_EQ(p.call("square", {{"x", 3}}, 5s).as<double>(), 9.0);
+  EXPECT_EQ(p.call("greet", {{"who", "bob"}, {"times", 2}}, 5s).as<std::string>(), "hello bob;hello bob;");
+  EXPECT_TRUE(p.call("nothing", {}, 5s).isNil());
+  EXPECT_EQ(p.call("raw", {{"a", 1}, {"b", 2}}, 5s).as<int>(), 2);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Process, NamesItselfClassDotName) {
+  EchoProcess p("my-process");
+  p.start();
+  EXPECT_EQ(p.fullName(), "EchoProcess.my-process");
+  EXPECT_EQ(p.call("comm", {}, 5s).as<std::string>(), "my-process");
+  std::ifstream f("/proc/" + std::to_string(p.pid()) + "/comm");
+  std::string comm;
+  std::getline(f, comm);
+  EXPECT_EQ(comm, "my-process");
+  p.stop(5s);
+}
+
+TEST(Process, HandlerErrorIsARemoteErrorAndTheBackendKeepsServing) {
+  EchoProcess p;
+  p.start();
+  try {
+    p.call("boom", {{"what", "kaboom"}}, 5s);
+    FAIL() << "no error";
+  } catch (const RemoteError& e) {
+    EXPECT_EQ(std::string(e.what()), "EchoProcess.echo: c__boom threw: kaboom");
+  }
+  p.send("boom", {{"what", "ignored, logged"}});
+  EXPECT_EQ(p.call("square", {{"x", 2}}, 5s).as<double>(), 4.0);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Process, UnknownCommandAndBadArgumentsAreClearErrors) {
+  EchoProcess p;
+  p.start();
+  EXPECT_EQ(errorOf([&] { p.call("nope", {}, 5s); }), "EchoProcess.echo: unknown command 'nope'");
+  EXPECT_EQ(errorOf([&] { p.call("square", {{"x", "three"}}, 5s); }),
+            "EchoProcess.echo: command 'square': argument 'x': string found, double wanted");
+  EXPECT_EQ(errorOf([&] { p.call("square", {}, 5s); }),
+            "EchoProcess.echo: command 'square': argument 'x' is missing");
+  EXPECT_EQ(errorOf([&] { p.call("greet", {{"who", "x"}, {"times", 1.5}}, 5s); }),
+            "EchoProcess.echo: command 'greet': argument 'times': double found, int32 wanted");
+  EXPECT_THROW(p.call("nope", {}, 5s), RemoteError);
+  p.send("nope");
+  p.send("square", {{"x", "bad"}});
+  EXPECT_EQ(p.call("square", {{"x", 5}}, 5s).as<double>(), 25.0);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Process, RepliesMatchRequestsWhileSendOutMessagesInterleave) {
+  EchoProcess p;
+  p.start();
+  int chats = 0;
+  for (int round = 1; round <= 50; ++round) {
+    EXPECT_EQ(p.call("chatter", {{"n", round % 7}}, 5s).as<int>(), round % 7);
+    EXPECT_EQ(p.call("square", {{"x", round}}, 5s).as<double>(), round * round);
+    chats += round % 7;
+  }
+  int got = 0;
+  while (auto m = p.recv(100ms)) {
+    EXPECT_EQ(m->command(), "chat");
+    ++got;
+  }
+  EXPECT_EQ(got, chats);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Process, DeferredReplyAndTheLateReplyOfATimedOutCall) {
+  EchoProcess p;
+  p.start();
+  EXPECT_EQ(p.call("later", {{"ms", 20}, {"value", "done"}}, 5s).as<std::string>(), "done");
+  // Times out before the deferred reply; the reply arrives later and must
+  // not be taken for the answer of the next call.
+  EXPECT_THROW(p.call("later", {{"ms", 300}, {"value", "stale"}}, 50ms), TimeoutError);
+  std::this_thread::sleep_for(400ms);
+  EXPECT_EQ(p.call("square", {{"x", 6}}, 5s).as<double>(), 36.0);
+  EXPECT_EQ(errorOf([&] { p.call("drop", {}, 5s); }), "the handler dropped its reply without answering");
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Process, TimersAndWatchedDescriptorsRunOnTheBackendLoop) {
+  EchoProcess p;
+  p.start();
+  p.call("tick", {{"period_ms", 10}, {"count", 3}}, 5s);
+  for (int i = 1; i <= 3; ++i) {
+    auto m = p.recv(5s);
+    ASSERT_TRUE(m);
+    EXPECT_EQ(m->command(), "tick");
+    EXPECT_EQ(m->get<int>("n"), i);
+  }
+  EXPECT_FALSE(p.recv(100ms));  // cancelled after 3
+  p.call("watch", {}, 5s);
+  p.userEvent.set();
+  auto seen = p.recv(5s);
+  ASSERT_TRUE(seen);
+  EXPECT_EQ(seen->command(), "seen");
+  p.userEvent.set();
+  EXPECT_EQ(p.recv(5s)->command(), "seen");
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+// The frontend does not read: sendOut__ queues up to outQueueBytes, then
+// waits outWait, then throws. Nothing is lost without an error, memory
+// stays bounded, and the backend is not deadlocked.
+TEST(Process, SendOutBackpressureIsBoundedAndReported) {
+  ProcessOptions o;
+  o.outQueueBytes = 256 << 10;
+  o.outWait = 200ms;
+  EchoProcess p("flood", o);
+  p.start();
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::int64_t sent = p.call("flood", {{"bytes", 16 << 10}}, 10s).as<std::int64_t>();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_GT(sent, 10);
+  EXPECT_LT(sent, 200);  // socket buffer + 256 KiB queue, in 16 KiB messages
+  // Every message the backend counted as sent arrives, in order.
+  std::int64_t got = 0;
+  while (auto m = p.recv(500ms)) {
+    EXPECT_EQ(m->get<std::int64_t>("seq"), got);
+    ++got;
+  }
+  EXPECT_EQ(got, sent);
+  EXPECT_EQ(p.call("square", {{"x", 3}}, 5s).as<double>(), 9.0);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Process, PreRunFailureFailsStart) {
+  EchoProcess p;
+  p.failPreRun = true;
+  EXPECT_EQ(errorOf([&] { p.start(); }),
+            "EchoProcess.echo: preRun__ failed in the backend: no GPU today (exited with code 3)");
+  EXPECT_FALSE(p.isAlive());
+}
+
+TEST(Process, SigkillDuringCallThrowsProcessDiedAtOnce) {
+  EchoProcess p;
+  p.start();
+  const pid_t pid = p.pid();
+  std::thread killer([pid] {
+    std::this_thread::sleep_for(100ms);
+    ::kill(pid, SIGKILL);
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    p.call("sleep", {{"ms", 10000}}, 8s);
+    FAIL() << "no error";
+  } catch (const ProcessDied& e) {
+    EXPECT_EQ(std::string(e.what()), "EchoProcess.echo: the backend died during call 'sleep' (killed by SIGKILL)");
+  }
+  killer.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+  EXPECT_THROW(p.send("square", {{"x", 1}}), Error);
+  EXPECT_EQ(p.stop(1s).signal, SIGKILL);
+}
+
+TEST(Process, StopFinishesTheHandlerInProgressThenRunsPostRun) {
+  EchoProcess p;
+  p.start();
+  p.send("sleep", {{"ms", 200}});
+  const ExitStatus s = p.stop(5s);
+  EXPECT_TRUE(s.ok()) << s.describe();
+  EXPECT_EQ(s.escalation, 0);
+  EXPECT_TRUE(p.postRunEvent.isSet());
+  EXPECT_EQ(p.stop(5s).how, ExitStatus::How::Exited);  // idempotent
+}
+
+TEST(Process, StopEscalatesToSigtermThenSigkill) {
+  EchoProcess a("stuck");
+  a.start();
+  a.send("spin");
+  ExitStatus s = a.stop(200ms);
+  EXPECT_EQ(s.how, ExitStatus::How::Signaled);
+  EXPECT_EQ(s.signal, SIGTERM);
+  EXPECT_EQ(s.escalation, 1);
+  EXPECT_EQ(s.describe(), "killed by SIGTERM (after SIGTERM)");
+
+  EchoProcess b("stubborn");
+  b.start();
+  b.call("ignore_term", {}, 5s);
+  b.send("spin");
+  const auto t0 = std::chrono::steady_clock::now();
+  s = b.stop(200ms);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 3s);
+  EXPECT_EQ(s.signal, SIGKILL);
+  EXPECT_EQ(s.escalation, 2);
+}
+
+TEST(Process, DestructorStopsTheBackend) {
+  pid_t pid;
+  {
+    EchoProcess p;
+    p.start();
+    pid = p.pid();
+  }
+  EXPECT_EQ(::kill(pid, 0), -1);  // gone and reaped
+  EXPECT_FALSE(test::hasChildren());
+}
+
+TEST(Process, BackendDiesWithItsParent) {
+  // A grandchild test: our child starts a backend, reports its pid, and dies
+  // without stopping it. As subreaper we inherit the orphan and can wait.
+  ASSERT_EQ(::prctl(PR_SET_CHILD_SUBREAPER, 1), 0);
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t child = forkChild([&] {
+    ::close(fds[0]);
+    auto* p = new EchoProcess("orphan");  // never destroyed: the parent "crashes"
+    p->start();
+    const pid_t backend = p->pid();
+    if (::write(fds[1], &backend, sizeof backend) != sizeof backend) return 2;
+    ::_exit(0);
+  });
+  ::close(fds[1]);
+  pid_t backend = -1;
+  ASSERT_EQ(::read(fds[0], &backend, sizeof backend), static_cast<ssize_t>(sizeof backend));
+  ::close(fds[0]);
+  EXPECT_EQ(exitCodeOf(waitChild(child, 5s)), 0);
+  const auto status = waitChild(backend, 2s);  // kills and reaps it if still running
+  ASSERT_TRUE(status) << "the backend outlived its parent by more than 2 s";
+  EXPECT_TRUE(WIFSIGNALED(*status) || WIFEXITED(*status));
+  ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+}
+
+TEST(Process, ThousandStartStopCyclesLeaveNothingBehind) {
+  const int fdsBefore = test::openFdCount();
+  for (int i = 0; i < 1000; ++i) {
+    EchoProcess p("cycle");
+    p.start();
+    const ExitStatus s = p.stop(5s);
+    ASSERT_TRUE(s.ok()) << "cycle " << i << ": " << s.describe();
+  }
+  EXPECT_EQ(test::openFdCount(), fdsBefore);
+  EXPECT_FALSE(test::hasChildren());
+}
+
+TEST(Process, RestartAfterStop) {
+  EchoProcess p;
+  p.start();
+  const pid_t first = p.pid();
+  p.stop(5s);
+  p.start();
+  EXPECT_NE(p.pid(), first);
+  EXPECT_EQ(p.call("square", {{"x", 2}}, 5s).as<double>(), 4.0);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Process, MisuseIsAClearError) {
+  EchoProcess p;
+  EXPECT_EQ(errorOf([&] { p.send("square", {{"x", 1}}); }), "echo: send 'square' before start or after stop");
+  p.start();
+  EXPECT_EQ(errorOf([&] { p.start(); }), "EchoProcess.echo: already started");
+  p.stop(5s);
+  EXPECT_THROW(p.call("square", {{"x", 1}}, 1s), Error);
+}
+
+TEST(Process, RefusesToForkWhenThreadsRun) {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread t([&] {
+    std::unique_lock lock(m);
+    cv.wait(lock, [&] { return done; });
+  });
+  EchoProcess p;
+  const std::string err = errorOf([&] { p.start(); });
+  EXPECT_TRUE(contains(err, "EchoProcess.echo: cannot fork: this process already runs 2 threads")) << err;
+  ProcessOptions o;
+  o.allowThreads = true;
+  EchoProcess q("allowed", o);
+  q.start();  // with a loud warning
+  EXPECT_EQ(q.call("square", {{"x", 4}}, 5s).as<double>(), 16.0);
+  EXPECT_TRUE(q.stop(5s).ok());
+  {
+    std::lock_guard lock(m);
+    done = true;
+  }
+  cv.notify_all();
+  t.join();
+}
+
+TEST(Process, SignalHandlersAreResetAndSigintCanBeIgnored) {
+  struct sigaction sa {};
+  sa.sa_handler = [](int) {};
+  sigemptyset(&sa.sa_mask);
+  struct sigaction old {};
+  ::sigaction(SIGUSR1, &sa, &old);
+  EchoProcess a("reset");
+  a.start();
+  ::kill(a.pid(), SIGUSR1);  // default action in the backend: terminate
+  EXPECT_EQ(a.waitStop(5s).signal, SIGUSR1);
+  ::sigaction(SIGUSR1, &old, nullptr);
+
+  EchoProcess b("deaf");
+  b.ignoreSigint();
+  b.start();
+  ::kill(b.pid(), SIGINT);
+  EXPECT_EQ(b.call("square", {{"x", 3}}, 5s).as<double>(), 9.0);
+  EXPECT_TRUE(b.stop(5s).ok());
+
+  EchoProcess c("hearing");
+  c.start();
+  ::kill(c.pid(), SIGINT);
+  EXPECT_EQ(c.waitStop(5s).signal, SIGINT);
+}
+
+TEST(Process, InProcessModeRunsTheSameLoopInAThread) {
+  ProcessOptions o;
+  o.inProcess = true;
+  EchoProcess p("debug", o);
+  p.start();
+  EXPECT_EQ(p.call("pid", {}, 5s).as<std::int64_t>(), ::getpid());
+  EXPECT_EQ(errorOf([&] { p.call("boom", {{"what", "x"}}, 5s); }), "EchoProcess.debug: c__boom threw: x");
+  p.send("chatter", {{"n", 1}});
+  EXPECT_EQ(p.recv(5s)->command(), "chat");
+  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.postRunEvent.isSet());
+
+  ::setenv("FORKLIFT_IN_PROCESS", "1", 1);
+  EchoProcess q("debug-env");
+  q.start();
+  EXPECT_EQ(q.call("pid", {}, 5s).as<std::int64_t>(), ::getpid());
+  EXPECT_TRUE(q.stop(5s).ok());
+  ::unsetenv("FORKLIFT_IN_PROCESS");
+}
+
+TEST(Process, BackendLogsToItsOwnFileWithItsPid) {
+  const std::string path = "/tmp/forklift-test-" + std::to_string(::getpid()) + ".log";
+  ProcessOptions o;
+  o.logFile = path;
+  EchoProcess p("logged", o);
+  p.start();
+  p.send("nope");  // logged as an error by the backend
+  p.call("nothing", {}, 5s);
+  const pid_t pid = p.pid();
+  p.stop(5s);
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string log = ss.str();
+  EXPECT_TRUE(contains(log, "[EchoProcess.logged] [pid " + std::to_string(pid) + "]")) << log;
+  EXPECT_TRUE(contains(log, "unknown command 'nope'")) << log;
+  ::unlink(path.c_str());
+}
+
+TEST(Sync, SyncIndexWaitsForTheBackend) {
+  EchoProcess p;
+  p.start();
+  {
+    SyncIndex sync(p.events, p, 5s);
+    p.send("set", {{"event_index", sync.index()}});
+  }
+  SyncIndex sync(p.events, p, 5s);
+  p.send("set", {{"event_index", sync.index()}});
+  EXPECT_NO_THROW(sync.wait());
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Sync, SyncIndexTimesOutAndWakesWhenTheBackendDies) {
+  EchoProcess p;
+  p.start();
+  {
+    SyncIndex sync(p.events, p, 50ms);
+    EXPECT_THROW(sync.wait(), TimeoutError);  // nobody sets it
+  }
+  const pid_t pid = p.pid();
+  std::thread killer([pid] {
+    std::this_thread::sleep_for(100ms);
+    ::kill(pid, SIGKILL);
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_THROW(
+      {
+        SyncIndex sync(p.events, p, 10s);
+        p.send("sleep", {{"ms", 5000}});
+      },
+      ProcessDied);
+  killer.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+  p.stop(1s);
+}
+
+TEST(Sync, EventGroupRetiresAbandonedIndices) {
+  EventGroup g(2);
+  const std::size_t a = g.reserve();
+  const std::size_t b = g.reserve();
+  EXPECT_NE(a, b);
+  EXPECT_THROW(g.reserve(), Error);
+  g.release(a);
+  EXPECT_EQ(g.reserve(), a);
+  g.retire(b);
+  g.release(a);
+  EXPECT_EQ(g.reserve(), a);
+  EXPECT_THROW(g.reserve(), Error);  // b is never handed out again
+  EXPECT_THROW(g.set(7), Error);
+}
+
+TEST(Sync, EventWorksAcrossFork) {
+  Event e;
+  const pid_t pid = forkChild([&] {
+    e.set();
+    return 0;
+  });
+  EXPECT_TRUE(e.wait(5s));
+  EXPECT_FALSE(e.isSet());
+  EXPECT_FALSE(e.wait(10ms));
+  EXPECT_EQ(exitCodeOf(waitChild(pid, 5s)), 0);
+}
+
+}  // namespace
+}  // namespace forklift
