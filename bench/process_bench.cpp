@@ -1,0 +1,264 @@
+// forklift benchmarks - MessageProcess against the kernel's limits
+//
+// call() round trip and send() rate of a small message, start until ready
+// and stop, each beside the same operation done with raw system calls
+// between a parent and a forked child, pinned the same way.
+#include <benchmark/benchmark.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <forklift.hpp>
+#include <vector>
+
+#include "placement.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using forklift::bench::pinTo;
+using forklift::bench::placement;
+
+class BenchProcess : public forklift::MessageProcess {
+ public:
+  // `pin`: move the backend to its CPU in preRun__. The start benchmark
+  // leaves it where fork put it, as the bare fork reference does.
+  explicit BenchProcess(bool pin = true) : MessageProcess("bench"), pin_(pin) {
+    command("ping", &BenchProcess::c__ping, {"parameter"});
+    command("count", &BenchProcess::c__count, {"parameter"});
+    command("total", &BenchProcess::c__total);
+  }
+
+ private:
+  void preRun__() override {
+    if (pin_) pinTo(placement().backend);
+  }
+  std::string c__ping(std::string parameter) { return parameter; }
+  void c__count(const std::string&) { ++count_; }
+  std::int64_t c__total() { return std::exchange(count_, 0); }
+  bool pin_;
+  std::int64_t count_ = 0;
+};
+
+// The size of one framed ping on forklift's wire, so the raw references
+// move the same number of bytes.
+std::size_t pingFrameBytes() {
+  forklift::Message m("ping", {{"parameter", "gotcha!"}});
+  m.setId(1);
+  forklift::Buffer b;
+  forklift::Channel::encodeFrame(m, b, forklift::Limits{});
+  return b.size();
+}
+
+void percentiles(benchmark::State& state, std::vector<double>& us) {
+  if (us.empty()) return;
+  std::sort(us.begin(), us.end());
+  state.counters["p50_us"] = us[us.size() / 2];
+  state.counters["p99_us"] = us[std::min(us.size() - 1, us.size() * 99 / 100)];
+}
+
+void BM_CallRoundTrip(benchmark::State& state) {
+  pinTo(placement().frontend);
+  BenchProcess p;
+  p.start();
+  std::vector<double> us;
+  us.reserve(1 << 20);
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    benchmark::DoNotOptimize(p.call("ping", {{"parameter", "gotcha!"}}));
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  percentiles(state, us);
+  state.SetLabel(placement().describe());
+  p.stop();
+}
+BENCHMARK(BM_CallRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+void BM_SendRate(benchmark::State& state) {
+  pinTo(placement().frontend);
+  BenchProcess p;
+  p.start();
+  std::int64_t sent = 0;
+  for (auto _ : state) {
+    p.send("count", {{"parameter", "gotcha!"}});
+    ++sent;
+  }
+  // Every message counted by the backend before the clock stops.
+  const auto total = p.call("total", {}, std::chrono::seconds(60)).as<std::int64_t>();
+  if (total != sent) state.SkipWithError("the backend did not count every message");
+  state.SetItemsProcessed(sent);
+  state.SetLabel(placement().describe());
+  p.stop();
+}
+BENCHMARK(BM_SendRate)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// ---- the kernel limit: raw bytes between a parent and a forked child -------
+
+struct RawChild {
+  pid_t pid = -1;
+  ~RawChild() {
+    if (pid > 0) {
+      int st;
+      ::waitpid(pid, &st, 0);
+    }
+  }
+};
+
+void BM_RawSocketpairRoundTrip(benchmark::State& state) {
+  pinTo(placement().frontend);
+  const std::size_t n = pingFrameBytes();
+  int sv[2];
+  ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv);
+  RawChild child;
+  child.pid = ::fork();
+  if (child.pid == 0) {
+    pinTo(placement().backend);
+    ::close(sv[0]);
+    std::vector<char> buf(n);
+    for (;;) {
+      if (::read(sv[1], buf.data(), n) <= 0) ::_exit(0);
+      if (::write(sv[1], buf.data(), n) < 0) ::_exit(1);
+    }
+  }
+  ::close(sv[1]);
+  std::vector<char> buf(n, 'x');
+  std::vector<double> us;
+  us.reserve(1 << 20);
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    if (::write(sv[0], buf.data(), n) < 0 || ::read(sv[0], buf.data(), n) <= 0) state.SkipWithError("io");
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  ::close(sv[0]);
+  percentiles(state, us);
+  state.SetLabel(placement().describe());
+}
+BENCHMARK(BM_RawSocketpairRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+void BM_RawEventfdRoundTrip(benchmark::State& state) {
+  pinTo(placement().frontend);
+  const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
+  RawChild child;
+  child.pid = ::fork();
+  if (child.pid == 0) {
+    pinTo(placement().backend);
+    std::uint64_t v;
+    for (;;) {
+      if (::read(ping, &v, sizeof v) != sizeof v) ::_exit(1);
+      if (v == 2) ::_exit(0);
+      v = 1;
+      if (::write(pong, &v, sizeof v) != sizeof v) ::_exit(1);
+    }
+  }
+  std::vector<double> us;
+  us.reserve(1 << 20);
+  std::uint64_t v = 1;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    v = 1;
+    if (::write(ping, &v, sizeof v) != sizeof v || ::read(pong, &v, sizeof v) != sizeof v) state.SkipWithError("io");
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  v = 2;
+  [[maybe_unused]] auto r = ::write(ping, &v, sizeof v);
+  percentiles(state, us);
+  state.SetLabel(placement().describe());
+  ::close(ping);
+  ::close(pong);
+}
+BENCHMARK(BM_RawEventfdRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+void BM_RawSocketpairOneWay(benchmark::State& state) {
+  pinTo(placement().frontend);
+  const std::size_t n = pingFrameBytes();
+  int sv[2];
+  ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv);
+  RawChild child;
+  child.pid = ::fork();
+  if (child.pid == 0) {
+    pinTo(placement().backend);
+    ::close(sv[0]);
+    // Reads greedily like forklift's backend, counts whole messages, and
+    // answers one byte when told the total.
+    std::vector<char> buf(64 << 10);
+    std::uint64_t bytes = 0;
+    for (;;) {
+      const ssize_t r = ::read(sv[1], buf.data(), buf.size());
+      if (r <= 0) ::_exit(0);
+      bytes += static_cast<std::uint64_t>(r);
+      if (bytes % n != 0 || buf[static_cast<std::size_t>(r) - 1] != 'E') continue;
+      const char ack = 'A';
+      if (::write(sv[1], &ack, 1) != 1) ::_exit(1);
+    }
+  }
+  ::close(sv[1]);
+  std::vector<char> msg(n, 'x');
+  for (auto _ : state)
+    if (::write(sv[0], msg.data(), n) < 0) state.SkipWithError("io");
+  msg.back() = 'E';  // the end marker: one more message, then wait for the ack
+  char ack;
+  if (::write(sv[0], msg.data(), n) < 0 || ::read(sv[0], &ack, 1) != 1) state.SkipWithError("io");
+  ::close(sv[0]);
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel(placement().describe());
+}
+BENCHMARK(BM_RawSocketpairOneWay)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// ---- the process limit ------------------------------------------------------
+
+void BM_StartUntilReady(benchmark::State& state) {
+  pinTo(placement().frontend);
+  for (auto _ : state) {
+    BenchProcess p(false);
+    const auto t0 = Clock::now();
+    p.start();
+    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - t0).count());
+    p.stop();
+  }
+}
+BENCHMARK(BM_StartUntilReady)->Unit(benchmark::kMicrosecond)->UseManualTime();
+
+void BM_StopIdle(benchmark::State& state) {
+  pinTo(placement().frontend);
+  for (auto _ : state) {
+    BenchProcess p(false);
+    p.start();
+    const auto t0 = Clock::now();
+    const auto s = p.stop();
+    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - t0).count());
+    if (!s.ok()) state.SkipWithError("stop failed");
+  }
+}
+BENCHMARK(BM_StopIdle)->Unit(benchmark::kMicrosecond)->UseManualTime();
+
+void BM_ForkUntilReady(benchmark::State& state) {
+  pinTo(placement().frontend);
+  for (auto _ : state) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) state.SkipWithError("pipe");
+    const auto t0 = Clock::now();
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      const char c = 'r';
+      [[maybe_unused]] auto r = ::write(fds[1], &c, 1);
+      ::_exit(0);
+    }
+    char c;
+    if (::read(fds[0], &c, 1) != 1) state.SkipWithError("read");
+    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - t0).count());
+    int st;
+    ::waitpid(pid, &st, 0);
+    ::close(fds[0]);
+    ::close(fds[1]);
+  }
+}
+BENCHMARK(BM_ForkUntilReady)->Unit(benchmark::kMicrosecond)->UseManualTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
