@@ -4,6 +4,7 @@
 #include "forklift/channel.hpp"
 #include "forklift/error.hpp"
 #include "forklift/log.hpp"
+#include "forklift/manager.hpp"
 #include "forklift/message.hpp"
 #include "forklift/process.hpp"
 #include "forklift/sync.hpp"

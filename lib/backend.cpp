@@ -6,35 +6,19 @@
 
 namespace forklift::detail {
 
-struct Backend::Watch {
-  uv_poll_t handle{};
-  std::function<void(int)> fn;
-};
-
-struct Backend::Timer {
-  uv_timer_t handle{};
-  Backend* backend = nullptr;
-  std::uint64_t id = 0;
-  bool repeat = false;
-  std::function<void()> fn;
-};
-
 namespace {
 
 void check(int r, const char* what) {
   if (r < 0) throw Error(std::string("cannot ") + what + ": " + uv_strerror(r));
 }
 
-template <class T>
-void closeAndDelete(T* owner, uv_handle_t* h) {
-  h->data = owner;
-  uv_close(h, [](uv_handle_t* hh) { delete static_cast<T*>(hh->data); });
-}
-
 }  // namespace
 
 Backend::Backend(MessageProcess& owner, Channel cmd, Channel out, std::shared_ptr<spdlog::logger> log)
-    : owner_(owner), log_(std::move(log)), cmd_(std::move(cmd)), out_(std::move(out)) {
+    : owner_(owner), log_(std::move(log)), cmd_(std::move(cmd)), out_(std::move(out)),
+      sources_(&loop_, [this](const std::string& where, const std::exception& e) {
+        log_->error("{} threw: {}", where, e.what());
+      }) {
   cmdWriter_.ch = &cmd_;
   outWriter_.ch = &out_;
   check(uv_loop_init(&loop_), "initialise the backend loop");
@@ -55,16 +39,7 @@ Backend::~Backend() {
 }
 
 void Backend::closeAll() {
-  for (auto& [fd, w] : watches_) {
-    uv_poll_stop(&w->handle);
-    closeAndDelete(w, reinterpret_cast<uv_handle_t*>(&w->handle));
-  }
-  watches_.clear();
-  for (auto& [id, t] : timers_) {
-    uv_timer_stop(&t->handle);
-    closeAndDelete(t, reinterpret_cast<uv_handle_t*>(&t->handle));
-  }
-  timers_.clear();
+  sources_.closeAll();
   if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&cmdPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&cmdPoll_), nullptr);
   if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&outPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&outPoll_), nullptr);
 }
@@ -291,66 +266,16 @@ void Backend::requestStop() {
 // ---------------------------------------------------------------- user handles
 
 void Backend::watch(int fd, std::function<void(int)> fn, bool writable) {
-  if (watches_.count(fd)) throw Error(owner_.whoAmI() + ": watch__: descriptor " + std::to_string(fd) + " is already watched");
-  auto* w = new Watch;
-  w->fn = std::move(fn);
-  const int r = uv_poll_init(&loop_, &w->handle, fd);
-  if (r < 0) {
-    delete w;
-    check(r, "watch descriptor");
-  }
-  w->handle.data = w;
-  uv_poll_start(&w->handle, UV_READABLE | (writable ? UV_WRITABLE : 0), [](uv_poll_t* h, int status, int events) {
-    auto* ww = static_cast<Watch*>(h->data);
-    if (status < 0) events = UV_READABLE;  // let the callback find the error on its read
-    ww->fn(events);
-  });
-  watches_[fd] = w;
+  if (fd == cmd_.fd() || fd == out_.fd()) throw Error(owner_.whoAmI() + ": watch__: descriptor " + std::to_string(fd) + " is forklift's own channel");
+  sources_.watch(fd, std::move(fn), writable);
 }
 
-void Backend::unwatch(int fd) {
-  auto it = watches_.find(fd);
-  if (it == watches_.end()) return;
-  Watch* w = it->second;
-  watches_.erase(it);
-  uv_poll_stop(&w->handle);
-  closeAndDelete(w, reinterpret_cast<uv_handle_t*>(&w->handle));
-}
+void Backend::unwatch(int fd) { sources_.unwatch(fd); }
 
 std::uint64_t Backend::addTimer(Timeout delay, Timeout period, std::function<void()> fn) {
-  auto* t = new Timer;
-  t->backend = this;
-  t->id = ++nextTimer_;
-  t->repeat = period.count() > 0;
-  t->fn = std::move(fn);
-  uv_timer_init(&loop_, &t->handle);
-  t->handle.data = t;
-  uv_timer_start(
-      &t->handle,
-      [](uv_timer_t* h) {
-        auto* tt = static_cast<Timer*>(h->data);
-        Backend* b = tt->backend;
-        const std::uint64_t id = tt->id;
-        const bool repeat = tt->repeat;
-        try {
-          tt->fn();  // may cancel this very timer
-        } catch (const std::exception& e) {
-          b->log_->error("timer callback threw: {}", e.what());
-        }
-        if (!repeat) b->cancel(id);
-      },
-      static_cast<std::uint64_t>(delay.count()), static_cast<std::uint64_t>(period.count()));
-  timers_[t->id] = t;
-  return t->id;
+  return sources_.addTimer(delay, period, std::move(fn));
 }
 
-void Backend::cancel(std::uint64_t id) {
-  auto it = timers_.find(id);
-  if (it == timers_.end()) return;
-  Timer* t = it->second;
-  timers_.erase(it);
-  uv_timer_stop(&t->handle);
-  closeAndDelete(t, reinterpret_cast<uv_handle_t*>(&t->handle));
-}
+void Backend::cancel(std::uint64_t id) { sources_.cancel(id); }
 
 }  // namespace forklift::detail

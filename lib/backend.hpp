@@ -18,6 +18,7 @@
 
 #include "forklift/channel.hpp"
 #include "forklift/process.hpp"
+#include "loop_sources.hpp"
 
 namespace forklift::detail {
 
@@ -56,9 +57,6 @@ class Backend : public std::enable_shared_from_this<Backend> {
     std::size_t off = 0;
     std::size_t queued() const noexcept { return pending.size() - off; }
   };
-  struct Watch;
-  struct Timer;
-
   void enqueue(Writer& w, const Message& m);
   bool drain(Writer& w);  // true when empty
   void updatePoll(Writer& w);
@@ -74,15 +72,13 @@ class Backend : public std::enable_shared_from_this<Backend> {
   Channel out_;
   Writer cmdWriter_;
   Writer outWriter_;
-  uv_loop_t loop_{};
+  uv_loop_t loop_{};  // declared before every handle that lives on it
   uv_poll_t cmdPoll_{};
   uv_poll_t outPoll_{};
   bool outPolling_ = false;
   bool stopping_ = false;
   bool frontendGone_ = false;
-  std::uint64_t nextTimer_ = 0;
-  std::unordered_map<int, Watch*> watches_;
-  std::unordered_map<std::uint64_t, Timer*> timers_;
+  LoopSources sources_;
 };
 
 }  // namespace forklift::detail

@@ -197,6 +197,7 @@ void MessageProcess::start() {
   out_ = Channel();
   death_.reset();
   status_.reset();
+  escalation_ = 0;
   stopRequested_ = false;
   started_ = false;
 
@@ -449,9 +450,17 @@ ExitStatus MessageProcess::reap(Timeout timeout) {
     } while (w < 0 && errno == EINTR);
     s = w == pid_ ? statusFromWait(st) : ExitStatus{ExitStatus::How::Exited, 0};
   }
+  s.escalation = escalation_;
   status_ = s;
   closeFrontend();
   return s;
+}
+
+void MessageProcess::signal(int sig) {
+  if (!started_ || status_ || options_.inProcess) return;
+  if (sig == SIGTERM) escalation_ = std::max(escalation_, 1);
+  if (sig == SIGKILL) escalation_ = 2;
+  pidfdSignal(death_.get(), sig);
 }
 
 void MessageProcess::closeFrontend() {
@@ -468,10 +477,8 @@ ExitStatus MessageProcess::killNow() {
     closeFrontend();
     return *status_;
   }
-  pidfdSignal(death_.get(), SIGKILL);
-  ExitStatus s = reap(Timeout(10000));
-  if (status_) status_->escalation = 2;
-  return status_ ? *status_ : s;
+  signal(SIGKILL);
+  return reap(Timeout(10000));
 }
 
 ExitStatus MessageProcess::waitStop(Timeout timeout) { return reap(timeout); }
@@ -493,17 +500,14 @@ ExitStatus MessageProcess::stop(Timeout timeout) {
     return *status_;
   }
   logger().warn("the backend did not stop within {} ms; sending SIGTERM", timeout.count());
-  pidfdSignal(death_.get(), SIGTERM);
+  signal(SIGTERM);
   s = reap(Timeout(500));
-  int escalation = 1;
   if (s.how == ExitStatus::How::Running) {
     logger().warn("the backend ignored SIGTERM; sending SIGKILL");
-    pidfdSignal(death_.get(), SIGKILL);
+    signal(SIGKILL);
     s = reap(Timeout(10000));
-    escalation = 2;
   }
-  if (status_) status_->escalation = escalation;
-  return status_ ? *status_ : s;
+  return s;
 }
 
 bool MessageProcess::isAlive() const {

@@ -186,6 +186,10 @@ class MessageProcess {
   ExitStatus stop();
   ExitStatus stop(Timeout timeout);
 
+  // Sends `sig` to the backend (no effect in in-process mode). SIGTERM and
+  // SIGKILL are recorded as escalation in the ExitStatus.
+  void signal(int sig);
+
   bool isAlive() const;
   bool started() const noexcept { return started_; }
   pid_t pid() const noexcept { return pid_; }
@@ -278,6 +282,7 @@ class MessageProcess {
   pid_t pid_ = -1;
   std::thread thread_;  // in-process mode
   std::atomic<int> threadCode_{0};
+  int escalation_ = 0;
   bool started_ = false;
   bool stopRequested_ = false;
   std::optional<ExitStatus> status_;

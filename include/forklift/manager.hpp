@@ -1,0 +1,152 @@
+// forklift - Manager: one event loop for many workers
+//
+// The Manager is the main process of tutorial part II (valkka-multiprocess's
+// `MainContext`): it starts N worker processes and listens to all of them at
+// once, together with any other descriptor, timers and signals, in one
+// libuv loop running in the frontend.
+//
+// It multiplexes:
+//   - every worker's outgoing messages (sendOut__): `onMessage(worker, msg)`,
+//     in the order each worker sent them;
+//   - every worker's death, seen through its pidfd at once, not at the next
+//     message: `onExit(worker, status)`; messages the worker sent before it
+//     died are delivered first;
+//   - user descriptors (`watch`), e.g. a socket or a ring buffer's eventfd;
+//   - timers (`after`, `every`);
+//   - SIGINT and SIGTERM: an orderly shutdown. Every worker is asked to stop
+//     at the same time, waited for up to `stopTimeout`, then sent SIGTERM,
+//     then SIGKILL; the loop ends and run() returns 0 unless a worker had to
+//     be killed or ended badly.
+//
+// Use it either way:
+//   - composed: `add` workers, set `onMessage` / `onExit`, `run()`;
+//   - subclassed, like MainContext: add workers in your constructor, override
+//     `startThreads()` (runs after the workers started: the tutorial's order,
+//     processes first, then threads), `handleMessage`, `handleExit` and
+//     `close()`.
+//
+// Workers added to a Manager ignore SIGINT: Ctrl-C reaches the whole
+// process group, and it is the manager that decides how workers stop.
+//
+// Cost: each event is dispatched through its own handle, so the cost of one
+// message does not grow with the number of workers.
+//
+// Threads: run() blocks the calling thread. `runAsThread()` runs the loop in
+// a background thread (for tests and GUIs); then only `requestStop()` and
+// `stopThread()` may be called from other threads.
+#pragma once
+
+#include <uv.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "forklift/process.hpp"
+
+namespace forklift {
+
+namespace detail {
+class LoopSources;
+}
+
+class Manager {
+ public:
+  struct Options {
+    Timeout stopTimeout = std::chrono::seconds(5);
+    bool handleSignals = true;  // SIGINT/SIGTERM end the loop in order
+  };
+
+  Manager();
+  explicit Manager(Options options);
+  virtual ~Manager();
+  Manager(const Manager&) = delete;
+  Manager& operator=(const Manager&) = delete;
+
+  // ---- setting up (before run) --------------------------------------------
+
+  // Takes a worker (not started yet; the manager starts it). Returns it.
+  template <class P>
+  P& add(std::unique_ptr<P> worker) {
+    P& ref = *worker;
+    addWorker(std::unique_ptr<MessageProcess>(std::move(worker)));
+    return ref;
+  }
+  template <class P, class... Args>
+  P& emplace(Args&&... args) {
+    return add(std::make_unique<P>(std::forward<Args>(args)...));
+  }
+  std::size_t size() const noexcept { return workers_.size(); }
+  MessageProcess& worker(std::size_t i);
+
+  void onMessage(std::function<void(MessageProcess&, Message&)> fn) { onMessage_ = std::move(fn); }
+  void onExit(std::function<void(MessageProcess&, const ExitStatus&)> fn) { onExit_ = std::move(fn); }
+
+  // ---- the loop's sources (from the loop's thread, or before run) ----------
+
+  // `fn(events)` when `fd` is readable (UV_READABLE). libuv makes the fd
+  // non-blocking. One watch per descriptor.
+  void watch(int fd, std::function<void(int events)> fn);
+  void unwatch(int fd);
+  std::uint64_t after(Timeout delay, std::function<void()> fn);
+  std::uint64_t every(Timeout period, std::function<void()> fn);
+  void cancel(std::uint64_t timerId);
+
+  // ---- running -----------------------------------------------------------
+
+  // Starts the workers that are not running yet, in the order added.
+  void startProcesses();
+  // Starts the workers (if needed), calls startThreads(), runs the loop
+  // until requestStop() or a signal, shuts the workers down, calls close().
+  // Returns 0 when every worker still running at shutdown stopped cleanly.
+  int run();
+  // Ends the loop and shuts down. Safe from any thread and from callbacks.
+  void requestStop();
+  bool stopping() const noexcept { return stopRequested_; }
+  // True while the loop runs (signals are handled from then on).
+  bool running() const noexcept { return running_; }
+
+  // run() in a background thread; the workers are started first, in the
+  // calling thread (fork before threads).
+  void runAsThread();
+  // requestStop() and join; returns run()'s result.
+  int stopThread();
+
+ protected:
+  virtual void startThreads() {}
+  virtual void handleMessage(MessageProcess& worker, Message& m);
+  virtual void handleExit(MessageProcess& worker, const ExitStatus& status);
+  virtual void close() {}
+
+ private:
+  struct Worker;
+
+  void addWorker(std::unique_ptr<MessageProcess> p);
+  void attach(Worker& w);
+  void detach(Worker& w);
+  void drain(Worker& w);
+  void reapWorker(Worker& w);
+  int shutdown();
+  static void onWorkerReadable(uv_poll_t* h, int status, int events);
+  static void onWorkerDeath(uv_poll_t* h, int status, int events);
+
+  Options options_;
+  uv_loop_t loop_{};
+  uv_async_t wake_{};
+  uv_signal_t sigint_{};
+  uv_signal_t sigterm_{};
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::unique_ptr<detail::LoopSources> sources_;  // the user's descriptors and timers
+  std::function<void(MessageProcess&, Message&)> onMessage_;
+  std::function<void(MessageProcess&, const ExitStatus&)> onExit_;
+  std::atomic<bool> stopRequested_{false};
+  std::atomic<bool> running_{false};
+  bool ran_ = false;
+  std::thread thread_;
+  int threadResult_ = 0;
+};
+
+}  // namespace forklift

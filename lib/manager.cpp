@@ -1,0 +1,296 @@
+#include "forklift/manager.hpp"
+
+#include <signal.h>
+
+#include "forklift/log.hpp"
+#include "loop_sources.hpp"
+
+namespace forklift {
+
+// One worker and the two handles that watch it. Pinned on the heap: libuv
+// handles do not move.
+struct Manager::Worker {
+  Manager* manager = nullptr;
+  std::unique_ptr<MessageProcess> process;
+  uv_poll_t outPoll{};
+  uv_poll_t deathPoll{};
+  bool attached = false;  // both handles initialised
+  bool outOpen = false;   // outPoll active
+  bool alive = false;     // deathPoll active, exit not reported yet
+};
+
+namespace {
+
+std::shared_ptr<spdlog::logger> managerLog() {
+  static auto log = makeLogger("Manager");
+  return log;
+}
+
+void closeHandle(uv_handle_t* h) {
+  if (!uv_is_closing(h)) uv_close(h, nullptr);
+}
+
+}  // namespace
+
+Manager::Manager() : Manager(Options{}) {}
+
+Manager::Manager(Options options) : options_(options) {
+  if (const int r = uv_loop_init(&loop_); r < 0) throw Error(std::string("cannot create the manager loop: ") + uv_strerror(r));
+  uv_async_init(&loop_, &wake_, [](uv_async_t* a) {
+    auto* self = static_cast<Manager*>(a->data);
+    if (self->stopRequested_) uv_stop(&self->loop_);
+  });
+  wake_.data = this;
+  uv_signal_init(&loop_, &sigint_);
+  uv_signal_init(&loop_, &sigterm_);
+  sigint_.data = this;
+  sigterm_.data = this;
+  sources_ = std::make_unique<detail::LoopSources>(&loop_, [](const std::string& where, const std::exception& e) {
+    managerLog()->error("{} threw: {}", where, e.what());
+  });
+}
+
+Manager::~Manager() {
+  if (thread_.joinable()) stopThread();
+  // Workers that run() did not stop stop below, in their destructors,
+  // after their handles are gone.
+  sources_->closeAll();
+  for (auto& w : workers_) detach(*w);
+  closeHandle(reinterpret_cast<uv_handle_t*>(&wake_));
+  closeHandle(reinterpret_cast<uv_handle_t*>(&sigint_));
+  closeHandle(reinterpret_cast<uv_handle_t*>(&sigterm_));
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  uv_loop_close(&loop_);
+  sources_.reset();
+  workers_.clear();
+}
+
+// ---------------------------------------------------------------- setting up
+
+void Manager::addWorker(std::unique_ptr<MessageProcess> p) {
+  if (p->started()) throw Error("Manager::add: " + p->name() + " is already started; the manager starts its workers");
+  p->ignoreSigint();
+  auto w = std::make_unique<Worker>();
+  w->manager = this;
+  w->process = std::move(p);
+  workers_.push_back(std::move(w));
+  if (ran_ && !stopRequested_) {
+    // Added while running: start and watch it now.
+    workers_.back()->process->start();
+    attach(*workers_.back());
+  }
+}
+
+MessageProcess& Manager::worker(std::size_t i) { return *workers_.at(i)->process; }
+
+void Manager::watch(int fd, std::function<void(int)> fn) { sources_->watch(fd, std::move(fn), false); }
+void Manager::unwatch(int fd) { sources_->unwatch(fd); }
+std::uint64_t Manager::after(Timeout delay, std::function<void()> fn) {
+  return sources_->addTimer(delay, Timeout::zero(), std::move(fn));
+}
+std::uint64_t Manager::every(Timeout period, std::function<void()> fn) {
+  return sources_->addTimer(period, period, std::move(fn));
+}
+void Manager::cancel(std::uint64_t id) { sources_->cancel(id); }
+
+// ---------------------------------------------------------------- workers
+
+void Manager::startProcesses() {
+  for (auto& w : workers_)
+    if (!w->process->started()) w->process->start();
+}
+
+void Manager::attach(Worker& w) {
+  if (w.attached) return;
+  MessageProcess& p = *w.process;
+  Channel& ch = p.outChannel();
+  // The manager drains each wake-up in full, so reading greedily is safe
+  // and saves a system call per message.
+  ch.setReadMode(ReadMode::Greedy);
+  if (const int r = uv_poll_init(&loop_, &w.outPoll, ch.fd()); r < 0)
+    throw Error("Manager: cannot watch " + p.fullName() + ": " + uv_strerror(r));
+  ch.setNonBlocking(true);
+  if (const int r = uv_poll_init(&loop_, &w.deathPoll, p.deathFd()); r < 0) {
+    closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
+    throw Error("Manager: cannot watch the exit of " + p.fullName() + ": " + uv_strerror(r));
+  }
+  w.outPoll.data = &w;
+  w.deathPoll.data = &w;
+  w.attached = true;
+  w.outOpen = true;
+  w.alive = true;
+  uv_poll_start(&w.outPoll, UV_READABLE | UV_DISCONNECT, &Manager::onWorkerReadable);
+  uv_poll_start(&w.deathPoll, UV_READABLE, &Manager::onWorkerDeath);
+}
+
+void Manager::detach(Worker& w) {
+  if (!w.attached) return;
+  w.attached = false;
+  w.outOpen = false;
+  closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
+  closeHandle(reinterpret_cast<uv_handle_t*>(&w.deathPoll));
+}
+
+void Manager::drain(Worker& w) {
+  Channel& ch = w.process->outChannel();
+  while (w.outOpen) {
+    std::optional<Message> m;
+    try {
+      m = ch.tryRecv();
+    } catch (const PeerClosed&) {
+      w.outOpen = false;
+      uv_poll_stop(&w.outPoll);
+      return;
+    } catch (const Error& e) {  // a malformed message: reported, the next one still comes
+      managerLog()->error("{}: {}", w.process->fullName(), e.what());
+      continue;
+    }
+    if (!m) return;
+    try {
+      handleMessage(*w.process, *m);
+    } catch (const std::exception& e) {
+      managerLog()->error("message handler threw on {} from {}: {}", m->command(), w.process->fullName(), e.what());
+    }
+    // Whole frames already read are handled now; for more, the loop wakes
+    // us again (level-triggered), so one wake-up costs one read.
+    if (!ch.buffered()) return;
+  }
+}
+
+void Manager::onWorkerReadable(uv_poll_t* h, int, int) {
+  auto* w = static_cast<Worker*>(h->data);
+  w->manager->drain(*w);
+}
+
+void Manager::reapWorker(Worker& w) {
+  // Everything the worker sent before it died comes before its exit.
+  while (w.outOpen) {
+    const bool wasBuffered = w.process->outChannel().buffered();
+    drain(w);
+    if (!wasBuffered && w.outOpen && !w.process->outChannel().buffered()) {
+      // drain returned on "nothing now": the socket of a dead process has
+      // nothing more to come but EOF; one more read reaches it.
+      try {
+        if (!w.process->outChannel().tryRecv()) break;
+      } catch (const PeerClosed&) {
+        w.outOpen = false;
+      }
+    }
+  }
+  const ExitStatus s = w.process->waitStop(Timeout(1000));
+  w.alive = false;
+  detach(w);
+  try {
+    handleExit(*w.process, s);
+  } catch (const std::exception& e) {
+    managerLog()->error("exit handler threw for {}: {}", w.process->fullName(), e.what());
+  }
+}
+
+void Manager::onWorkerDeath(uv_poll_t* h, int, int) {
+  auto* w = static_cast<Worker*>(h->data);
+  if (w->alive) w->manager->reapWorker(*w);
+}
+
+void Manager::handleMessage(MessageProcess& worker, Message& m) {
+  if (onMessage_) onMessage_(worker, m);
+}
+
+void Manager::handleExit(MessageProcess& worker, const ExitStatus& status) {
+  if (onExit_) {
+    onExit_(worker, status);
+  } else if (!stopRequested_ && !status.ok()) {
+    managerLog()->warn("{} ended: {}", worker.fullName(), status.describe());
+  }
+}
+
+// ---------------------------------------------------------------- running
+
+int Manager::run() {
+  if (ran_) throw Error("Manager::run: a manager runs once");
+  ran_ = true;
+  startProcesses();
+  for (auto& w : workers_) attach(*w);
+  startThreads();
+  if (options_.handleSignals) {
+    auto onSignal = [](uv_signal_t* s, int sig) {
+      auto* self = static_cast<Manager*>(s->data);
+      managerLog()->info("{}: stopping the workers", sig == SIGINT ? "SIGINT" : "SIGTERM");
+      self->requestStop();
+    };
+    uv_signal_start(&sigint_, onSignal, SIGINT);
+    uv_signal_start(&sigterm_, onSignal, SIGTERM);
+  }
+  running_ = true;
+  if (!stopRequested_) uv_run(&loop_, UV_RUN_DEFAULT);
+  running_ = false;
+  const int code = shutdown();
+  uv_signal_stop(&sigint_);
+  uv_signal_stop(&sigterm_);
+  try {
+    close();
+  } catch (const std::exception& e) {
+    managerLog()->error("close() threw: {}", e.what());
+    return 1;
+  }
+  return code;
+}
+
+void Manager::requestStop() {
+  stopRequested_ = true;
+  uv_async_send(&wake_);
+}
+
+int Manager::shutdown() {
+  stopRequested_ = true;
+  std::vector<Worker*> live;
+  for (auto& w : workers_)
+    if (w->alive) live.push_back(w.get());
+  // Ask everyone at once, then wait against one deadline: N workers stop in
+  // the time of the slowest, not of their sum.
+  for (Worker* w : live) w->process->requestStop();
+  const Deadline d(options_.stopTimeout);
+  auto waitAll = [&](const Deadline& dl) {
+    bool all = true;
+    for (Worker* w : live) {
+      const auto left = std::chrono::ceil<Timeout>(dl.remaining());
+      if (w->process->waitStop(left).how == ExitStatus::How::Running) all = false;
+    }
+    return all;
+  };
+  if (!waitAll(d)) {
+    for (Worker* w : live)
+      if (w->process->isAlive()) {
+        managerLog()->warn("{} did not stop within {} ms; sending SIGTERM", w->process->fullName(),
+                           options_.stopTimeout.count());
+        w->process->signal(SIGTERM);
+      }
+    if (!waitAll(Deadline(Timeout(500)))) {
+      for (Worker* w : live)
+        if (w->process->isAlive()) w->process->signal(SIGKILL);
+      waitAll(Deadline(Timeout(10000)));
+    }
+  }
+  int code = 0;
+  for (Worker* w : live) {
+    const ExitStatus s = w->process->waitStop(Timeout::zero());
+    if (!s.ok() || s.escalation) code = 1;
+    reapWorker(*w);  // last messages, then the exit callback
+  }
+  return code;
+}
+
+void Manager::runAsThread() {
+  if (thread_.joinable()) throw Error("Manager::runAsThread: already running");
+  startProcesses();  // fork before the thread exists
+  thread_ = std::thread([this] { threadResult_ = run(); });
+}
+
+int Manager::stopThread() {
+  if (!thread_.joinable()) return threadResult_;
+  requestStop();
+  thread_.join();
+  return threadResult_;
+}
+
+}  // namespace forklift

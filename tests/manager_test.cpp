@@ -1,0 +1,204 @@
+#include "forklift/manager.hpp"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <map>
+
+#include "forklift/sync.hpp"
+#include "support.hpp"
+
+namespace forklift {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+class Blaster : public MessageProcess {
+ public:
+  explicit Blaster(std::string name) : MessageProcess(std::move(name)) {
+    command("blast", &Blaster::c__blast, {"n"});
+    command("spin", &Blaster::c__spin);
+    command("tick", &Blaster::c__tick, {"period_ms"});
+  }
+
+ private:
+  void c__blast(int n) {
+    for (int i = 0; i < n; ++i) sendOut__(Message("seq", {{"i", i}}));
+    sendOut__(Message("done"));
+  }
+  void c__spin() {
+    for (;;) ::pause();
+  }
+  void c__tick(int periodMs) {
+    every__(Timeout(periodMs), [this] { sendOut__(Message("tick")); });
+  }
+};
+
+TEST(Manager, SixtyFourWorkersThousandMessagesEachAllArriveInOrder) {
+  constexpr int kWorkers = 64, kMessages = 1000;
+  Manager m;
+  std::map<const MessageProcess*, int> next;
+  int done = 0;
+  bool disorder = false;
+  for (int i = 0; i < kWorkers; ++i) m.emplace<Blaster>("w" + std::to_string(i));
+  m.onMessage([&](MessageProcess& w, Message& msg) {
+    if (msg.command() == "seq") {
+      if (msg.get<int>("i") != next[&w]) disorder = true;
+      ++next[&w];
+    } else if (msg.command() == "done" && ++done == kWorkers) {
+      m.requestStop();
+    }
+  });
+  m.after(0ms, [&] {
+    for (std::size_t i = 0; i < m.size(); ++i) m.worker(i).send("blast", {{"n", kMessages}});
+  });
+  m.after(60s, [&] { m.requestStop(); });  // a bound, not a pass
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_EQ(done, kWorkers);
+  EXPECT_FALSE(disorder);
+  ASSERT_EQ(next.size(), static_cast<std::size_t>(kWorkers));
+  for (const auto& [w, n] : next) EXPECT_EQ(n, kMessages) << w->name();
+  EXPECT_FALSE(test::hasChildren());
+}
+
+TEST(Manager, KilledWorkerIsReportedAtOnceAndTheOthersGoOn) {
+  Manager m;
+  auto& victim = m.emplace<Blaster>("victim");
+  m.emplace<Blaster>("survivor-1");
+  m.emplace<Blaster>("survivor-2");
+  Clock::time_point killedAt, reportedAt;
+  ExitStatus reported;
+  std::map<std::string, int> ticksAfterDeath;
+  m.onExit([&](MessageProcess& w, const ExitStatus& s) {
+    if (&w == &victim) {
+      reportedAt = Clock::now();
+      reported = s;
+      m.after(200ms, [&] { m.requestStop(); });
+    }
+  });
+  m.onMessage([&](MessageProcess& w, Message&) {
+    if (reportedAt != Clock::time_point{}) ++ticksAfterDeath[w.name()];
+  });
+  m.after(0ms, [&] {
+    for (std::size_t i = 0; i < m.size(); ++i) m.worker(i).send("tick", {{"period_ms", 10}});
+  });
+  m.after(100ms, [&] {
+    killedAt = Clock::now();
+    ::kill(victim.pid(), SIGKILL);
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);  // the survivors stopped cleanly
+  EXPECT_EQ(reported.how, ExitStatus::How::Signaled);
+  EXPECT_EQ(reported.signal, SIGKILL);
+  EXPECT_LT(reportedAt - killedAt, 100ms);
+  EXPECT_GT(ticksAfterDeath["survivor-1"], 5);
+  EXPECT_GT(ticksAfterDeath["survivor-2"], 5);
+  EXPECT_EQ(ticksAfterDeath.count("victim"), 0u);
+}
+
+TEST(Manager, UserDescriptorsAndTimersInterleaveWithWorkerMessages) {
+  Manager m;
+  auto& w = m.emplace<Blaster>("ticker");
+  Event userEvent;
+  std::string seen;  // one letter per event: w(orker), f(d), t(imer)
+  m.onMessage([&](MessageProcess&, Message&) { seen += 'w'; });
+  m.watch(userEvent.fd(), [&](int) {
+    userEvent.clear();
+    seen += 'f';
+  });
+  m.every(7ms, [&] {
+    seen += 't';
+    userEvent.set();
+  });
+  m.after(0ms, [&] { w.send("tick", {{"period_ms", 5}}); });
+  m.after(300ms, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  // All three kinds, and they take turns rather than coming in blocks.
+  EXPECT_GT(std::count(seen.begin(), seen.end(), 'w'), 20) << seen;
+  EXPECT_GT(std::count(seen.begin(), seen.end(), 'f'), 20) << seen;
+  EXPECT_GT(std::count(seen.begin(), seen.end(), 't'), 20) << seen;
+  const std::string firstHalf = seen.substr(0, seen.size() / 2);
+  EXPECT_NE(firstHalf.find('w'), std::string::npos);
+  EXPECT_NE(firstHalf.find('f'), std::string::npos);
+  EXPECT_NE(firstHalf.find('t'), std::string::npos);
+}
+
+TEST(Manager, SigintShutsDownInOrder) {
+  Manager m;
+  for (int i = 0; i < 4; ++i) m.emplace<Blaster>("w" + std::to_string(i));
+  std::vector<ExitStatus> exits;
+  m.onExit([&](MessageProcess&, const ExitStatus& s) { exits.push_back(s); });
+  m.runAsThread();
+  ASSERT_TRUE(test::eventually([&] { return m.running(); }, 5s));
+  for (std::size_t i = 0; i < m.size(); ++i) EXPECT_TRUE(m.worker(i).isAlive());
+  const auto t0 = Clock::now();
+  ::kill(::getpid(), SIGINT);
+  ASSERT_TRUE(test::eventually([&] { return !m.running(); }, 5s));
+  EXPECT_EQ(m.stopThread(), 0);
+  EXPECT_LT(Clock::now() - t0, 2s);
+  ASSERT_EQ(exits.size(), 4u);
+  for (const auto& s : exits) EXPECT_TRUE(s.ok()) << s.describe();
+  EXPECT_FALSE(test::hasChildren());
+}
+
+TEST(Manager, ShutdownEscalatesOnAStuckWorker) {
+  Manager::Options o;
+  o.stopTimeout = 200ms;
+  Manager m(o);
+  auto& stuck = m.emplace<Blaster>("stuck");
+  m.emplace<Blaster>("fine");
+  std::map<std::string, ExitStatus> exits;
+  m.onExit([&](MessageProcess& w, const ExitStatus& s) { exits[w.name()] = s; });
+  m.after(0ms, [&] {
+    stuck.send("spin");
+    m.after(50ms, [&] { m.requestStop(); });
+  });
+  const auto t0 = Clock::now();
+  EXPECT_EQ(m.run(), 1);
+  EXPECT_LT(Clock::now() - t0, 3s);
+  EXPECT_EQ(exits["stuck"].signal, SIGTERM);
+  EXPECT_EQ(exits["stuck"].escalation, 1);
+  EXPECT_TRUE(exits["fine"].ok());
+}
+
+// The MainContext way: subclass, workers in the constructor, threads after
+// the processes.
+class Context : public Manager {
+ public:
+  Context() {
+    for (int i = 0; i < 3; ++i) workers.push_back(&emplace<Blaster>("ctx" + std::to_string(i)));
+  }
+  std::vector<Blaster*> workers;
+  bool startedBeforeThreads = false;
+  bool closedAfterWorkers = false;
+  int messages = 0;
+
+ protected:
+  void startThreads() override {
+    startedBeforeThreads = true;
+    for (auto* w : workers) startedBeforeThreads = startedBeforeThreads && w->isAlive();
+    for (auto* w : workers) w->send("blast", {{"n", 10}});
+  }
+  void handleMessage(MessageProcess&, Message& m) override {
+    if (m.command() == "seq" && ++messages == 30) requestStop();
+  }
+  void close() override {
+    closedAfterWorkers = true;
+    for (auto* w : workers) closedAfterWorkers = closedAfterWorkers && !w->isAlive();
+  }
+};
+
+TEST(Manager, SubclassedLikeMainContext) {
+  Context c;
+  c.after(10s, [&] { c.requestStop(); });
+  EXPECT_EQ(c.run(), 0);
+  EXPECT_TRUE(c.startedBeforeThreads);
+  EXPECT_TRUE(c.closedAfterWorkers);
+  EXPECT_EQ(c.messages, 30);
+}
+
+}  // namespace
+}  // namespace forklift
