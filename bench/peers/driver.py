@@ -14,6 +14,7 @@ JSON is written in both cases). Progress goes to stderr.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import pwd
@@ -21,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,40 +48,68 @@ class PeerError(Exception):
 
 
 def run_group(cmd, timeout, what, env=None):
-    """Run cmd in its own process group; on timeout end that group."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        end_group(proc)
-        out, err = proc.communicate()
-        raise PeerError("%s: timed out after %d s; stderr tail: %s" % (what, timeout, tail(err)))
-    except BaseException:
-        end_group(proc)
-        proc.communicate()
-        raise
+    """Run cmd in its own process group and return its (stdout, stderr).
+    Output goes to temporary files, not pipes, so a straggler that keeps them
+    open cannot hold us; when the leader has exited, or on timeout, whatever
+    is left of the group is ended."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True,
+                                start_new_session=True, env=env)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            end_group(proc)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        raise PeerError("%s: timed out after %d s; stderr tail: %s" % (what, timeout, tail(stderr)))
     if proc.returncode != 0:
-        raise PeerError("%s: exit status %d; stderr tail: %s" % (what, proc.returncode, tail(err)))
-    return out, err
+        raise PeerError("%s: exit status %s; stderr tail: %s" % (what, proc.returncode, tail(stderr)))
+    return stdout, stderr
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def end_group(proc):
-    """TERM then KILL the process group we created for proc (pgid == its pid)."""
+    """TERM then KILL what is left of the process group we created for proc
+    (its pgid is its pid); nothing is sent when the group is already empty."""
     for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        reap_group(proc)
+        if not group_alive(proc.pid):
+            return
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                # the leader is gone; members may remain, so probe the group
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    return
+            reap_group(proc)
+            if not group_alive(proc.pid):
+                return
             time.sleep(0.05)
+
+
+def reap_group(proc):
+    """Reap the leader, then any orphan of its group that was reparented to us
+    (we are a child subreaper), so an empty group reads as gone."""
+    proc.poll()
+    while True:
+        try:
+            pid, _ = os.waitpid(-proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def tail(text, n=600):
@@ -117,9 +147,6 @@ class RouDi:
     def __init__(self, build_dir):
         self.log_path = os.path.join(build_dir, "roudi.log")
         self.proc = None
-        self.user = pwd.getpwuid(os.getuid()).pw_name
-        self.before_shm = set(os.listdir("/dev/shm"))
-        self.before_tmp = set(os.listdir("/tmp"))
 
     def start(self):
         exe = shutil.which("iox-roudi") or "/usr/bin/iox-roudi"
@@ -155,11 +182,21 @@ class RouDi:
                 self.proc.wait()
         log("iox-roudi stopped (status %d)" % self.proc.returncode)
         self.proc = None
-        self.clean()
+
+
+class Leftovers:
+    """Remembers /dev/shm and /tmp before the peers run; afterwards removes
+    what RouDi, the iceoryx runtimes and the valkka segments left, and only
+    names that were not there before and that belong to iceoryx or to us:
+    RouDi's segments iceoryx_mgmt and <user>, its /tmp/roudi socket and locks,
+    and fl_peer_* (runtime sockets, valkka shared memory)."""
+
+    def __init__(self):
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.before_shm = set(os.listdir("/dev/shm"))
+        self.before_tmp = set(os.listdir("/tmp"))
 
     def clean(self):
-        """Remove what RouDi and the peer runtimes leave; only names that were
-        not there before we started and that belong to iceoryx or to us."""
         removed = []
         for name in set(os.listdir("/dev/shm")) - self.before_shm:
             if name in ("iceoryx_mgmt", self.user) or name.startswith("fl_peer_"):
@@ -221,6 +258,8 @@ def main():
     ap.add_argument("--build-dir", default=os.path.join(REPO, "build-peers"),
                     help="where the iceoryx peer is built and RouDi logs (default: build-peers/ in the repo)")
     ap.add_argument("--only", choices=["python-valkka", "iceoryx"], help="run just one contender")
+    ap.add_argument("--iox-peer", metavar="EXE",
+                    help="use this iox_peer (e.g. from forklift's own meson build) instead of building one")
     args = ap.parse_args()
 
     try:
@@ -242,31 +281,37 @@ def main():
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+    # Orphans of the peers (a backend whose frontend died) become our children,
+    # so end_group can find and reap them.
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
     t0 = time.monotonic()
     log(placement)
     results, errors = [], []
+    leftovers = Leftovers()
+    try:
+        if args.only in (None, "python-valkka"):
+            try:
+                results += run_valkka(args, front, back)
+            except (PeerError, ValueError, KeyError) as e:
+                errors.append("python-valkka: %s" % e)
+                log("FAILED:", e)
 
-    if args.only in (None, "python-valkka"):
-        try:
-            results += run_valkka(args, front, back)
-        except (PeerError, ValueError, KeyError) as e:
-            errors.append("python-valkka: %s" % e)
-            log("FAILED:", e)
-
-    if args.only in (None, "iceoryx"):
-        roudi = RouDi(args.build_dir)
-        try:
-            exe = build_iceoryx(args.build_dir)
-            r, errs = run_iceoryx(args, exe, roudi, front, back)
-            results += r
-            errors += ["iceoryx: " + e for e in errs]
-        except PeerError as e:
-            errors.append("iceoryx: %s" % e)
-            log("FAILED:", e)
-        finally:
-            roudi.stop()
-            roudi.clean()
+        if args.only in (None, "iceoryx"):
+            roudi = RouDi(args.build_dir)
+            try:
+                exe = os.path.abspath(args.iox_peer) if args.iox_peer else build_iceoryx(args.build_dir)
+                r, errs = run_iceoryx(args, exe, roudi, front, back)
+                results += r
+                errors += ["iceoryx: " + e for e in errs]
+            except PeerError as e:
+                errors.append("iceoryx: %s" % e)
+                log("FAILED:", e)
+            finally:
+                roudi.stop()
+    finally:
+        leftovers.clean()
 
     doc = {"placement": placement, "cpus": [front, back], "results": results, "errors": errors}
     text = json.dumps(doc, indent=1) + "\n"

@@ -77,6 +77,7 @@ class MessageProcess(_ctx.Process):
 
     # ---------------------------------------------------------- backend
     def run(self):
+        self.frontend_pid = os.getppid()
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})
         self.preRun__()
@@ -113,7 +114,7 @@ class MessageProcess(_ctx.Process):
         pass
 
     def idle__(self):
-        if os.getppid() == 1:  # orphaned: leave
+        if os.getppid() != self.frontend_pid:  # orphaned: leave
             self.loop = False
 
     def c__stop(self):
