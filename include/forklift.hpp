@@ -4,5 +4,6 @@
 #include "forklift/channel.hpp"
 #include "forklift/error.hpp"
 #include "forklift/message.hpp"
+#include "forklift/shm.hpp"
 #include "forklift/timeout.hpp"
 #include "forklift/value.hpp"
