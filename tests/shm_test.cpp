@@ -462,7 +462,78 @@ TEST(SharedMemory, BytesWrittenOnOneSideAreReadOnTheOther) {
   EXPECT_TRUE(std::all_of(p, p + shm.bytes(), [](unsigned char c) { return c == 0xab; }));
 }
 
-// ---------------------------------------------------------------- listing
+// ---------------------------------------------------------------- listing and the tool
+
+struct ToolRun {
+  int exitCode = -1;
+  std::string output;
+};
+
+// Runs forklift-shm with `args`; stdout and stderr together, bounded waits.
+ToolRun runTool(const std::vector<std::string>& args) {
+  ToolRun run;
+  // meson passes the path; a run by hand from the build tree finds it too.
+  std::string toolPath;
+  if (const char* env = std::getenv("FORKLIFT_SHM_TOOL")) {
+    toolPath = env;
+  } else {
+    char self[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+      const std::string exe(self, static_cast<std::size_t>(n));
+      toolPath = exe.substr(0, exe.rfind('/')) + "/../tools/forklift-shm";
+    }
+  }
+  if (::access(toolPath.c_str(), X_OK) != 0) {
+    ADD_FAILURE() << "forklift-shm not found (set FORKLIFT_SHM_TOOL)";
+    return run;
+  }
+  const char* tool = toolPath.c_str();
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) {
+    ADD_FAILURE() << "pipe2: " << std::strerror(errno);
+    return run;
+  }
+  const pid_t pid = forkChild([&] {
+    ::dup2(out[1], 1);
+    ::dup2(out[1], 2);
+    std::vector<char*> argv{const_cast<char*>(tool)};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(tool, argv.data());
+    return 127;
+  });
+  ::close(out[1]);
+  const auto end = std::chrono::steady_clock::now() + 10s;
+  char buf[4096];
+  for (;;) {
+    pollfd p{out[0], POLLIN, 0};
+    if (::poll(&p, 1, 100) > 0) {
+      const ssize_t n = ::read(out[0], buf, sizeof buf);
+      if (n <= 0) break;
+      run.output.append(buf, static_cast<std::size_t>(n));
+    }
+    if (std::chrono::steady_clock::now() > end) {
+      ADD_FAILURE() << "forklift-shm did not finish in time";
+      break;
+    }
+  }
+  ::close(out[0]);
+  run.exitCode = exitCodeOf(waitChild(pid, 10s));
+  return run;
+}
+
+// The line of `output` that mentions `name`, or "".
+std::string lineOf(const std::string& output, const std::string& name) {
+  std::size_t start = 0;
+  while (start < output.size()) {
+    const std::size_t end = std::min(output.find('\n', start), output.size());
+    const std::string line = output.substr(start, end - start);
+    if (line.find(name) != std::string::npos) return line;
+    start = end + 1;
+  }
+  return "";
+}
 
 const SegmentInfo* findSegment(const std::vector<SegmentInfo>& all, const std::string& name) {
   for (const auto& s : all)
@@ -490,6 +561,78 @@ TEST(ShmListing, ListsLiveSegmentsAndSkipsForeignFiles) {
   EXPECT_EQ(findSegment(all, foreign), nullptr);
   EXPECT_FALSE(removeStaleSegment(*s)) << "a live creator's segment counted as stale";
   EXPECT_TRUE(exists(live.name()));
+}
+
+TEST(ShmTool, FindsAndCleansTheSegmentOfAKilledCreatorOnly) {
+  // A child creates a segment, says its name, and is killed before its
+  // destructor can run: exactly a crashed frontend.
+  int ready[2];
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  const pid_t creator = forkChild([&] {
+    ::close(ready[0]);
+    SharedMemory shm(create_only, "stale", DType::F64, {3, 4});
+    const std::string line = shm.name() + "\n";
+    if (::write(ready[1], line.data(), line.size()) != static_cast<ssize_t>(line.size())) return 2;
+    std::this_thread::sleep_for(30s);  // killed long before
+    return 5;
+  });
+  ::close(ready[1]);
+  std::string staleName;
+  char c;
+  pollfd p{ready[0], POLLIN, 0};
+  while (::poll(&p, 1, 10000) > 0 && ::read(ready[0], &c, 1) == 1 && c != '\n') staleName += c;
+  ::close(ready[0]);
+  ::kill(creator, SIGKILL);
+  const auto status = waitChild(creator, 10s);
+  ASSERT_TRUE(status && WIFSIGNALED(*status) && WTERMSIG(*status) == SIGKILL);
+  ASSERT_FALSE(staleName.empty()) << "the creator did not report its segment";
+  RemoveAtEnd cleanup{{staleName}};
+  ASSERT_TRUE(exists(staleName));
+
+  SharedMemory live(create_only, "alive", 100);
+  const std::string foreignPlain = "not-forklift-" + std::to_string(::getpid());
+  const std::string foreignFk = TEST_NAME("badmagic");
+  cleanup.names.push_back(foreignPlain);
+  cleanup.names.push_back(foreignFk);
+  plant(foreignPlain, "someone else's");
+  plant(foreignFk, std::string(512, '\0'));
+
+  const auto all = listSegments();
+  const SegmentInfo* s = findSegment(all, staleName);
+  ASSERT_NE(s, nullptr);
+  EXPECT_FALSE(s->creatorAlive);
+  EXPECT_EQ(s->creatorPid, creator);
+  EXPECT_EQ(s->describe(), "float64[3x4] row-major");
+
+  const ToolRun list = runTool({"list"});
+  EXPECT_EQ(list.exitCode, 0) << list.output;
+  EXPECT_TRUE(contains(list.output, "NAME"));
+  const std::string staleLine = lineOf(list.output, staleName);
+  EXPECT_TRUE(contains(staleLine, "float64[3x4] row-major"));
+  EXPECT_TRUE(contains(staleLine, std::to_string(creator)));
+  EXPECT_TRUE(contains(staleLine, std::to_string(sizeof(detail::ShmHeader) + 96)));
+  EXPECT_TRUE(contains(staleLine, "dead"));
+  EXPECT_TRUE(contains(lineOf(list.output, live.name()), "alive"));
+  EXPECT_EQ(lineOf(list.output, foreignPlain), "");
+  EXPECT_EQ(lineOf(list.output, foreignFk), "");
+
+  const ToolRun dry = runTool({"clean", "--dry-run"});
+  EXPECT_EQ(dry.exitCode, 0) << dry.output;
+  EXPECT_TRUE(contains(dry.output, "would remove " + staleName + " (224 bytes, creator " +
+                                       std::to_string(creator) + " dead)"));
+  EXPECT_TRUE(exists(staleName)) << "--dry-run removed something";
+
+  const ToolRun clean = runTool({"clean"});
+  EXPECT_EQ(clean.exitCode, 0) << clean.output;
+  EXPECT_TRUE(contains(clean.output, "removed " + staleName));
+  EXPECT_FALSE(exists(staleName));
+  EXPECT_TRUE(exists(live.name())) << "clean removed a live creator's segment";
+  EXPECT_TRUE(exists(foreignPlain)) << "clean touched a foreign file";
+  EXPECT_TRUE(exists(foreignFk)) << "clean touched a foreign fk. file";
+
+  const ToolRun bad = runTool({"scrub"});
+  EXPECT_EQ(bad.exitCode, 2);
+  EXPECT_TRUE(contains(bad.output, "usage: forklift-shm list"));
 }
 
 }  // namespace
