@@ -5,5 +5,6 @@
 #include "forklift/error.hpp"
 #include "forklift/message.hpp"
 #include "forklift/shm.hpp"
+#include "forklift/shm_array.hpp"
 #include "forklift/timeout.hpp"
 #include "forklift/value.hpp"
