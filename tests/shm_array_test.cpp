@@ -199,6 +199,9 @@ TEST(ShmArray, OpeningAnotherTypeLayoutOrRankFails) {
   const std::string missing = "fk." + std::to_string(::getpid()) + ".nothing";
   EXPECT_EQ(thrown<SystemError>([&] { ShmArray<double>::open(missing); }),
             "cannot open shared memory segment '" + missing + "': No such file or directory");
+  // A literal is a name, not a descriptor Value.
+  EXPECT_EQ(thrown<SystemError>([&] { ShmArray<double>::open("fk.0.literal"); }),
+            "cannot open shared memory segment 'fk.0.literal': No such file or directory");
 }
 
 // ---------------------------------------------------------------- descriptors

@@ -126,8 +126,11 @@ class ShmArray {
     return a;
   }
   // Backend: opens from a describe() Value (e.g. a message argument), and
-  // checks that the segment is still the one described.
-  static ShmArray open(const Value& descriptor) {
+  // checks that the segment is still the one described. (A template taking
+  // exactly Value, so that open("fk.name") picks the name overload.)
+  template <class V>
+    requires std::is_same_v<V, Value>
+  static ShmArray open(const V& descriptor) {
     detail::ArrayShape shape;
     SharedMemory shm = detail::openDescribedArray(descriptor, dtypeOf<T>(), L, shape);
     return ShmArray(std::move(shm), shape);
