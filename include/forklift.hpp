@@ -8,5 +8,7 @@
 #include "forklift/message.hpp"
 #include "forklift/process.hpp"
 #include "forklift/sync.hpp"
+#include "forklift/shm.hpp"
+#include "forklift/shm_array.hpp"
 #include "forklift/timeout.hpp"
 #include "forklift/value.hpp"

@@ -229,7 +229,13 @@ void MessageProcess::start() {
       [[maybe_unused]] auto r = ::write(death_.get(), &one, sizeof one);
     });
   } else {
-    const int threads = countThreads();
+    int threads = countThreads();
+    // A thread that was just joined can stay listed for a moment while the
+    // kernel finishes its exit: look again briefly before refusing.
+    for (int i = 0; threads > 1 && i < 20; ++i) {
+      ::usleep(500);
+      threads = countThreads();
+    }
     if (threads > 1) {
       if (!options_.allowThreads)
         throw Error(fullName_ + ": cannot fork: this process already runs " + std::to_string(threads) +

@@ -1,0 +1,455 @@
+#include "forklift/shm.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+
+#include <boost/interprocess/exceptions.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+
+#include "forklift/detail/fd.hpp"
+
+namespace forklift {
+
+namespace ipc = boost::interprocess;
+using detail::ShmHeader;
+
+namespace detail {
+ShmFallocateFn shmFallocate = &::posix_fallocate;
+}  // namespace detail
+
+namespace {
+
+constexpr const char* kShmDir = "/dev/shm";
+constexpr mode_t kShmMode = 0600;
+
+std::atomic<std::uint64_t> nameCounter{0};
+std::atomic<std::uint64_t> generationCounter{0};
+
+bool isNameChar(char c) noexcept {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
+         c == '_' || c == '-';
+}
+
+// Like checkShmName, without the message: for code that must not throw.
+bool nameValid(std::string_view name) noexcept {
+  if (name.empty() || name.size() > kShmMaxNameLength || name == "." || name == "..") return false;
+  return std::all_of(name.begin(), name.end(), isNameChar);
+}
+
+std::string segmentWhat(const std::string& name) { return "shared memory segment '" + name + "'"; }
+
+std::string humanBytes(std::uint64_t n) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024.0 && u < 4) {
+    v /= 1024.0;
+    ++u;
+  }
+  char buf[32];
+  if (u == 0) std::snprintf(buf, sizeof buf, "%llu bytes", static_cast<unsigned long long>(n));
+  else std::snprintf(buf, sizeof buf, "%.1f %s", v, units[u]);
+  return buf;
+}
+
+// Boost reports OS failures with the errno in get_native_error(); keep it.
+[[noreturn]] void throwBoost(const ipc::interprocess_exception& e, const std::string& what) {
+  const int native = e.get_native_error();
+  if (native != 0) throw SystemError(native, what);
+  throw Error(what + ": " + e.what());
+}
+
+[[noreturn]] void throwNoSpace(const std::string& name, std::uint64_t total) {
+  std::string free = "an unknown amount";
+  struct statvfs st {};
+  if (::statvfs(kShmDir, &st) == 0)
+    free = humanBytes(static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize);
+  throw SystemError(ENOSPC, "cannot reserve " + std::to_string(total) + " bytes (" + humanBytes(total) +
+                                ") for " + segmentWhat(name) + ", " + kShmDir + " has " + free + " free");
+}
+
+// Bytes of `shape` elements of `elemSize` bytes; nullopt when a dimension is
+// negative or the product overflows what an off_t can address.
+std::optional<std::uint64_t> payloadFor(std::size_t elemSize, const std::int64_t* shape, std::size_t rank) {
+  constexpr std::uint64_t kMax = static_cast<std::uint64_t>(std::numeric_limits<off_t>::max()) - 4096;
+  std::uint64_t n = elemSize;
+  for (std::size_t i = 0; i < rank; ++i) {
+    if (shape[i] < 0) return std::nullopt;
+    const auto d = static_cast<std::uint64_t>(shape[i]);
+    if (d != 0 && n > kMax / d) return std::nullopt;
+    n *= d;
+  }
+  return n;
+}
+
+std::size_t elemSizeOf(std::uint8_t dtype) noexcept {
+  return dtype == 0 ? 1 : dtypeSize(static_cast<DType>(dtype));
+}
+
+std::string shapeText(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? "x" : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string describeFormat(std::optional<DType> dtype, const std::vector<std::int64_t>& shape, Layout layout) {
+  std::string s = (dtype ? dtypeName(*dtype) : "bytes") + shapeText(shape);
+  if (dtype && shape.size() >= 2) s += std::string(" ") + layoutName(layout);
+  return s;
+}
+
+// Checks everything an opener relies on; `magic` is passed apart because
+// the mapped copy must be read with acquire ordering.
+void validateHeader(const ShmHeader& h, std::uint64_t magic, std::uint64_t fileBytes, const std::string& name) {
+  const std::string seg = segmentWhat(name);
+  if (magic != detail::kShmMagic) throw ShmFormatError(seg + " is not a forklift segment (bad magic)");
+  if (h.version != detail::kShmVersion)
+    throw ShmFormatError(seg + " has format version " + std::to_string(h.version) + ", this forklift reads version " +
+                         std::to_string(detail::kShmVersion));
+  const auto corrupt = [&](const std::string& why) { throw ShmFormatError(seg + " has a corrupt header: " + why); };
+  if (h.headerBytes < sizeof(ShmHeader) || h.headerBytes % detail::kShmPayloadAlign != 0)
+    corrupt("payload offset " + std::to_string(h.headerBytes));
+  if (h.dtype != 0 && !dtypeValid(h.dtype)) corrupt("element type " + std::to_string(h.dtype));
+  if (h.rank > detail::kShmMaxRank) corrupt("rank " + std::to_string(h.rank));
+  if (h.layout > static_cast<std::uint8_t>(Layout::ColMajor)) corrupt("layout " + std::to_string(h.layout));
+  if (h.creatorPid <= 0) corrupt("creator pid " + std::to_string(h.creatorPid));
+  const auto payload = payloadFor(elemSizeOf(h.dtype), h.shape, h.rank);
+  if (!payload || *payload != h.payloadBytes)
+    corrupt("its shape does not match its payload of " + std::to_string(h.payloadBytes) + " bytes");
+  if (h.payloadBytes > fileBytes || h.headerBytes > fileBytes - h.payloadBytes)
+    corrupt("a payload of " + std::to_string(h.payloadBytes) + " bytes does not fit in " +
+            std::to_string(fileBytes) + " bytes");
+}
+
+bool processAlive(pid_t pid) noexcept {
+  if (pid <= 0) return false;
+  // EPERM: the process exists but belongs to someone else.
+  return ::kill(pid, 0) == 0 || errno == EPERM;
+}
+
+// Reads the header of /dev/shm/<name> without mapping it (a file truncated
+// under us cannot SIGBUS a read). nullopt for anything not forklift's.
+std::optional<SegmentInfo> readSegment(const std::string& name) {
+  const std::string path = std::string(kShmDir) + "/" + name;
+  detail::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK));
+  if (!fd) return std::nullopt;
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size < static_cast<off_t>(sizeof(ShmHeader)))
+    return std::nullopt;
+  ShmHeader h{};
+  const ssize_t r = detail::retryEintr([&] { return ::pread(fd.get(), &h, sizeof h, 0); });
+  if (r != static_cast<ssize_t>(sizeof h)) return std::nullopt;
+  try {
+    validateHeader(h, h.magic, static_cast<std::uint64_t>(st.st_size), name);
+  } catch (const ShmFormatError&) {
+    return std::nullopt;
+  }
+  SegmentInfo s;
+  s.name = name;
+  s.fileBytes = static_cast<std::uint64_t>(st.st_size);
+  if (h.dtype != 0) s.dtype = static_cast<DType>(h.dtype);
+  s.shape.assign(h.shape, h.shape + h.rank);
+  s.layout = static_cast<Layout>(h.layout);
+  s.payloadBytes = h.payloadBytes;
+  s.creatorPid = static_cast<pid_t>(h.creatorPid);
+  s.generation = h.generation;
+  s.creatorAlive = processAlive(s.creatorPid);
+  return s;
+}
+
+std::uint64_t newGeneration() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  const auto ns = static_cast<std::uint64_t>(ts.tv_sec) * 1000000000u + static_cast<std::uint64_t>(ts.tv_nsec);
+  // Below 2^63 so it travels as a Value int in a descriptor.
+  return (ns + generationCounter.fetch_add(1, std::memory_order_relaxed)) &
+         static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+}
+
+}  // namespace
+
+const char* layoutName(Layout l) noexcept {
+  return l == Layout::RowMajor ? "row-major" : "column-major";
+}
+
+std::string makeShmName(std::string_view hint) {
+  // A 7-digit pid (Linux's limit) and a counter kept under 10^15 leave the
+  // name within 30 characters even before the hint.
+  const std::uint64_t n = nameCounter.fetch_add(1, std::memory_order_relaxed) % 1000000000000000ull;
+  std::string name = std::string(kShmNamePrefix) + std::to_string(::getpid()) + "." + std::to_string(n);
+  if (!hint.empty() && name.size() + 1 < kShmMaxNameLength) {
+    name += '.';
+    const std::size_t room = kShmMaxNameLength - name.size();
+    for (char c : hint.substr(0, room)) name += isNameChar(c) ? c : '_';
+  }
+  return name;
+}
+
+void checkShmName(std::string_view name) {
+  const std::string bad = "invalid shared memory name '" + std::string(name) + "': ";
+  if (name.empty()) throw ShmNameError(bad + "empty");
+  if (name.front() == '/') throw ShmNameError(bad + "give it without the leading '/'");
+  if (name.size() > kShmMaxNameLength)
+    throw ShmNameError(bad + std::to_string(name.size()) + " characters, at most " +
+                       std::to_string(kShmMaxNameLength) + " allowed (" + std::to_string(kShmMaxNameLength + 1) +
+                       " with the leading '/')");
+  if (name == "." || name == "..") throw ShmNameError(bad + "not a file name");
+  for (std::size_t i = 0; i < name.size(); ++i) {
+    if (!isNameChar(name[i])) {
+      char shown[8];
+      const auto c = static_cast<unsigned char>(name[i]);
+      if (c >= 0x20 && c < 0x7f) std::snprintf(shown, sizeof shown, "'%c'", c);
+      else std::snprintf(shown, sizeof shown, "0x%02x", c);
+      throw ShmNameError(bad + "character " + shown + " at position " + std::to_string(i) +
+                         "; allowed are A-Z a-z 0-9 . _ -");
+    }
+  }
+}
+
+// ---------------------------------------------------------------- SharedMemory
+
+SharedMemory::SharedMemory(create_only_t, const ShmName& name, std::size_t bytes) {
+  create(name, 0, {static_cast<std::int64_t>(bytes)}, Layout::RowMajor);
+}
+
+SharedMemory::SharedMemory(create_only_t, const ShmName& name, DType dtype, const std::vector<std::int64_t>& shape,
+                           Layout layout) {
+  if (!dtypeValid(static_cast<std::uint8_t>(dtype)))
+    throw TypeError("shared memory: invalid element type " + std::to_string(static_cast<int>(dtype)));
+  create(name, static_cast<std::uint8_t>(dtype), shape, layout);
+}
+
+void SharedMemory::create(const ShmName& hintOrName, std::uint8_t dtype, const std::vector<std::int64_t>& shape,
+                          Layout layout) {
+  if (hintOrName.isExact()) checkShmName(hintOrName.text());
+  if (shape.size() > detail::kShmMaxRank)
+    throw LimitError("shared memory: rank " + std::to_string(shape.size()) + " exceeds the maximum " +
+                     std::to_string(detail::kShmMaxRank));
+  const auto payload = payloadFor(elemSizeOf(dtype), shape.data(), shape.size());
+  if (!payload)
+    throw LimitError("shared memory: shape " + shapeText(shape) + " has a negative dimension or is too large to map");
+  const std::uint64_t total = sizeof(ShmHeader) + *payload;
+
+  std::string name = hintOrName.isExact() ? hintOrName.text() : makeShmName(hintOrName.text());
+
+  // Refuse at once what cannot fit: posix_fallocate would first take the
+  // free pages one by one, squeezing every other user of /dev/shm, before
+  // failing. f_blocks == 0 means a tmpfs without a size limit.
+  struct statvfs vfs {};
+  if (::statvfs(kShmDir, &vfs) == 0 && vfs.f_blocks > 0 &&
+      total > static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize)
+    throwNoSpace(name, total);
+
+  ipc::shared_memory_object shm;
+  for (int attempt = 0;; ++attempt) {
+    try {
+      shm = ipc::shared_memory_object(ipc::create_only, name.c_str(), ipc::read_write, ipc::permissions(kShmMode));
+      break;
+    } catch (const ipc::interprocess_exception& e) {
+      // A generated name is taken only by a dead process that had our pid:
+      // a stale segment for `forklift-shm clean`. Take the next number.
+      if (!hintOrName.isExact() && e.get_native_error() == EEXIST && attempt < 100) {
+        name = makeShmName(hintOrName.text());
+        continue;
+      }
+      throwBoost(e, "cannot create " + segmentWhat(name));
+    }
+  }
+
+  // From here on a failure must not leave the name behind.
+  struct RemoveUnlessDone {
+    const std::string& name;
+    bool done = false;
+    ~RemoveUnlessDone() {
+      if (!done) SharedMemory::remove(name);
+    }
+  } guard{name};
+
+  const int fd = shm.get_mapping_handle().handle;
+  // Boost fchmods after shm_open too (to undo the umask) but ignores a
+  // failure; mode 0600 is part of our contract, so check it.
+  if (::fchmod(fd, kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name));
+
+  // Reserve every page now: after a plain ftruncate a full /dev/shm shows up
+  // as SIGBUS at the first write to a missing page.
+  int err;
+  do {
+    err = detail::shmFallocate(fd, 0, static_cast<off_t>(total));
+  } while (err == EINTR);
+  if (err == ENOSPC) throwNoSpace(name, total);
+  if (err != 0)
+    throw SystemError(err, "cannot reserve " + std::to_string(total) + " bytes for " + segmentWhat(name));
+
+  try {
+    region_ = ipc::mapped_region(shm, ipc::read_write, 0, static_cast<std::size_t>(total));
+  } catch (const ipc::interprocess_exception& e) {
+    throwBoost(e, "cannot map " + segmentWhat(name));
+  }
+
+  // Fresh pages read as zero, so only the used fields need writing.
+  ShmHeader& h = header_;
+  h = ShmHeader{};
+  h.version = detail::kShmVersion;
+  h.headerBytes = sizeof(ShmHeader);
+  h.dtype = dtype;
+  h.rank = static_cast<std::uint8_t>(shape.size());
+  h.layout = static_cast<std::uint8_t>(layout);
+  h.payloadBytes = *payload;
+  h.creatorPid = ::getpid();
+  h.generation = newGeneration();
+  std::copy(shape.begin(), shape.end(), h.shape);
+
+  base_ = region_.get_address();
+  auto* mapped = static_cast<ShmHeader*>(base_);
+  std::memcpy(reinterpret_cast<char*>(mapped) + sizeof h.magic, reinterpret_cast<const char*>(&h) + sizeof h.magic,
+              sizeof h - sizeof h.magic);
+  // Magic last, with release: an opener that sees it sees the whole header.
+  std::atomic_ref<std::uint64_t>(mapped->magic).store(detail::kShmMagic, std::memory_order_release);
+  h.magic = detail::kShmMagic;
+
+  payload_ = static_cast<char*>(base_) + h.headerBytes;
+  name_ = name;
+  owner_ = static_cast<pid_t>(h.creatorPid);
+  guard.done = true;
+}
+
+SharedMemory::SharedMemory(open_only_t, const std::string& name) {
+  checkShmName(name);
+  ipc::shared_memory_object shm;
+  try {
+    shm = ipc::shared_memory_object(ipc::open_only, name.c_str(), ipc::read_write);
+  } catch (const ipc::interprocess_exception& e) {
+    throwBoost(e, "cannot open " + segmentWhat(name));
+  }
+  ipc::offset_t size = 0;
+  if (!shm.get_size(size)) detail::throwErrno("cannot read the size of " + segmentWhat(name));
+  if (size < static_cast<ipc::offset_t>(sizeof(ShmHeader)))
+    throw ShmFormatError(segmentWhat(name) + " is " + std::to_string(size) +
+                         " bytes, too short for a forklift header (" + std::to_string(sizeof(ShmHeader)) +
+                         " bytes)");
+  try {
+    region_ = ipc::mapped_region(shm, ipc::read_write, 0, static_cast<std::size_t>(size));
+  } catch (const ipc::interprocess_exception& e) {
+    throwBoost(e, "cannot map " + segmentWhat(name));
+  }
+  auto* mapped = static_cast<ShmHeader*>(region_.get_address());
+  const std::uint64_t magic = std::atomic_ref<std::uint64_t>(mapped->magic).load(std::memory_order_acquire);
+  // Validate a private copy: the peer could scribble on the mapped header
+  // later, and every size we derive must stay the one we checked.
+  std::memcpy(&header_, mapped, sizeof header_);
+  validateHeader(header_, magic, static_cast<std::uint64_t>(size), name);
+  base_ = mapped;
+  payload_ = static_cast<char*>(base_) + header_.headerBytes;
+  name_ = name;
+}
+
+SharedMemory::SharedMemory(SharedMemory&& o) noexcept
+    : name_(std::move(o.name_)),
+      header_(o.header_),
+      base_(std::exchange(o.base_, nullptr)),
+      payload_(std::exchange(o.payload_, nullptr)),
+      owner_(std::exchange(o.owner_, 0)) {
+  region_.swap(o.region_);
+  o.name_.clear();
+  o.header_ = ShmHeader{};
+}
+
+SharedMemory& SharedMemory::operator=(SharedMemory&& o) noexcept {
+  if (this != &o) {
+    reset();
+    name_ = std::move(o.name_);
+    o.name_.clear();
+    header_ = std::exchange(o.header_, ShmHeader{});
+    region_.swap(o.region_);
+    base_ = std::exchange(o.base_, nullptr);
+    payload_ = std::exchange(o.payload_, nullptr);
+    owner_ = std::exchange(o.owner_, 0);
+  }
+  return *this;
+}
+
+SharedMemory::~SharedMemory() { reset(); }
+
+void SharedMemory::reset() noexcept {
+  // A failed remove leaves a stale name that `forklift-shm clean` finds; a
+  // destructor has no better way to report it.
+  if (owns()) remove(name_);
+  ipc::mapped_region().swap(region_);
+  name_.clear();
+  header_ = ShmHeader{};
+  base_ = nullptr;
+  payload_ = nullptr;
+  owner_ = 0;
+}
+
+std::size_t SharedMemory::bytes() const noexcept { return static_cast<std::size_t>(header_.payloadBytes); }
+
+std::optional<DType> SharedMemory::dtype() const noexcept {
+  if (header_.dtype == 0) return std::nullopt;
+  return static_cast<DType>(header_.dtype);
+}
+
+std::vector<std::int64_t> SharedMemory::shape() const {
+  return std::vector<std::int64_t>(header_.shape, header_.shape + header_.rank);
+}
+
+Layout SharedMemory::layout() const noexcept { return static_cast<Layout>(header_.layout); }
+pid_t SharedMemory::creatorPid() const noexcept { return static_cast<pid_t>(header_.creatorPid); }
+std::uint64_t SharedMemory::generation() const noexcept { return header_.generation; }
+
+std::string SharedMemory::describe() const { return describeFormat(dtype(), shape(), layout()); }
+
+pid_t SharedMemory::currentPid() noexcept { return ::getpid(); }
+
+bool SharedMemory::remove(const std::string& name) noexcept {
+  if (!nameValid(name)) {
+    errno = EINVAL;
+    return false;
+  }
+  return ipc::shared_memory_object::remove(name.c_str());
+}
+
+// ---------------------------------------------------------------- listing
+
+std::string SegmentInfo::describe() const { return describeFormat(dtype, shape, layout); }
+
+std::vector<SegmentInfo> listSegments() {
+  std::unique_ptr<DIR, int (*)(DIR*)> dir(::opendir(kShmDir), &::closedir);
+  if (!dir) detail::throwErrno(std::string("cannot list ") + kShmDir);
+  std::vector<SegmentInfo> out;
+  while (const dirent* e = ::readdir(dir.get())) {
+    const std::string name = e->d_name;
+    if (name.rfind(kShmNamePrefix, 0) != 0 || !nameValid(name)) continue;
+    if (auto s = readSegment(name)) out.push_back(std::move(*s));
+  }
+  std::sort(out.begin(), out.end(), [](const SegmentInfo& a, const SegmentInfo& b) { return a.name < b.name; });
+  return out;
+}
+
+bool removeStaleSegment(const SegmentInfo& s) noexcept {
+  try {
+    // Look again right before removing: the name may have been re-created
+    // by a live process since the listing.
+    const auto now = readSegment(s.name);
+    if (!now || now->generation != s.generation || now->creatorPid != s.creatorPid || now->creatorAlive)
+      return false;
+    return SharedMemory::remove(s.name);
+  } catch (...) {
+    return false;
+  }
+}
+
+}  // namespace forklift
