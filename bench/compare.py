@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""forklift against its limits and its peers, in one run.
+
+Runs, one after the other on the same machine and with the same CPU
+placement:
+  - forklift's Google Benchmark programs (build/bench/*_bench), which also
+    measure the references: raw socketpair and eventfd round trips and the
+    raw one-way rate (the kernel limit), one-process fill-then-read and
+    memcpy (the memory limit), bare fork until ready (the process limit);
+  - the peers (bench/peers/run): the valkka-multiprocess mechanism in Python
+    and Eclipse iceoryx.
+Every figure is a median over repetitions. Writes bench/results/<date>.json,
+bench/results/<date>.md (the table), bench/results/<date>-handoff.png and
+<date>-rtt.png, and refreshes the table in README.md between its markers.
+
+  bench/compare [--repetitions N] [--cpus A,B] [--no-peers] [--no-readme]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(ROOT, "build", "bench")
+SIZES_KIB = [64, 1024, 16384, 131072]
+SIZE_NAMES = {64: "64KiB", 1024: "1MiB", 16384: "16MiB", 131072: "128MiB"}
+
+
+def log(msg):
+    print(f"compare: {msg}", file=sys.stderr, flush=True)
+
+
+def run_gbench(exe, reps, env, timeout=300):
+    """Runs one Google Benchmark binary; returns {run_name: {stat: entry}}."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [os.path.join(BUILD, exe), f"--benchmark_repetitions={reps}", "--benchmark_report_aggregates_only=true",
+           "--benchmark_min_time=0.3", f"--benchmark_out={out}", "--benchmark_out_format=json"]
+    log(" ".join(cmd[:1]) + " ...")
+    subprocess.run(cmd, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        data = json.load(f)
+    os.unlink(out)
+    runs = {}
+    for b in data["benchmarks"]:
+        if b.get("run_type") != "aggregate":
+            continue
+        runs.setdefault(b["run_name"], {})[b["aggregate_name"]] = b
+    return runs, data.get("context", {})
+
+
+def find(runs, prefix):
+    for name, stats in runs.items():
+        if name == prefix or name.startswith(prefix + "/"):
+            return stats
+    raise KeyError(prefix)
+
+
+def median_of(runs, prefix, key):
+    entry = find(runs, prefix)["median"]
+    return float(entry[key])
+
+
+def time_us(runs, prefix):
+    entry = find(runs, prefix)["median"]
+    scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}[entry["time_unit"]]
+    return float(entry["real_time"]) * scale
+
+
+def forklift_figures(reps, env):
+    R = []
+
+    def add(figure, contender, stat, value, unit):
+        R.append({"figure": figure, "contender": contender, "stat": stat, "value": value, "unit": unit})
+
+    proc, ctx = run_gbench("process_bench", reps, env)
+    for stat, key in (("median", "p50_us"), ("p99", "p99_us")):
+        add("rtt_small", "forklift", stat, median_of(proc, "BM_CallRoundTrip", key), "us")
+        add("rtt_small", "limit:socketpair", stat, median_of(proc, "BM_RawSocketpairRoundTrip", key), "us")
+        add("rtt_small", "limit:eventfd", stat, median_of(proc, "BM_RawEventfdRoundTrip", key), "us")
+    add("send_rate", "forklift", "median", median_of(proc, "BM_SendRate", "items_per_second"), "msg/s")
+    add("send_rate", "limit:socketpair", "median", median_of(proc, "BM_RawSocketpairOneWay", "items_per_second"),
+        "msg/s")
+    add("start_ready", "forklift", "median", time_us(proc, "BM_StartUntilReady"), "us")
+    add("start_ready", "limit:fork", "median", time_us(proc, "BM_ForkUntilReady"), "us")
+    add("stop", "forklift", "median", time_us(proc, "BM_StopIdle"), "us")
+
+    shm, _ = run_gbench("shm_bench", reps, env)
+    for kib in SIZES_KIB:
+        fig = "handoff_" + SIZE_NAMES[kib]
+        add(fig, "forklift", "median", median_of(shm, f"BM_ShmHandoff/{kib}", "bytes_per_second") / 1e9, "GB/s")
+        add(fig, "limit:fill-then-read", "median",
+            median_of(shm, f"BM_FillThenReadHeap/{kib}", "bytes_per_second") / 1e9, "GB/s")
+        add(fig, "limit:memcpy", "median", median_of(shm, f"BM_Memcpy/{kib}", "bytes_per_second") / 1e9, "GB/s")
+
+    mgr, _ = run_gbench("manager_bench", reps, env)
+    for n in (1, 8, 64):
+        add(f"fanin_{n}", "forklift", "median", median_of(mgr, f"BM_ManagerFanIn/{n}", "items_per_second"), "msg/s")
+    return R, ctx
+
+
+def peer_figures(cpus, same_cpu):
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [os.path.join(ROOT, "bench", "peers", "run"), "--out", out]
+    cmd += ["--same-cpu"] if same_cpu else ["--cpus", cpus]
+    log("bench/peers/run ...")
+    r = subprocess.run(cmd, timeout=600)
+    try:
+        with open(out) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        log(f"the peers wrote no results (exit {r.returncode})")
+        return [], {"errors": [f"bench/peers/run exited {r.returncode} without results"]}
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+    return data.get("results", []), data
+
+
+LOWER_IS_BETTER = {"us"}
+ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "start_ready:median", "stop:median"] + \
+       [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
+LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "start_ready": "limit:fork",
+            **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB}}
+
+
+def speed_ratio(fk, other, unit):
+    """How many times faster forklift is than `other` (>1: forklift faster)."""
+    if fk is None or other is None or fk == 0 or other == 0:
+        return None
+    return other / fk if unit in LOWER_IS_BETTER else fk / other
+
+
+def fmt(v, unit):
+    if v is None:
+        return "—"
+    if unit == "msg/s":
+        return f"{v / 1e3:,.0f} k"
+    if unit == "GB/s":
+        return f"{v:.2f}"
+    return f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
+
+
+def fmt_ratio(r):
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def table(results):
+    by = {}
+    for r in results:
+        by[(r["figure"], r["stat"], r["contender"])] = r
+    lines = ["| figure | unit | forklift | limit | forklift ÷ limit | python-valkka | forklift ÷ python | iceoryx | forklift ÷ iceoryx |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in ROWS:
+        fig, stat = row.split(":")
+        fk = by.get((fig, stat, "forklift"))
+        if not fk:
+            continue
+        unit = fk["unit"]
+        lim_name = LIMIT_OF.get(fig)
+        lim = by.get((fig, stat, lim_name)) if lim_name else None
+        py = by.get((fig, stat, "python-valkka"))
+        ix = by.get((fig, stat, "iceoryx"))
+        v = lambda e: e["value"] if e else None
+        label = fig if stat == "median" else f"{fig} ({stat})"
+        lines.append(f"| {label} | {unit} | {fmt(v(fk), unit)} | {fmt(v(lim), unit)} | "
+                     f"{fmt_ratio(speed_ratio(v(fk), v(lim), unit))} | {fmt(v(py), unit)} | "
+                     f"{fmt_ratio(speed_ratio(v(fk), v(py), unit))} | {fmt(v(ix), unit)} | "
+                     f"{fmt_ratio(speed_ratio(v(fk), v(ix), unit))} |")
+    return "\n".join(lines)
+
+
+def plots(results, stem):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(r["figure"], r["stat"], r["contender"]): r["value"] for r in results}
+    # Handoff throughput against array size.
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    xs = [k * 1024 for k in SIZES_KIB]
+    series = [("forklift", "forklift ShmArray handoff", "o-", "tab:blue"),
+              ("limit:fill-then-read", "one process, no IPC (memory limit)", "s--", "tab:gray"),
+              ("limit:memcpy", "memcpy", ":", "tab:olive"),
+              ("python-valkka", "Python valkka mechanism (shared_memory + numpy)", "^-", "tab:orange"),
+              ("iceoryx", "iceoryx loaned sample", "D-", "tab:green")]
+    for contender, label, style, color in series:
+        pts = [(x, by.get((f"handoff_{SIZE_NAMES[k]}", "median", contender))) for x, k in zip(xs, SIZES_KIB)]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([SIZE_NAMES[k].replace("KiB", " KiB").replace("MiB", " MiB") for k in SIZES_KIB])
+    ax.set_xlabel("array size (float64)")
+    ax.set_ylabel("throughput, GB/s (higher is better)")
+    ax.set_title("Fill in place, hand off, read every element")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + "-handoff.png")
+    plt.close(fig)
+
+    # Round-trip latency.
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    bars = [("forklift", "forklift call()"), ("limit:socketpair", "raw socketpair"), ("limit:eventfd", "raw eventfd"),
+            ("iceoryx", "iceoryx (WaitSet)"), ("python-valkka", "Python valkka mechanism")]
+    names, med, p99 = [], [], []
+    for contender, label in bars:
+        m = by.get(("rtt_small", "median", contender))
+        if m is None:
+            continue
+        names.append(label)
+        med.append(m)
+        p99.append(by.get(("rtt_small", "p99", contender)) or m)
+    ys = range(len(names))
+    ax.barh([y + 0.2 for y in ys], med, height=0.4, color="tab:blue", label="median")
+    ax.barh([y - 0.2 for y in ys], p99, height=0.4, color="tab:orange", alpha=0.6, label="p99")
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels(names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("round trip of a small message, µs (log scale, lower is better)")
+    ax.set_title("Request/reply round trip between two processes")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + "-rtt.png")
+    plt.close(fig)
+
+
+def machine():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def update_readme(md_table, date, mach, placement, stem_rel):
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        text = f.read()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    if begin not in text or end not in text:
+        log("README.md has no benchmark markers; not updated")
+        return
+    block = (f"{begin}\nMeasured {date} on {mach['cpus']} × {mach['cpu']} (Linux {mach['kernel']}), "
+             f"{placement}. Ratios are forklift's speed divided by the other's (above 1: forklift is faster).\n\n"
+             f"{md_table}\n\n![handoff throughput]({stem_rel}-handoff.png)\n![round trip]({stem_rel}-rtt.png)\n{end}")
+    pre, rest = text.split(begin, 1)
+    _, post = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(pre + block + post)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--cpus", default="0,1")
+    ap.add_argument("--same-cpu", action="store_true")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-readme", action="store_true")
+    a = ap.parse_args()
+    cpus = "0,0" if a.same_cpu else a.cpus
+    env = dict(os.environ, FORKLIFT_BENCH_CPUS=cpus)
+    fe, be = cpus.split(",")
+    placement = f"frontend pinned to CPU {fe}, backend to CPU {be}, for every contender"
+    log(placement)
+
+    results, ctx = forklift_figures(a.repetitions, env)
+    peers = {}
+    if not a.no_peers:
+        pr, peers = peer_figures(cpus, a.same_cpu)
+        results += pr
+    date = datetime.datetime.now().strftime("%Y-%m-%d")
+    mach = machine()
+    outdir = os.path.join(ROOT, "bench", "results")
+    os.makedirs(outdir, exist_ok=True)
+    stem = os.path.join(outdir, date)
+    doc = {"date": date, "machine": mach, "placement": placement, "cpus": cpus,
+           "load_average_at_start": os.getloadavg(), "repetitions": a.repetitions,
+           "gbench_context": {k: ctx.get(k) for k in ("num_cpus", "mhz_per_cpu", "library_build_type")},
+           "peer_errors": peers.get("errors", []), "results": results}
+    with open(stem + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    md = table(results)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# forklift benchmarks, {date}\n\n{mach['cpus']} × {mach['cpu']}, Linux {mach['kernel']}; "
+                f"{placement}.\n\nRatios: forklift's speed ÷ the other's (above 1: forklift is faster).\n\n{md}\n")
+    plots(results, stem)
+    if not a.no_readme:
+        update_readme(md, date, mach, placement, os.path.relpath(stem, ROOT))
+    print(md)
+    log(f"wrote {stem}.json, {stem}.md, {stem}-handoff.png, {stem}-rtt.png")
+    if doc["peer_errors"]:
+        log(f"peer errors: {doc['peer_errors']}")
+
+
+if __name__ == "__main__":
+    main()
