@@ -14,10 +14,11 @@ void check(int r, const char* what) {
 
 }  // namespace
 
-Backend::Backend(MessageProcess& owner, Channel cmd, Channel out, std::shared_ptr<spdlog::logger> log)
-    : owner_(owner), log_(std::move(log)), cmd_(std::move(cmd)), out_(std::move(out)),
+Backend::Backend(MessageProcess& owner, Channel cmd, Channel out,
+                 std::function<std::shared_ptr<spdlog::logger>()> makeLog)
+    : owner_(owner), makeLog_(std::move(makeLog)), cmd_(std::move(cmd)), out_(std::move(out)),
       sources_(&loop_, [this](const std::string& where, const std::exception& e) {
-        log_->error("{} threw: {}", where, e.what());
+        log().error("{} threw: {}", where, e.what());
       }) {
   cmdWriter_.ch = &cmd_;
   outWriter_.ch = &out_;
@@ -32,10 +33,15 @@ Backend::Backend(MessageProcess& owner, Channel cmd, Channel out, std::shared_pt
   check(uv_poll_start(&cmdPoll_, UV_READABLE, &Backend::onCmdPoll), "watch the command channel");
 }
 
+spdlog::logger& Backend::log() {
+  if (!log_) log_ = makeLog_();
+  return *log_;
+}
+
 Backend::~Backend() {
   closeAll();
   uv_run(&loop_, UV_RUN_DEFAULT);  // runs the close callbacks
-  if (uv_loop_close(&loop_) != 0) log_->warn("backend loop closed with handles still open");
+  if (uv_loop_close(&loop_) != 0) log().warn("backend loop closed with handles still open");
 }
 
 void Backend::closeAll() {
@@ -154,7 +160,7 @@ void Backend::flush(Timeout bound) {
         if (::poll(&pfd, 1, d.pollMillis()) == 0) break;
       }
       if (w->queued() > 0)
-        log_->warn("dropping {} queued bytes at exit: the frontend did not read them within {} ms", w->queued(),
+        log().warn("dropping {} queued bytes at exit: the frontend did not read them within {} ms", w->queued(),
                    bound.count());
     } catch (const PeerClosed&) {
       // Nobody left to read them.
@@ -169,7 +175,7 @@ void Backend::onCmdPoll(uv_poll_t* h, int status, int events) {
   try {
     if (status < 0) {
       // An error on the channel is as final as EOF: nobody can command us.
-      self->log_->error("command channel error: {}; stopping", uv_strerror(status));
+      self->log().error("command channel error: {}; stopping", uv_strerror(status));
       self->frontendGone_ = true;
       self->requestStop();
       return;
@@ -183,7 +189,7 @@ void Backend::onCmdPoll(uv_poll_t* h, int status, int events) {
     self->frontendGone_ = true;
     self->requestStop();
   } catch (const std::exception& e) {
-    self->log_->error("backend loop: {}", e.what());
+    self->log().error("backend loop: {}", e.what());
   }
 }
 
@@ -205,15 +211,15 @@ void Backend::onCommandReadable() {
     try {
       m = cmd_.tryRecv();
     } catch (const PeerClosed&) {
-      if (!stopping_) log_->info("the frontend closed the command channel; stopping");
+      if (!stopping_) log().info("the frontend closed the command channel; stopping");
       frontendGone_ = true;
       requestStop();
       return;
     } catch (const DecodeError& e) {
-      log_->error("dropped a malformed command: {}", e.what());
+      log().error("dropped a malformed command: {}", e.what());
       continue;
     } catch (const LimitError& e) {
-      log_->error("dropped an oversize command: {}", e.what());
+      log().error("dropped an oversize command: {}", e.what());
       continue;
     }
     if (!m) return;
@@ -231,7 +237,7 @@ void Backend::dispatch(Message& m) {
   auto it = owner_.handlers_.find(command);
   if (it == owner_.handlers_.end()) {
     const std::string why = owner_.whoAmI() + ": unknown command '" + command + "'";
-    log_->error("{}", why);
+    log().error("{}", why);
     if (m.id()) answer(m.id(), false, {}, why);
     return;
   }
@@ -241,15 +247,15 @@ void Backend::dispatch(Message& m) {
     if (reply.wanted()) reply.resolve(std::move(v));
   } catch (const TypeError& e) {
     const std::string why = owner_.whoAmI() + ": " + e.what();
-    log_->error("{}", why);
+    log().error("{}", why);
     if (reply.wanted()) reply.reject(why);
   } catch (const std::exception& e) {
     const std::string why = owner_.whoAmI() + ": c__" + command + " threw: " + e.what();
-    log_->error("{}", why);
+    log().error("{}", why);
     if (reply.wanted()) reply.reject(why);
   } catch (...) {
     const std::string why = owner_.whoAmI() + ": c__" + command + " threw a non-standard exception";
-    log_->error("{}", why);
+    log().error("{}", why);
     if (reply.wanted()) reply.reject(why);
   }
 }

@@ -24,12 +24,15 @@ namespace forklift::detail {
 
 class Backend : public std::enable_shared_from_this<Backend> {
  public:
-  Backend(MessageProcess& owner, Channel cmd, Channel out, std::shared_ptr<spdlog::logger> log);
+  // The logger is made on first use (by `makeLog`): most backends never
+  // log, and making one costs more than the rest of the start.
+  Backend(MessageProcess& owner, Channel cmd, Channel out,
+          std::function<std::shared_ptr<spdlog::logger>()> makeLog);
   ~Backend();
   Backend(const Backend&) = delete;
   Backend& operator=(const Backend&) = delete;
 
-  spdlog::logger& log() noexcept { return *log_; }
+  spdlog::logger& log();
 
   void sendReady();
   void sendFailed(const std::string& why);
@@ -67,6 +70,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void closeAll();
 
   MessageProcess& owner_;
+  std::function<std::shared_ptr<spdlog::logger>()> makeLog_;
   std::shared_ptr<spdlog::logger> log_;
   Channel cmd_;
   Channel out_;

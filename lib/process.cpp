@@ -16,7 +16,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <typeindex>
 #include <typeinfo>
+#include <unordered_map>
 #include <vector>
 
 #include "backend.hpp"
@@ -65,20 +67,40 @@ bool envInProcess() {
   return s == "1" || s == "true" || s == "yes" || s == "on";
 }
 
+// "MyProcess" for any MyProcess, whatever its namespace. Demangling costs
+// more than forking a small process, so each class is demangled once.
+std::string className(const std::type_info& t) {
+  static std::mutex m;
+  static std::unordered_map<std::type_index, std::string> cache;
+  std::lock_guard lock(m);
+  auto it = cache.find(t);
+  if (it != cache.end()) return it->second;
+  int status = 0;
+  char* demangled = abi::__cxa_demangle(t.name(), nullptr, nullptr, &status);
+  std::string cls = status == 0 && demangled ? demangled : t.name();
+  std::free(demangled);
+  if (auto p = cls.rfind("::"); p != std::string::npos) cls = cls.substr(p + 2);
+  return cache.emplace(t, cls).first->second;
+}
+
 std::string signalName(int sig) {
   const char* abbrev = ::sigabbrev_np(sig);
   return abbrev ? std::string("SIG") + abbrev : "signal " + std::to_string(sig);
 }
 
 // Resets what a child inherits from the frontend's signal setup: handlers
-// (they point into frontend logic) and the blocked mask.
+// (they point into frontend logic), ignored signals, and the blocked mask.
+// Asking first and writing only what differs is the cheapest way to know
+// (cheaper than parsing /proc/self/status), and most signals need no write.
 void resetSignals() {
   struct sigaction dfl {};
   dfl.sa_handler = SIG_DFL;
   sigemptyset(&dfl.sa_mask);
   for (int sig = 1; sig < NSIG; ++sig) {
     if (sig == SIGKILL || sig == SIGSTOP) continue;
-    ::sigaction(sig, &dfl, nullptr);  // fails harmlessly for reserved numbers
+    struct sigaction old {};
+    if (::sigaction(sig, nullptr, &old) != 0) continue;  // reserved numbers
+    if (old.sa_handler != SIG_DFL) ::sigaction(sig, &dfl, nullptr);
   }
   sigset_t none;
   sigemptyset(&none);
@@ -201,15 +223,8 @@ void MessageProcess::start() {
   stopRequested_ = false;
   started_ = false;
 
-  {
-    int status = 0;
-    char* demangled = abi::__cxa_demangle(typeid(*this).name(), nullptr, nullptr, &status);
-    std::string cls = status == 0 && demangled ? demangled : typeid(*this).name();
-    std::free(demangled);
-    if (auto p = cls.rfind("::"); p != std::string::npos) cls = cls.substr(p + 2);
-    fullName_ = cls + "." + name_;
-  }
-  frontendLog_ = makeLogger(fullName_);
+  fullName_ = className(typeid(*this)) + "." + name_;
+  frontendLog_.reset();  // made on first use, under the new name
   if (envInProcess()) options_.inProcess = true;
 
   auto [cmdFront, cmdBack] = Channel::makePair(options_.limits);
@@ -242,7 +257,7 @@ void MessageProcess::start() {
                     " threads, and a forked child gets only the calling one (locks held by the others stay "
                     "locked forever). Start forklift processes before starting threads, or set "
                     "ProcessOptions::allowThreads if you know every thread is fork-safe.");
-      frontendLog_->warn("forking while {} threads run (allowThreads is set): the child gets only this thread; "
+      logger().warn("forking while {} threads run (allowThreads is set): the child gets only this thread; "
                          "any lock another thread held at fork stays locked in the child",
                          threads);
     }
@@ -293,7 +308,7 @@ void MessageProcess::start() {
     throw Error(fullName_ + ": preRun__ failed in the backend: " + why + " (" + s.describe() + ")");
   }
   if (m->command() != "__ready") throw Error(fullName_ + ": unexpected first message '" + m->command() + "'");
-  frontendLog_->debug("backend ready, pid {}", pid_);
+  if (frontendLog_) frontendLog_->debug("backend ready, pid {}", pid_);
 }
 
 void MessageProcess::runChild(Channel cmd, Channel out) {
@@ -324,13 +339,14 @@ void MessageProcess::runChild(Channel cmd, Channel out) {
 // preRun__ failed, 4 postRun__ failed.
 int MessageProcess::runBackend(Channel cmd, Channel out) {
   t_backendOf = this;
-  auto log = makeLogger(fullName_, options_.logFile);
-  backend_ = std::make_shared<detail::Backend>(*this, std::move(cmd), std::move(out), log);
+  backend_ = std::make_shared<detail::Backend>(*this, std::move(cmd), std::move(out),
+                                               [this] { return makeLogger(fullName_, options_.logFile); });
+  detail::Backend& b = *backend_;
   int code = 0;
   try {
     preRun__();
   } catch (const std::exception& e) {
-    log->error("preRun__ failed: {}", e.what());
+    b.log().error("preRun__ failed: {}", e.what());
     backend_->sendFailed(e.what());
     backend_.reset();
     return 3;
@@ -344,14 +360,13 @@ int MessageProcess::runBackend(Channel cmd, Channel out) {
   try {
     postRun__();
   } catch (const std::exception& e) {
-    log->error("postRun__ failed: {}", e.what());
+    b.log().error("postRun__ failed: {}", e.what());
     code = 4;
   } catch (...) {
     code = 4;
   }
   backend_->flush(Timeout(1000));
   backend_.reset();
-  log->flush();
   return code;
 }
 
