@@ -10,10 +10,12 @@ placement:
   - the peers (bench/peers/run): the valkka-multiprocess mechanism in Python
     and Eclipse iceoryx.
 Every figure is a median over repetitions. Writes bench/results/<date>.json,
-bench/results/<date>.md (the table), bench/results/<date>-handoff.png and
-<date>-rtt.png, and refreshes the table in README.md between its markers.
+bench/results/<date>.md (the tables), <date>-<placement>-handoff.png and
+-rtt.png, and refreshes the tables in README.md between its markers. The
+whole run is made twice: both processes of every contender on one CPU, and
+one CPU each.
 
-  bench/compare [--repetitions N] [--cpus A,B] [--no-peers] [--no-readme]
+  bench/compare [--repetitions N] [--placements same,split] [--no-peers] [--no-readme]
 """
 import argparse
 import datetime
@@ -94,10 +96,11 @@ def forklift_figures(reps, env):
     shm, _ = run_gbench("shm_bench", reps, env)
     for kib in SIZES_KIB:
         fig = "handoff_" + SIZE_NAMES[kib]
-        add(fig, "forklift", "median", median_of(shm, f"BM_ShmHandoff/{kib}", "bytes_per_second") / 1e9, "GB/s")
-        add(fig, "limit:fill-then-read", "median",
-            median_of(shm, f"BM_FillThenReadHeap/{kib}", "bytes_per_second") / 1e9, "GB/s")
-        add(fig, "limit:memcpy", "median", median_of(shm, f"BM_Memcpy/{kib}", "bytes_per_second") / 1e9, "GB/s")
+        # GB/s at the median iteration (as the peers report it), the median
+        # over repetitions.
+        add(fig, "forklift", "median", median_of(shm, f"BM_ShmHandoff/{kib}", "GBps_p50"), "GB/s")
+        add(fig, "limit:fill-then-read", "median", median_of(shm, f"BM_FillThenReadHeap/{kib}", "GBps_p50"), "GB/s")
+        add(fig, "limit:memcpy", "median", median_of(shm, f"BM_Memcpy/{kib}", "GBps_p50"), "GB/s")
 
     mgr, _ = run_gbench("manager_bench", reps, env)
     for n in (1, 8, 64):
@@ -250,7 +253,11 @@ def machine():
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
-def update_readme(md_table, date, mach, placement, stem_rel):
+PLACEMENTS = {"same": ("0,0", "both processes pinned to CPU 0"),
+              "split": ("0,1", "frontend pinned to CPU 0, backend to CPU 1")}
+
+
+def update_readme(sections, date, mach):
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
@@ -258,56 +265,66 @@ def update_readme(md_table, date, mach, placement, stem_rel):
     if begin not in text or end not in text:
         log("README.md has no benchmark markers; not updated")
         return
-    block = (f"{begin}\nMeasured {date} on {mach['cpus']} × {mach['cpu']} (Linux {mach['kernel']}), "
-             f"{placement}. Ratios are forklift's speed divided by the other's (above 1: forklift is faster).\n\n"
-             f"{md_table}\n\n![handoff throughput]({stem_rel}-handoff.png)\n![round trip]({stem_rel}-rtt.png)\n{end}")
+    block = [f"{begin}\nMeasured {date} on {mach['cpus']} × {mach['cpu']} (Linux {mach['kernel']}, "
+             f"{mach['memory_gib']} GiB). Every contender is pinned the same way; the run is repeated for two "
+             "placements. Ratios are forklift's speed divided by the other's (above 1: forklift is faster); "
+             "the limits are the same operation done with raw system calls or in one process."]
+    for key, label, md, stem_rel in sections:
+        block.append(f"\n**{label}**\n\n{md}\n\n![handoff throughput, {label}]({stem_rel}-handoff.png)\n"
+                     f"![round trip, {label}]({stem_rel}-rtt.png)")
+    block.append(end)
     pre, rest = text.split(begin, 1)
     _, post = rest.split(end, 1)
     with open(path, "w") as f:
-        f.write(pre + block + post)
+        f.write(pre + "\n".join(block) + post)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repetitions", type=int, default=5)
-    ap.add_argument("--cpus", default="0,1")
-    ap.add_argument("--same-cpu", action="store_true")
+    ap.add_argument("--placements", default="same,split", help="same (both on CPU 0), split (CPU 0 and 1)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-readme", action="store_true")
     a = ap.parse_args()
-    cpus = "0,0" if a.same_cpu else a.cpus
-    env = dict(os.environ, FORKLIFT_BENCH_CPUS=cpus)
-    fe, be = cpus.split(",")
-    placement = f"frontend pinned to CPU {fe}, backend to CPU {be}, for every contender"
-    log(placement)
-
-    results, ctx = forklift_figures(a.repetitions, env)
-    peers = {}
-    if not a.no_peers:
-        pr, peers = peer_figures(cpus, a.same_cpu)
-        results += pr
     date = datetime.datetime.now().strftime("%Y-%m-%d")
     mach = machine()
     outdir = os.path.join(ROOT, "bench", "results")
     os.makedirs(outdir, exist_ok=True)
-    stem = os.path.join(outdir, date)
-    doc = {"date": date, "machine": mach, "placement": placement, "cpus": cpus,
-           "load_average_at_start": os.getloadavg(), "repetitions": a.repetitions,
-           "gbench_context": {k: ctx.get(k) for k in ("num_cpus", "mhz_per_cpu", "library_build_type")},
-           "peer_errors": peers.get("errors", []), "results": results}
-    with open(stem + ".json", "w") as f:
+    doc = {"date": date, "machine": mach, "load_average_at_start": os.getloadavg(),
+           "repetitions": a.repetitions, "placements": {}}
+    sections = []
+    for key in a.placements.split(","):
+        cpus, label = PLACEMENTS[key]
+        log(f"placement {key}: {label}")
+        env = dict(os.environ, FORKLIFT_BENCH_CPUS=cpus)
+        results, ctx = forklift_figures(a.repetitions, env)
+        peers = {}
+        if not a.no_peers:
+            pr, peers = peer_figures(cpus, key == "same")
+            results += pr
+        stem = os.path.join(outdir, f"{date}-{key}")
+        plots(results, stem)
+        md = table(results)
+        doc["placements"][key] = {"cpus": cpus, "placement": label, "peer_errors": peers.get("errors", []),
+                                  "gbench_context": {k: ctx.get(k) for k in ("num_cpus", "mhz_per_cpu",
+                                                                               "library_build_type")},
+                                  "results": results}
+        sections.append((key, label, md, os.path.relpath(stem, ROOT)))
+        print(f"\n{label}\n\n{md}\n", flush=True)
+    with open(os.path.join(outdir, f"{date}.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    md = table(results)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# forklift benchmarks, {date}\n\n{mach['cpus']} × {mach['cpu']}, Linux {mach['kernel']}; "
-                f"{placement}.\n\nRatios: forklift's speed ÷ the other's (above 1: forklift is faster).\n\n{md}\n")
-    plots(results, stem)
+    with open(os.path.join(outdir, f"{date}.md"), "w") as f:
+        f.write(f"# forklift benchmarks, {date}\n\n{mach['cpus']} × {mach['cpu']}, Linux {mach['kernel']}. "
+                "Ratios: forklift's speed ÷ the other's (above 1: forklift is faster).\n")
+        for key, label, md, stem_rel in sections:
+            f.write(f"\n## {label}\n\n{md}\n")
     if not a.no_readme:
-        update_readme(md, date, mach, placement, os.path.relpath(stem, ROOT))
-    print(md)
-    log(f"wrote {stem}.json, {stem}.md, {stem}-handoff.png, {stem}-rtt.png")
-    if doc["peer_errors"]:
-        log(f"peer errors: {doc['peer_errors']}")
+        update_readme(sections, date, mach)
+    log(f"wrote bench/results/{date}.json, {date}.md and the plots")
+    for key, _, _, _ in sections:
+        errs = doc["placements"][key]["peer_errors"]
+        if errs:
+            log(f"peer errors ({key}): {errs}")
 
 
 if __name__ == "__main__":
