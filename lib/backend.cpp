@@ -26,8 +26,8 @@ Backend::Backend(MessageProcess& owner, Channel cmd, Channel out,
   check(uv_poll_init(&loop_, &cmdPoll_, cmd_.fd()), "watch the command channel");
   check(uv_poll_init(&loop_, &outPoll_, out_.fd()), "watch the output channel");
   // uv_poll_init made both descriptors non-blocking; tell the channels.
-  cmd_.setNonBlocking(true);
-  out_.setNonBlocking(true);
+  cmd_.assumeNonBlocking();
+  out_.assumeNonBlocking();
   cmdPoll_.data = this;
   outPoll_.data = this;
   check(uv_poll_start(&cmdPoll_, UV_READABLE, &Backend::onCmdPoll), "watch the command channel");

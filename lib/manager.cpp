@@ -109,7 +109,7 @@ void Manager::attach(Worker& w) {
   ch.setReadMode(ReadMode::Greedy);
   if (const int r = uv_poll_init(&loop_, &w.outPoll, ch.fd()); r < 0)
     throw Error("Manager: cannot watch " + p.fullName() + ": " + uv_strerror(r));
-  ch.setNonBlocking(true);
+  ch.assumeNonBlocking();  // uv_poll_init set O_NONBLOCK
   if (const int r = uv_poll_init(&loop_, &w.deathPoll, p.deathFd()); r < 0) {
     closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
     throw Error("Manager: cannot watch the exit of " + p.fullName() + ": " + uv_strerror(r));

@@ -64,6 +64,8 @@ class Channel {
 
   // O_NONBLOCK on the descriptor. Every call below works in both modes.
   void setNonBlocking(bool on);
+  // Records that someone else (libuv) already set O_NONBLOCK.
+  void assumeNonBlocking() noexcept { nonBlocking_ = true; }
   void setReadMode(ReadMode m) noexcept { readMode_ = m; }
 
   // Sends one message, waiting for socket space up to `timeout`. Throws
