@@ -99,6 +99,7 @@ def forklift_figures(reps, env):
         # GB/s at the median iteration (as the peers report it), the median
         # over repetitions.
         add(fig, "forklift", "median", median_of(shm, f"BM_ShmHandoff/{kib}", "GBps_p50"), "GB/s")
+        add(fig, "forklift-4arrays", "median", median_of(shm, f"BM_ShmHandoff4/{kib}", "GBps_p50"), "GB/s")
         add(fig, "limit:fill-then-read", "median", median_of(shm, f"BM_FillThenReadHeap/{kib}", "GBps_p50"), "GB/s")
         add(fig, "limit:memcpy", "median", median_of(shm, f"BM_Memcpy/{kib}", "GBps_p50"), "GB/s")
 
@@ -129,7 +130,9 @@ def peer_figures(cpus, same_cpu):
 
 LOWER_IS_BETTER = {"us"}
 ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "start_ready:median", "stop:median"] + \
-       [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
+       [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + \
+       [f"handoff_{SIZE_NAMES[k]}:median:4arrays" for k in SIZES_KIB] + \
+       ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
 LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "start_ready": "limit:fork",
             **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB}}
 
@@ -162,8 +165,8 @@ def table(results):
     lines = ["| figure | unit | forklift | limit | forklift ÷ limit | python-valkka | forklift ÷ python | iceoryx | forklift ÷ iceoryx |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in ROWS:
-        fig, stat = row.split(":")
-        fk = by.get((fig, stat, "forklift"))
+        fig, stat, *variant = row.split(":")
+        fk = by.get((fig, stat, "forklift-4arrays" if variant else "forklift"))
         if not fk:
             continue
         unit = fk["unit"]
@@ -173,6 +176,9 @@ def table(results):
         ix = by.get((fig, stat, "iceoryx"))
         v = lambda e: e["value"] if e else None
         label = fig if stat == "median" else f"{fig} ({stat})"
+        if variant:
+            label = f"{fig}, 4 arrays in turn"
+            py = None  # the Python mechanism uses one array
         lines.append(f"| {label} | {unit} | {fmt(v(fk), unit)} | {fmt(v(lim), unit)} | "
                      f"{fmt_ratio(speed_ratio(v(fk), v(lim), unit))} | {fmt(v(py), unit)} | "
                      f"{fmt_ratio(speed_ratio(v(fk), v(py), unit))} | {fmt(v(ix), unit)} | "
@@ -189,7 +195,8 @@ def plots(results, stem):
     # Handoff throughput against array size.
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     xs = [k * 1024 for k in SIZES_KIB]
-    series = [("forklift", "forklift ShmArray handoff", "o-", "tab:blue"),
+    series = [("forklift", "forklift ShmArray handoff (one array)", "o-", "tab:blue"),
+              ("forklift-4arrays", "forklift, 4 arrays in turn", "o:", "tab:cyan"),
               ("limit:fill-then-read", "one process, no IPC (memory limit)", "s--", "tab:gray"),
               ("limit:memcpy", "memcpy", ":", "tab:olive"),
               ("python-valkka", "Python valkka mechanism (shared_memory + numpy)", "^-", "tab:orange"),

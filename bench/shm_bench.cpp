@@ -57,54 +57,62 @@ using Clock = std::chrono::steady_clock;
 
 constexpr std::int64_t kKiB = 1 << 10;  // benchmark arguments are sizes in KiB
 
-// The backend of the handoff: a MessageProcess whose array is created in
+// The backend of the handoff: a MessageProcess whose arrays are created in
 // the frontend (server side, before the fork) and opened in preRun__
-// (client side). "sum" reads every element and returns the sum; the backend
-// times its own read.
+// (client side). "sum" reads every element of one array and returns the
+// sum; the backend times its own read.
 class Summer : public forklift::MessageProcess {
  public:
-  explicit Summer(Eigen::Index n)
-      : MessageProcess("summer"), array_(forklift::ShmArray<double>::create("bench", n)) {
-    command("sum", &Summer::c__sum);
+  Summer(Eigen::Index n, int arrays) : MessageProcess("summer") {
+    for (int i = 0; i < arrays; ++i) arrays_.push_back(forklift::ShmArray<double>::create("bench", n));
+    command("sum", &Summer::c__sum, {"slot"});
   }
-  forklift::ShmArray<double>& array() { return array_; }
+  forklift::ShmArray<double>& array(std::size_t i) { return arrays_[i]; }
 
  private:
   void preRun__() override {
     pinTo(placement().backend);
-    client_ = forklift::ShmArray<double>::open(array_.name());
+    for (const auto& a : arrays_) clients_.push_back(forklift::ShmArray<double>::open(a.name()));
   }
-  forklift::List c__sum() {
+  forklift::List c__sum(std::size_t slot) {
     const auto t0 = Clock::now();
-    const double sum = client_.matrix().sum();
+    const double sum = clients_.at(slot).matrix().sum();
     return {sum, std::chrono::duration<double>(Clock::now() - t0).count()};
   }
-  forklift::ShmArray<double> array_;
-  forklift::ShmArray<double> client_;
+  std::vector<forklift::ShmArray<double>> arrays_;
+  std::vector<forklift::ShmArray<double>> clients_;
 };
 
-void BM_ShmHandoff(benchmark::State& state) {
+// One array (valkka-multiprocess's way), or `arrays` used in turn (the way
+// iceoryx's loaned chunks come from a pool): with one array, the frontend
+// writes lines the backend's core read a moment ago, and on two cores each
+// write first takes the line back from the other core's cache.
+void handoff(benchmark::State& state, int arrays) {
   pinTo(placement().frontend);
   const std::int64_t bytes = state.range(0) * kKiB;
   const Eigen::Index n = bytes / static_cast<std::int64_t>(sizeof(double));
-  Summer backend(n);
+  Summer backend(n, arrays);
   backend.start();
-  auto m = backend.array().matrix();
   // Warm-up: both sides touch every page once, outside the timing.
-  m.setConstant(1.0);
-  backend.call("sum");
+  for (int i = 0; i < arrays; ++i) {
+    backend.array(static_cast<std::size_t>(i)).matrix().setConstant(1.0);
+    backend.call("sum", {{"slot", i}});
+  }
 
   double value = 0;
   double fillSeconds = 0;
   double readSeconds = 0;
   Median median;
+  int slot = 0;
   for (auto _ : state) {
     value += 1.0;
+    auto m = backend.array(static_cast<std::size_t>(slot)).matrix();
     const auto t0 = Clock::now();
     m.setConstant(value);
     const auto t1 = Clock::now();
-    const auto reply = backend.call("sum", {}, 60s).as<forklift::List>();
+    const auto reply = backend.call("sum", {{"slot", slot}}, 60s).as<forklift::List>();
     const auto t2 = Clock::now();
+    slot = (slot + 1) % arrays;
     state.SetIterationTime(std::chrono::duration<double>(t2 - t0).count());
     median.add(std::chrono::duration<double>(t2 - t0).count());
     fillSeconds += std::chrono::duration<double>(t1 - t0).count();
@@ -123,7 +131,12 @@ void BM_ShmHandoff(benchmark::State& state) {
   state.counters["read_ms"] = benchmark::Counter(readSeconds * 1e3, benchmark::Counter::kAvgIterations);
   state.SetLabel(placement().describe());
 }
+
+void BM_ShmHandoff(benchmark::State& state) { handoff(state, 1); }
 BENCHMARK(BM_ShmHandoff)->Arg(64)->Arg(1024)->Arg(16384)->Arg(131072)->UseManualTime()->Unit(benchmark::kMillisecond);
+
+void BM_ShmHandoff4(benchmark::State& state) { handoff(state, 4); }
+BENCHMARK(BM_ShmHandoff4)->Arg(64)->Arg(1024)->Arg(16384)->Arg(131072)->UseManualTime()->Unit(benchmark::kMillisecond);
 
 void BM_Memcpy(benchmark::State& state) {
   pinTo(placement().frontend);
