@@ -186,7 +186,7 @@ def table(results):
     return "\n".join(lines)
 
 
-def plots(results, stem):
+def plots(results, stem, placement):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,7 +211,7 @@ def plots(results, stem):
     ax.set_xticklabels([SIZE_NAMES[k].replace("KiB", " KiB").replace("MiB", " MiB") for k in SIZES_KIB])
     ax.set_xlabel("array size (float64)")
     ax.set_ylabel("throughput, GB/s (higher is better)")
-    ax.set_title("Fill in place, hand off, read every element")
+    ax.set_title(f"Fill in place, hand off, read every element\n({placement})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -231,14 +231,18 @@ def plots(results, stem):
         med.append(m)
         p99.append(by.get(("rtt_small", "p99", contender)) or m)
     ys = range(len(names))
-    ax.barh([y + 0.2 for y in ys], med, height=0.4, color="tab:blue", label="median")
-    ax.barh([y - 0.2 for y in ys], p99, height=0.4, color="tab:orange", alpha=0.6, label="p99")
+    ax.barh([y - 0.2 for y in ys], med, height=0.4, left=1, color="tab:blue", label="median")
+    ax.barh([y + 0.2 for y in ys], p99, height=0.4, left=1, color="tab:orange", alpha=0.6, label="p99")
+    for y, m, p in zip(ys, med, p99):
+        ax.text(m * 1.05, y - 0.2, f"{m:.0f}", va="center", fontsize=8)
+        ax.text(p * 1.05, y + 0.2, f"{p:.0f}", va="center", fontsize=8)
     ax.set_yticks(list(ys))
     ax.set_yticklabels(names)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.set_xlim(left=1, right=max(p99) * 3)
     ax.set_xlabel("round trip of a small message, µs (log scale, lower is better)")
-    ax.set_title("Request/reply round trip between two processes")
+    ax.set_title(f"Request/reply round trip between two processes\n({placement})", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -310,7 +314,7 @@ def main():
             pr, peers = peer_figures(cpus, key == "same")
             results += pr
         stem = os.path.join(outdir, f"{date}-{key}")
-        plots(results, stem)
+        plots(results, stem, label)
         md = table(results)
         doc["placements"][key] = {"cpus": cpus, "placement": label, "peer_errors": peers.get("errors", []),
                                   "gbench_context": {k: ctx.get(k) for k in ("num_cpus", "mhz_per_cpu",
