@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <forklift.hpp>
 #include <vector>
 
@@ -99,7 +100,16 @@ BENCHMARK(BM_SendRate)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // ---- the kernel limit: raw bytes between a parent and a forked child -------
 
+// A forked child on the backend's CPU that runs `body` and leaves with
+// _exit; reaped when this object goes.
 struct RawChild {
+  explicit RawChild(const std::function<int()>& body) {
+    pid = ::fork();
+    if (pid == 0) {
+      pinTo(placement().backend);
+      ::_exit(body());
+    }
+  }
   pid_t pid = -1;
   ~RawChild() {
     if (pid > 0) {
@@ -114,17 +124,14 @@ void BM_RawSocketpairRoundTrip(benchmark::State& state) {
   const std::size_t n = pingFrameBytes();
   int sv[2];
   ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv);
-  RawChild child;
-  child.pid = ::fork();
-  if (child.pid == 0) {
-    pinTo(placement().backend);
+  RawChild child([&] {
     ::close(sv[0]);
     std::vector<char> buf(n);
     for (;;) {
-      if (::read(sv[1], buf.data(), n) <= 0) ::_exit(0);
-      if (::write(sv[1], buf.data(), n) < 0) ::_exit(1);
+      if (::read(sv[1], buf.data(), n) <= 0) return 0;
+      if (::write(sv[1], buf.data(), n) < 0) return 1;
     }
-  }
+  });
   ::close(sv[1]);
   std::vector<char> buf(n, 'x');
   std::vector<double> us;
@@ -143,18 +150,15 @@ BENCHMARK(BM_RawSocketpairRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime
 void BM_RawEventfdRoundTrip(benchmark::State& state) {
   pinTo(placement().frontend);
   const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
-  RawChild child;
-  child.pid = ::fork();
-  if (child.pid == 0) {
-    pinTo(placement().backend);
+  RawChild child([&] {
     std::uint64_t v;
     for (;;) {
-      if (::read(ping, &v, sizeof v) != sizeof v) ::_exit(1);
-      if (v == 2) ::_exit(0);
+      if (::read(ping, &v, sizeof v) != sizeof v) return 1;
+      if (v == 2) return 0;
       v = 1;
-      if (::write(pong, &v, sizeof v) != sizeof v) ::_exit(1);
+      if (::write(pong, &v, sizeof v) != sizeof v) return 1;
     }
-  }
+  });
   std::vector<double> us;
   us.reserve(1 << 20);
   std::uint64_t v = 1;
@@ -178,10 +182,7 @@ void BM_RawSocketpairOneWay(benchmark::State& state) {
   const std::size_t n = pingFrameBytes();
   int sv[2];
   ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv);
-  RawChild child;
-  child.pid = ::fork();
-  if (child.pid == 0) {
-    pinTo(placement().backend);
+  RawChild child([&] {
     ::close(sv[0]);
     // Reads greedily like forklift's backend, counts whole messages, and
     // answers one byte when told the total.
@@ -189,13 +190,13 @@ void BM_RawSocketpairOneWay(benchmark::State& state) {
     std::uint64_t bytes = 0;
     for (;;) {
       const ssize_t r = ::read(sv[1], buf.data(), buf.size());
-      if (r <= 0) ::_exit(0);
+      if (r <= 0) return 0;
       bytes += static_cast<std::uint64_t>(r);
       if (bytes % n != 0 || buf[static_cast<std::size_t>(r) - 1] != 'E') continue;
       const char ack = 'A';
-      if (::write(sv[1], &ack, 1) != 1) ::_exit(1);
+      if (::write(sv[1], &ack, 1) != 1) return 1;
     }
-  }
+  });
   ::close(sv[1]);
   std::vector<char> msg(n, 'x');
   for (auto _ : state)

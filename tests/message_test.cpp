@@ -6,6 +6,8 @@
 
 #include <random>
 
+#include "support.hpp"
+
 namespace forklift {
 namespace {
 
@@ -21,15 +23,7 @@ Buffer encoded(const Message& m) {
   return b;
 }
 
-template <class Fn>
-std::string errorOf(Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+const auto errorOf = [](auto&& fn) { return test::thrown(fn); };
 
 TEST(Message, EveryValueKindRoundTrips) {
   Message m("ping", {{"nil", nullptr},
@@ -229,13 +223,18 @@ TEST(Decode, NotAMessageShape) {
             "cannot decode message: 1 trailing bytes");
 }
 
-TEST(Decode, NonStringMapKeyIsRefused) {
-  Buffer b;
-  msgpack::packer<Buffer> pk(b);
+// Starts a [command "x", {one entry}, id] message by hand, up to the entry.
+void packOneEntryMessage(msgpack::packer<Buffer>& pk) {
   pk.pack_array(3);
   pk.pack_str(1);
   pk.pack_str_body("x", 1);
   pk.pack_map(1);
+}
+
+TEST(Decode, NonStringMapKeyIsRefused) {
+  Buffer b;
+  msgpack::packer<Buffer> pk(b);
+  packOneEntryMessage(pk);
   pk.pack_int(5);
   pk.pack_int(6);
   pk.pack_uint64(0);
@@ -245,10 +244,7 @@ TEST(Decode, NonStringMapKeyIsRefused) {
 TEST(Decode, BadArrayExtensionIsRefused) {
   Buffer b;
   msgpack::packer<Buffer> pk(b);
-  pk.pack_array(3);
-  pk.pack_str(1);
-  pk.pack_str_body("x", 1);
-  pk.pack_map(1);
+  packOneEntryMessage(pk);
   pk.pack_str(1);
   pk.pack_str_body("a", 1);
   const char ext[] = {static_cast<char>(DType::F64), 1, 2, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3};  // 2 doubles, 3 bytes

@@ -23,16 +23,8 @@ using test::exitCodeOf;
 using test::forkChild;
 using test::waitChild;
 
-std::string errorOf(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+const auto errorOf = [](auto&& fn) { return test::thrown(fn); };
 
 // A process with one command per behaviour under test.
 class EchoProcess : public MessageProcess {

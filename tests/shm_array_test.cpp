@@ -20,22 +20,8 @@ using test::exitCodeOf;
 using test::forkChild;
 using test::waitChild;
 
-::testing::AssertionResult contains(const std::string& text, const std::string& part) {
-  if (text.find(part) != std::string::npos) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "'" << text << "' does not contain '" << part << "'";
-}
-
-template <class E, class Fn>
-std::string thrown(Fn&& fn) {
-  try {
-    fn();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("(other exception type: ") + e.what() + ")";
-  }
-  return "(no exception)";
-}
+using test::contains;
+using test::thrown;
 
 bool exists(const std::string& name) {
   struct stat st {};

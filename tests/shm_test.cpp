@@ -38,23 +38,8 @@ bool exists(const std::string& name) {
   return ::stat(("/dev/shm/" + name).c_str(), &st) == 0;
 }
 
-::testing::AssertionResult contains(const std::string& text, const std::string& part) {
-  if (text.find(part) != std::string::npos) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "'" << text << "' does not contain '" << part << "'";
-}
-
-// The message of the E thrown by fn, or a text that fails every check.
-template <class E, class Fn>
-std::string thrown(Fn&& fn) {
-  try {
-    fn();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("(other exception type: ") + e.what() + ")";
-  }
-  return "(no exception)";
-}
+using test::contains;
+using test::thrown;
 
 // The errno carried by the SystemError fn throws, or -1.
 template <class Fn>

@@ -3,12 +3,14 @@
 // process, descriptor or shared-memory segment behind.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <sys/types.h>
 
 #include <chrono>
 #include <functional>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace forklift::test {
@@ -32,6 +34,28 @@ bool hasChildren();
 
 // Names in /dev/shm that forklift created (prefix "fk.").
 std::vector<std::string> forkliftSegments();
+
+// Passes when `text` contains `part`, and shows both when it does not.
+inline ::testing::AssertionResult contains(const std::string& text, const std::string& part) {
+  if (text.find(part) != std::string::npos) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "'" << text << "' does not contain '" << part << "'";
+}
+
+// The message of the E thrown by fn, or a text that fails every check.
+template <class E = std::exception, class Fn>
+std::string thrown(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    if constexpr (std::is_same_v<E, std::exception>) {
+      return e.what();
+    } else {
+      if (dynamic_cast<const E*>(&e) != nullptr) return e.what();
+    }
+    return std::string("(other exception type: ") + e.what() + ")";
+  }
+  return "(no exception)";
+}
 
 // Polls `pred` every millisecond until it holds or `timeout` passes.
 bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
