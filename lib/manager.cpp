@@ -131,7 +131,7 @@ void Manager::detach(Worker& w) {
   closeHandle(reinterpret_cast<uv_handle_t*>(&w.deathPoll));
 }
 
-void Manager::drain(Worker& w) {
+void Manager::drain(Worker& w, Drain until) {
   Channel& ch = w.process->outChannel();
   while (w.outOpen) {
     std::optional<Message> m;
@@ -153,30 +153,19 @@ void Manager::drain(Worker& w) {
     }
     // Whole frames already read are handled now; for more, the loop wakes
     // us again (level-triggered), so one wake-up costs one read.
-    if (!ch.buffered()) return;
+    if (until == Drain::Buffered && !ch.buffered()) return;
   }
 }
 
 void Manager::onWorkerReadable(uv_poll_t* h, int, int) {
   auto* w = static_cast<Worker*>(h->data);
-  w->manager->drain(*w);
+  w->manager->drain(*w, Drain::Buffered);
 }
 
 void Manager::reapWorker(Worker& w) {
-  // Everything the worker sent before it died comes before its exit.
-  while (w.outOpen) {
-    const bool wasBuffered = w.process->outChannel().buffered();
-    drain(w);
-    if (!wasBuffered && w.outOpen && !w.process->outChannel().buffered()) {
-      // drain returned on "nothing now": the socket of a dead process has
-      // nothing more to come but EOF; one more read reaches it.
-      try {
-        if (!w.process->outChannel().tryRecv()) break;
-      } catch (const PeerClosed&) {
-        w.outOpen = false;
-      }
-    }
-  }
+  // Everything the worker sent before it died comes before its exit: the
+  // socket of a dead process holds its last messages, then EOF.
+  drain(w, Drain::Socket);
   const ExitStatus s = w.process->waitStop(Timeout(1000));
   w.alive = false;
   detach(w);

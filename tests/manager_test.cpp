@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <map>
+#include <thread>
 
 #include "forklift/sync.hpp"
 #include "support.hpp"
@@ -22,12 +23,20 @@ class Blaster : public MessageProcess {
     command("blast", &Blaster::c__blast, {"n"});
     command("spin", &Blaster::c__spin);
     command("tick", &Blaster::c__tick, {"period_ms"});
+    command("blast_and_die", &Blaster::c__blastAndDie, {"n", "bytes"});
   }
 
  private:
   void c__blast(int n) {
     for (int i = 0; i < n; ++i) sendOut__(Message("seq", {{"i", i}}));
     sendOut__(Message("done"));
+  }
+  // Sends n messages and dies at once; the test sends few enough that all
+  // of them fit in the socket buffer (nothing left in the backend queue).
+  void c__blastAndDie(int n, int bytes) {
+    for (int i = 0; i < n; ++i)
+      sendOut__(Message("seq", {{"i", i}, {"pad", std::string(static_cast<std::size_t>(bytes), 'x')}}));
+    ::kill(::getpid(), SIGKILL);
   }
   void c__spin() {
     for (;;) ::pause();
@@ -97,6 +106,35 @@ TEST(Manager, KilledWorkerIsReportedAtOnceAndTheOthersGoOn) {
   EXPECT_GT(ticksAfterDeath["survivor-1"], 5);
   EXPECT_GT(ticksAfterDeath["survivor-2"], 5);
   EXPECT_EQ(ticksAfterDeath.count("victim"), 0u);
+}
+
+// Everything a worker sent before it died reaches onMessage, in order, and
+// before onExit; more than one greedy read's worth is in the socket.
+TEST(Manager, MessagesSentBeforeDeathAllArriveBeforeTheExit) {
+  constexpr int kMessages = 30;
+  Manager m;
+  auto& w = m.emplace<Blaster>("dying");
+  int next = 0;
+  bool disorder = false;
+  int seenAtExit = -1;
+  m.onMessage([&](MessageProcess&, Message& msg) {
+    if (msg.get<int>("i") != next) disorder = true;
+    ++next;
+  });
+  m.onExit([&](MessageProcess&, const ExitStatus&) {
+    seenAtExit = next;
+    m.requestStop();
+  });
+  m.after(0ms, [&] {
+    w.send("blast_and_die", {{"n", kMessages}, {"bytes", 4000}});
+    // Keep the loop busy until the worker is dead: its messages and its
+    // death are then ready at the same wake-up.
+    std::this_thread::sleep_for(300ms);
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_FALSE(disorder);
+  EXPECT_EQ(seenAtExit, kMessages);
 }
 
 TEST(Manager, UserDescriptorsAndTimersInterleaveWithWorkerMessages) {

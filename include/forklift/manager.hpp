@@ -127,7 +127,10 @@ class Manager {
   void addWorker(std::unique_ptr<MessageProcess> p);
   void attach(Worker& w);
   void detach(Worker& w);
-  void drain(Worker& w);
+  // Buffered: the frames one read brought (the loop wakes us for more).
+  // Socket: everything the socket holds, up to EOF for a dead worker.
+  enum class Drain : std::uint8_t { Buffered, Socket };
+  void drain(Worker& w, Drain until);
   void reapWorker(Worker& w);
   int shutdown();
   static void onWorkerReadable(uv_poll_t* h, int status, int events);
