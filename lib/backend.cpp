@@ -99,11 +99,9 @@ void Backend::enqueue(Writer& w, const Message& m) {
     // Full: wait (bounded) for the frontend to read, writing as it does.
     const Deadline d(owner_.options_.outWait);
     while (w.queued() + n > owner_.options_.outQueueBytes) {
-      pollfd pfd{w.ch->fd(), POLLOUT, 0};
-      const int r = ::poll(&pfd, 1, d.pollMillis());
-      if (r < 0 && errno != EINTR) throwErrno("cannot poll the output channel");
-      if (r > 0) drain(w);
-      if (r == 0 || d.expired()) {
+      const bool writable = waitFor(w.ch->fd(), POLLOUT, d);
+      if (writable) drain(w);
+      if (!writable || d.expired()) {
         if (w.queued() + n <= owner_.options_.outQueueBytes) break;
         throw TimeoutError(owner_.whoAmI() + ": cannot send '" + m.command() + "': the frontend has not read " +
                            std::to_string(w.queued()) + " queued bytes within " +
@@ -155,9 +153,7 @@ void Backend::flush(Timeout bound) {
   const Deadline d(bound);
   for (Writer* w : {&cmdWriter_, &outWriter_}) {
     try {
-      while (!drain(*w)) {
-        pollfd pfd{w->ch->fd(), POLLOUT, 0};
-        if (::poll(&pfd, 1, d.pollMillis()) == 0) break;
+      while (!drain(*w) && waitFor(w->ch->fd(), POLLOUT, d)) {
       }
       if (w->queued() > 0)
         log().warn("dropping {} queued bytes at exit: the frontend did not read them within {} ms", w->queued(),

@@ -28,18 +28,6 @@ std::uint32_t readLe32(const char* p) {
 
 bool peerGone(int err) { return err == EPIPE || err == ECONNRESET || err == ENOTCONN; }
 
-// Waits for `events` on fd; false on timeout. Retries EINTR with the
-// remaining time of the deadline.
-bool waitFor(int fd, short events, const Deadline& d) {
-  for (;;) {
-    pollfd p{fd, events, 0};
-    const int r = ::poll(&p, 1, d.pollMillis());
-    if (r > 0) return true;
-    if (r == 0) return false;
-    if (errno != EINTR) detail::throwErrno("cannot poll channel");
-  }
-}
-
 }  // namespace
 
 std::pair<Channel, Channel> Channel::makePair(const Limits& limits) {
@@ -100,7 +88,7 @@ void Channel::send(const Message& m, Timeout timeout) {
     const std::size_t w = writeSome(sendBuf_.data() + off, n - off);
     off += w;
     if (off == n) break;
-    if (w == 0 && !waitFor(fd(), POLLOUT, d)) {
+    if (w == 0 && !detail::waitFor(fd(), POLLOUT, d)) {
       if (off > 0) broken_ = true;
       throw TimeoutError("channel: cannot send '" + m.command() + "' within " +
                          std::to_string(timeout.count()) + " ms: the peer is not reading");
@@ -208,7 +196,7 @@ bool Channel::fill(const Deadline& d) {
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
       if (waitInRecv) continue;  // SO_RCVTIMEO fired; the loop re-checks the deadline
-      if (d.pollMillis() == 0 || !waitFor(fd(), POLLIN, d)) return false;
+      if (d.pollMillis() == 0 || !detail::waitFor(fd(), POLLIN, d)) return false;
       continue;
     }
     if (peerGone(errno)) throw PeerClosed("channel: peer closed");

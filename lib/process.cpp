@@ -451,13 +451,7 @@ void MessageProcess::requestStop() {
 ExitStatus MessageProcess::reap(Timeout timeout) {
   if (status_) return *status_;
   if (!started_) return ExitStatus{};
-  pollfd p{death_.get(), POLLIN, 0};
-  const Deadline d(timeout);
-  int r;
-  do {
-    r = ::poll(&p, 1, d.pollMillis());
-  } while (r < 0 && errno == EINTR);
-  if (r <= 0) return ExitStatus{ExitStatus::How::Running};
+  if (!detail::waitFor(death_.get(), POLLIN, Deadline(timeout))) return ExitStatus{ExitStatus::How::Running};
   ExitStatus s;
   if (options_.inProcess) {
     if (thread_.joinable()) thread_.join();
@@ -533,8 +527,7 @@ ExitStatus MessageProcess::stop(Timeout timeout) {
 
 bool MessageProcess::isAlive() const {
   if (!started_ || status_) return false;
-  pollfd p{death_.get(), POLLIN, 0};
-  return ::poll(&p, 1, 0) == 0;
+  return !detail::waitFor(death_.get(), POLLIN, Deadline(Timeout::zero()));
 }
 
 // ---------------------------------------------------------------- backend API

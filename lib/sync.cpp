@@ -33,8 +33,7 @@ void Event::clear() {
 }
 
 bool Event::isSet() const {
-  pollfd p{fd(), POLLIN, 0};
-  return detail::retryEintr([&] { return ::poll(&p, 1, 0); }) == 1;
+  return detail::waitFor(fd(), POLLIN, Deadline(Timeout::zero()));
 }
 
 bool Event::wait(Timeout timeout, int deathFd) {
