@@ -347,16 +347,16 @@ int MessageProcess::runBackend(Channel cmd, Channel out) {
     preRun__();
   } catch (const std::exception& e) {
     b.log().error("preRun__ failed: {}", e.what());
-    backend_->sendFailed(e.what());
+    b.sendFailed(e.what());
     backend_.reset();
     return 3;
   } catch (...) {
-    backend_->sendFailed("a non-standard exception");
+    b.sendFailed("a non-standard exception");
     backend_.reset();
     return 3;
   }
-  backend_->sendReady();
-  backend_->run();
+  b.sendReady();
+  b.run();
   try {
     postRun__();
   } catch (const std::exception& e) {
@@ -365,7 +365,7 @@ int MessageProcess::runBackend(Channel cmd, Channel out) {
   } catch (...) {
     code = 4;
   }
-  backend_->flush(Timeout(1000));
+  b.flush(Timeout(1000));
   backend_.reset();
   return code;
 }
@@ -509,10 +509,7 @@ ExitStatus MessageProcess::stop(Timeout timeout) {
   if (options_.inProcess) {
     logger().error("the in-process backend did not stop within {} ms and a thread cannot be killed; abandoning it",
                    timeout.count());
-    thread_.detach();
-    status_ = ExitStatus{ExitStatus::How::Abandoned};
-    closeFrontend();
-    return *status_;
+    return killNow();
   }
   logger().warn("the backend did not stop within {} ms; sending SIGTERM", timeout.count());
   signal(SIGTERM);
@@ -532,14 +529,17 @@ bool MessageProcess::isAlive() const {
 
 // ---------------------------------------------------------------- backend API
 
+detail::Backend& MessageProcess::backendSide(const char* method) {
+  if (!onBackendSide()) throw Error(fullName_ + ": " + method + " called on the frontend side");
+  return *backend_;
+}
+
 void MessageProcess::sendOut__(const Message& m) {
-  if (!onBackendSide()) throw Error(fullName_ + ": sendOut__ called on the frontend side");
-  backend_->sendOut(m);
+  backendSide("sendOut__").sendOut(m);
 }
 
 void MessageProcess::watch__(int fd, std::function<void(int)> onReady, bool writable) {
-  if (!onBackendSide()) throw Error(fullName_ + ": watch__ called on the frontend side");
-  backend_->watch(fd, std::move(onReady), writable);
+  backendSide("watch__").watch(fd, std::move(onReady), writable);
 }
 
 void MessageProcess::unwatch__(int fd) {
@@ -547,13 +547,11 @@ void MessageProcess::unwatch__(int fd) {
 }
 
 std::uint64_t MessageProcess::after__(Timeout delay, std::function<void()> fn) {
-  if (!onBackendSide()) throw Error(fullName_ + ": after__ called on the frontend side");
-  return backend_->addTimer(delay, Timeout::zero(), std::move(fn));
+  return backendSide("after__").addTimer(delay, Timeout::zero(), std::move(fn));
 }
 
 std::uint64_t MessageProcess::every__(Timeout period, std::function<void()> fn) {
-  if (!onBackendSide()) throw Error(fullName_ + ": every__ called on the frontend side");
-  return backend_->addTimer(period, period, std::move(fn));
+  return backendSide("every__").addTimer(period, period, std::move(fn));
 }
 
 void MessageProcess::cancel__(std::uint64_t timerId) {

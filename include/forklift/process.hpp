@@ -265,6 +265,8 @@ class MessageProcess {
   ExitStatus killNow();
   void closeFrontend();
   bool onBackendSide() const noexcept;
+  // The backend loop, for a backend-only method; Error on the frontend.
+  detail::Backend& backendSide(const char* method);
   std::string whoAmI() const;
 
   std::string name_;
