@@ -4,7 +4,51 @@
 
 #include <cstring>
 
-namespace forklift::detail {
+#include "control.hpp"
+#include "posix.hpp"
+
+namespace forklift {
+
+// ---------------------------------------------------------------- Reply
+
+Reply& Reply::operator=(Reply&& o) noexcept {
+  if (this != &o) {
+    if (wanted()) reject("the reply was replaced before it was answered");
+    backend_ = std::move(o.backend_);
+    id_ = std::exchange(o.id_, 0);
+    command_ = std::move(o.command_);
+  }
+  return *this;
+}
+
+Reply::~Reply() {
+  // Unanswered: the caller must not wait for an answer that cannot come.
+  if (wanted()) reject("c__" + command_ + " dropped its reply without answering");
+}
+
+void Reply::resolve(Value v) {
+  if (!wanted()) return;
+  const std::uint64_t id = std::exchange(id_, 0);
+  if (auto b = backend_.lock()) b->answer(id, true, std::move(v), {});
+}
+
+void Reply::reject(const std::string& error) {
+  const std::uint64_t id = std::exchange(id_, 0);
+  auto b = backend_.lock();
+  if (!b) return;
+  try {
+    if (id)
+      b->answer(id, false, {}, error);
+    else if (!command_.empty())
+      b->reportFailure(command_, error);  // a sent command: the frontend hears of it
+  } catch (const std::exception&) {
+    // Called from destructors: a reply that cannot be queued is lost with
+    // the channel, and the caller's call() ends when the backend does.
+  }
+  command_.clear();
+}
+
+namespace detail {
 
 namespace {
 
@@ -14,11 +58,10 @@ void check(int r, const char* what) {
 
 }  // namespace
 
-Backend::Backend(MessageProcess& owner, Channel cmd, Channel out,
-                 std::function<std::shared_ptr<spdlog::logger>()> makeLog)
-    : owner_(owner), makeLog_(std::move(makeLog)), cmd_(std::move(cmd)), out_(std::move(out)),
-      sources_(&loop_, [this](const std::string& where, const std::exception& e) {
-        log().error("{} threw: {}", where, e.what());
+Backend::Backend(BackendConfig config, Channel cmd, Channel out)
+    : config_(std::move(config)), cmd_(std::move(cmd)), out_(std::move(out)),
+      sources_(&loop_, [this](const std::string& where, const std::string& what) {
+        log().error("{} threw: {}", where, what);
       }) {
   cmdWriter_.ch = &cmd_;
   outWriter_.ch = &out_;
@@ -34,7 +77,7 @@ Backend::Backend(MessageProcess& owner, Channel cmd, Channel out,
 }
 
 spdlog::logger& Backend::log() {
-  if (!log_) log_ = makeLog_();
+  if (!log_) log_ = config_.makeLog();
   return *log_;
 }
 
@@ -52,21 +95,32 @@ void Backend::closeAll() {
 
 // ---------------------------------------------------------------- output
 
-void Backend::sendReady() { enqueue(cmdWriter_, Message("__ready")); }
+void Backend::sendReady() { enqueue(cmdWriter_, Message(std::string(control::kReady))); }
 
 void Backend::sendFailed(const std::string& why) {
-  enqueue(cmdWriter_, Message("__failed", {{"error", why}}));
+  enqueue(cmdWriter_, Message(std::string(control::kFailed), {{"error", why}}));
   flush(std::chrono::seconds(1));
 }
 
 void Backend::sendOut(const Message& m) {
-  if (frontendGone_) throw PeerClosed(owner_.whoAmI() + ": sendOut__: the frontend is gone");
+  if (frontendGone_) throw PeerClosed(config_.who + ": sendOut__: the frontend is gone");
+  if (control::reserved(m.command()))
+    throw Error(config_.who + ": sendOut__: '" + m.command() + "' is a reserved name (names starting with __ are forklift's)");
   enqueue(outWriter_, m);
+}
+
+void Backend::reportFailure(const std::string& command, const std::string& error) {
+  if (frontendGone_) return;
+  try {
+    enqueue(outWriter_, Message(std::string(control::kCommandError), {{"command", command}, {"error", error}}));
+  } catch (const std::exception& e) {
+    log().error("cannot report the failure of '{}' to the frontend: {}", command, e.what());
+  }
 }
 
 void Backend::answer(std::uint64_t id, bool ok, Value v, const std::string& error) {
   if (frontendGone_) return;
-  Message m(ok ? "__ok" : "__error");
+  Message m(std::string(ok ? control::kOk : control::kError));
   if (ok)
     m.args().emplace_back("value", std::move(v));
   else
@@ -76,7 +130,7 @@ void Backend::answer(std::uint64_t id, bool ok, Value v, const std::string& erro
     enqueue(cmdWriter_, m);
   } catch (const LimitError& e) {
     // The reply itself is too big: the caller must still hear about it.
-    Message err("__error", {{"error", std::string(e.what())}});
+    Message err(std::string(control::kError), {{"error", std::string(e.what())}});
     err.setId(id);
     enqueue(cmdWriter_, err);
   }
@@ -95,17 +149,17 @@ void Backend::enqueue(Writer& w, const Message& m) {
     n -= sent;
     w.pending.clear();
     w.off = 0;
-  } else if (w.queued() + n > owner_.options_.outQueueBytes) {
+  } else if (w.queued() + n > config_.outQueueBytes) {
     // Full: wait (bounded) for the frontend to read, writing as it does.
-    const Deadline d(owner_.options_.outWait);
-    while (w.queued() + n > owner_.options_.outQueueBytes) {
+    const Deadline d(config_.outWait);
+    while (w.queued() + n > config_.outQueueBytes) {
       const bool writable = waitFor(w.ch->fd(), POLLOUT, d);
       if (writable) drain(w);
       if (!writable || d.expired()) {
-        if (w.queued() + n <= owner_.options_.outQueueBytes) break;
-        throw TimeoutError(owner_.whoAmI() + ": cannot send '" + m.command() + "': the frontend has not read " +
+        if (w.queued() + n <= config_.outQueueBytes) break;
+        throw TimeoutError(config_.who + ": cannot send '" + m.command() + "': the frontend has not read " +
                            std::to_string(w.queued()) + " queued bytes within " +
-                           std::to_string(owner_.options_.outWait.count()) + " ms");
+                           std::to_string(config_.outWait.count()) + " ms");
       }
     }
   }
@@ -186,6 +240,8 @@ void Backend::onCmdPoll(uv_poll_t* h, int status, int events) {
     self->requestStop();
   } catch (const std::exception& e) {
     self->log().error("backend loop: {}", e.what());
+  } catch (...) {
+    self->log().error("backend loop: a non-standard exception");
   }
 }
 
@@ -206,16 +262,24 @@ void Backend::onCommandReadable() {
     std::optional<Message> m;
     try {
       m = cmd_.tryRecv();
+    } catch (const StreamCorrupt& e) {
+      // Nothing after this can be trusted to be a frame: end, and say why.
+      const std::string why = config_.who + ": the command stream is corrupt: " + e.what();
+      log().error("{}; stopping", why);
+      reportFailure("", why);
+      corrupt_ = true;
+      requestStop();
+      return;
     } catch (const PeerClosed&) {
-      if (!stopping_) log().info("the frontend closed the command channel; stopping");
+      if (!stopping_) log().debug("the frontend closed the command channel; stopping");
       frontendGone_ = true;
       requestStop();
       return;
     } catch (const DecodeError& e) {
-      log().error("dropped a malformed command: {}", e.what());
+      refuse(e, e.command(), e.id());
       continue;
     } catch (const LimitError& e) {
-      log().error("dropped an oversize command: {}", e.what());
+      refuse(e, e.command(), e.id());
       continue;
     }
     if (!m) return;
@@ -224,36 +288,50 @@ void Backend::onCommandReadable() {
   }
 }
 
+// A frame that came whole but was refused: its caller hears why at once.
+void Backend::refuse(const Error& e, const std::string& command, std::uint64_t id) {
+  const std::string why = config_.who + ": refused " + (command.empty() ? "a message" : "'" + command + "'") + ": " + e.what();
+  log().error("{}", why);
+  if (id)
+    answer(id, false, {}, why);
+  else
+    reportFailure(command, why);
+}
+
 void Backend::dispatch(Message& m) {
   const std::string& command = m.command();
-  if (command == "__stop") {
+  if (command == control::kStop) {
+    log().debug("stop requested");
     requestStop();
     return;
   }
-  auto it = owner_.handlers_.find(command);
-  if (it == owner_.handlers_.end()) {
-    const std::string why = owner_.whoAmI() + ": unknown command '" + command + "'";
+  auto it = config_.commands.end();
+  if (!control::reserved(command)) it = config_.commands.find(command);
+  if (it == config_.commands.end()) {
+    const std::string why = config_.who + ": unknown command '" + command + "'";
     log().error("{}", why);
-    if (m.id()) answer(m.id(), false, {}, why);
+    if (m.id())
+      answer(m.id(), false, {}, why);
+    else
+      reportFailure(command, why);
     return;
   }
-  Reply reply(weak_from_this(), m.id());
+  if (userGone()) return;  // in-process: the object is being destroyed
+  Reply reply(weak_from_this(), m.id(), command);
+  std::string why;
   try {
-    Value v = it->second(owner_, m, reply);
+    Value v = it->second(m, reply);
     if (reply.wanted()) reply.resolve(std::move(v));
+    return;
   } catch (const TypeError& e) {
-    const std::string why = owner_.whoAmI() + ": " + e.what();
-    log().error("{}", why);
-    if (reply.wanted()) reply.reject(why);
+    why = config_.who + ": " + e.what();
   } catch (const std::exception& e) {
-    const std::string why = owner_.whoAmI() + ": c__" + command + " threw: " + e.what();
-    log().error("{}", why);
-    if (reply.wanted()) reply.reject(why);
+    why = config_.who + ": c__" + command + " threw: " + e.what();
   } catch (...) {
-    const std::string why = owner_.whoAmI() + ": c__" + command + " threw a non-standard exception";
-    log().error("{}", why);
-    if (reply.wanted()) reply.reject(why);
+    why = config_.who + ": c__" + command + " threw a non-standard exception";
   }
+  log().error("{}", why);
+  reply.reject(why);
 }
 
 void Backend::run() {
@@ -268,16 +346,22 @@ void Backend::requestStop() {
 // ---------------------------------------------------------------- user handles
 
 void Backend::watch(int fd, std::function<void(int)> fn, bool writable) {
-  if (fd == cmd_.fd() || fd == out_.fd()) throw Error(owner_.whoAmI() + ": watch__: descriptor " + std::to_string(fd) + " is forklift's own channel");
-  sources_.watch(fd, std::move(fn), writable);
+  if (fd == cmd_.fd() || fd == out_.fd())
+    throw Error(config_.who + ": watch__: descriptor " + std::to_string(fd) + " is forklift's own channel");
+  sources_.watch(fd, [this, fn = std::move(fn)](int events) {
+    if (!userGone()) fn(events);
+  }, writable);
 }
 
 void Backend::unwatch(int fd) { sources_.unwatch(fd); }
 
 std::uint64_t Backend::addTimer(Timeout delay, Timeout period, std::function<void()> fn) {
-  return sources_.addTimer(delay, period, std::move(fn));
+  return sources_.addTimer(delay, period, [this, fn = std::move(fn)] {
+    if (!userGone()) fn();
+  });
 }
 
 void Backend::cancel(std::uint64_t id) { sources_.cancel(id); }
 
-}  // namespace forklift::detail
+}  // namespace detail
+}  // namespace forklift

@@ -7,27 +7,55 @@
 // and timers. libuv handles are not movable and are freed only in their
 // close callbacks, so every handle lives on the heap or inside this pinned
 // object.
+//
+// It knows its MessageProcess only through `BackendConfig`: the command
+// table (handlers bound to the object), the queue bounds, a name for
+// messages, and a flag that forbids further user code.
+//
+// Nothing fails silently: a call's failure is its error reply; a sent
+// command's failure (unknown, bad arguments, handler threw, message
+// refused) goes to the frontend as a __command_error event on the output
+// channel. A corrupt command stream ends the loop; the backend then exits
+// with kExitCorruptStream after telling the frontend why.
 #pragma once
 
 #include <uv.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <unordered_map>
 
+#include <spdlog/logger.h>
+
 #include "forklift/channel.hpp"
-#include "forklift/process.hpp"
+#include "forklift/reply.hpp"
+#include "forklift/timeout.hpp"
 #include "loop_sources.hpp"
 
 namespace forklift::detail {
 
+using CommandFn = std::function<Value(const Message&, Reply&)>;
+using CommandTable = std::unordered_map<std::string, CommandFn>;
+
+struct BackendConfig {
+  std::string who;  // "MyProcess.name"
+  CommandTable commands;
+  std::size_t outQueueBytes = 16u << 20;
+  Timeout outWait = std::chrono::seconds(5);
+  // The logger is made on first use: most backends never log, and making
+  // one costs more than the rest of the start.
+  std::function<std::shared_ptr<spdlog::logger>()> makeLog;
+  // Set when the object is being destroyed (in-process mode): no handler,
+  // timer or watch callback runs from then on.
+  const std::atomic<bool>* userGone = nullptr;
+};
+
 class Backend : public std::enable_shared_from_this<Backend> {
  public:
-  // The logger is made on first use (by `makeLog`): most backends never
-  // log, and making one costs more than the rest of the start.
-  Backend(MessageProcess& owner, Channel cmd, Channel out,
-          std::function<std::shared_ptr<spdlog::logger>()> makeLog);
+  Backend(BackendConfig config, Channel cmd, Channel out);
   ~Backend();
   Backend(const Backend&) = delete;
   Backend& operator=(const Backend&) = delete;
@@ -38,11 +66,16 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void sendFailed(const std::string& why);
   // Runs the loop until a stop request, stopLoop__ or the frontend's exit.
   void run();
+  // The command stream was corrupt (the exit code says so).
+  bool corrupt() const noexcept { return corrupt_; }
+  bool userGone() const noexcept { return config_.userGone && config_.userGone->load(); }
   // Gives queued output up to `bound` to leave; logs what is dropped.
   void flush(Timeout bound);
 
   void sendOut(const Message& m);
   void answer(std::uint64_t id, bool ok, Value v, const std::string& error);
+  // A failure of a command that came without a reply wanted.
+  void reportFailure(const std::string& command, const std::string& error);
 
   void watch(int fd, std::function<void(int)> fn, bool writable);
   void unwatch(int fd);
@@ -65,12 +98,12 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void updatePoll(Writer& w);
   void onCommandReadable();
   void dispatch(Message& m);
+  void refuse(const Error& e, const std::string& command, std::uint64_t id);
   static void onCmdPoll(uv_poll_t* h, int status, int events);
   static void onOutPoll(uv_poll_t* h, int status, int events);
   void closeAll();
 
-  MessageProcess& owner_;
-  std::function<std::shared_ptr<spdlog::logger>()> makeLog_;
+  BackendConfig config_;
   std::shared_ptr<spdlog::logger> log_;
   Channel cmd_;
   Channel out_;
@@ -82,6 +115,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   bool outPolling_ = false;
   bool stopping_ = false;
   bool frontendGone_ = false;
+  bool corrupt_ = false;
   LoopSources sources_;
 };
 

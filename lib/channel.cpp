@@ -1,4 +1,5 @@
 #include "forklift/channel.hpp"
+#include "posix.hpp"
 
 #include <fcntl.h>
 #include <poll.h>

@@ -21,6 +21,19 @@ struct LoopSources::Timer {
 
 namespace {
 
+// Runs a user callback; whatever it throws is reported, never propagated
+// into libuv (which is C and cannot unwind).
+template <class Fn>
+void guarded(const LoopSources::ErrorFn& onError, const std::string& where, Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    onError(where, e.what());
+  } catch (...) {
+    onError(where, "a non-standard exception");
+  }
+}
+
 template <class T>
 void closeAndDelete(T* owner, uv_handle_t* h) {
   h->data = owner;
@@ -44,11 +57,7 @@ void LoopSources::watch(int fd, std::function<void(int)> fn, bool writable) {
     auto* ww = static_cast<Watch*>(h->data);
     // On a poll error, let the callback meet the error on its own read.
     if (status < 0) events = UV_READABLE;
-    try {
-      ww->fn(events);
-    } catch (const std::exception& e) {
-      ww->owner->onError_("callback of descriptor " + std::to_string(ww->fd), e);
-    }
+    guarded(ww->owner->onError_, "callback of descriptor " + std::to_string(ww->fd), [&] { ww->fn(events); });
   });
   watches_[fd] = w;
 }
@@ -78,11 +87,8 @@ std::uint64_t LoopSources::addTimer(Timeout delay, Timeout period, std::function
         LoopSources* owner = tt->owner;
         const std::uint64_t id = tt->id;
         const bool repeat = tt->repeat;
-        try {
-          tt->fn();  // may cancel this very timer: use nothing of tt after it
-        } catch (const std::exception& e) {
-          owner->onError_("timer " + std::to_string(id), e);
-        }
+        // fn may cancel this very timer: use nothing of tt after it.
+        guarded(owner->onError_, "timer " + std::to_string(id), [&] { tt->fn(); });
         if (!repeat) owner->cancel(id);
       },
       static_cast<std::uint64_t>(delay.count()), static_cast<std::uint64_t>(period.count()));

@@ -10,7 +10,6 @@
 #include <uv.h>
 
 #include <cstdint>
-#include <exception>
 #include <functional>
 #include <string>
 #include <unordered_map>
@@ -21,7 +20,7 @@ namespace forklift::detail {
 
 class LoopSources {
  public:
-  using ErrorFn = std::function<void(const std::string& where, const std::exception& e)>;
+  using ErrorFn = std::function<void(const std::string& where, const std::string& what)>;
 
   LoopSources(uv_loop_t* loop, ErrorFn onError) : loop_(loop), onError_(std::move(onError)) {}
   ~LoopSources() { closeAll(); }

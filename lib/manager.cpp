@@ -2,6 +2,8 @@
 
 #include <signal.h>
 
+#include <algorithm>
+
 #include "forklift/log.hpp"
 #include "loop_sources.hpp"
 
@@ -13,8 +15,9 @@ struct Manager::Worker {
   Manager* manager = nullptr;
   std::unique_ptr<MessageProcess> process;
   uv_poll_t outPoll{};
+  uv_poll_t replyPoll{};
   uv_poll_t deathPoll{};
-  bool attached = false;  // both handles initialised
+  bool attached = false;  // the three handles initialised
   bool outOpen = false;   // outPoll active
   bool alive = false;     // deathPoll active, exit not reported yet
 };
@@ -38,15 +41,20 @@ Manager::Manager(Options options) : options_(options) {
   if (const int r = uv_loop_init(&loop_); r < 0) throw Error(std::string("cannot create the manager loop: ") + uv_strerror(r));
   uv_async_init(&loop_, &wake_, [](uv_async_t* a) {
     auto* self = static_cast<Manager*>(a->data);
+    self->runPosted();
     if (self->stopRequested_) uv_stop(&self->loop_);
   });
   wake_.data = this;
+  uv_prepare_init(&loop_, &prepare_);
+  prepare_.data = this;
+  uv_timer_init(&loop_, &callbackTimer_);
+  callbackTimer_.data = this;
   uv_signal_init(&loop_, &sigint_);
   uv_signal_init(&loop_, &sigterm_);
   sigint_.data = this;
   sigterm_.data = this;
-  sources_ = std::make_unique<detail::LoopSources>(&loop_, [](const std::string& where, const std::exception& e) {
-    managerLog()->error("{} threw: {}", where, e.what());
+  sources_ = std::make_unique<detail::LoopSources>(&loop_, [](const std::string& where, const std::string& what) {
+    managerLog()->error("{} threw: {}", where, what);
   });
 }
 
@@ -59,6 +67,8 @@ Manager::~Manager() {
   closeHandle(reinterpret_cast<uv_handle_t*>(&wake_));
   closeHandle(reinterpret_cast<uv_handle_t*>(&sigint_));
   closeHandle(reinterpret_cast<uv_handle_t*>(&sigterm_));
+  closeHandle(reinterpret_cast<uv_handle_t*>(&prepare_));
+  closeHandle(reinterpret_cast<uv_handle_t*>(&callbackTimer_));
   uv_run(&loop_, UV_RUN_DEFAULT);
   uv_loop_close(&loop_);
   sources_.reset();
@@ -110,16 +120,25 @@ void Manager::attach(Worker& w) {
   if (const int r = uv_poll_init(&loop_, &w.outPoll, ch.fd()); r < 0)
     throw Error("Manager: cannot watch " + p.fullName() + ": " + uv_strerror(r));
   ch.assumeNonBlocking();  // uv_poll_init set O_NONBLOCK
+  if (const int r = uv_poll_init(&loop_, &w.replyPoll, p.replyFd()); r < 0) {
+    closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
+    throw Error("Manager: cannot watch the replies of " + p.fullName() + ": " + uv_strerror(r));
+  }
   if (const int r = uv_poll_init(&loop_, &w.deathPoll, p.deathFd()); r < 0) {
     closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
+    closeHandle(reinterpret_cast<uv_handle_t*>(&w.replyPoll));
     throw Error("Manager: cannot watch the exit of " + p.fullName() + ": " + uv_strerror(r));
   }
   w.outPoll.data = &w;
+  w.replyPoll.data = &w;
   w.deathPoll.data = &w;
+  // Callbacks of calls to this worker run on the loop, whoever read them.
+  p.setCallbackDispatcher([this](std::function<void()> fn) { post(std::move(fn)); });
   w.attached = true;
   w.outOpen = true;
   w.alive = true;
   uv_poll_start(&w.outPoll, UV_READABLE | UV_DISCONNECT, &Manager::onWorkerReadable);
+  uv_poll_start(&w.replyPoll, UV_READABLE, &Manager::onWorkerReplies);
   uv_poll_start(&w.deathPoll, UV_READABLE, &Manager::onWorkerDeath);
 }
 
@@ -128,7 +147,20 @@ void Manager::detach(Worker& w) {
   w.attached = false;
   w.outOpen = false;
   closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
+  closeHandle(reinterpret_cast<uv_handle_t*>(&w.replyPoll));
   closeHandle(reinterpret_cast<uv_handle_t*>(&w.deathPoll));
+}
+
+template <class Fn>
+void Manager::guarded(const char* what, MessageProcess* worker, Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    managerLog()->error("{} threw{}{}: {}", what, worker ? " for " : "", worker ? worker->fullName() : "", e.what());
+  } catch (...) {
+    managerLog()->error("{} threw{}{}: a non-standard exception", what, worker ? " for " : "",
+                        worker ? worker->fullName() : "");
+  }
 }
 
 void Manager::drain(Worker& w, Drain until) {
@@ -136,7 +168,17 @@ void Manager::drain(Worker& w, Drain until) {
   while (w.outOpen) {
     std::optional<Message> m;
     try {
-      m = ch.tryRecv();
+      // recv(), not the channel: it turns a failed command into CommandError.
+      m = w.process->tryRecv();
+    } catch (const CommandError& e) {
+      guarded("the error handler", w.process.get(), [&] { handleError(*w.process, e.command(), e.what()); });
+      if (until == Drain::Buffered && !ch.buffered()) return;
+      continue;
+    } catch (const StreamCorrupt& e) {
+      managerLog()->error("{}: {}; no more messages are read from it", w.process->fullName(), e.what());
+      w.outOpen = false;
+      uv_poll_stop(&w.outPoll);
+      return;
     } catch (const PeerClosed&) {
       w.outOpen = false;
       uv_poll_stop(&w.outPoll);
@@ -146,11 +188,7 @@ void Manager::drain(Worker& w, Drain until) {
       continue;
     }
     if (!m) return;
-    try {
-      handleMessage(*w.process, *m);
-    } catch (const std::exception& e) {
-      managerLog()->error("message handler threw on {} from {}: {}", m->command(), w.process->fullName(), e.what());
-    }
+    guarded("the message handler", w.process.get(), [&] { handleMessage(*w.process, *m); });
     // Whole frames already read are handled now; for more, the loop wakes
     // us again (level-triggered), so one wake-up costs one read.
     if (until == Drain::Buffered && !ch.buffered()) return;
@@ -162,18 +200,20 @@ void Manager::onWorkerReadable(uv_poll_t* h, int, int) {
   w->manager->drain(*w, Drain::Buffered);
 }
 
+void Manager::onWorkerReplies(uv_poll_t* h, int, int) {
+  auto* w = static_cast<Worker*>(h->data);
+  w->manager->guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
+}
+
 void Manager::reapWorker(Worker& w) {
   // Everything the worker sent before it died comes before its exit: the
   // socket of a dead process holds its last messages, then EOF.
   drain(w, Drain::Socket);
   const ExitStatus s = w.process->waitStop(Timeout(1000));
   w.alive = false;
+  w.process->pumpReplies();  // calls it outlived fail now (their callbacks are posted)
   detach(w);
-  try {
-    handleExit(*w.process, s);
-  } catch (const std::exception& e) {
-    managerLog()->error("exit handler threw for {}: {}", w.process->fullName(), e.what());
-  }
+  guarded("the exit handler", w.process.get(), [&] { handleExit(*w.process, s); });
 }
 
 void Manager::onWorkerDeath(uv_poll_t* h, int, int) {
@@ -183,6 +223,15 @@ void Manager::onWorkerDeath(uv_poll_t* h, int, int) {
 
 void Manager::handleMessage(MessageProcess& worker, Message& m) {
   if (onMessage_) onMessage_(worker, m);
+}
+
+void Manager::handleError(MessageProcess& worker, const std::string& command, const std::string& what) {
+  if (onError_) {
+    onError_(worker, command, what);
+    return;
+  }
+  unhandledErrors_ = true;
+  managerLog()->error("{}: command '{}' failed: {}", worker.fullName(), command, what);
 }
 
 void Manager::handleExit(MessageProcess& worker, const ExitStatus& status) {
@@ -210,19 +259,68 @@ int Manager::run() {
     uv_signal_start(&sigint_, onSignal, SIGINT);
     uv_signal_start(&sigterm_, onSignal, SIGTERM);
   }
+  uv_prepare_start(&prepare_, [](uv_prepare_t* p) { static_cast<Manager*>(p->data)->armCallbackTimer(); });
   running_ = true;
+  runPosted();  // work posted before run()
   if (!stopRequested_) uv_run(&loop_, UV_RUN_DEFAULT);
   running_ = false;
-  const int code = shutdown();
+  int code = shutdown();
+  uv_prepare_stop(&prepare_);
+  uv_timer_stop(&callbackTimer_);
   uv_signal_stop(&sigint_);
   uv_signal_stop(&sigterm_);
-  try {
-    close();
-  } catch (const std::exception& e) {
-    managerLog()->error("close() threw: {}", e.what());
-    return 1;
+  {
+    std::lock_guard lock(postMutex_);
+    posted_.clear();  // the loop has ended: nobody will run them
   }
+  bool closed = false;
+  guarded("close()", nullptr, [&] {
+    close();
+    closed = true;
+  });
+  if (!closed || unhandledErrors_) code = 1;
   return code;
+}
+
+void Manager::post(std::function<void()> fn) {
+  {
+    std::lock_guard lock(postMutex_);
+    posted_.push_back(std::move(fn));
+  }
+  uv_async_send(&wake_);
+}
+
+void Manager::runPosted() {
+  std::vector<std::function<void()>> work;
+  {
+    std::lock_guard lock(postMutex_);
+    work.swap(posted_);
+  }
+  for (auto& fn : work) guarded("posted work", nullptr, fn);
+}
+
+// Before the loop sleeps: wake it at the earliest deadline of a callback
+// call, so an unanswered call's callback gets its TimeoutError in time.
+void Manager::armCallbackTimer() {
+  std::optional<Deadline::Clock::time_point> next;
+  for (auto& w : workers_) {
+    if (!w->attached) continue;
+    auto d = w->process->nextCallbackDeadline();
+    if (d && (!next || *d < *next)) next = d;
+  }
+  if (!next) {
+    uv_timer_stop(&callbackTimer_);
+    return;
+  }
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(*next - Deadline::Clock::now()).count();
+  uv_timer_start(
+      &callbackTimer_,
+      [](uv_timer_t* t) {
+        auto* self = static_cast<Manager*>(t->data);
+        for (auto& w : self->workers_)
+          if (w->attached) self->guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
+      },
+      static_cast<std::uint64_t>(std::max<std::int64_t>(0, left)), 0);
 }
 
 void Manager::requestStop() {
@@ -233,39 +331,22 @@ void Manager::requestStop() {
 int Manager::shutdown() {
   stopRequested_ = true;
   std::vector<Worker*> live;
+  std::vector<MessageProcess*> processes;
   for (auto& w : workers_)
-    if (w->alive) live.push_back(w.get());
-  // Ask everyone at once, then wait against one deadline: N workers stop in
+    if (w->alive) {
+      live.push_back(w.get());
+      processes.push_back(w->process.get());
+    }
+  // All asked at once, waited for against one deadline: N workers stop in
   // the time of the slowest, not of their sum.
-  for (Worker* w : live) w->process->requestStop();
-  const Deadline d(options_.stopTimeout);
-  auto waitAll = [&](const Deadline& dl) {
-    bool all = true;
-    for (Worker* w : live) {
-      const auto left = std::chrono::ceil<Timeout>(dl.remaining());
-      if (w->process->waitStop(left).how == ExitStatus::How::Running) all = false;
-    }
-    return all;
-  };
-  if (!waitAll(d)) {
-    for (Worker* w : live)
-      if (w->process->isAlive()) {
-        managerLog()->warn("{} did not stop within {} ms; sending SIGTERM", w->process->fullName(),
-                           options_.stopTimeout.count());
-        w->process->signal(SIGTERM);
-      }
-    if (!waitAll(Deadline(Timeout(500)))) {
-      for (Worker* w : live)
-        if (w->process->isAlive()) w->process->signal(SIGKILL);
-      waitAll(Deadline(Timeout(10000)));
-    }
-  }
+  MessageProcess::stopAll(processes, options_.stopTimeout);
   int code = 0;
   for (Worker* w : live) {
     const ExitStatus s = w->process->waitStop(Timeout::zero());
     if (!s.ok() || s.escalation) code = 1;
     reapWorker(*w);  // last messages, then the exit callback
   }
+  runPosted();  // callbacks of calls the shutdown ended
   return code;
 }
 

@@ -1,64 +1,25 @@
 #include "forklift/process.hpp"
 
 #include <cxxabi.h>
-#include <dirent.h>
-#include <poll.h>
 #include <signal.h>
-#include <sys/eventfd.h>
-#include <sys/syscall.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <iostream>
 #include <typeindex>
 #include <typeinfo>
 #include <unordered_map>
 #include <vector>
 
 #include "backend.hpp"
+#include "child.hpp"
+#include "control.hpp"
 #include "forklift/log.hpp"
+#include "posix.hpp"
+#include "requests.hpp"
 
 namespace forklift {
 
 namespace {
-
-// Frontend ends of every running backend's channels (and their pidfds). A
-// newly forked backend closes them all: it must not hold another backend's
-// channel open, or that backend would never see EOF when the frontend dies.
-std::mutex g_registryMutex;
-std::vector<int> g_frontendFds;
-
-void registerFds(std::initializer_list<int> fds) {
-  std::lock_guard lock(g_registryMutex);
-  for (int fd : fds)
-    if (fd >= 0) g_frontendFds.push_back(fd);
-}
-
-void unregisterFds(std::initializer_list<int> fds) {
-  std::lock_guard lock(g_registryMutex);
-  for (int fd : fds) std::erase(g_frontendFds, fd);
-}
-
-// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system calls
-// are as simple.
-int pidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
-int pidfdSignal(int pidfd, int sig) { return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0)); }
-
-int countThreads() {
-  int n = 0;
-  if (DIR* d = ::opendir("/proc/self/task")) {
-    while (dirent* e = ::readdir(d))
-      if (e->d_name[0] != '.') ++n;
-    ::closedir(d);
-  }
-  return n;
-}
 
 bool envInProcess() {
   const char* v = std::getenv("FORKLIFT_IN_PROCESS");
@@ -83,91 +44,17 @@ std::string className(const std::type_info& t) {
   return cache.emplace(t, cls).first->second;
 }
 
-std::string signalName(int sig) {
-  const char* abbrev = ::sigabbrev_np(sig);
-  return abbrev ? std::string("SIG") + abbrev : "signal " + std::to_string(sig);
-}
+// The process object whose backend runs on this thread (in the forked child:
+// its main thread), so a method can tell which side of the fork calls it.
+thread_local const MessageProcess* t_backendOf = nullptr;
 
-// Resets what a child inherits from the frontend's signal setup: handlers
-// (they point into frontend logic), ignored signals, and the blocked mask.
-// Asking first and writing only what differs is the cheapest way to know
-// (cheaper than parsing /proc/self/status), and most signals need no write.
-void resetSignals() {
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  sigemptyset(&dfl.sa_mask);
-  for (int sig = 1; sig < NSIG; ++sig) {
-    if (sig == SIGKILL || sig == SIGSTOP) continue;
-    struct sigaction old {};
-    if (::sigaction(sig, nullptr, &old) != 0) continue;  // reserved numbers
-    if (old.sa_handler != SIG_DFL) ::sigaction(sig, &dfl, nullptr);
-  }
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
-}
+std::string ms(Timeout t) { return std::to_string(t.count()) + " ms"; }
 
-ExitStatus statusFromWait(int st) {
-  ExitStatus s;
-  if (WIFEXITED(st)) {
-    s.how = ExitStatus::How::Exited;
-    s.code = WEXITSTATUS(st);
-  } else if (WIFSIGNALED(st)) {
-    s.how = ExitStatus::How::Signaled;
-    s.signal = WTERMSIG(st);
-  }
-  return s;
-}
+// Lifecycle lines are debug level; making a logger costs more than a small
+// start, so none is made unless they would be written.
+bool lifecycleLogged() { return spdlog::default_logger_raw()->should_log(spdlog::level::debug); }
 
 }  // namespace
-
-// ---------------------------------------------------------------- ExitStatus
-
-std::string ExitStatus::describe() const {
-  std::string s;
-  switch (how) {
-    case How::Running: return "still running";
-    case How::NotStarted: return "not started";
-    case How::Abandoned: return "stuck in-process backend thread abandoned";
-    case How::Exited: s = "exited with code " + std::to_string(code); break;
-    case How::Signaled: s = "killed by " + signalName(signal); break;
-  }
-  if (escalation == 1) s += " (after SIGTERM)";
-  if (escalation == 2) s += " (after SIGKILL)";
-  return s;
-}
-
-// ---------------------------------------------------------------- Reply
-
-Reply& Reply::operator=(Reply&& o) noexcept {
-  if (this != &o) {
-    if (wanted()) reject("the reply was replaced before it was answered");
-    backend_ = std::move(o.backend_);
-    id_ = std::exchange(o.id_, 0);
-  }
-  return *this;
-}
-
-Reply::~Reply() {
-  if (wanted()) reject("the handler dropped its reply without answering");
-}
-
-void Reply::resolve(Value v) {
-  if (!wanted()) return;
-  const std::uint64_t id = std::exchange(id_, 0);
-  if (auto b = backend_.lock()) b->answer(id, true, std::move(v), {});
-}
-
-void Reply::reject(const std::string& error) {
-  if (!wanted()) return;
-  const std::uint64_t id = std::exchange(id_, 0);
-  try {
-    if (auto b = backend_.lock()) b->answer(id, false, {}, error);
-  } catch (const std::exception&) {
-    // Called from destructors: a reply that cannot be queued is lost with
-    // the channel, and the caller's call() ends on its own timeout or EOF.
-  }
-}
 
 // ---------------------------------------------------------------- construction
 
@@ -176,34 +63,54 @@ MessageProcess::MessageProcess(std::string name, ProcessOptions options)
 
 MessageProcess::~MessageProcess() {
   if (onBackendSide()) return;  // the backend side never stops itself from here
-  if (started_ && !status_) {
-    try {
-      const ExitStatus s = stop(options_.stopTimeout);
-      if (!s.ok()) logger().warn("stopped by the destructor: {}", s.describe());
-    } catch (const std::exception& e) {
-      logger().error("destructor could not stop the backend: {}", e.what());
-    }
+  detail::frontend_fds::remove({out_.fd()});
+  if (state_.load() != State::Running) return;
+  if (child_ && !child_->forked() && !child_->ended()) {
+    // In-process: the subclass is gone already, and its handlers with it.
+    destroying_ = true;
+    logger().error("destroyed while its in-process backend runs: the backend runs no more handlers, timers or "
+                   "postRun__; call stop() in the subclass's destructor");
   }
-  if (thread_.joinable()) thread_.detach();  // only an abandoned in-process backend gets here
-  unregisterFds({cmd_.fd(), out_.fd(), death_.get()});
+  try {
+    const ExitStatus s = stop(options_.stopTimeout);
+    if (!s.ok() && !destroying_) logger().warn("stopped by the destructor: {}", s.describe());
+  } catch (const std::exception& e) {
+    logger().error("destructor could not stop the backend: {}", e.what());
+  }
+}
+
+void MessageProcess::addHandler(std::string name, Handler h) {
+  if (detail::control::reserved(name))
+    throw Error(name_ + ": command name '" + name + "' is reserved (names starting with __ are forklift's)");
+  handlers_[std::move(name)] = std::move(h);
 }
 
 void MessageProcess::commandRaw(std::string name, std::function<Value(const Message&)> handler) {
-  handlers_[std::move(name)] = [h = std::move(handler)](MessageProcess&, const Message& m, Reply&) { return h(m); };
+  addHandler(std::move(name), [h = std::move(handler)](MessageProcess&, const Message& m, Reply&) { return h(m); });
 }
 
-std::string MessageProcess::whoAmI() const { return fullName_; }
+bool MessageProcess::onBackendSide() const noexcept {
+  if (t_backendOf == this) return true;
+  // Any thread of a forked backend (one its preRun__ started, say).
+  return frontendPid_ != 0 && detail::currentPid() != frontendPid_;
+}
 
-namespace {
-// The process object whose backend runs on this thread (in the forked child:
-// its only thread), so a method can tell which side of the fork calls it.
-thread_local const MessageProcess* t_backendOf = nullptr;
-}  // namespace
+void MessageProcess::frontendOnly(const char* method) const {
+  if (onBackendSide())
+    throw Error(fullName_ + ": " + method +
+                "() is a frontend method and was called on the backend side (from a handler, preRun__, a timer or "
+                "a backend thread); the backend talks to the frontend with sendOut__ and replies");
+}
 
-bool MessageProcess::onBackendSide() const noexcept { return t_backendOf == this; }
+detail::Backend& MessageProcess::backendSide(const char* method) {
+  if (!onBackendSide() || !backend_)
+    throw Error(fullName_ + ": " + method + " is a backend method and was called on the frontend side");
+  return *backend_;
+}
 
 spdlog::logger& MessageProcess::logger() {
   if (onBackendSide() && backend_) return backend_->log();
+  std::lock_guard lock(logMutex_);
   if (!frontendLog_) frontendLog_ = makeLogger(fullName_);
   return *frontendLog_;
 }
@@ -211,340 +118,327 @@ spdlog::logger& MessageProcess::logger() {
 // ---------------------------------------------------------------- start
 
 void MessageProcess::start() {
-  std::lock_guard lock(mutex_);
-  if (started_ && !status_) throw Error(fullName_ + ": already started");
-  // A stopped process may start again: forget the last run.
-  unregisterFds({cmd_.fd(), out_.fd(), death_.get()});
-  cmd_ = Channel();
-  out_ = Channel();
-  death_.reset();
-  status_.reset();
-  escalation_ = 0;
-  stopRequested_ = false;
-  started_ = false;
-
-  fullName_ = className(typeid(*this)) + "." + name_;
-  frontendLog_.reset();  // made on first use, under the new name
-  if (envInProcess()) options_.inProcess = true;
-
-  auto [cmdFront, cmdBack] = Channel::makePair(options_.limits);
-  auto [outFront, outBack] = Channel::makePair(options_.limits);
-  cmd_ = std::move(cmdFront);
-  out_ = std::move(outFront);
-  // fd() readable means "a message is waiting": read one frame at a time.
-  out_.setReadMode(ReadMode::OneFrame);
-
-  if (options_.inProcess) {
-    death_ = detail::UniqueFd(::eventfd(0, EFD_CLOEXEC));
-    if (!death_) detail::throwErrno(fullName_ + ": cannot create the in-process death event");
-    started_ = true;
-    thread_ = std::thread([this, cmd = std::move(cmdBack), out = std::move(outBack)]() mutable {
-      threadCode_ = runBackend(std::move(cmd), std::move(out));
-      const std::uint64_t one = 1;
-      [[maybe_unused]] auto r = ::write(death_.get(), &one, sizeof one);
-    });
-  } else {
-    int threads = countThreads();
-    // A thread that was just joined can stay listed for a moment while the
-    // kernel finishes its exit: look again briefly before refusing.
-    for (int i = 0; threads > 1 && i < 20; ++i) {
-      ::usleep(500);
-      threads = countThreads();
-    }
-    if (threads > 1) {
-      if (!options_.allowThreads)
-        throw Error(fullName_ + ": cannot fork: this process already runs " + std::to_string(threads) +
-                    " threads, and a forked child gets only the calling one (locks held by the others stay "
-                    "locked forever). Start forklift processes before starting threads, or set "
-                    "ProcessOptions::allowThreads if you know every thread is fork-safe.");
-      logger().warn("forking while {} threads run (allowThreads is set): the child gets only this thread; "
-                         "any lock another thread held at fork stays locked in the child",
-                         threads);
-    }
-    std::fflush(nullptr);  // or the child would flush the frontend's buffered output a second time
-    std::cout.flush();
-    const pid_t parent = ::getpid();
-    const pid_t pid = ::fork();
-    if (pid < 0) detail::throwErrno(fullName_ + ": cannot fork");
-    if (pid == 0) {
-      cmd_.close();
-      out_.close();
-      // The parent may have died between fork and prctl: then nobody would
-      // send the death signal.
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent) ::_exit(1);
-      runChild(std::move(cmdBack), std::move(outBack));
-    }
-    pid_ = pid;
-    cmdBack.close();
-    outBack.close();
-    started_ = true;
-    death_ = detail::UniqueFd(pidfdOpen(pid));
-    if (!death_) {
-      const int err = errno;
-      ::kill(pid, SIGKILL);
-      reap(Timeout(5000));
-      throw SystemError(err, fullName_ + ": cannot open a pidfd for the backend");
-    }
+  frontendOnly("start");
+  State idle = State::Idle;
+  if (state_.load() == State::Running && child_ && child_->ended()) {
+    // A stopped (or dead) process may start again: forget the last run.
+    state_ = State::Idle;
   }
-  registerFds({cmd_.fd(), out_.fd(), death_.get()});
+  if (!state_.compare_exchange_strong(idle, State::Starting)) throw Error(fullName_ + ": already started");
+  try {
+    if (requests_) requests_->close({true, "restarted", nullptr});
+    requests_.reset();
+    detail::frontend_fds::remove({out_.fd()});
+    out_ = Channel();
+    child_.reset();
+    stopRequested_ = false;
+    pid_ = -1;
 
-  // Wait for "__ready" (or "__failed") from the backend.
+    fullName_ = className(typeid(*this)) + "." + name_;
+    {
+      std::lock_guard lock(logMutex_);
+      frontendLog_.reset();  // made on first use, under the new name
+    }
+    if (envInProcess()) options_.inProcess = true;
+    if (!options_.logFile.empty()) checkLogFile(options_.logFile);
+
+    auto [cmdFront, cmdBack] = Channel::makePair(options_.limits);
+    auto [outFront, outBack] = Channel::makePair(options_.limits);
+    // fd() readable means "a message is waiting": read one frame at a time.
+    outFront.setReadMode(ReadMode::OneFrame);
+    // Backends forked later must not hold these (see frontend_fds); the
+    // Requests and out_ remove them when they close them.
+    detail::frontend_fds::add({cmdFront.fd(), outFront.fd()});
+    out_ = std::move(outFront);
+    frontendPid_ = detail::currentPid();
+
+    detail::ChildSetup setup;
+    setup.comm = name_;
+    setup.title = "forklift: " + fullName_;
+    setup.ignoreSigint = options_.ignoreSigint;
+    setup.inProcess = options_.inProcess;
+    setup.allowThreads = options_.allowThreads;
+    auto back = std::make_shared<std::pair<Channel, Channel>>(std::move(cmdBack), std::move(outBack));
+    try {
+      child_ = detail::Child::start(
+          setup, [this, back] { return runBackend(std::move(back->first), std::move(back->second)); }, &logger());
+    } catch (...) {
+      detail::frontend_fds::remove({cmdFront.fd()});
+      throw;
+    }
+    back.reset();  // forked: the child has its ends; in-process: the thread does
+    pid_ = child_->forked() ? child_->pid() : ::getpid();
+    if (lifecycleLogged()) logger().debug("started, pid {}{}", pid_, child_->forked() ? "" : " (in-process thread)");
+
+    out_.watchPeer(child_->deathFd());
+    cmdFront.watchPeer(child_->deathFd());
+    awaitReady(cmdFront);
+    requests_ = std::make_shared<detail::Requests>(
+        std::move(cmdFront), child_->deathFd(),
+        detail::Requests::Hooks{fullName_,
+                                [this] { return child_->wait(Timeout(1000)).describe(); },
+                                [this] { return stopRequested_.load(); }});
+    state_ = State::Running;
+    if (lifecycleLogged()) logger().debug("ready");
+  } catch (...) {
+    // Nothing of the failed start stays: the child is ended and reaped,
+    // the channels closed; start() may be called again.
+    if (child_ && !child_->ended()) {
+      child_->signal(SIGKILL);
+      child_->abandon();
+      child_->wait(Timeout(5000));
+    }
+    detail::frontend_fds::remove({out_.fd()});
+    out_ = Channel();
+    state_ = State::Idle;
+    throw;
+  }
+}
+
+// Waits for "__ready" (or "__failed") from the backend; on failure the
+// child has ended or is killed, and the error says how.
+void MessageProcess::awaitReady(Channel& cmd) {
   std::optional<Message> m;
   try {
-    m = cmd_.recv(options_.startTimeout);
+    m = cmd.recv(options_.startTimeout);
   } catch (const PeerClosed&) {
-    const ExitStatus s = reap(Timeout(2000));
+    const ExitStatus s = child_->wait(Timeout(2000));
     throw ProcessDied(fullName_ + ": the backend died while starting (" + s.describe() + ")");
   }
   if (!m) {
-    const std::string took = std::to_string(options_.startTimeout.count());
-    const ExitStatus s = killNow();
-    throw TimeoutError(fullName_ + ": the backend was not ready within " + took + " ms (" + s.describe() + ")");
+    child_->signal(SIGKILL);
+    child_->abandon();
+    const ExitStatus s = child_->wait(Timeout(5000));
+    throw TimeoutError(fullName_ + ": the backend was not ready within " + ms(options_.startTimeout) + " (" +
+                       s.describe() + ")");
   }
-  if (m->command() == "__failed") {
+  if (m->command() == detail::control::kFailed) {
     const std::string why = m->get<std::string>("error", "unknown error");
-    const ExitStatus s = reap(Timeout(2000));
+    const ExitStatus s = child_->wait(Timeout(2000));
     throw Error(fullName_ + ": preRun__ failed in the backend: " + why + " (" + s.describe() + ")");
   }
-  if (m->command() != "__ready") throw Error(fullName_ + ": unexpected first message '" + m->command() + "'");
-  if (frontendLog_) frontendLog_->debug("backend ready, pid {}", pid_);
+  if (m->command() != detail::control::kReady)
+    throw Error(fullName_ + ": unexpected first message '" + m->command() + "'");
 }
 
-void MessageProcess::runChild(Channel cmd, Channel out) {
-  resetSignals();
-  if (options_.ignoreSigint) ::signal(SIGINT, SIG_IGN);
-  ::prctl(PR_SET_NAME, name_.substr(0, 15).c_str());
-  {
-    // Other backends' channels and pidfds, inherited through fork.
-    std::lock_guard lock(g_registryMutex);
-    for (int fd : g_frontendFds) ::close(fd);
-  }
-  death_.release();  // not ours to close (the registry closed it, or it never existed)
-  int code = 5;
-  try {
-    code = runBackend(std::move(cmd), std::move(out));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: backend failed: %s\n", fullName_.c_str(), e.what());
-  } catch (...) {
-    std::fprintf(stderr, "%s: backend failed\n", fullName_.c_str());
-  }
-  std::cout.flush();
-  std::cerr.flush();
-  std::fflush(nullptr);  // _exit does not flush stdio
-  ::_exit(code);
-}
-
-// Runs on the backend side (child or thread). Exit codes: 0 normal, 3
-// preRun__ failed, 4 postRun__ failed.
+// Runs on the backend side (child or thread). Exit codes in exit_status.hpp.
 int MessageProcess::runBackend(Channel cmd, Channel out) {
   t_backendOf = this;
-  backend_ = std::make_shared<detail::Backend>(*this, std::move(cmd), std::move(out),
-                                               [this] { return makeLogger(fullName_, options_.logFile); });
+  detail::BackendConfig config;
+  config.who = fullName_;
+  for (auto& [name, h] : handlers_)
+    config.commands.emplace(name, [this, &h](const Message& m, Reply& r) { return h(*this, m, r); });
+  config.outQueueBytes = options_.outQueueBytes;
+  config.outWait = options_.outWait;
+  config.makeLog = [this] { return makeLogger(fullName_, options_.logFile); };
+  config.userGone = &destroying_;
+  backend_ = std::make_shared<detail::Backend>(std::move(config), std::move(cmd), std::move(out));
   detail::Backend& b = *backend_;
   int code = 0;
+  std::string failure;
   try {
     preRun__();
   } catch (const std::exception& e) {
-    b.log().error("preRun__ failed: {}", e.what());
-    b.sendFailed(e.what());
-    backend_.reset();
-    return 3;
+    failure = e.what();
   } catch (...) {
-    b.sendFailed("a non-standard exception");
+    failure = "a non-standard exception";
+  }
+  if (!failure.empty()) {
+    b.log().error("preRun__ failed: {}", failure);
+    b.sendFailed(failure);
     backend_.reset();
-    return 3;
+    return kExitPreRunFailed;
   }
   b.sendReady();
+  b.log().debug("running, pid {}", ::getpid());
   b.run();
-  try {
-    postRun__();
-  } catch (const std::exception& e) {
-    b.log().error("postRun__ failed: {}", e.what());
-    code = 4;
-  } catch (...) {
-    code = 4;
+  if (!b.userGone()) {
+    try {
+      postRun__();
+    } catch (const std::exception& e) {
+      b.log().error("postRun__ failed: {}", e.what());
+      code = kExitPostRunFailed;
+    } catch (...) {
+      b.log().error("postRun__ failed: a non-standard exception");
+      code = kExitPostRunFailed;
+    }
   }
+  if (b.corrupt()) code = kExitCorruptStream;
   b.flush(Timeout(1000));
+  b.log().debug("leaving with code {}", code);
   backend_.reset();
   return code;
 }
 
 // ---------------------------------------------------------------- frontend commands
 
+std::shared_ptr<detail::Requests> MessageProcess::requests(const char* method, const std::string& command) {
+  frontendOnly(method);
+  if (state_.load() != State::Running || !requests_)
+    throw Error(fullName_ + ": " + method + " '" + command + "' before start or after stop");
+  return requests_;
+}
+
 void MessageProcess::send(const std::string& command, Map args) { send(Message(command, std::move(args))); }
 
-void MessageProcess::send(Message m) {
-  std::lock_guard lock(mutex_);
-  if (!started_ || status_) throw Error(fullName_ + ": send '" + m.command() + "' before start or after stop");
-  m.setId(0);
-  try {
-    cmd_.send(m, options_.sendTimeout);
-  } catch (const PeerClosed&) {
-    died("send '" + m.command() + "'");
-  }
-}
+void MessageProcess::send(Message m) { requests("send", m.command())->send(m, options_.sendTimeout); }
 
 Value MessageProcess::call(const std::string& command, Map args) {
   return call(command, std::move(args), options_.callTimeout);
 }
 
 Value MessageProcess::call(const std::string& command, Map args, Timeout timeout) {
-  std::lock_guard lock(mutex_);
-  if (!started_ || status_) throw Error(fullName_ + ": call '" + command + "' before start or after stop");
-  const Deadline d(timeout);
+  auto r = requests("call", command);
   Message m(command, std::move(args));
-  const std::uint64_t id = ++nextId_;
-  m.setId(id);
-  try {
-    cmd_.send(m, timeout);
-  } catch (const PeerClosed&) {
-    died("call '" + command + "'");
-  }
-  for (;;) {
-    std::optional<Message> r;
-    try {
-      r = cmd_.recv(d.forever() ? kForever : std::chrono::ceil<Timeout>(d.remaining()));
-    } catch (const PeerClosed&) {
-      died("call '" + command + "'");
-    }
-    if (!r)
-      throw TimeoutError(fullName_ + ": call '" + command + "' got no reply within " + std::to_string(timeout.count()) +
-                         " ms");
-    if (r->id() != id) continue;  // the late reply of an earlier call that timed out
-    if (r->command() == "__ok") return r->get<Value>("value", Value());
-    throw RemoteError(r->get<std::string>("error", "unknown remote error"));
-  }
+  auto slot = r->call(m, timeout);
+  r->wait(*slot, slot->deadline);
+  return slot->result.get();
+}
+
+CallFuture MessageProcess::callAsync(const std::string& command, Map args) {
+  return callAsync(command, std::move(args), options_.callTimeout);
+}
+
+CallFuture MessageProcess::callAsync(const std::string& command, Map args, Timeout timeout) {
+  auto r = requests("callAsync", command);
+  Message m(command, std::move(args));
+  auto slot = r->call(m, timeout);
+  return CallFuture(std::move(r), std::move(slot));
+}
+
+void MessageProcess::callAsync(const std::string& command, Map args, Timeout timeout,
+                               std::function<void(CallResult)> onDone) {
+  auto r = requests("callAsync", command);
+  Message m(command, std::move(args));
+  r->call(m, timeout, std::move(onDone));
+}
+
+int MessageProcess::fd() const noexcept { return out_.fd(); }
+int MessageProcess::replyFd() const noexcept { return requests_ ? requests_->fd() : -1; }
+int MessageProcess::deathFd() const noexcept { return child_ ? child_->deathFd() : -1; }
+
+void MessageProcess::pumpReplies() {
+  if (requests_) requests_->pump();
+}
+
+void MessageProcess::setCallbackDispatcher(std::function<void(std::function<void()>)> dispatch) {
+  if (requests_) requests_->setDispatcher(std::move(dispatch));
+}
+
+std::optional<Deadline::Clock::time_point> MessageProcess::nextCallbackDeadline() {
+  return requests_ ? requests_->nextCallbackDeadline() : std::nullopt;
 }
 
 std::optional<Message> MessageProcess::recv(Timeout timeout) {
+  frontendOnly("recv");
   if (!out_.valid()) throw Error(fullName_ + ": recv before start");
+  std::lock_guard lock(recvMutex_);
+  std::optional<Message> m;
   try {
-    return out_.recv(timeout);
+    m = out_.recv(timeout);
+  } catch (const StreamCorrupt&) {
+    throw;
   } catch (const PeerClosed&) {
-    if (stopRequested_) throw PeerClosed(fullName_ + ": the backend has stopped");
-    std::lock_guard lock(mutex_);
-    died("recv");
+    throwEnded("recv");
   }
+  if (m && m->command() == detail::control::kCommandError) {
+    const std::string command = m->get<std::string>("command", "");
+    throw CommandError(command, m->get<std::string>("error", fullName_ + ": '" + command + "' failed"));
+  }
+  return m;
 }
 
-void MessageProcess::died(const std::string& during) {
-  const ExitStatus s = reap(Timeout(1000));
+void MessageProcess::throwEnded(const std::string& during) {
+  const ExitStatus s = child_ ? child_->wait(Timeout(1000)) : ExitStatus{};
+  if (stopRequested_) throw PeerClosed(fullName_ + ": the backend has stopped (" + s.describe() + ")");
   throw ProcessDied(fullName_ + ": the backend died during " + during + " (" + s.describe() + ")");
 }
 
 // ---------------------------------------------------------------- stop
 
 void MessageProcess::requestStop() {
-  std::lock_guard lock(mutex_);
-  if (!started_ || status_ || stopRequested_) return;
-  stopRequested_ = true;
-  try {
-    cmd_.send(Message("__stop"), Timeout(100));
-  } catch (const Error&) {
-    // Gone or not reading: waitStop and the escalation deal with it.
-  }
+  frontendOnly("requestStop");
+  if (state_.load() != State::Running || !requests_) return;
+  if (stopRequested_.exchange(true)) return;
+  if (lifecycleLogged()) logger().debug("stop requested");
+  // Bounded: a send stuck behind a backend that does not read must not
+  // delay the stop; the ladder deals with such a backend.
+  requests_->sendControl(Message(std::string(detail::control::kStop)), Timeout(100));
 }
 
-// Waits for the end of the backend without escalating. Caller holds no lock
-// or the mutex; it touches only the status and the death descriptor.
-ExitStatus MessageProcess::reap(Timeout timeout) {
-  if (status_) return *status_;
-  if (!started_) return ExitStatus{};
-  if (!detail::waitFor(death_.get(), POLLIN, Deadline(timeout))) return ExitStatus{ExitStatus::How::Running};
-  ExitStatus s;
-  if (options_.inProcess) {
-    if (thread_.joinable()) thread_.join();
-    s.how = ExitStatus::How::Exited;
-    s.code = threadCode_;
-  } else {
-    int st = 0;
-    pid_t w;
-    do {
-      w = ::waitpid(pid_, &st, 0);
-    } while (w < 0 && errno == EINTR);
-    s = w == pid_ ? statusFromWait(st) : ExitStatus{ExitStatus::How::Exited, 0};
-  }
-  s.escalation = escalation_;
-  status_ = s;
-  closeFrontend();
+ExitStatus MessageProcess::waitStop(Timeout timeout) {
+  frontendOnly("waitStop");
+  if (state_.load() != State::Running || !child_) return ExitStatus{};
+  const ExitStatus s = child_->wait(timeout);
+  if (s.ended()) finishRun(s);
   return s;
 }
 
-void MessageProcess::signal(int sig) {
-  if (!started_ || status_ || options_.inProcess) return;
-  if (sig == SIGTERM) escalation_ = std::max(escalation_, 1);
-  if (sig == SIGKILL) escalation_ = 2;
-  pidfdSignal(death_.get(), sig);
+// Once the backend ended: calls still waiting fail, the command channel
+// closes. The output channel stays: its last messages can still be read.
+void MessageProcess::finishRun(const ExitStatus& s) {
+  if (requests_) requests_->close({stopRequested_, s.describe(), nullptr});
 }
-
-void MessageProcess::closeFrontend() {
-  // The out channel stays open: messages the backend sent before it ended
-  // can still be read. The command channel has no more use.
-  unregisterFds({cmd_.fd()});
-  cmd_.close();
-}
-
-ExitStatus MessageProcess::killNow() {
-  if (options_.inProcess) {
-    if (thread_.joinable()) thread_.detach();
-    status_ = ExitStatus{ExitStatus::How::Abandoned};
-    closeFrontend();
-    return *status_;
-  }
-  signal(SIGKILL);
-  return reap(Timeout(10000));
-}
-
-ExitStatus MessageProcess::waitStop(Timeout timeout) { return reap(timeout); }
 
 ExitStatus MessageProcess::stop() { return stop(options_.stopTimeout); }
 
 ExitStatus MessageProcess::stop(Timeout timeout) {
-  if (!started_) return ExitStatus{};
-  if (status_) return *status_;
-  requestStop();
-  ExitStatus s = reap(timeout);
-  if (s.how != ExitStatus::How::Running) return s;
-  if (options_.inProcess) {
-    logger().error("the in-process backend did not stop within {} ms and a thread cannot be killed; abandoning it",
-                   timeout.count());
-    return killNow();
+  frontendOnly("stop");
+  if (state_.load() != State::Running || !child_) return ExitStatus{};
+  MessageProcess* self = this;
+  stopAll(std::span<MessageProcess* const>(&self, 1), timeout);
+  return child_->wait(Timeout::zero());
+}
+
+void MessageProcess::stopAll(std::span<MessageProcess* const> processes, Timeout timeout) {
+  std::vector<detail::Child*> children;
+  std::vector<MessageProcess*> running;
+  for (MessageProcess* p : processes) {
+    p->frontendOnly("stop");
+    if (p->state_.load() != State::Running || !p->child_) continue;
+    if (!p->child_->ended()) p->requestStop();  // everyone at once
+    children.push_back(p->child_.get());
+    running.push_back(p);
   }
-  logger().warn("the backend did not stop within {} ms; sending SIGTERM", timeout.count());
-  signal(SIGTERM);
-  s = reap(Timeout(500));
-  if (s.how == ExitStatus::How::Running) {
-    logger().warn("the backend ignored SIGTERM; sending SIGKILL");
-    signal(SIGKILL);
-    s = reap(Timeout(10000));
+  detail::stopChildren(children, detail::Ladder{timeout}, [&](detail::Child& c, int sig) {
+    for (MessageProcess* p : running) {
+      if (p->child_.get() != &c) continue;
+      if (sig == SIGTERM)
+        p->logger().warn("the backend did not stop within {}; sending SIGTERM", ms(timeout));
+      else
+        p->logger().warn("the backend ignored SIGTERM; sending SIGKILL");
+    }
+  });
+  for (MessageProcess* p : running) {
+    const ExitStatus s = p->child_->wait(Timeout::zero());
+    if (s.how == ExitStatus::How::Abandoned)
+      p->logger().error("the in-process backend did not stop within {} and a thread cannot be killed; abandoned it",
+                        ms(timeout));
+    if (s.ended()) p->finishRun(s);
+    if (lifecycleLogged()) p->logger().debug("ended: {}", s.describe());
   }
-  return s;
+}
+
+void MessageProcess::signal(int sig) {
+  frontendOnly("signal");
+  if (state_.load() == State::Running && child_) child_->signal(sig);
 }
 
 bool MessageProcess::isAlive() const {
-  if (!started_ || status_) return false;
-  return !detail::waitFor(death_.get(), POLLIN, Deadline(Timeout::zero()));
+  frontendOnly("isAlive");
+  if (state_.load() != State::Running || !child_) return false;
+  return !detail::waitFor(child_->deathFd(), POLLIN, Deadline(Timeout::zero()));
 }
 
 // ---------------------------------------------------------------- backend API
 
-detail::Backend& MessageProcess::backendSide(const char* method) {
-  if (!onBackendSide()) throw Error(fullName_ + ": " + method + " called on the frontend side");
-  return *backend_;
-}
-
-void MessageProcess::sendOut__(const Message& m) {
-  backendSide("sendOut__").sendOut(m);
-}
+void MessageProcess::sendOut__(const Message& m) { backendSide("sendOut__").sendOut(m); }
 
 void MessageProcess::watch__(int fd, std::function<void(int)> onReady, bool writable) {
   backendSide("watch__").watch(fd, std::move(onReady), writable);
 }
 
-void MessageProcess::unwatch__(int fd) {
-  if (onBackendSide()) backend_->unwatch(fd);
-}
+void MessageProcess::unwatch__(int fd) { backendSide("unwatch__").unwatch(fd); }
 
 std::uint64_t MessageProcess::after__(Timeout delay, std::function<void()> fn) {
   return backendSide("after__").addTimer(delay, Timeout::zero(), std::move(fn));
@@ -554,12 +448,8 @@ std::uint64_t MessageProcess::every__(Timeout period, std::function<void()> fn) 
   return backendSide("every__").addTimer(period, period, std::move(fn));
 }
 
-void MessageProcess::cancel__(std::uint64_t timerId) {
-  if (onBackendSide()) backend_->cancel(timerId);
-}
+void MessageProcess::cancel__(std::uint64_t timerId) { backendSide("cancel__").cancel(timerId); }
 
-void MessageProcess::stopLoop__() {
-  if (onBackendSide()) backend_->requestStop();
-}
+void MessageProcess::stopLoop__() { backendSide("stopLoop__").requestStop(); }
 
 }  // namespace forklift

@@ -1,4 +1,5 @@
 #include "forklift/shm.hpp"
+#include "posix.hpp"
 
 #include <dirent.h>
 #include <fcntl.h>

@@ -1,4 +1,5 @@
 #include "forklift/sync.hpp"
+#include "posix.hpp"
 
 #include <poll.h>
 #include <sys/eventfd.h>

@@ -213,7 +213,7 @@ TEST(Process, DeferredReplyAndTheLateReplyOfATimedOutCall) {
   EXPECT_THROW(p.call("later", {{"ms", 300}, {"value", "stale"}}, 50ms), TimeoutError);
   std::this_thread::sleep_for(400ms);
   EXPECT_EQ(p.call("square", {{"x", 6}}, 5s).as<double>(), 36.0);
-  EXPECT_EQ(errorOf([&] { p.call("drop", {}, 5s); }), "the handler dropped its reply without answering");
+  EXPECT_EQ(errorOf([&] { p.call("drop", {}, 5s); }), "c__drop dropped its reply without answering");
   EXPECT_TRUE(p.stop(5s).ok());
 }
 
@@ -267,7 +267,7 @@ TEST(Process, PreRunFailureFailsStart) {
   EchoProcess p;
   p.failPreRun = true;
   EXPECT_EQ(errorOf([&] { p.start(); }),
-            "EchoProcess.echo: preRun__ failed in the backend: no GPU today (exited with code 3)");
+            "EchoProcess.echo: preRun__ failed in the backend: no GPU today (exited with code 3 (preRun__ failed))");
   EXPECT_FALSE(p.isAlive());
 }
 

@@ -67,6 +67,7 @@ class Channel {
   // Records that someone else (libuv) already set O_NONBLOCK.
   void assumeNonBlocking() noexcept { nonBlocking_ = true; }
   void setReadMode(ReadMode m) noexcept { readMode_ = m; }
+  void watchPeer(int) noexcept {}  // STUB
 
   // Sends one message, waiting for socket space up to `timeout`. Throws
   // LimitError (nothing sent), PeerClosed, TimeoutError (nothing sent; if a

@@ -14,8 +14,10 @@
 //   PeerClosed    the other end of a channel is gone (process exited).
 //   ProcessDied   a backend process died while we waited for it.
 //   RemoteError   a backend handler threw; `what()` carries its message.
+//   CommandError  a RemoteError for a command sent with send(), from recv().
 #pragma once
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -45,11 +47,26 @@ class TypeError : public Error {
 class DecodeError : public Error {
  public:
   using Error::Error;
+  const std::string& command() const noexcept { return command_; }
+  std::uint64_t id() const noexcept { return id_; }
+ private:
+  std::string command_;
+  std::uint64_t id_ = 0;
+};
+
+class StreamCorrupt : public DecodeError {
+ public:
+  using DecodeError::DecodeError;
 };
 
 class LimitError : public Error {
  public:
   using Error::Error;
+  const std::string& command() const noexcept { return command_; }
+  std::uint64_t id() const noexcept { return id_; }
+ private:
+  std::string command_;
+  std::uint64_t id_ = 0;
 };
 
 class TimeoutError : public Error {
@@ -72,6 +89,19 @@ class ProcessDied : public PeerClosed {
 class RemoteError : public Error {
  public:
   using Error::Error;
+};
+
+// A command sent with send() failed in the backend (unknown command, bad
+// argument, the handler threw, the message was refused). `recv()` throws it
+// in the place of the message that would have come; `command()` names the
+// command that failed.
+class CommandError : public RemoteError {
+ public:
+  CommandError(std::string command, const std::string& what) : RemoteError(what), command_(std::move(command)) {}
+  const std::string& command() const noexcept { return command_; }
+
+ private:
+  std::string command_;
 };
 
 namespace detail {

@@ -29,6 +29,7 @@ void formatLogger(spdlog::level::level_enum level = spdlog::level::info);
 // A logger writing to stderr and, when `file` is not empty, appending to
 // that file too. Not registered in spdlog's registry, so two processes may
 // share a name. Throws spdlog::spdlog_ex when the file cannot be opened.
+void checkLogFile(const std::string& path);  // STUB
 std::shared_ptr<spdlog::logger> makeLogger(const std::string& name, const std::string& file = "");
 
 }  // namespace forklift

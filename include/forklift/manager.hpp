@@ -11,19 +11,31 @@
 //   - every worker's death, seen through its pidfd at once, not at the next
 //     message: `onExit(worker, status)`; messages the worker sent before it
 //     died are delivered first;
+//   - every failure of a command sent to a worker with send() (unknown
+//     command, bad argument, the handler threw, the message was refused):
+//     `onError(worker, command, what)`, in order with the messages. Without
+//     an error handler the failure is logged and run() returns 1: nothing
+//     fails silently;
+//   - replies of calls made with `callAsync(..., callback)` on a worker: the
+//     callback runs on the loop, which never blocks on a worker;
+//   - work posted from other threads (`post`), run on the loop;
 //   - user descriptors (`watch`), e.g. a socket or a ring buffer's eventfd;
 //   - timers (`after`, `every`);
 //   - SIGINT and SIGTERM: an orderly shutdown. Every worker is asked to stop
 //     at the same time, waited for up to `stopTimeout`, then sent SIGTERM,
-//     then SIGKILL; the loop ends and run() returns 0 unless a worker had to
-//     be killed or ended badly.
+//     then SIGKILL (the ladder MessageProcess::stop uses); the loop ends and
+//     run() returns 0 unless a worker had to be killed or ended badly, or a
+//     command failed with no error handler set.
+//
+// Callbacks (messages, exits, errors, timers, watches, posted work) may
+// throw anything: it is logged and the loop goes on.
 //
 // Use it either way:
 //   - composed: `add` workers, set `onMessage` / `onExit`, `run()`;
 //   - subclassed, like MainContext: add workers in your constructor, override
 //     `startThreads()` (runs after the workers started: the tutorial's order,
-//     processes first, then threads), `handleMessage`, `handleExit` and
-//     `close()`.
+//     processes first, then threads), `handleMessage`, `handleExit`,
+//     `handleError` and `close()`.
 //
 // Workers added to a Manager ignore SIGINT: Ctrl-C reaches the whole
 // process group, and it is the manager that decides how workers stop.
@@ -32,8 +44,8 @@
 // message does not grow with the number of workers.
 //
 // Threads: run() blocks the calling thread. `runAsThread()` runs the loop in
-// a background thread (for tests and GUIs); then only `requestStop()` and
-// `stopThread()` may be called from other threads.
+// a background thread (for tests and GUIs); then only `requestStop()`,
+// `post()` and `stopThread()` may be called from other threads.
 #pragma once
 
 #include <uv.h>
@@ -42,6 +54,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -84,6 +98,9 @@ class Manager {
 
   void onMessage(std::function<void(MessageProcess&, Message&)> fn) { onMessage_ = std::move(fn); }
   void onExit(std::function<void(MessageProcess&, const ExitStatus&)> fn) { onExit_ = std::move(fn); }
+  void onError(std::function<void(MessageProcess&, const std::string& command, const std::string& what)> fn) {
+    onError_ = std::move(fn);
+  }
 
   // ---- the loop's sources (from the loop's thread, or before run) ----------
 
@@ -105,6 +122,10 @@ class Manager {
   int run();
   // Ends the loop and shuts down. Safe from any thread and from callbacks.
   void requestStop();
+  // Runs `fn` on the loop's thread, soon. Safe from any thread (a GUI's,
+  // say); work posted before run() runs once it starts, work posted after
+  // the loop ended does not run.
+  void post(std::function<void()> fn);
   bool stopping() const noexcept { return stopRequested_; }
   // True while the loop runs (signals are handled from then on).
   bool running() const noexcept { return running_; }
@@ -119,6 +140,8 @@ class Manager {
   virtual void startThreads() {}
   virtual void handleMessage(MessageProcess& worker, Message& m);
   virtual void handleExit(MessageProcess& worker, const ExitStatus& status);
+  // A command sent to `worker` with send() failed there.
+  virtual void handleError(MessageProcess& worker, const std::string& command, const std::string& what);
   virtual void close() {}
 
  private:
@@ -133,7 +156,13 @@ class Manager {
   void drain(Worker& w, Drain until);
   void reapWorker(Worker& w);
   int shutdown();
+  void runPosted();
+  void armCallbackTimer();
+  // Runs a user callback; what it throws is logged.
+  template <class Fn>
+  void guarded(const char* what, MessageProcess* worker, Fn&& fn);
   static void onWorkerReadable(uv_poll_t* h, int status, int events);
+  static void onWorkerReplies(uv_poll_t* h, int status, int events);
   static void onWorkerDeath(uv_poll_t* h, int status, int events);
 
   Options options_;
@@ -141,10 +170,16 @@ class Manager {
   uv_async_t wake_{};
   uv_signal_t sigint_{};
   uv_signal_t sigterm_{};
+  uv_prepare_t prepare_{};      // before each wait: arm the callback timer
+  uv_timer_t callbackTimer_{};  // earliest deadline of a callAsync callback
   std::vector<std::unique_ptr<Worker>> workers_;
   std::unique_ptr<detail::LoopSources> sources_;  // the user's descriptors and timers
   std::function<void(MessageProcess&, Message&)> onMessage_;
   std::function<void(MessageProcess&, const ExitStatus&)> onExit_;
+  std::function<void(MessageProcess&, const std::string&, const std::string&)> onError_;
+  std::mutex postMutex_;
+  std::vector<std::function<void()>> posted_;  // guarded by postMutex_
+  bool unhandledErrors_ = false;
   std::atomic<bool> stopRequested_{false};
   std::atomic<bool> running_{false};
   bool ran_ = false;

@@ -39,12 +39,35 @@
 // Debugging: with `ProcessOptions::inProcess` or the environment variable
 // FORKLIFT_IN_PROCESS=1 the backend loop runs in a thread of the frontend
 // process instead of a forked child, so one debugger sees both sides. Then
-// the two sides do share memory, a stuck handler cannot be killed, and a
-// subclass must call stop() in its own destructor.
+// the two sides do share memory, and a stuck handler cannot be killed (it
+// is abandoned past the stop timeout). The object is shared by both sides:
+// a subclass should call stop() in its own destructor. If it leaves that to
+// this class's destructor, the backend runs no more user code from then on
+// (no handler, timer or postRun__: the subclass is already gone) and an
+// error is logged; a handler already running at that moment must not touch
+// the subclass's members, which is why stop() belongs in its destructor.
 //
-// Threads: the frontend methods of one object may be called from several
-// threads (a mutex serialises them); backend methods run on the loop's
-// thread only.
+// Sides: every frontend method called on the backend side (from a handler,
+// preRun__, a timer, any thread of the backend) throws Error at once,
+// naming the method and the side; so does a backend method called on the
+// frontend.
+//
+// Threads: the frontend methods may be called from several threads at once.
+// Calls are pipelined (each waits for its own reply, matched by id; none
+// waits behind another's reply), recv() is serialised, and no frontend lock
+// is held while a call waits, so stop() is never delayed by calls: calls
+// still waiting when the backend ends fail at once with ProcessDied.
+// Backend methods run on the backend loop's thread only.
+//
+// Waiting: every frontend wait (start, send, call, recv, stop) also watches
+// the backend's death (its pidfd), so it ends at once when the backend dies,
+// even if a process the backend forked keeps the channel open.
+//
+// Logging: the library logs the lifecycle of each backend at debug level
+// under its full name (started, ready, stop requested, escalation, ended
+// with its status). A backend's title in `ps -o args` (and htop) reads
+// "forklift: MyProcess.name"; /proc/pid/comm holds the first 15 characters
+// of the name.
 #pragma once
 
 #include <sys/types.h>
@@ -57,9 +80,9 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
@@ -67,40 +90,25 @@
 
 #include <spdlog/logger.h>
 
+#include "forklift/call_future.hpp"
 #include "forklift/channel.hpp"
-#include "forklift/detail/fd.hpp"
 #include "forklift/error.hpp"
+#include "forklift/exit_status.hpp"
 #include "forklift/message.hpp"
+#include "forklift/reply.hpp"
 #include "forklift/timeout.hpp"
 
 namespace forklift {
 
 namespace detail {
 class Backend;
-}
-
-// How a backend ended.
-struct ExitStatus {
-  enum class How : std::uint8_t {
-    Running,    // not ended (yet): a wait timed out
-    Exited,     // exit code in `code`
-    Signaled,   // killed by `signal`
-    Abandoned,  // in-process mode: a stuck backend thread was left behind
-    NotStarted,
-  };
-  How how = How::NotStarted;
-  int code = 0;
-  int signal = 0;
-  // The frontend had to send SIGTERM (1) or SIGKILL (2) to end it.
-  int escalation = 0;
-
-  bool ok() const noexcept { return how == How::Exited && code == 0; }
-  std::string describe() const;  // "exited with code 0", "killed by SIGKILL (after SIGKILL)"
-};
+class Child;
+class Requests;
+}  // namespace detail
 
 struct ProcessOptions {
   Timeout startTimeout = std::chrono::seconds(10);  // fork until ready (preRun__ included)
-  Timeout callTimeout = std::chrono::seconds(10);   // default of call()
+  Timeout callTimeout = std::chrono::seconds(10);   // default of call() and callAsync()
   Timeout sendTimeout = std::chrono::seconds(10);   // send() waits this long for a busy backend
   Timeout stopTimeout = std::chrono::seconds(5);    // default of stop() and of the destructor
   // Backend side: bytes of sendOut__ messages and replies queued while the
@@ -111,33 +119,10 @@ struct ProcessOptions {
   bool inProcess = false;     // run the backend in a thread (see above)
   bool allowThreads = false;  // fork although other threads run (logs a warning)
   bool ignoreSigint = false;  // the backend ignores SIGINT (Ctrl-C goes to the frontend)
-  std::string logFile;        // the backend also logs to this file
-  Limits limits;              // message size limits, both directions
-};
-
-// A deferred reply (backend). A handler that takes a `Reply` as its last
-// parameter answers when it likes: from a timer, a watched descriptor, or
-// at once. A Reply destroyed unanswered answers the caller with an error,
-// so no call() waits for a reply that cannot come. For a command that came
-// with send(), `wanted()` is false and answering does nothing.
-class Reply {
- public:
-  Reply() = default;
-  Reply(Reply&& o) noexcept : backend_(std::move(o.backend_)), id_(std::exchange(o.id_, 0)) {}
-  Reply& operator=(Reply&& o) noexcept;
-  Reply(const Reply&) = delete;
-  Reply& operator=(const Reply&) = delete;
-  ~Reply();
-
-  bool wanted() const noexcept { return id_ != 0; }
-  void resolve(Value v = {});
-  void reject(const std::string& error);
-
- private:
-  friend class detail::Backend;
-  Reply(std::weak_ptr<detail::Backend> b, std::uint64_t id) : backend_(std::move(b)), id_(id) {}
-  std::weak_ptr<detail::Backend> backend_;
-  std::uint64_t id_ = 0;
+  // The backend also logs to this file. start() fails with a clear Error
+  // when it cannot be opened for appending.
+  std::string logFile;
+  Limits limits;  // message size limits, both directions
 };
 
 class MessageProcess {
@@ -150,52 +135,73 @@ class MessageProcess {
   // ---- frontend ------------------------------------------------------------
 
   // Forks the backend and returns once its loop is ready (after preRun__).
-  // Throws Error when already started or when other threads run, Error with
-  // the backend's message when preRun__ threw, ProcessDied when the child
-  // died while starting, TimeoutError past `startTimeout`.
+  // A stopped process may be started again. Throws Error when already
+  // started, when other threads run, or when the log file cannot be opened;
+  // Error with the backend's message when preRun__ threw; ProcessDied when
+  // the child died while starting; TimeoutError past `startTimeout`.
   void start();
   void go() { start(); }
 
-  // Fire and forget: the backend runs c__<command>. Throws ProcessDied when
-  // the backend is gone, TimeoutError when it does not read within
-  // `sendTimeout`, LimitError for an oversize message.
+  // Fire and forget: the backend runs c__<command>. If that fails in the
+  // backend (unknown command, bad argument, the handler threw), recv()
+  // throws a CommandError for it. Throws ProcessDied when the backend is
+  // gone, TimeoutError when it does not read within `sendTimeout` (a
+  // message cut half-way is completed by the next send), LimitError for an
+  // oversize or too deeply nested message (nothing sent).
   void send(const std::string& command, Map args = {});
   void send(Message m);
 
   // Request/reply: returns what the handler returned (nil for void). Throws
   // RemoteError carrying the backend's message (handler threw, unknown
-  // command, bad arguments), TimeoutError, or ProcessDied when the backend
-  // died meanwhile (at once, not at the timeout).
+  // command, bad or refused arguments), TimeoutError, or ProcessDied when
+  // the backend died or stopped meanwhile (at once, not at the timeout).
   Value call(const std::string& command, Map args = {});
   Value call(const std::string& command, Map args, Timeout timeout);
 
+  // The same call without waiting (see forklift/call_future.hpp): a future,
+  // or `onDone(result)` on the thread that reads the reply (a Manager's
+  // loop for its workers). The timeout counts from now.
+  CallFuture callAsync(const std::string& command, Map args = {});
+  CallFuture callAsync(const std::string& command, Map args, Timeout timeout);
+  void callAsync(const std::string& command, Map args, Timeout timeout, std::function<void(CallResult)> onDone);
+
   // Messages the backend sent with sendOut__. `fd()` is readable exactly
   // while one is waiting (the tutorial's getPipe()): poll it, then recv().
-  int fd() const noexcept { return out_.fd(); }
+  // A command sent with send() that failed in the backend arrives here too,
+  // in order, and recv() throws it as CommandError; the next recv() goes on
+  // with the next message. After the backend ended, the messages it sent
+  // before are still delivered, then recv() throws PeerClosed (ProcessDied
+  // when it died without being asked to stop). recv() from several threads
+  // is serialised.
+  int fd() const noexcept;
   std::optional<Message> recv(Timeout timeout);
   std::optional<Message> tryRecv() { return recv(Timeout::zero()); }
-  // The channel of those messages, for event loops that drain it greedily.
-  Channel& outChannel() noexcept { return out_; }
 
   // Asks the backend to stop after the handler in progress (no wait).
   void requestStop();
   // Waits for the backend to end; How::Running when it did not in time.
   ExitStatus waitStop(Timeout timeout);
-  // requestStop + waitStop, escalating to SIGTERM then SIGKILL past the
-  // timeout. Returns how the backend ended; idempotent.
+  // requestStop, then waits up to `timeout`, then SIGTERM and 500 ms, then
+  // SIGKILL (in-process: the thread is abandoned). Returns how the backend
+  // ended; idempotent, and safe from several threads at once (all get the
+  // same status). Calls still waiting fail with ProcessDied.
   ExitStatus stop();
   ExitStatus stop(Timeout timeout);
+  // Stops several backends at once: all are asked together and waited for
+  // against one deadline, then the ladder escalates on those still running.
+  // Each one's status is then in its waitStop(Timeout::zero()).
+  static void stopAll(std::span<MessageProcess* const> processes, Timeout timeout);
 
-  // Sends `sig` to the backend (no effect in in-process mode). SIGTERM and
-  // SIGKILL are recorded as escalation in the ExitStatus.
+  // Sends `sig` to the backend (no effect in in-process mode or once it
+  // ended). SIGTERM and SIGKILL are recorded as escalation in the status.
   void signal(int sig);
 
   bool isAlive() const;
-  bool started() const noexcept { return started_; }
+  bool started() const noexcept { return state_.load() != State::Idle; }
   pid_t pid() const noexcept { return pid_; }
   // Readable once the backend has ended (a pidfd, or an eventfd in
   // in-process mode); -1 before start.
-  int deathFd() const noexcept { return death_.get(); }
+  int deathFd() const noexcept;
   // Before start(): the backend will ignore SIGINT.
   void ignoreSigint() { options_.ignoreSigint = true; }
   const std::string& name() const noexcept { return name_; }
@@ -205,12 +211,23 @@ class MessageProcess {
   // This side's logger (frontend or backend, whichever calls).
   spdlog::logger& logger();
 
+  // For event loops (the Manager): the command channel, readable when
+  // replies wait, and `pumpReplies()` to route them without blocking.
+  int replyFd() const noexcept;
+  void pumpReplies();
+  // The output channel, for loops that drain it greedily.
+  Channel& outChannel() noexcept { return out_; }
+  // Internal to loops: where callAsync callbacks run (see Manager).
+  void setCallbackDispatcher(std::function<void(std::function<void()>)> dispatch);
+  std::optional<Deadline::Clock::time_point> nextCallbackDeadline();
+
  protected:
   // ---- construction (frontend, before start) -------------------------------
 
   // Registers c__<name>. `argNames` names the handler's parameters in
   // order; a last parameter of type Reply (not named) makes the reply
-  // deferred. Parameter types are anything Message::get<T> reads.
+  // deferred. Parameter types are anything Message::get<T> reads. Names
+  // starting with "__" are reserved (Error).
   template <class C, class R, class... A, std::size_t N>
   void command(std::string name, R (C::*handler)(A...), const char* const (&argNames)[N]) {
     registerCommand<C, R, A...>(std::move(name), handler, std::to_array(argNames));
@@ -241,10 +258,11 @@ class MessageProcess {
   void sendOut__(const Message& m);
 
   // Calls `onReady(events)` (UV_READABLE / UV_WRITABLE bits) when `fd` is
-  // ready; libuv sets the descriptor non-blocking. One watch per fd.
+  // ready; libuv sets the descriptor non-blocking. One watch per fd. An
+  // exception of any type thrown by the callback is logged; the loop goes on.
   void watch__(int fd, std::function<void(int events)> onReady, bool writable = false);
   void unwatch__(int fd);
-  // Timers on the backend loop; the id cancels them.
+  // Timers on the backend loop; the id cancels them. Exceptions as above.
   std::uint64_t after__(Timeout delay, std::function<void()> fn);
   std::uint64_t every__(Timeout period, std::function<void()> fn);
   void cancel__(std::uint64_t timerId);
@@ -252,22 +270,23 @@ class MessageProcess {
   void stopLoop__();
 
  private:
-  friend class detail::Backend;
   using Handler = std::function<Value(MessageProcess&, const Message&, Reply&)>;
+  enum class State : std::uint8_t { Idle, Starting, Running };
 
   template <class C, class R, class... A, std::size_t N>
   void registerCommand(std::string name, R (C::*handler)(A...), std::array<const char*, N> names);
+  void addHandler(std::string name, Handler h);
 
-  [[noreturn]] void runChild(Channel cmd, Channel out);
-  int runBackend(Channel cmd, Channel out);  // returns the exit code
-  [[noreturn]] void died(const std::string& during);
-  ExitStatus reap(Timeout timeout);
-  ExitStatus killNow();
-  void closeFrontend();
+  int runBackend(Channel cmd, Channel out);  // backend side; returns the exit code
+  void awaitReady(Channel& cmd);
   bool onBackendSide() const noexcept;
-  // The backend loop, for a backend-only method; Error on the frontend.
+  // Throws Error when called on the wrong side (frontend-only `method`).
+  void frontendOnly(const char* method) const;
   detail::Backend& backendSide(const char* method);
-  std::string whoAmI() const;
+  // The running backend's calls; Error before start.
+  std::shared_ptr<detail::Requests> requests(const char* method, const std::string& command);
+  [[noreturn]] void throwEnded(const std::string& during);
+  void finishRun(const ExitStatus& s);
 
   std::string name_;
   std::string fullName_;
@@ -275,20 +294,19 @@ class MessageProcess {
   std::unordered_map<std::string, Handler> handlers_;
   std::shared_ptr<spdlog::logger> frontendLog_;
   std::shared_ptr<detail::Backend> backend_;  // set on the backend side only
+  std::atomic<bool> destroying_{false};       // in-process: no more user code
 
-  // frontend state
-  std::mutex mutex_;
-  Channel cmd_;   // commands out, replies in
-  Channel out_;   // sendOut__ messages in
-  detail::UniqueFd death_;
+  // frontend state; child_ and requests_ change only in start(), while no
+  // other frontend method may run (state_ is Starting).
+  std::atomic<State> state_{State::Idle};
+  pid_t frontendPid_ = 0;
   pid_t pid_ = -1;
-  std::thread thread_;  // in-process mode
-  std::atomic<int> threadCode_{0};
-  int escalation_ = 0;
-  bool started_ = false;
-  bool stopRequested_ = false;
-  std::optional<ExitStatus> status_;
-  std::uint64_t nextId_ = 0;
+  std::unique_ptr<detail::Child> child_;
+  std::shared_ptr<detail::Requests> requests_;
+  std::atomic<bool> stopRequested_{false};
+  std::mutex recvMutex_;  // one reader of the output channel
+  Channel out_;           // sendOut__ messages in
+  std::mutex logMutex_;   // frontendLog_ is made on first use
 };
 
 // ---------------------------------------------------------------- details
@@ -314,7 +332,7 @@ void MessageProcess::registerCommand(std::string name, R (C::*handler)(A...), st
   constexpr std::size_t named = sizeof...(A) - (deferred ? 1 : 0);
   static_assert(N == named, "command(): give one name per handler parameter (a trailing Reply is not named)");
   static_assert(!deferred || std::is_void_v<R>, "a handler that takes a Reply answers through it and returns void");
-  handlers_[std::move(name)] = [handler, names](MessageProcess& self, const Message& m, Reply& reply) -> Value {
+  addHandler(std::move(name), [handler, names](MessageProcess& self, const Message& m, Reply& reply) -> Value {
     C& obj = static_cast<C&>(self);
     auto invoke = [&]<std::size_t... I>(std::index_sequence<I...>) -> Value {
       // Arguments are read (and checked) before the handler runs; a bad one
@@ -332,7 +350,7 @@ void MessageProcess::registerCommand(std::string name, R (C::*handler)(A...), st
       }
     };
     return invoke(std::make_index_sequence<named>{});
-  };
+  });
 }
 
 }  // namespace forklift

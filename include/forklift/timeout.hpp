@@ -33,6 +33,9 @@ class Deadline {
     return ms > 0x7fffffff ? 0x7fffffff : static_cast<int>(ms);
   }
 
+  // The moment it passes (time_point::max() when forever).
+  Clock::time_point at() const noexcept { return at_; }
+
   Clock::duration remaining() const noexcept {
     if (forever_) return Clock::duration::max();
     const auto left = at_ - Clock::now();

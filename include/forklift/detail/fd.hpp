@@ -4,20 +4,11 @@
 // destructor closes without retrying on EINTR (Linux has released the
 // descriptor even when close reports EINTR, and a retry could close a
 // descriptor another thread just got).
-//
-// `waitFor` is the one bounded poll of a single descriptor that channels,
-// the backend loop's output queue and the process reaper share.
 #pragma once
 
-#include <poll.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <string>
 #include <utility>
-
-#include "forklift/error.hpp"
-#include "forklift/timeout.hpp"
 
 namespace forklift::detail {
 
@@ -46,27 +37,5 @@ class UniqueFd {
  private:
   int fd_ = -1;
 };
-
-// Retries a system call while it fails with EINTR.
-template <class F>
-auto retryEintr(F&& f) {
-  for (;;) {
-    auto r = f();
-    if (r != -1 || errno != EINTR) return r;
-  }
-}
-
-// Waits until `events` (POLLIN, POLLOUT) are ready on fd, or an error or
-// hang-up is; false when the deadline passes first. EINTR waits again for
-// the time left. Throws SystemError if poll itself fails.
-inline bool waitFor(int fd, short events, const Deadline& d) {
-  for (;;) {
-    pollfd p{fd, events, 0};
-    const int r = ::poll(&p, 1, d.pollMillis());
-    if (r > 0) return true;
-    if (r == 0) return false;
-    if (errno != EINTR) throwErrno("cannot poll descriptor " + std::to_string(fd));
-  }
-}
 
 }  // namespace forklift::detail

@@ -1,0 +1,410 @@
+#include "child.hpp"
+
+#include <dirent.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <vector>
+
+#include <spdlog/logger.h>
+
+#include "forklift/error.hpp"
+#include "posix.hpp"
+#include "proc_title.hpp"
+#include "threads.hpp"
+
+namespace forklift {
+
+// ---------------------------------------------------------------- ExitStatus
+
+namespace {
+
+std::string signalName(int sig) {
+  const char* abbrev = ::sigabbrev_np(sig);
+  return abbrev ? std::string("SIG") + abbrev : "signal " + std::to_string(sig);
+}
+
+const char* exitCodeMeaning(int code) {
+  switch (code) {
+    case kExitPreRunFailed: return "preRun__ failed";
+    case kExitPostRunFailed: return "postRun__ failed";
+    case kExitBackendFailed: return "the backend failed";
+    case kExitCorruptStream: return "the command stream was corrupt";
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+std::string ExitStatus::describe() const {
+  std::string s;
+  switch (how) {
+    case How::Running: return "still running";
+    case How::NotStarted: return "not started";
+    case How::Abandoned: return "stuck in-process backend thread abandoned";
+    case How::Unknown:
+      s = "ended with an unknown status (reaped elsewhere: is SIGCHLD ignored?)";
+      break;
+    case How::Exited:
+      s = "exited with code " + std::to_string(code);
+      if (const char* m = exitCodeMeaning(code)) s = s + " (" + m + ")";
+      break;
+    case How::Signaled: s = "killed by " + signalName(signal); break;
+  }
+  if (escalation == 1) s += " (after SIGTERM)";
+  if (escalation == 2) s += " (after SIGKILL)";
+  return s;
+}
+
+namespace detail {
+
+// ---------------------------------------------------------------- frontend descriptors
+
+namespace {
+
+std::mutex g_fdsMutex;
+std::vector<int> g_frontendFds;  // guarded by g_fdsMutex
+
+}  // namespace
+
+namespace frontend_fds {
+
+void add(std::initializer_list<int> fds) {
+  std::lock_guard lock(g_fdsMutex);
+  for (int fd : fds)
+    if (fd >= 0) g_frontendFds.push_back(fd);
+}
+
+void remove(std::initializer_list<int> fds) {
+  std::lock_guard lock(g_fdsMutex);
+  for (int fd : fds)
+    if (fd >= 0) std::erase(g_frontendFds, fd);
+}
+
+}  // namespace frontend_fds
+
+// ---------------------------------------------------------------- pid
+
+namespace {
+
+std::atomic<pid_t> g_pid{0};
+
+}  // namespace
+
+pid_t currentPid() noexcept {
+  static const bool renewed = [] {
+    // Any fork through libc (ours or the user's) renews the cache.
+    ::pthread_atfork(nullptr, nullptr, [] { g_pid = ::getpid(); });
+    return true;
+  }();
+  (void)renewed;
+  pid_t p = g_pid.load(std::memory_order_relaxed);
+  if (p == 0) {
+    p = ::getpid();
+    g_pid = p;
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------- status
+
+std::optional<ExitStatus> Child::poll() {
+  std::lock_guard lock(reapMutex_);
+  if (status_) return status_;
+  if (!waitFor(deathFd(), POLLIN, Deadline(Timeout::zero()))) return std::nullopt;
+  ExitStatus s = reapEnded();
+  s.escalation = escalation_;
+  status_ = s;
+  return status_;
+}
+
+ExitStatus Child::wait(Timeout timeout) {
+  if (auto s = poll()) return *s;
+  // Any number of threads may wait on the descriptor at once; only the
+  // reaping itself is serialised (in poll).
+  if (!waitFor(deathFd(), POLLIN, Deadline(timeout))) {
+    if (auto s = poll()) return *s;  // abandoned meanwhile
+    return ExitStatus{ExitStatus::How::Running};
+  }
+  if (auto s = poll()) return *s;
+  return ExitStatus{ExitStatus::How::Running};
+}
+
+void Child::signal(int sig) {
+  if (poll()) return;
+  if (sig == SIGTERM) {
+    int cur = escalation_;
+    while (cur < 1 && !escalation_.compare_exchange_weak(cur, 1)) {
+    }
+  }
+  if (sig == SIGKILL) escalation_ = 2;
+  sendSignal(sig);
+}
+
+void Child::abandon() {
+  std::lock_guard lock(reapMutex_);
+  if (status_) return;
+  if (detachThread()) status_ = ExitStatus{ExitStatus::How::Abandoned};
+}
+
+// ---------------------------------------------------------------- fork
+
+namespace {
+
+// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system calls
+// are as simple.
+int pidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+int pidfdSignal(int pidfd, int sig) {
+  return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
+}
+
+// glibc 2.36's idtype_t has no P_PIDFD yet (and <linux/wait.h> clashes
+// with <sys/wait.h>); the kernel's number is 3.
+const idtype_t kPidfd = static_cast<idtype_t>(3);
+
+ExitStatus statusFromSiginfo(const siginfo_t& info) {
+  ExitStatus s;
+  if (info.si_code == CLD_EXITED) {
+    s.how = ExitStatus::How::Exited;
+    s.code = info.si_status;
+  } else {
+    s.how = ExitStatus::How::Signaled;
+    s.signal = info.si_status;
+  }
+  return s;
+}
+
+class ForkedChild final : public Child {
+ public:
+  ForkedChild(pid_t pid, UniqueFd pidfd) : pid_(pid), pidfd_(std::move(pidfd)) {
+    frontend_fds::add({pidfd_.get()});
+  }
+  ~ForkedChild() override {
+    frontend_fds::remove({pidfd_.get()});
+    // A child that was never reaped would stay a zombie: the owner always
+    // stops it first, so this only runs for one that ended.
+    poll();
+  }
+  pid_t pid() const noexcept override { return pid_; }
+  int deathFd() const noexcept override { return pidfd_.get(); }
+
+ private:
+  ExitStatus reapEnded() override {
+    siginfo_t info{};
+    // By pidfd, not by pid: a pid reaped elsewhere can be reused, even by
+    // another child of ours.
+    int r = retryEintr([&] { return ::waitid(kPidfd, static_cast<id_t>(pidfd_.get()), &info, WEXITED); });
+    if (r < 0 && errno == EINVAL) {
+      // Kernels before 5.4 know no P_PIDFD; the pid is still ours while
+      // it is a zombie.
+      r = retryEintr([&] { return ::waitid(P_PID, static_cast<id_t>(pid_), &info, WEXITED); });
+    }
+    if (r < 0 || info.si_pid == 0) return ExitStatus{ExitStatus::How::Unknown};
+    return statusFromSiginfo(info);
+  }
+  void sendSignal(int sig) override { pidfdSignal(pidfd_.get(), sig); }
+
+  pid_t pid_;
+  UniqueFd pidfd_;
+};
+
+// What a child inherits from the frontend's signal setup: handlers (they
+// point into frontend logic) and ignored signals go back to the defaults.
+// Asking first and writing only what differs is the cheapest way to know,
+// and most signals need no write.
+void resetSignals() {
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  for (int sig = 1; sig < NSIG; ++sig) {
+    if (sig == SIGKILL || sig == SIGSTOP) continue;
+    struct sigaction old {};
+    if (::sigaction(sig, nullptr, &old) != 0) continue;  // reserved numbers
+    if (old.sa_handler != SIG_DFL) ::sigaction(sig, &dfl, nullptr);
+  }
+}
+
+// Runs in the child, signals still blocked, before anything else.
+void setUpChild(const ChildSetup& setup, pid_t parent) {
+  // The parent may have died between fork and prctl: then nobody would
+  // send the death signal.
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) ::_exit(1);
+  resetSignals();
+  if (setup.ignoreSigint) ::signal(SIGINT, SIG_IGN);
+  // Other backends' channels, inherited through fork. The list is cleared
+  // too: the numbers are free again here and will be reused.
+  for (int fd : g_frontendFds) ::close(fd);
+  g_frontendFds.clear();
+  setProcessTitle(setup.comm, setup.title);
+  sigset_t none;
+  sigemptyset(&none);
+  ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
+}
+
+[[noreturn]] void runChildBody(const std::function<int()>& body, const std::string& who) {
+  int code = kExitBackendFailed;
+  try {
+    code = body();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: backend failed: %s\n", who.c_str(), e.what());
+  } catch (...) {
+    std::fprintf(stderr, "%s: backend failed with a non-standard exception\n", who.c_str());
+  }
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(nullptr);  // _exit does not flush stdio
+  ::_exit(code);
+}
+
+std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
+  const int threads = otherThreads();
+  if (threads > 0) {
+    if (!setup.allowThreads)
+      throw Error(setup.title + ": cannot fork: this process already runs " + std::to_string(threads + 1) +
+                  " threads, and a forked child gets only the calling one (locks held by the others stay "
+                  "locked forever). Start forklift processes before starting threads, or set "
+                  "ProcessOptions::allowThreads if you know every thread is fork-safe.");
+    if (log)
+      log->warn("forking while {} other threads run (allowThreads is set): the child gets only this thread; "
+                "any lock another thread held at fork stays locked in the child",
+                threads);
+  }
+  std::fflush(nullptr);  // or the child would flush the frontend's buffered output a second time
+  std::cout.flush();
+  const pid_t parent = ::getpid();
+  // Signals stay blocked across the fork: a handler of the frontend must
+  // not run in the child before its dispositions are reset.
+  sigset_t all;
+  sigset_t old;
+  sigfillset(&all);
+  ::pthread_sigmask(SIG_SETMASK, &all, &old);
+  pid_t pid;
+  {
+    // The registry's lock is held by this thread across the fork, so the
+    // child inherits it unlocked-by-nobody-else and can use the list.
+    std::lock_guard lock(g_fdsMutex);
+    pid = ::fork();
+    if (pid == 0) {
+      setUpChild(setup, parent);
+    }
+  }
+  if (pid == 0) runChildBody(body, setup.title);
+  const int forkErr = errno;
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (pid < 0) throw SystemError(forkErr, setup.title + ": cannot fork");
+  UniqueFd pidfd(pidfdOpen(pid));
+  if (!pidfd) {
+    const int err = errno;
+    ::kill(pid, SIGKILL);
+    retryEintr([&] { return ::waitpid(pid, nullptr, 0); });
+    throw SystemError(err, setup.title + ": cannot open a pidfd for the backend");
+  }
+  return std::make_unique<ForkedChild>(pid, std::move(pidfd));
+}
+
+// ---------------------------------------------------------------- thread
+
+// Shared with the thread, which may outlive the Child when abandoned.
+struct ThreadEnd {
+  UniqueFd event{::eventfd(0, EFD_CLOEXEC)};
+  std::atomic<int> code{0};
+};
+
+class ThreadChild final : public Child {
+ public:
+  explicit ThreadChild(std::function<int()> body) : end_(std::make_shared<ThreadEnd>()) {
+    if (!end_->event) throwErrno("cannot create the in-process death event");
+    thread_ = std::thread([end = end_, body = std::move(body)] {
+      int code = kExitBackendFailed;
+      try {
+        code = body();
+      } catch (...) {
+      }
+      end->code = code;
+      const std::uint64_t one = 1;
+      [[maybe_unused]] auto r = ::write(end->event.get(), &one, sizeof one);
+    });
+  }
+  ~ThreadChild() override {
+    if (thread_.joinable()) thread_.detach();  // only an abandoned thread gets here
+  }
+  pid_t pid() const noexcept override { return -1; }
+  int deathFd() const noexcept override { return end_->event.get(); }
+
+ private:
+  ExitStatus reapEnded() override {
+    if (thread_.joinable()) thread_.join();
+    return ExitStatus{ExitStatus::How::Exited, end_->code.load()};
+  }
+  void sendSignal(int) override {}
+  bool detachThread() override {
+    if (thread_.joinable()) thread_.detach();
+    return true;
+  }
+
+  std::shared_ptr<ThreadEnd> end_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+std::unique_ptr<Child> Child::start(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
+  if (setup.inProcess) return std::make_unique<ThreadChild>(std::move(body));
+  return startForked(setup, std::move(body), log);
+}
+
+// ---------------------------------------------------------------- the ladder
+
+namespace {
+
+// Waits until every child ended or the deadline passed; true when all did.
+bool waitAll(std::span<Child* const> children, const Deadline& d) {
+  std::vector<pollfd> fds;
+  for (;;) {
+    fds.clear();
+    for (Child* c : children)
+      if (!c->ended()) fds.push_back({c->deathFd(), POLLIN, 0});
+    if (fds.empty()) return true;
+    const int ms = d.pollMillis();
+    if (ms == 0) return false;
+    const int r = ::poll(fds.data(), fds.size(), ms);
+    if (r < 0 && errno != EINTR) throwErrno("cannot poll the backends' exit");
+  }
+}
+
+}  // namespace
+
+void stopChildren(std::span<Child* const> children, const Ladder& ladder,
+                  const std::function<void(Child&, int)>& onEscalate) {
+  if (waitAll(children, Deadline(ladder.grace))) return;
+  for (Child* c : children) {
+    if (c->ended()) continue;
+    if (!c->forked()) {
+      c->abandon();  // a thread cannot be made to stop
+      continue;
+    }
+    if (onEscalate) onEscalate(*c, SIGTERM);
+    c->signal(SIGTERM);
+  }
+  if (waitAll(children, Deadline(ladder.termGrace))) return;
+  for (Child* c : children) {
+    if (c->ended()) continue;
+    if (onEscalate) onEscalate(*c, SIGKILL);
+    c->signal(SIGKILL);
+  }
+  waitAll(children, Deadline(ladder.killGrace));
+}
+
+}  // namespace detail
+}  // namespace forklift

@@ -1,0 +1,128 @@
+// forklift - the life of one backend: start, set-up, reaping, escalation (internal)
+//
+// `Child` owns one backend from its start to its reaping, whatever runs it:
+// a forked process (the normal case) or a thread of the frontend (the
+// in-process debug mode). The strategy is chosen once, in `Child::start`;
+// nothing outside this unit asks which one runs.
+//
+// Forked children are set up here and nowhere else: signals stay blocked
+// across the fork (so no handler of the frontend runs in the child before
+// its dispositions are reset, as libuv does), dispositions go back to their
+// defaults, the child dies with its parent (PR_SET_PDEATHSIG, checked
+// against the race with the parent's own exit), the frontend ends of the
+// other backends' channels are closed (`FrontendFds`), and the process
+// gets its title. No lock of the frontend is held across the fork.
+//
+// Reaping is serialised: the status is read once, by whichever thread gets
+// there first, and every later caller gets the same answer. A status that
+// cannot be known (the child was reaped elsewhere: SIGCHLD ignored, or a
+// handler of the user's that calls wait) is reported as How::Unknown, never
+// invented.
+//
+// `stopChildren` is the one escalation ladder (request, wait, SIGTERM, wait,
+// SIGKILL, wait), used by MessageProcess::stop for one backend and by the
+// Manager for all its workers against one deadline.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+
+#include "forklift/detail/fd.hpp"
+#include "forklift/exit_status.hpp"
+#include "forklift/timeout.hpp"
+
+namespace spdlog {
+class logger;
+}
+
+namespace forklift::detail {
+
+// The frontend ends of every running backend's channels in this process. A
+// newly forked backend closes them all: it must not hold another backend's
+// channel open, or that backend would never see EOF when the frontend dies.
+// The list is exact: a descriptor is added when its channel is made and
+// removed when it is closed, and a child clears the list it inherited.
+namespace frontend_fds {
+void add(std::initializer_list<int> fds);
+void remove(std::initializer_list<int> fds);
+}  // namespace frontend_fds
+
+// This process's pid, cached (and renewed in a forked child).
+pid_t currentPid() noexcept;
+
+struct ChildSetup {
+  std::string comm;          // 15 characters of /proc/pid/comm
+  std::string title;         // what ps -o args shows
+  bool ignoreSigint = false;
+  bool inProcess = false;    // run the body in a thread instead
+  bool allowThreads = false; // fork although other threads run
+};
+
+class Child {
+ public:
+  // Runs `body` in a forked child (it leaves with _exit(body())) or in a
+  // thread. Throws Error when forking is refused (other threads run), and
+  // SystemError when the fork or its pidfd fails (nothing is left behind).
+  // `log` receives the warning of a fork with allowThreads.
+  static std::unique_ptr<Child> start(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log);
+
+  virtual ~Child() = default;
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+
+  virtual pid_t pid() const noexcept = 0;  // -1 for a thread
+  bool forked() const noexcept { return pid() > 0; }
+  // Readable once the child has ended: a pidfd, or an eventfd for a thread.
+  virtual int deathFd() const noexcept = 0;
+
+  // How it ended, reaping it when it has; nullopt while it runs.
+  std::optional<ExitStatus> poll();
+  // Waits up to `timeout` for the end; How::Running when it did not.
+  ExitStatus wait(Timeout timeout);
+  bool ended() { return poll().has_value(); }
+
+  // Sends a signal (no effect on a thread or an ended child). SIGTERM and
+  // SIGKILL are recorded as escalation in the status.
+  void signal(int sig);
+  // Gives up on a thread that does not end (status Abandoned); a forked
+  // child is killed instead, so this does nothing for one.
+  void abandon();
+
+ protected:
+  Child() = default;
+  // Reads the status of an ended child, once (the caller holds reapMutex_).
+  virtual ExitStatus reapEnded() = 0;
+  virtual void sendSignal(int sig) = 0;
+  virtual bool detachThread() { return false; }
+
+  std::atomic<int> escalation_{0};
+
+ private:
+  std::mutex reapMutex_;
+  std::optional<ExitStatus> status_;  // guarded by reapMutex_
+};
+
+// The ladder. Every child in `children` has been asked to stop (or is about
+// to end by itself). Waits up to `grace` for all of them against one
+// deadline, then sends SIGTERM to those still running and waits `termGrace`,
+// then SIGKILL and `killGrace`. Thread children cannot be signalled: they
+// are abandoned after `grace`. `onEscalate(child, sig)` is told before each
+// signal (for the log). Returns when every child ended or the ladder ran
+// out; each child's status is then in `poll()`.
+struct Ladder {
+  Timeout grace;
+  Timeout termGrace = std::chrono::milliseconds(500);
+  Timeout killGrace = std::chrono::seconds(5);
+};
+void stopChildren(std::span<Child* const> children, const Ladder& ladder,
+                  const std::function<void(Child&, int sig)>& onEscalate);
+
+}  // namespace forklift::detail

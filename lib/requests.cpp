@@ -1,0 +1,401 @@
+#include "requests.hpp"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "child.hpp"
+#include "control.hpp"
+#include "posix.hpp"
+
+namespace forklift {
+
+// ---------------------------------------------------------------- CallResult
+
+const Value& CallResult::get() const {
+  if (error_) std::rethrow_exception(error_);
+  return value_;
+}
+
+std::string CallResult::what() const {
+  if (!error_) return {};
+  try {
+    std::rethrow_exception(error_);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "a non-standard exception";
+  }
+}
+
+// ---------------------------------------------------------------- CallFuture
+
+CallFuture::CallFuture(std::shared_ptr<detail::Requests> r, std::shared_ptr<detail::CallSlot> s)
+    : requests_(std::move(r)), slot_(std::move(s)) {}
+CallFuture::CallFuture(CallFuture&&) noexcept = default;
+CallFuture& CallFuture::operator=(CallFuture&& o) noexcept {
+  if (this != &o) {
+    if (slot_) requests_->forget(*slot_);
+    requests_ = std::move(o.requests_);
+    slot_ = std::move(o.slot_);
+  }
+  return *this;
+}
+
+CallFuture::~CallFuture() {
+  if (slot_) requests_->forget(*slot_);
+}
+
+bool CallFuture::ready() {
+  if (!slot_) return false;
+  if (requests_->done(*slot_)) return true;
+  requests_->pump();
+  return requests_->done(*slot_);
+}
+
+bool CallFuture::wait(Timeout timeout) {
+  if (!slot_) return false;
+  const Deadline mine(timeout);
+  // Past the call's own deadline the slot completes with TimeoutError.
+  const Deadline& d = mine.forever() || (!slot_->deadline.forever() && slot_->deadline.at() < mine.at())
+                          ? slot_->deadline
+                          : mine;
+  return requests_->wait(*slot_, d);
+}
+
+CallResult CallFuture::result() {
+  if (!slot_) return CallResult(std::make_exception_ptr(Error("CallFuture: no call (default-made or moved from)")));
+  requests_->wait(*slot_, slot_->deadline);
+  return slot_->result;  // complete: wait() returns only then, the deadline included
+}
+
+Value CallFuture::get() { return result().get(); }
+
+namespace detail {
+
+Requests::Requests(Channel cmd, int deathFd, Hooks hooks)
+    : hooks_(std::move(hooks)), cmd_(std::move(cmd)), deathFd_(deathFd), wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  if (!wake_) throwErrno(hooks_.who + ": cannot create the calls' wake-up event");
+  cmd_.watchPeer(deathFd_);
+}
+
+Requests::~Requests() { frontend_fds::remove({cmd_.fd()}); }
+
+void Requests::setDispatcher(std::function<void(std::function<void()>)> dispatch) {
+  std::lock_guard lock(mutex_);
+  dispatch_ = std::move(dispatch);
+}
+
+// ---------------------------------------------------------------- sending
+
+std::exception_ptr Requests::endError(const End& end, const char* what, const std::string& command,
+                                      bool during) const {
+  if (end.error) return end.error;
+  const std::string call = std::string(what) + " '" + command + "'";
+  if (end.stopped && !during) return std::make_exception_ptr(Error(hooks_.who + ": " + call + " after stop"));
+  return std::make_exception_ptr(ProcessDied(hooks_.who + (end.stopped ? ": the backend stopped" : ": the backend died") +
+                                             (during ? " during " : " before ") + call + " (" + end.how + ")"));
+}
+
+void Requests::throwIfClosed(const char* what, const std::string& command) {
+  if (closed_) std::rethrow_exception(endError(*closed_, what, command, false));
+}
+
+void Requests::send(Message& m, Timeout timeout) {
+  const Deadline d(timeout);
+  std::unique_lock lock(sendMutex_, std::defer_lock);
+  if (!(d.forever() ? (lock.lock(), true) : lock.try_lock_until(d.at())))
+    throw TimeoutError(hooks_.who + ": cannot send '" + m.command() + "' within " + std::to_string(timeout.count()) +
+                       " ms: another thread's send still holds the channel");
+  {
+    std::lock_guard l(mutex_);
+    throwIfClosed("send", m.command());
+  }
+  m.setId(0);
+  try {
+    cmd_.send(m, d.forever() ? kForever : std::chrono::ceil<Timeout>(d.remaining()));
+  } catch (const PeerClosed&) {
+    lock.unlock();
+    std::rethrow_exception(endError(endOfPeer(), "send", m.command(), true));
+  }
+}
+
+std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::function<void(CallResult)> callback) {
+  auto s = std::make_shared<CallSlot>();
+  s->command = m.command();
+  s->deadline = Deadline(timeout);
+  s->timeout = timeout;
+  s->callback = std::move(callback);
+  std::unique_lock lock(sendMutex_, std::defer_lock);
+  if (!(s->deadline.forever() ? (lock.lock(), true) : lock.try_lock_until(s->deadline.at())))
+    throw TimeoutError(hooks_.who + ": call '" + m.command() + "' could not be sent within " +
+                       std::to_string(timeout.count()) + " ms: another thread's send still holds the channel");
+  s->id = ++nextId_;
+  m.setId(s->id);
+  {
+    std::lock_guard l(mutex_);
+    throwIfClosed("call", m.command());
+    pending_.emplace(s->id, s);  // before sending: the reply may beat us back
+  }
+  try {
+    cmd_.send(m, s->deadline.forever() ? kForever : std::chrono::ceil<Timeout>(s->deadline.remaining()));
+  } catch (const PeerClosed&) {
+    forget(*s);
+    lock.unlock();
+    std::rethrow_exception(endError(endOfPeer(), "call", m.command(), true));
+  } catch (...) {
+    forget(*s);
+    throw;
+  }
+  return s;
+}
+
+bool Requests::sendControl(const Message& m, Timeout timeout) noexcept {
+  std::unique_lock lock(sendMutex_, std::defer_lock);
+  if (!lock.try_lock_for(timeout)) return false;
+  try {
+    cmd_.send(m, timeout);
+    return true;
+  } catch (const std::exception&) {
+    return false;  // gone or not reading: the stop ladder deals with it
+  }
+}
+
+// ---------------------------------------------------------------- completing
+
+void Requests::complete(CallSlot& s, CallResult r, std::vector<std::function<void()>>& ready) {
+  if (s.done) return;
+  s.done = true;
+  s.result = std::move(r);
+  pending_.erase(s.id);
+  if (s.callback) {
+    auto fn = std::move(s.callback);
+    s.callback = nullptr;
+    ready.push_back([fn = std::move(fn), res = s.result]() mutable { fn(std::move(res)); });
+  }
+}
+
+void Requests::expire(std::vector<std::function<void()>>& ready) {
+  std::vector<CallSlot*> late;
+  for (auto& [id, s] : pending_)
+    if (s->deadline.expired()) late.push_back(s.get());
+  for (CallSlot* s : late)
+    complete(*s,
+             CallResult(std::make_exception_ptr(TimeoutError(hooks_.who + ": call '" + s->command +
+                                                             "' got no reply within " +
+                                                             std::to_string(s->timeout.count()) + " ms"))),
+             ready);
+}
+
+void Requests::closeLocked(End end, std::vector<std::function<void()>>& ready) {
+  if (!closed_) closed_ = std::move(end);
+  std::vector<CallSlot*> all;
+  for (auto& [id, s] : pending_) all.push_back(s.get());
+  for (CallSlot* s : all) complete(*s, CallResult(endError(*closed_, "call", s->command, true)), ready);
+  cv_.notify_all();
+}
+
+void Requests::close(End end) {
+  std::vector<std::function<void()>> ready;
+  {
+    std::lock_guard lock(mutex_);
+    closeLocked(std::move(end), ready);
+  }
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto r = ::write(wake_.get(), &one, sizeof one);
+  run(ready);
+}
+
+void Requests::run(std::vector<std::function<void()>>& ready) {
+  if (ready.empty()) return;
+  std::function<void(std::function<void()>)> dispatch;
+  {
+    std::lock_guard lock(mutex_);
+    dispatch = dispatch_;
+  }
+  for (auto& fn : ready) {
+    if (dispatch) {
+      dispatch(std::move(fn));
+      continue;
+    }
+    try {
+      fn();
+    } catch (...) {
+      // A callback's exception has nowhere to go on a reader's thread;
+      // the loop dispatcher reports it.
+    }
+  }
+  ready.clear();
+}
+
+Requests::End Requests::endOfPeer() {
+  {
+    std::lock_guard lock(mutex_);
+    if (closed_) return *closed_;
+  }
+  End end;
+  end.stopped = hooks_.stopRequested && hooks_.stopRequested();
+  end.how = hooks_.describeEnd ? hooks_.describeEnd() : "ended";
+  return end;
+}
+
+// ---------------------------------------------------------------- reading
+
+void Requests::readTurn(const Deadline& d, Read how) {
+  std::vector<std::function<void()>> ready;
+  bool peerEnded = false;
+  if (how == Read::Wait) {
+    pollfd fds[3] = {{cmd_.fd(), POLLIN, 0}, {deathFd_, POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+    const int r = ::poll(fds, 3, d.pollMillis());
+    if (r < 0 && errno != EINTR) throwErrno(hooks_.who + ": cannot wait for replies");
+    if (r <= 0) {
+      std::lock_guard lock(mutex_);
+      expire(ready);
+    } else {
+      peerEnded = (fds[1].revents & POLLIN) != 0;
+    }
+  } else {
+    peerEnded = waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()));
+  }
+  if (ready.empty()) {
+    // Everything there is; a dead backend's last replies come before its end.
+    for (;;) {
+      std::optional<Message> m;
+      std::exception_ptr failure;
+      try {
+        m = cmd_.tryRecv();
+      } catch (const StreamCorrupt&) {
+        failure = std::current_exception();
+      } catch (const PeerClosed&) {
+        peerEnded = true;
+        break;
+      } catch (const DecodeError& e) {
+        // A reply that does not decode still completes its call.
+        if (e.id() == 0) continue;
+        std::lock_guard lock(mutex_);
+        if (auto it = pending_.find(e.id()); it != pending_.end())
+          complete(*it->second, CallResult(std::make_exception_ptr(RemoteError(hooks_.who + ": " + e.what()))), ready);
+        cv_.notify_all();
+        continue;
+      } catch (const LimitError& e) {
+        if (e.id() == 0) continue;
+        std::lock_guard lock(mutex_);
+        if (auto it = pending_.find(e.id()); it != pending_.end())
+          complete(*it->second, CallResult(std::make_exception_ptr(RemoteError(hooks_.who + ": " + e.what()))), ready);
+        cv_.notify_all();
+        continue;
+      }
+      if (failure) {
+        std::lock_guard lock(mutex_);
+        closeLocked(End{false, {}, failure}, ready);
+        break;
+      }
+      if (!m) break;
+      std::lock_guard lock(mutex_);
+      auto it = pending_.find(m->id());
+      if (it == pending_.end()) continue;  // the late reply of a forgotten call
+      if (m->command() == control::kOk) {
+        complete(*it->second, CallResult(m->get<Value>("value", Value())), ready);
+      } else {
+        complete(*it->second,
+                 CallResult(std::make_exception_ptr(RemoteError(m->get<std::string>("error", "unknown remote error")))),
+                 ready);
+      }
+      cv_.notify_all();
+    }
+    if (peerEnded) {
+      End end = endOfPeer();
+      std::lock_guard lock(mutex_);
+      closeLocked(std::move(end), ready);
+    } else {
+      std::lock_guard lock(mutex_);
+      expire(ready);
+    }
+  }
+  run(ready);
+}
+
+bool Requests::wait(CallSlot& s, const Deadline& d) {
+  std::unique_lock lock(mutex_);
+  for (;;) {
+    if (s.done) return true;
+    if (closed_) {
+      std::vector<std::function<void()>> ready;
+      closeLocked(*closed_, ready);
+      lock.unlock();
+      run(ready);
+      return true;
+    }
+    if (s.deadline.expired()) {
+      std::vector<std::function<void()>> ready;
+      expire(ready);
+      lock.unlock();
+      run(ready);
+      lock.lock();
+      continue;
+    }
+    if (d.expired()) return false;
+    if (!reading_) {
+      reading_ = true;
+      lock.unlock();
+      try {
+        readTurn(d, Read::Wait);
+      } catch (...) {
+        lock.lock();
+        reading_ = false;
+        cv_.notify_all();
+        throw;
+      }
+      lock.lock();
+      reading_ = false;
+      cv_.notify_all();  // another waiter may take the reader's turn
+      continue;
+    }
+    if (d.forever())
+      cv_.wait(lock);
+    else
+      cv_.wait_until(lock, d.at());
+  }
+}
+
+bool Requests::done(const CallSlot& s) {
+  std::lock_guard lock(mutex_);
+  return s.done;
+}
+
+void Requests::forget(const CallSlot& s) {
+  std::lock_guard lock(mutex_);
+  if (!s.done) pending_.erase(s.id);
+}
+
+void Requests::pump() {
+  {
+    std::lock_guard lock(mutex_);
+    if (reading_) return;  // the reader routes what comes
+    reading_ = true;
+  }
+  try {
+    readTurn(Deadline(Timeout::zero()), Read::NoWait);
+  } catch (...) {
+    std::lock_guard lock(mutex_);
+    reading_ = false;
+    cv_.notify_all();
+    throw;
+  }
+  std::lock_guard lock(mutex_);
+  reading_ = false;
+  cv_.notify_all();
+}
+
+std::optional<Deadline::Clock::time_point> Requests::nextCallbackDeadline() {
+  std::lock_guard lock(mutex_);
+  std::optional<Deadline::Clock::time_point> best;
+  for (auto& [id, s] : pending_)
+    if (s->callback && !s->deadline.forever() && (!best || s->deadline.at() < *best)) best = s->deadline.at();
+  return best;
+}
+
+}  // namespace detail
+}  // namespace forklift
