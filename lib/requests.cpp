@@ -169,12 +169,12 @@ void Requests::complete(CallSlot& s, CallResult r, std::vector<std::function<voi
   if (s.done) return;
   s.done = true;
   s.result = std::move(r);
-  pending_.erase(s.id);
   if (s.callback) {
     auto fn = std::move(s.callback);
     s.callback = nullptr;
     ready.push_back([fn = std::move(fn), res = s.result]() mutable { fn(std::move(res)); });
   }
+  pending_.erase(s.id);  // last: it may hold the only reference to s
 }
 
 void Requests::expire(std::vector<std::function<void()>>& ready) {

@@ -1,0 +1,568 @@
+// The lifecycle promises of MessageProcess, each tried the way a careless or
+// hostile user would: wrong side, many threads, dying backends, lying
+// frames, statuses that cannot be known.
+#include "forklift/process.hpp"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "forklift/log.hpp"
+#include "support.hpp"
+
+namespace forklift {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using test::contains;
+
+std::string errorOf(const std::function<void()>& fn) { return test::thrown(fn); }
+
+long msSince(Clock::time_point t0) {
+  return static_cast<long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count());
+}
+
+class Worker : public MessageProcess {
+ public:
+  explicit Worker(std::string name = "worker", ProcessOptions o = {}) : MessageProcess(std::move(name), std::move(o)) {
+    command("square", &Worker::c__square, {"x"});
+    command("later", &Worker::c__later, {"ms", "value"});
+    command("sleep", &Worker::c__sleep, {"ms"});
+    command("misuse", &Worker::c__misuse, {"method"});
+    command("chatter", &Worker::c__chatter, {"n"});
+    command("boom", &Worker::c__boom);
+    command("segv", &Worker::c__segv);
+    command("spawn_holder", &Worker::c__spawnHolder);
+    command("throw_in_timer", &Worker::c__throwInTimer);
+    command("misuse_in_timer", &Worker::c__misuseInTimer);
+    command("blob", &Worker::c__blob, {"data"});
+    command("received", &Worker::c__received);
+  }
+  bool misuseInPreRun = false;
+  bool failPostRun = false;
+
+ private:
+  void preRun__() override {
+    if (misuseInPreRun) send("square", {{"x", 1}});
+  }
+  void postRun__() override {
+    if (failPostRun) throw std::runtime_error("postRun__ fails on purpose");
+  }
+  double c__square(double x) { return x * x; }
+  void c__later(int ms, std::string value, Reply reply) {
+    auto r = std::make_shared<Reply>(std::move(reply));
+    after__(Timeout(ms), [r, value] { r->resolve(value); });
+  }
+  void c__sleep(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+  // Calls a frontend method on the backend side; returns what it threw.
+  std::string c__misuse(std::string method) {
+    return errorOf([&] {
+      if (method == "send") send("square", {{"x", 1}});
+      if (method == "call") call("square", {{"x", 1}}, 1s);
+      if (method == "callAsync") callAsync("square", {{"x", 1}});
+      if (method == "stop") stop(1s);
+      if (method == "requestStop") requestStop();
+      if (method == "recv") recv(1s);
+      if (method == "start") start();
+    });
+  }
+  void c__chatter(int n) {
+    for (int i = 0; i < n; ++i) sendOut__(Message("chat", {{"i", i}}));
+  }
+  void c__boom() { throw std::runtime_error("boom on purpose"); }
+  void c__segv() { ::raise(SIGSEGV); }
+  // A helper process that holds the backend's channels open and dies with
+  // the backend (its parent).
+  std::int64_t c__spawnHolder() {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      ::sleep(30);
+      ::_exit(0);
+    }
+    return pid;
+  }
+  void c__throwInTimer() {
+    after__(1ms, [] { throw 42; });
+  }
+  void c__misuseInTimer() {
+    after__(1ms, [this] { sendOut__(Message("misuse", {{"error", errorOf([this] { send("square"); })}})); });
+  }
+  void c__blob(Bytes data) { received_ += static_cast<std::int64_t>(data.size()); }
+  std::int64_t c__received() { return received_; }
+  std::int64_t received_ = 0;
+};
+
+// ---------------------------------------------------------------- 1. wrong side
+
+TEST(Lifecycle, FrontendMethodsOnTheBackendSideThrowAtOnce) {
+  Worker p;
+  p.start();
+  for (const char* method : {"send", "call", "callAsync", "stop", "requestStop", "recv", "start"}) {
+    const auto t0 = Clock::now();
+    const std::string e = p.call("misuse", {{"method", method}}, 5s).as<std::string>();
+    EXPECT_LT(msSince(t0), 2000) << method;
+    EXPECT_TRUE(contains(e, std::string("Worker.worker: ") + method +
+                                "() is a frontend method and was called on the backend side"))
+        << e;
+  }
+  // From a timer of the backend, too.
+  p.send("misuse_in_timer");
+  auto m = p.recv(5s);
+  ASSERT_TRUE(m);
+  EXPECT_TRUE(contains(m->get<std::string>("error"), "send() is a frontend method and was called on the backend side"));
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Lifecycle, FrontendMethodInPreRunFailsStartWithAClearError) {
+  Worker p;
+  p.misuseInPreRun = true;
+  EXPECT_TRUE(contains(errorOf([&] { p.start(); }), "send() is a frontend method and was called on the backend side"));
+  EXPECT_FALSE(p.isAlive());
+}
+
+TEST(Lifecycle, BackendMethodsOnTheFrontendSideThrow) {
+  class Sneaky : public Worker {
+   public:
+    std::string tryIt() {
+      return errorOf([this] { sendOut__(Message("x")); });
+    }
+  } p;
+  p.start();
+  EXPECT_EQ(p.tryIt(), "Sneaky.worker: sendOut__ is a backend method and was called on the frontend side");
+  p.stop(5s);
+}
+
+// ---------------------------------------------------------------- 2. threads
+
+TEST(Lifecycle, CallsFromSeveralThreadsArePipelined) {
+  Worker p;
+  p.start();
+  // Four deferred replies of 400 ms each: one after the other they would
+  // take 1.6 s; pipelined, about 400 ms.
+  std::vector<std::string> got(4);
+  std::vector<std::thread> threads;
+  const auto t0 = Clock::now();
+  for (int i = 0; i < 4; ++i)
+    threads.emplace_back([&, i] {
+      got[static_cast<std::size_t>(i)] =
+          p.call("later", {{"ms", 400}, {"value", "v" + std::to_string(i)}}, 5s).as<std::string>();
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_LT(msSince(t0), 1200);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], "v" + std::to_string(i));
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Lifecycle, ManyThreadsManyCallsEachGetTheirOwnReply) {
+  Worker p;
+  p.start();
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i)
+    threads.emplace_back([&, i] {
+      for (int k = 0; k < 500; ++k) {
+        const double x = i * 1000 + k;
+        if (p.call("square", {{"x", x}}, 5s).as<double>() != x * x) ++wrong;
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Lifecycle, StopReturnsWithinItsBoundWhileCallsWaitAndTheCallsEndAtOnce) {
+  Worker p;
+  p.start();
+  std::string callError;
+  long callEndedAt = -1;
+  const auto t0 = Clock::now();
+  std::thread caller([&] {
+    callError = test::thrown<ProcessDied>([&] { p.call("sleep", {{"ms", 20000}}, 20s); });
+    callEndedAt = msSince(t0);
+  });
+  std::this_thread::sleep_for(100ms);  // the call is in the handler now
+  const ExitStatus s = p.stop(500ms);
+  const long stopTook = msSince(t0) - 100;
+  caller.join();
+  EXPECT_LT(stopTook, 2000);  // 500 ms, then SIGTERM ends the sleeping handler
+  EXPECT_EQ(s.how, ExitStatus::How::Signaled);
+  EXPECT_EQ(s.escalation, 1);
+  EXPECT_LT(callEndedAt, 2500);
+  EXPECT_TRUE(contains(callError, "Worker.worker: the backend stopped during call 'sleep' (killed by SIGTERM"))
+      << callError;
+}
+
+TEST(Lifecycle, RecvFromTwoThreadsLosesNothing) {
+  Worker p;
+  p.start();
+  constexpr int kN = 20000;
+  p.send("chatter", {{"n", kN}});
+  std::mutex m;
+  std::set<int> seen;
+  std::atomic<int> errors{0};
+  auto reader = [&] {
+    for (;;) {
+      try {
+        auto msg = p.recv(500ms);
+        if (!msg) return;
+        std::lock_guard lock(m);
+        if (!seen.insert(msg->get<int>("i")).second) ++errors;
+      } catch (const std::exception&) {
+        ++errors;
+      }
+    }
+  };
+  std::thread a(reader), b(reader);
+  a.join();
+  b.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(seen.size(), static_cast<std::size_t>(kN));
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+// ---------------------------------------------------------------- 3. asynchronous calls
+
+TEST(Lifecycle, CallAsyncReturnsFuturesThatCarryValuesAndErrors) {
+  Worker p;
+  p.start();
+  CallFuture a = p.callAsync("later", {{"ms", 100}, {"value", "a"}});
+  CallFuture b = p.callAsync("square", {{"x", 7}});
+  CallFuture bad = p.callAsync("nope");
+  CallFuture slow = p.callAsync("later", {{"ms", 5000}, {"value", "late"}}, 200ms);
+  EXPECT_FALSE(a.ready());
+  EXPECT_EQ(b.get().as<double>(), 49.0);
+  EXPECT_EQ(a.get().as<std::string>(), "a");
+  EXPECT_EQ(test::thrown<RemoteError>([&] { bad.get(); }), "Worker.worker: unknown command 'nope'");
+  EXPECT_FALSE(slow.wait(50ms));
+  EXPECT_EQ(test::thrown<TimeoutError>([&] { slow.get(); }), "Worker.worker: call 'later' got no reply within 200 ms");
+  EXPECT_TRUE(b.ready());
+  EXPECT_EQ(b.get().as<double>(), 49.0);  // again: the same value
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Lifecycle, CallAsyncCallbackRunsOnTheThreadThatReadsTheReply) {
+  Worker p;
+  p.start();
+  std::atomic<int> done{0};
+  std::string error;
+  p.callAsync("square", {{"x", 3}}, 5s, [&](CallResult r) {
+    EXPECT_EQ(r.get().as<double>(), 9.0);
+    ++done;
+  });
+  p.callAsync("boom", {}, 5s, [&](CallResult r) {
+    error = r.what();
+    ++done;
+  });
+  // A blocking call reads the replies before its own and runs the callbacks.
+  EXPECT_EQ(p.call("square", {{"x", 2}}, 5s).as<double>(), 4.0);
+  EXPECT_EQ(done.load(), 2);
+  EXPECT_EQ(error, "Worker.worker: c__boom threw: boom on purpose");
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Lifecycle, FuturesOfADeadBackendFailAtOnce) {
+  Worker p;
+  p.start();
+  CallFuture f = p.callAsync("sleep", {{"ms", 20000}}, 20s);
+  std::this_thread::sleep_for(50ms);
+  p.signal(SIGKILL);
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { f.get(); }),
+                       "Worker.worker: the backend died during call 'sleep' (killed by SIGKILL"));
+  EXPECT_LT(msSince(t0), 1500);
+  EXPECT_TRUE(contains(errorOf([&] { p.call("square", {{"x", 1}}, 5s); }), "the backend died before call 'square'"));
+  p.stop(1s);
+}
+
+// ---------------------------------------------------------------- 5. every wait watches death
+
+TEST(Lifecycle, CallAndRecvSeeDeathAtOnceWhenAHelperHoldsTheChannel) {
+  Worker p;
+  p.start();
+  const auto holder = p.call("spawn_holder", {}, 5s).as<std::int64_t>();
+  ASSERT_GT(holder, 0);
+  std::thread killer([&] {
+    std::this_thread::sleep_for(200ms);
+    p.signal(SIGKILL);
+  });
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("sleep", {{"ms", 20000}}, 20s); }),
+                       "the backend died during call 'sleep'"));
+  EXPECT_LT(msSince(t0), 2000);
+  killer.join();
+  const auto t1 = Clock::now();
+  EXPECT_THROW(p.recv(10s), ProcessDied);
+  EXPECT_LT(msSince(t1), 2000);
+  EXPECT_EQ(p.stop(1s).signal, SIGKILL);
+  // The holder dies with its parent.
+  EXPECT_TRUE(test::eventually([&] { return ::kill(static_cast<pid_t>(holder), 0) != 0; }, 5s));
+}
+
+// ---------------------------------------------------------------- 6. statuses never invented
+
+TEST(Lifecycle, TwoThreadsStoppingAtOnceGetTheRealStatus) {
+  for (int round = 0; round < 5; ++round) {
+    Worker p;
+    p.failPostRun = true;
+    p.start();
+    ExitStatus a, b;
+    std::thread t1([&] { a = p.stop(5s); });
+    std::thread t2([&] { b = p.stop(5s); });
+    t1.join();
+    t2.join();
+    EXPECT_EQ(a.how, ExitStatus::How::Exited);
+    EXPECT_EQ(a.code, kExitPostRunFailed) << a.describe();
+    EXPECT_EQ(b.code, kExitPostRunFailed) << b.describe();
+    EXPECT_FALSE(a.ok());
+    EXPECT_EQ(a.describe(), "exited with code 4 (postRun__ failed)");
+  }
+}
+
+TEST(Lifecycle, AStatusTakenElsewhereIsUnknownNotOk) {
+  struct sigaction old {};
+  struct sigaction ign {};
+  ign.sa_handler = SIG_IGN;
+  ::sigaction(SIGCHLD, &ign, &old);  // the kernel reaps our children itself
+  ExitStatus s;
+  {
+    Worker p;
+    p.start();
+    p.send("segv");
+    s = p.stop(5s);
+  }
+  ::sigaction(SIGCHLD, &old, nullptr);
+  EXPECT_EQ(s.how, ExitStatus::How::Unknown) << s.describe();
+  EXPECT_FALSE(s.ok());
+  EXPECT_TRUE(contains(s.describe(), "unknown status"));
+}
+
+// ---------------------------------------------------------------- 7. errors of sent commands
+
+TEST(Lifecycle, ErrorsOfSentCommandsReachTheFrontendInOrder) {
+  Worker p;
+  p.start();
+  p.send("chatter", {{"n", 1}});
+  p.send("nope");
+  p.send("square", {{"x", "three"}});
+  p.send("boom");
+  p.send("chatter", {{"n", 1}});
+  EXPECT_EQ(p.recv(5s)->command(), "chat");
+  try {
+    p.recv(5s);
+    FAIL() << "no error";
+  } catch (const CommandError& e) {
+    EXPECT_EQ(e.command(), "nope");
+    EXPECT_EQ(std::string(e.what()), "Worker.worker: unknown command 'nope'");
+  }
+  try {
+    p.recv(5s);
+    FAIL() << "no error";
+  } catch (const CommandError& e) {
+    EXPECT_EQ(e.command(), "square");
+    EXPECT_TRUE(contains(e.what(), "argument 'x': string found, double wanted"));
+  }
+  EXPECT_EQ(test::thrown<CommandError>([&] { p.recv(5s); }), "Worker.worker: c__boom threw: boom on purpose");
+  EXPECT_EQ(p.recv(5s)->command(), "chat");
+  EXPECT_FALSE(p.recv(100ms));
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+// ---------------------------------------------------------------- 8, 9. refused and lying frames
+
+Value nested(int depth) {
+  Value v = 1;
+  for (int i = 0; i < depth; ++i) v = Value(List{std::move(v)});
+  return v;
+}
+
+TEST(Lifecycle, TooDeepOrTooLargeArgumentsFailAtOnceNotAtTheTimeout) {
+  Worker p;
+  p.start();
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(contains(test::thrown<LimitError>([&] { p.call("square", {{"x", nested(40)}}, 10s); }), "deeper"));
+  List many(static_cast<std::size_t>(p.options().limits.maxElements) + 1, Value(0));
+  EXPECT_TRUE(contains(test::thrown<LimitError>([&] { p.call("square", {{"x", Value(many)}}, 10s); }), "elements"));
+  EXPECT_LT(msSince(t0), 5000);
+  EXPECT_EQ(p.call("square", {{"x", 3}}, 5s).as<double>(), 9.0);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+std::string header(std::uint32_t len) {
+  std::string h = {'F', 'K', 2, 0};
+  for (int i = 0; i < 4; ++i) h += static_cast<char>((len >> (8 * i)) & 0xff);
+  return h;
+}
+
+TEST(Lifecycle, ALyingFrameHeaderEndsTheBackendWithAClearStatus) {
+  Worker p;
+  p.start();
+  const std::string lie = header(0xFFFFFFFFu);
+  ASSERT_EQ(::write(p.replyFd(), lie.data(), lie.size()), static_cast<ssize_t>(lie.size()));
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("square", {{"x", 2}}, 5s); }), "command stream"));
+  EXPECT_LT(msSince(t0), 4000);
+  EXPECT_TRUE(contains(test::thrown<CommandError>([&] { p.recv(5s); }), "the command stream is corrupt"));
+  const ExitStatus s = p.stop(5s);
+  EXPECT_EQ(s.code, kExitCorruptStream) << s.describe();
+  EXPECT_EQ(s.escalation, 0);
+}
+
+TEST(Lifecycle, ATruncatedFrameNeedsNoSigtermToStop) {
+  Worker p;
+  p.start();
+  const std::string cut = header(100) + std::string(50, 'x');
+  ASSERT_EQ(::write(p.replyFd(), cut.data(), cut.size()), static_cast<ssize_t>(cut.size()));
+  try {
+    p.call("square", {{"x", 2}}, 1s);  // eaten by the cut frame: a clear error within the timeout
+  } catch (const Error&) {
+  }
+  const ExitStatus s = p.stop(5s);
+  EXPECT_EQ(s.escalation, 0) << s.describe();
+  EXPECT_EQ(s.code, kExitCorruptStream) << s.describe();
+}
+
+// ---------------------------------------------------------------- 10. a send that timed out
+
+TEST(Lifecycle, ASendThatTimedOutDoesNotBreakTheObject) {
+  ProcessOptions o;
+  o.sendTimeout = 200ms;
+  Worker p("worker", o);
+  p.start();
+  p.send("sleep", {{"ms", 1500}});
+  const Bytes big(8u << 20, 7);
+  EXPECT_THROW(p.send("blob", {{"data", Value(big)}}), TimeoutError);
+  std::this_thread::sleep_for(1500ms);  // the backend is idle again
+  EXPECT_EQ(p.call("square", {{"x", 3}}, 10s).as<double>(), 9.0);
+  EXPECT_EQ(p.call("received", {}, 5s).as<std::int64_t>(), static_cast<std::int64_t>(big.size()));
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+// ---------------------------------------------------------------- 11. backends that start backends
+
+class Leaf : public MessageProcess {
+ public:
+  Leaf() : MessageProcess("leaf") { command("square", &Leaf::c__square, {"x"}); }
+
+ private:
+  double c__square(double x) { return x * x; }
+};
+
+class Middle : public MessageProcess {
+ public:
+  Middle() : MessageProcess("middle") { command("leaf_square", &Middle::c__leafSquare, {"x"}); }
+
+ private:
+  void preRun__() override {
+    leaf_ = std::make_unique<Leaf>();
+    leaf_->start();
+  }
+  void postRun__() override { leaf_.reset(); }
+  double c__leafSquare(double x) { return leaf_->call("square", {{"x", x}}, 5s).as<double>(); }
+  std::unique_ptr<Leaf> leaf_;
+};
+
+TEST(Lifecycle, AThreeLevelHierarchyAfterTenSiblings) {
+  std::vector<std::unique_ptr<Worker>> siblings;
+  for (int i = 0; i < 10; ++i) {
+    siblings.push_back(std::make_unique<Worker>("sibling-" + std::to_string(i)));
+    siblings.back()->start();
+  }
+  const int fdsBefore = test::openFdCount();
+  {
+    Middle m;
+    m.start();
+    EXPECT_EQ(m.call("leaf_square", {{"x", 6}}, 10s).as<double>(), 36.0);
+    EXPECT_TRUE(m.stop(5s).ok());
+  }
+  EXPECT_EQ(test::openFdCount(), fdsBefore);
+  for (auto& s : siblings) EXPECT_EQ(s->call("square", {{"x", 2}}, 5s).as<double>(), 4.0);
+  for (auto& s : siblings) EXPECT_TRUE(s->stop(5s).ok());
+}
+
+// ---------------------------------------------------------------- 12. any exception type
+
+TEST(Lifecycle, AnyExceptionFromABackendTimerIsLoggedAndTheLoopGoesOn) {
+  Worker p;
+  p.start();
+  p.send("throw_in_timer");
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(p.call("square", {{"x", 5}}, 5s).as<double>(), 25.0);
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+// ---------------------------------------------------------------- 14. in-process without stop()
+
+class Collector : public MessageProcess {
+ public:
+  explicit Collector(ProcessOptions o) : MessageProcess("collector", std::move(o)) {
+    command("add", &Collector::c__add, {"x"});
+    command("count", &Collector::c__count);
+    command("tick", &Collector::c__tick);
+  }
+  // No stop() here: the base class's destructor is left to do it.
+
+ private:
+  void c__add(int x) { items_.push_back(std::to_string(x)); }
+  std::int64_t c__count() { return static_cast<std::int64_t>(items_.size()); }
+  void c__tick() {
+    every__(1ms, [this] { items_.push_back("tick"); });
+  }
+  void postRun__() override { items_.push_back("postRun"); }
+  std::vector<std::string> items_;
+};
+
+TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassIsSafe) {
+  for (int round = 0; round < 20; ++round) {
+    ProcessOptions o;
+    o.inProcess = true;
+    auto c = std::make_unique<Collector>(o);
+    c->start();
+    c->send("tick");
+    EXPECT_GE(c->call("count", {}, 5s).as<std::int64_t>(), 0);
+    for (int i = 0; i < 100; ++i) c->send("add", {{"x", i}});
+    c.reset();  // ASan: no use of the destroyed subclass
+  }
+}
+
+// ---------------------------------------------------------------- 15. logs
+
+TEST(Lifecycle, TheLifecycleIsLoggedAtDebugLevelUnderTheFullName) {
+  char path[] = "/tmp/forklift-lifecycle-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  const int saved = ::dup(STDERR_FILENO);
+  ::dup2(fd, STDERR_FILENO);
+  formatLogger(spdlog::level::debug);
+  pid_t pid = 0;
+  {
+    Worker p("logged");
+    p.start();
+    pid = p.pid();
+    p.stop(5s);
+  }
+  formatLogger(spdlog::level::info);
+  ::dup2(saved, STDERR_FILENO);
+  ::close(saved);
+  ::close(fd);
+  std::ifstream f(path);
+  const std::string log((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ::unlink(path);
+  EXPECT_TRUE(contains(log, "[Worker.logged]"));
+  EXPECT_TRUE(contains(log, "started, pid " + std::to_string(pid)));
+  EXPECT_TRUE(contains(log, "ready"));
+  EXPECT_TRUE(contains(log, "stop requested"));
+  EXPECT_TRUE(contains(log, "ended: exited with code 0"));
+}
+
+}  // namespace
+}  // namespace forklift
