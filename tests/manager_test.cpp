@@ -24,6 +24,8 @@ class Blaster : public MessageProcess {
     command("spin", &Blaster::c__spin);
     command("tick", &Blaster::c__tick, {"period_ms"});
     command("blast_and_die", &Blaster::c__blastAndDie, {"n", "bytes"});
+    command("job", &Blaster::c__job, {"n"});
+    command("square_later", &Blaster::c__squareLater, {"x", "ms"});
   }
 
  private:
@@ -40,6 +42,15 @@ class Blaster : public MessageProcess {
   }
   void c__spin() {
     for (;;) ::pause();
+  }
+  // A job: odd numbers fail.
+  void c__job(int n) {
+    if (n % 2) throw std::runtime_error("job " + std::to_string(n) + " is odd");
+    sendOut__(Message("result", {{"n", n}}));
+  }
+  void c__squareLater(double x, int ms, Reply reply) {
+    auto r = std::make_shared<Reply>(std::move(reply));
+    after__(Timeout(ms), [r, x] { r->resolve(x * x); });
   }
   void c__tick(int periodMs) {
     every__(Timeout(periodMs), [this] { sendOut__(Message("tick")); });
@@ -236,6 +247,112 @@ TEST(Manager, SubclassedLikeMainContext) {
   EXPECT_TRUE(c.startedBeforeThreads);
   EXPECT_TRUE(c.closedAfterWorkers);
   EXPECT_EQ(c.messages, 30);
+}
+
+// Nothing fails silently: four jobs, two of them fail.
+TEST(Manager, ErrorsOfSentCommandsAreReportedNotLost) {
+  Manager m;
+  auto& w = m.emplace<Blaster>("jobs");
+  std::vector<int> results;
+  std::vector<std::string> errors;
+  m.onMessage([&](MessageProcess&, Message& msg) {
+    if (msg.command() == "result") results.push_back(msg.get<int>("n"));
+    if (results.size() + errors.size() == 4) m.requestStop();
+  });
+  m.onError([&](MessageProcess& worker, const std::string& command, const std::string& what) {
+    EXPECT_EQ(&worker, &w);
+    EXPECT_EQ(command, "job");
+    errors.push_back(what);
+    if (results.size() + errors.size() == 4) m.requestStop();
+  });
+  m.after(0ms, [&] {
+    for (int n = 1; n <= 4; ++n) w.send("job", {{"n", n}});
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_EQ(results, (std::vector<int>{2, 4}));
+  ASSERT_EQ(errors.size(), 2u);
+  EXPECT_EQ(errors[0], "Blaster.jobs: c__job threw: job 1 is odd");
+  EXPECT_EQ(errors[1], "Blaster.jobs: c__job threw: job 3 is odd");
+}
+
+TEST(Manager, AnUnhandledCommandErrorMakesRunReturnOne) {
+  Manager m;
+  auto& w = m.emplace<Blaster>("jobs");
+  int results = 0;
+  m.onMessage([&](MessageProcess&, Message&) {
+    if (++results == 1) m.after(50ms, [&] { m.requestStop(); });
+  });
+  m.after(0ms, [&] {
+    w.send("job", {{"n", 1}});
+    w.send("job", {{"n", 2}});
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 1);
+  EXPECT_EQ(results, 1);
+}
+
+// The loop calls its workers without blocking: callbacks run on the loop.
+TEST(Manager, CallAsyncCallbacksRunOnTheLoop) {
+  Manager m;
+  auto& a = m.emplace<Blaster>("a");
+  auto& b = m.emplace<Blaster>("b");
+  std::thread::id loopThread;
+  std::vector<std::string> order;
+  bool allOnLoop = true;
+  m.after(0ms, [&] {
+    loopThread = std::this_thread::get_id();
+    const auto t0 = Clock::now();
+    a.callAsync("square_later", {{"x", 3}, {"ms", 200}}, 5s, [&](CallResult r) {
+      allOnLoop = allOnLoop && std::this_thread::get_id() == loopThread;
+      order.push_back("a=" + std::to_string(static_cast<int>(r.get().as<double>())));
+    });
+    b.callAsync("square_later", {{"x", 4}, {"ms", 50}}, 5s, [&](CallResult r) {
+      allOnLoop = allOnLoop && std::this_thread::get_id() == loopThread;
+      order.push_back("b=" + std::to_string(static_cast<int>(r.get().as<double>())));
+    });
+    b.callAsync("square_later", {{"x", 5}, {"ms", 5000}}, 300ms, [&](CallResult r) {
+      allOnLoop = allOnLoop && std::this_thread::get_id() == loopThread;
+      order.push_back(r.ok() ? "late ok" : "late: " + r.what());
+      m.requestStop();
+    });
+    EXPECT_LT(Clock::now() - t0, 50ms);  // nothing above blocked the loop
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_TRUE(allOnLoop);
+  EXPECT_EQ(order, (std::vector<std::string>{"b=16", "a=9", "late: Blaster.b: call 'square_later' got no reply within 300 ms"}));
+}
+
+TEST(Manager, AnyExceptionFromACallbackIsLoggedAndTheLoopGoesOn) {
+  Manager m;
+  m.emplace<Blaster>("w");
+  int ticks = 0;
+  m.after(1ms, [] { throw 42; });
+  m.after(2ms, [] { throw std::runtime_error("a standard one"); });
+  m.every(5ms, [&] {
+    if (++ticks == 5) m.requestStop();
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_EQ(ticks, 5);
+}
+
+TEST(Manager, PostRunsWorkOnTheLoopFromAnyThread) {
+  Manager m;
+  m.emplace<Blaster>("w");
+  m.runAsThread();
+  std::atomic<int> ran{0};
+  std::atomic<bool> onOtherThread{false};
+  const auto caller = std::this_thread::get_id();
+  for (int i = 0; i < 100; ++i)
+    m.post([&] {
+      onOtherThread = std::this_thread::get_id() != caller;
+      ++ran;
+    });
+  EXPECT_TRUE(test::eventually([&] { return ran.load() == 100; }, 5s));
+  EXPECT_TRUE(onOtherThread.load());
+  EXPECT_EQ(m.stopThread(), 0);
 }
 
 }  // namespace
