@@ -138,6 +138,7 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
     std::lock_guard l(mutex_);
     throwIfClosed("call", m.command());
     pending_.emplace(s->id, s);  // before sending: the reply may beat us back
+    if (s->callback) ++callbacks_;
   }
   try {
     cmd_.send(m, s->deadline.forever() ? kForever : std::chrono::ceil<Timeout>(s->deadline.remaining()));
@@ -170,6 +171,7 @@ void Requests::complete(CallSlot& s, CallResult r, std::vector<std::function<voi
   s.done = true;
   s.result = std::move(r);
   if (s.callback) {
+    --callbacks_;
     auto fn = std::move(s.callback);
     s.callback = nullptr;
     ready.push_back([fn = std::move(fn), res = s.result]() mutable { fn(std::move(res)); });
@@ -367,7 +369,9 @@ bool Requests::done(const CallSlot& s) {
 
 void Requests::forget(const CallSlot& s) {
   std::lock_guard lock(mutex_);
-  if (!s.done) pending_.erase(s.id);
+  if (s.done) return;
+  if (s.callback) --callbacks_;
+  pending_.erase(s.id);
 }
 
 void Requests::pump() {
@@ -390,6 +394,7 @@ void Requests::pump() {
 }
 
 std::optional<Deadline::Clock::time_point> Requests::nextCallbackDeadline() {
+  if (callbacks_.load(std::memory_order_relaxed) == 0) return std::nullopt;
   std::lock_guard lock(mutex_);
   std::optional<Deadline::Clock::time_point> best;
   for (auto& [id, s] : pending_)

@@ -18,6 +18,7 @@
 // once with ProcessDied; `close(error)` does the same for a stop.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -130,6 +131,9 @@ class Requests : public std::enable_shared_from_this<Requests> {
   bool reading_ = false;  // a thread is the reader
   std::unordered_map<std::uint64_t, std::shared_ptr<CallSlot>> pending_;
   std::optional<End> closed_;
+  // Callback calls in flight: a loop asks for their deadline before every
+  // wait, and most of the time there are none.
+  std::atomic<int> callbacks_{0};
   std::function<void(std::function<void()>)> dispatch_;
 };
 
