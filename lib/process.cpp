@@ -23,6 +23,7 @@
 
 #include "backend.hpp"
 #include "forklift/log.hpp"
+#include "threads.hpp"
 
 namespace forklift {
 
@@ -49,16 +50,6 @@ void unregisterFds(std::initializer_list<int> fds) {
 // are as simple.
 int pidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
 int pidfdSignal(int pidfd, int sig) { return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0)); }
-
-int countThreads() {
-  int n = 0;
-  if (DIR* d = ::opendir("/proc/self/task")) {
-    while (dirent* e = ::readdir(d))
-      if (e->d_name[0] != '.') ++n;
-    ::closedir(d);
-  }
-  return n;
-}
 
 bool envInProcess() {
   const char* v = std::getenv("FORKLIFT_IN_PROCESS");
@@ -244,12 +235,12 @@ void MessageProcess::start() {
       [[maybe_unused]] auto r = ::write(death_.get(), &one, sizeof one);
     });
   } else {
-    int threads = countThreads();
+    int threads = detail::countUserThreads();
     // A thread that was just joined can stay listed for a moment while the
     // kernel finishes its exit: look again briefly before refusing.
     for (int i = 0; threads > 1 && i < 20; ++i) {
       ::usleep(500);
-      threads = countThreads();
+      threads = detail::countUserThreads();
     }
     if (threads > 1) {
       if (!options_.allowThreads)
