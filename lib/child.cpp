@@ -267,6 +267,17 @@ void setUpChild(const ChildSetup& setup, pid_t parent) {
   ::_exit(code);
 }
 
+// Threads besides the caller. A thread that was just joined can stay listed
+// for a moment while the kernel finishes its exit: look again briefly.
+int otherThreads() {
+  int n = countUserThreads() - 1;
+  for (int i = 0; n > 0 && i < 20; ++i) {
+    ::usleep(500);
+    n = countUserThreads() - 1;
+  }
+  return n;
+}
+
 std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
   const int threads = otherThreads();
   if (threads > 0) {
