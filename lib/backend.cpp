@@ -211,6 +211,11 @@ void Backend::onCommandReadable() {
       frontendGone_ = true;
       requestStop();
       return;
+    } catch (const StreamCorrupt& e) {
+      // Final: every later read throws it again, so nothing more can come.
+      log().error("{}; stopping", e.what());
+      requestStop();
+      return;
     } catch (const DecodeError& e) {
       log().error("dropped a malformed command: {}", e.what());
       continue;

@@ -141,6 +141,11 @@ void Manager::drain(Worker& w, Drain until) {
       w.outOpen = false;
       uv_poll_stop(&w.outPoll);
       return;
+    } catch (const StreamCorrupt& e) {  // final: every later read throws it again
+      managerLog()->error("{}: {}", w.process->fullName(), e.what());
+      w.outOpen = false;
+      uv_poll_stop(&w.outPoll);
+      return;
     } catch (const Error& e) {  // a malformed message: reported, the next one still comes
       managerLog()->error("{}: {}", w.process->fullName(), e.what());
       continue;
