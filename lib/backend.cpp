@@ -74,6 +74,9 @@ Backend::Backend(BackendConfig config, Channel cmd, Channel out)
   cmdPoll_.data = this;
   outPoll_.data = this;
   check(uv_poll_start(&cmdPoll_, UV_READABLE, &Backend::onCmdPoll), "watch the command channel");
+  check(uv_poll_init(&loop_, &stopPoll_, config_.stopBell), "watch the stop bell");
+  stopPoll_.data = this;
+  check(uv_poll_start(&stopPoll_, UV_READABLE, &Backend::onStopBell), "watch the stop bell");
 }
 
 spdlog::logger& Backend::log() {
@@ -91,6 +94,7 @@ void Backend::closeAll() {
   sources_.closeAll();
   if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&cmdPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&cmdPoll_), nullptr);
   if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&outPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&outPoll_), nullptr);
+  if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&stopPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&stopPoll_), nullptr);
 }
 
 // ---------------------------------------------------------------- output
@@ -253,6 +257,26 @@ void Backend::onOutPoll(uv_poll_t* h, int status, int) {
     self->frontendGone_ = true;
     self->requestStop();
   }
+}
+
+void Backend::onStopBell(uv_poll_t* h, int, int) {
+  auto* self = static_cast<Backend*>(h->data);
+  self->log().debug("stop requested");
+  uv_poll_stop(h);
+  try {
+    // Commands sent before the request are in the channel already: every
+    // whole one is handled first, as if the request had queued behind them.
+    // A cut frame at the end waits for nobody. Bounded, against a frontend
+    // that keeps sending.
+    for (int round = 0; round < 1000 && !self->stopping_; ++round) {
+      pollfd p{self->cmd_.fd(), POLLIN, 0};
+      if (!self->cmd_.buffered() && ::poll(&p, 1, 0) <= 0) break;
+      self->onCommandReadable();
+    }
+  } catch (const std::exception& e) {
+    self->log().error("stop: {}", e.what());
+  }
+  self->requestStop();
 }
 
 void Backend::onCommandReadable() {

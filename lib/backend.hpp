@@ -51,6 +51,9 @@ struct BackendConfig {
   // Set when the object is being destroyed (in-process mode): no handler,
   // timer or watch callback runs from then on.
   const std::atomic<bool>* userGone = nullptr;
+  // The frontend's stop request: an eventfd (not owned). When it rings, the
+  // commands already in the channel are handled, then the loop ends.
+  int stopBell = -1;
 };
 
 class Backend : public std::enable_shared_from_this<Backend> {
@@ -101,6 +104,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void refuse(const Error& e, const std::string& command, std::uint64_t id);
   static void onCmdPoll(uv_poll_t* h, int status, int events);
   static void onOutPoll(uv_poll_t* h, int status, int events);
+  static void onStopBell(uv_poll_t* h, int status, int events);
   void closeAll();
 
   BackendConfig config_;
@@ -112,6 +116,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   uv_loop_t loop_{};  // declared before every handle that lives on it
   uv_poll_t cmdPoll_{};
   uv_poll_t outPoll_{};
+  uv_poll_t stopPoll_{};
   bool outPolling_ = false;
   bool stopping_ = false;
   bool frontendGone_ = false;

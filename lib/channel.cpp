@@ -14,7 +14,9 @@ namespace forklift {
 
 namespace {
 
-constexpr char kMagic[3] = {'F', 'K', 1};
+// Version 2: the body is [command, id, args] (version 1 had [command, args, id]).
+constexpr char kVersion = 2;
+constexpr char kMagic[3] = {'F', 'K', kVersion};
 constexpr std::size_t kInitialRecvBuffer = 64u << 10;
 // A receive buffer that grew past this for one huge frame is released after
 // it, so a channel does not pin megabytes for a single big message.
@@ -28,6 +30,20 @@ std::uint32_t readLe32(const char* p) {
 }
 
 bool peerGone(int err) { return err == EPIPE || err == ECONNRESET || err == ENOTCONN; }
+
+[[noreturn]] void peerEnded() { throw PeerClosed("channel: the peer process ended"); }
+
+std::string hexBytes(const char* p, std::size_t n) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string s;
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto b = static_cast<std::uint8_t>(p[i]);
+    if (i) s += ' ';
+    s += kDigits[b >> 4];
+    s += kDigits[b & 15];
+  }
+  return s;
+}
 
 }  // namespace
 
@@ -47,19 +63,35 @@ void Channel::setNonBlocking(bool on) {
   nonBlocking_ = on;
 }
 
+Channel::Ready Channel::waitReady(short events, const Deadline& d) const {
+  if (deathFd_ < 0) return detail::waitFor(fd(), events, d) ? Ready::Fd : Ready::Timeout;
+  for (;;) {
+    pollfd p[2] = {{fd(), events, 0}, {deathFd_, POLLIN, 0}};
+    const int r = ::poll(p, 2, d.pollMillis());
+    if (r > 0) {
+      if (p[0].revents) return Ready::Fd;
+      if (p[1].revents & POLLNVAL)
+        throw Error("channel: the watched death descriptor " + std::to_string(deathFd_) + " is not open");
+      return Ready::PeerDied;
+    }
+    if (r == 0) return Ready::Timeout;
+    if (errno != EINTR) detail::throwErrno("cannot poll channel descriptor " + std::to_string(fd()));
+  }
+}
+
 // ---------------------------------------------------------------- sending
 
 void Channel::encodeFrame(const Message& m, Buffer& out, const Limits& limits) {
   const std::size_t start = out.size();
   const char header[kHeaderBytes] = {kMagic[0], kMagic[1], kMagic[2], 0, 0, 0, 0, 0};
   out.write(header, kHeaderBytes);
-  encode(m, out);
-  const std::size_t body = out.size() - start - kHeaderBytes;
-  if (body > limits.maxBytes) {
+  try {
+    encode(m, out, limits);  // checks every limit; LimitError names the command and argument
+  } catch (...) {
     out.truncate(start);
-    throw LimitError("cannot send '" + m.command() + "': message of " + std::to_string(body) +
-                     " bytes exceeds the limit of " + std::to_string(limits.maxBytes) + " bytes");
+    throw;
   }
+  const std::size_t body = out.size() - start - kHeaderBytes;
   char* len = out.data() + start + 4;
   for (int i = 0; i < 4; ++i) len[i] = static_cast<char>((body >> (8 * i)) & 0xff);
 }
@@ -75,76 +107,114 @@ std::size_t Channel::writeSome(const char* p, std::size_t n) {
   }
 }
 
-void Channel::send(const Message& m, Timeout timeout) {
-  if (!valid()) throw Error("channel: send on a closed channel");
-  if (broken_) throw Error("channel: broken by an earlier send timeout that cut a frame");
-  sendBuf_.clear();
-  encodeFrame(m, sendBuf_, limits_);
-  const Deadline d(timeout);
-  std::size_t off = 0;
+bool Channel::pushOut(const Deadline& d) {
   const std::size_t n = sendBuf_.size();
+  bool peerDied = false;
   // Try first, wait only when the socket is full: the common case is one
   // system call.
-  while (off < n) {
-    const std::size_t w = writeSome(sendBuf_.data() + off, n - off);
-    off += w;
-    if (off == n) break;
-    if (w == 0 && !detail::waitFor(fd(), POLLOUT, d)) {
-      if (off > 0) broken_ = true;
-      throw TimeoutError("channel: cannot send '" + m.command() + "' within " +
-                         std::to_string(timeout.count()) + " ms: the peer is not reading");
+  while (sendOff_ < n) {
+    sendOff_ += writeSome(sendBuf_.data() + sendOff_, n - sendOff_);
+    if (sendOff_ == n) break;
+    if (peerDied) peerEnded();  // nothing more fits, and nobody will read
+    switch (waitReady(POLLOUT, d)) {
+      case Ready::Timeout: return false;
+      case Ready::PeerDied: peerDied = true; break;  // one last try
+      case Ready::Fd: break;
     }
   }
+  return true;
+}
+
+void Channel::send(const Message& m, Timeout timeout) {
+  if (!valid()) throw Error("channel: send on a closed channel");
+  const Deadline d(timeout);
+  const std::size_t rest = unsentBytes();
+  if (rest == 0) {
+    sendBuf_.clear();
+  } else if (sendOff_ > 0) {
+    std::memmove(sendBuf_.data(), sendBuf_.data() + sendOff_, rest);
+    sendBuf_.truncate(rest);
+  }
+  sendOff_ = 0;
+  const std::size_t own = sendBuf_.size();  // where this message's frame starts
+  encodeFrame(m, sendBuf_, limits_);        // LimitError: the buffer is as it was
+  if (!pushOut(d)) {
+    const std::string head = "channel: cannot send '" + m.command() + "' within " + std::to_string(timeout.count()) +
+                             " ms: the peer is not reading; ";
+    if (sendOff_ <= own) {
+      sendBuf_.truncate(own);
+      throw TimeoutError(head + (own > sendOff_ ? std::to_string(own - sendOff_) +
+                                                      " bytes of an earlier message are still unsent, and this "
+                                                      "message was not sent"
+                                                : std::string("nothing of this message was sent")));
+    }
+    const std::size_t frame = sendBuf_.size() - own;
+    throw TimeoutError(head + std::to_string(sendOff_ - own) + " of its " + std::to_string(frame) +
+                       " bytes were written; the message will still be completed by the next send (or flush)");
+  }
+  sendBuf_.clear();
+  sendOff_ = 0;
   sendBuf_.shrinkTo(kKeepRecvBuffer);
+}
+
+bool Channel::flush(Timeout timeout) {
+  if (unsentBytes() == 0) return true;
+  if (!valid()) throw Error("channel: flush on a closed channel");
+  if (!pushOut(Deadline(timeout))) return false;
+  sendBuf_.clear();
+  sendOff_ = 0;
+  sendBuf_.shrinkTo(kKeepRecvBuffer);
+  return true;
 }
 
 // ---------------------------------------------------------------- receiving
 
 bool Channel::buffered() const noexcept {
+  if (!corrupt_.empty()) return true;
   const std::size_t avail = rend_ - rpos_;
-  if (discard_ || avail < kHeaderBytes) return false;
+  if (avail == 0) return false;
   const char* h = rbuf_.data() + rpos_;
-  if (std::memcmp(h, kMagic, 3) != 0) return true;  // recv reports it at once
+  if (std::memcmp(h, kMagic, std::min(avail, sizeof kMagic)) != 0) return true;  // recv reports it at once
+  if (avail < kHeaderBytes) return false;
   const std::uint32_t len = readLe32(h + 4);
   return len > limits_.maxBytes || avail >= kHeaderBytes + len;
 }
 
+void Channel::corrupt(const std::string& why) {
+  corrupt_ = "channel: stream corrupt: " + why +
+             "; a length-prefixed stream cannot be resynchronised, so this channel receives nothing more";
+  throw StreamCorrupt(corrupt_);
+}
+
 std::size_t Channel::wantBytes() const {
   const std::size_t avail = rend_ - rpos_;
-  if (discard_) return std::max<std::size_t>(1, std::min(discard_ - std::min(discard_, avail), kInitialRecvBuffer));
   std::size_t frame = kHeaderBytes;
-  if (avail >= kHeaderBytes) frame += readLe32(rbuf_.data() + rpos_ + 4);
+  if (avail >= kHeaderBytes) frame += readLe32(rbuf_.data() + rpos_ + 4);  // checked: within the limit
   const std::size_t need = frame > avail ? frame - avail : 1;
   if (readMode_ == ReadMode::OneFrame) return need;
   return std::max(need, rbuf_.size() > rend_ ? rbuf_.size() - rend_ : std::size_t{0});
 }
 
 std::optional<Message> Channel::takeFrame() {
-  if (discard_) {
-    const std::size_t drop = std::min(discard_, rend_ - rpos_);
-    rpos_ += drop;
-    discard_ -= drop;
-    if (discard_) return std::nullopt;
-  }
   const std::size_t avail = rend_ - rpos_;
-  if (avail < kHeaderBytes) return std::nullopt;
+  if (avail == 0) return std::nullopt;
   const char* h = rbuf_.data() + rpos_;
-  if (std::memcmp(h, kMagic, 3) != 0) {
-    // Out of sync: skip to the next plausible frame start, keeping a tail
-    // that might be the beginning of one.
-    std::size_t skip = 1;
-    while (skip + 3 <= avail && std::memcmp(h + skip, kMagic, 3) != 0) ++skip;
-    if (skip + 3 > avail) skip = avail - 2;
-    rpos_ += skip;
-    throw DecodeError("channel: out of sync, skipped " + std::to_string(skip) + " bytes that are not a frame");
+  // The magic is checked as soon as its first byte is in, so garbage is
+  // reported at once rather than after waiting for a whole header.
+  const std::size_t magic = std::min(avail, sizeof kMagic);
+  if (std::memcmp(h, kMagic, magic) != 0) {
+    std::string why = "bad magic bytes " + hexBytes(h, magic) + " where a frame header (" +
+                      hexBytes(kMagic, magic) + ") should start";
+    if (magic == sizeof kMagic && h[0] == kMagic[0] && h[1] == kMagic[1])
+      why += " (frame version " + std::to_string(static_cast<std::uint8_t>(h[2])) + "; this side speaks version " +
+             std::to_string(kVersion) + ")";
+    corrupt(why);
   }
+  if (avail < kHeaderBytes) return std::nullopt;
   const std::uint32_t len = readLe32(h + 4);
-  if (len > limits_.maxBytes) {
-    rpos_ += kHeaderBytes;
-    discard_ = len;
-    throw LimitError("channel: incoming message of " + std::to_string(len) + " bytes exceeds the limit of " +
-                     std::to_string(limits_.maxBytes) + " bytes; skipped");
-  }
+  if (len > limits_.maxBytes)
+    corrupt("a frame header declares a body of " + std::to_string(len) + " bytes, over the limit of " +
+            std::to_string(limits_.maxBytes) + " bytes");
   if (avail < kHeaderBytes + len) return std::nullopt;
   const char* body = h + kHeaderBytes;
   rpos_ += kHeaderBytes + len;
@@ -167,8 +237,8 @@ void Channel::setRecvTimeout(Timeout t) {
 bool Channel::fill(const Deadline& d) {
   std::size_t want = wantBytes();
   if (rbuf_.size() - rend_ < want) {
-    // Compact first, then grow to hold the frame being read. Oversize frames
-    // never get here whole (they are discarded), so growth is bounded by
+    // Compact first, then grow to hold the frame being read. Headers that
+    // declare more than the limit never get here, so growth is bounded by
     // the limit.
     if (rpos_ > 0) {
       std::memmove(rbuf_.data(), rbuf_.data() + rpos_, rend_ - rpos_);
@@ -179,11 +249,22 @@ bool Channel::fill(const Deadline& d) {
     want = std::min(wantBytes(), rbuf_.size() - rend_);
   }
   // A blocking descriptor waits in recv itself, bounded by SO_RCVTIMEO: one
-  // system call per message on the request/reply path. A non-blocking one
-  // (or a zero timeout) tries, then polls.
-  const bool waitInRecv = !nonBlocking_ && d.pollMillis() != 0;
+  // system call per message on the request/reply path. A watched peer needs
+  // a poll that also sees its death descriptor, so then (and for a
+  // non-blocking descriptor) a waiting recv polls, then reads without
+  // waiting. A zero timeout only tries.
+  const bool watching = deathFd_ >= 0;
+  const bool waitInRecv = !watching && !nonBlocking_ && d.pollMillis() != 0;
+  bool pollFirst = watching && d.pollMillis() != 0;
+  bool peerDied = false;
   for (;;) {
-    if (waitInRecv) {
+    if (pollFirst) {
+      switch (waitReady(POLLIN, d)) {
+        case Ready::Timeout: return false;
+        case Ready::PeerDied: peerDied = true; break;  // read what it left first
+        case Ready::Fd: break;
+      }
+    } else if (waitInRecv) {
       const int ms = d.pollMillis();
       if (ms == 0) return false;
       setRecvTimeout(ms < 0 ? Timeout::zero() : Timeout(ms));
@@ -196,8 +277,14 @@ bool Channel::fill(const Deadline& d) {
     if (r == 0) throw PeerClosed("channel: peer closed");
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      if (peerDied) peerEnded();
       if (waitInRecv) continue;  // SO_RCVTIMEO fired; the loop re-checks the deadline
-      if (d.pollMillis() == 0 || !detail::waitFor(fd(), POLLIN, d)) return false;
+      if (d.pollMillis() == 0) return false;
+      if (watching) {
+        pollFirst = true;
+        continue;
+      }
+      if (!detail::waitFor(fd(), POLLIN, d)) return false;
       continue;
     }
     if (peerGone(errno)) throw PeerClosed("channel: peer closed");
@@ -207,6 +294,7 @@ bool Channel::fill(const Deadline& d) {
 
 std::optional<Message> Channel::recv(Timeout timeout) {
   if (!valid()) throw Error("channel: recv on a closed channel");
+  if (!corrupt_.empty()) throw StreamCorrupt(corrupt_);
   const Deadline d(timeout);
   for (;;) {
     if (auto m = takeFrame()) return m;

@@ -69,8 +69,6 @@ void Buffer::shrinkTo(std::size_t keep) {
 
 namespace {
 
-void packValue(msgpack::packer<Buffer>& pk, Buffer& out, const Value& v);
-
 // msgpack-cxx packs a double with an integral value as an integer; a Value
 // keeps its kind across the wire, so doubles are always written as float64.
 void packFloat64(Buffer& out, double d) {
@@ -98,54 +96,125 @@ void packArray(msgpack::packer<Buffer>& pk, const Array& a) {
     pk.pack_ext_body(reinterpret_cast<const char*>(a.data().data()), static_cast<std::uint32_t>(a.data().size()));
 }
 
-void packMap(msgpack::packer<Buffer>& pk, Buffer& out, const Map& m) {
-  pk.pack_map(static_cast<std::uint32_t>(m.size()));
-  for (const auto& [k, v] : m) {
-    pk.pack_str(static_cast<std::uint32_t>(k.size()));
-    pk.pack_str_body(k.data(), static_cast<std::uint32_t>(k.size()));
-    packValue(pk, out, v);
-  }
-}
+// Packs one message and counts nesting and elements on the way, exactly as
+// the decoder counts them (the envelope array is level 1, the argument map
+// level 2, an argument's own list or map level 3; every list item and map
+// entry is one element), so a message the sender accepts is never refused
+// by a receiver with the same limits.
+class Packer {
+ public:
+  Packer(Buffer& out, const Message& m, const Limits& limits) : pk_(out), out_(out), m_(m), limits_(limits) {}
 
-void packValue(msgpack::packer<Buffer>& pk, Buffer& out, const Value& v) {
-  switch (v.kind()) {
-    case Value::Kind::Nil: pk.pack_nil(); break;
-    case Value::Kind::Bool: *v.getIf<bool>() ? pk.pack_true() : pk.pack_false(); break;
-    case Value::Kind::Int: pk.pack_int64(*v.getIf<std::int64_t>()); break;
-    case Value::Kind::Double: packFloat64(out, *v.getIf<double>()); break;
-    case Value::Kind::String: {
-      const auto& s = *v.getIf<std::string>();
-      pk.pack_str(static_cast<std::uint32_t>(s.size()));
-      pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
-      break;
+  void message() {
+    container(1, 3);
+    pk_.pack_array(3);
+    pk_.pack_str(static_cast<std::uint32_t>(m_.command().size()));
+    pk_.pack_str_body(m_.command().data(), static_cast<std::uint32_t>(m_.command().size()));
+    pk_.pack_uint64(m_.id());
+    const Map& args = m_.args();
+    container(2, args.size());
+    pk_.pack_map(static_cast<std::uint32_t>(args.size()));
+    const std::uint64_t envelope = elements_;
+    for (const auto& [k, v] : args) {
+      arg_ = &k;
+      onlyThisArg_ = elements_ == envelope;
+      key(k);
+      value(v, 3);
     }
-    case Value::Kind::Bytes: {
-      const auto& b = *v.getIf<Bytes>();
-      pk.pack_bin(static_cast<std::uint32_t>(b.size()));
-      pk.pack_bin_body(reinterpret_cast<const char*>(b.data()), static_cast<std::uint32_t>(b.size()));
-      break;
-    }
-    case Value::Kind::List: {
-      const auto& l = *v.getIf<List>();
-      pk.pack_array(static_cast<std::uint32_t>(l.size()));
-      for (const Value& e : l) packValue(pk, out, e);
-      break;
-    }
-    case Value::Kind::Map: packMap(pk, out, *v.getIf<Map>()); break;
-    case Value::Kind::Array: packArray(pk, *v.getIf<Array>()); break;
   }
-}
+
+ private:
+  void key(const std::string& k) {
+    pk_.pack_str(static_cast<std::uint32_t>(k.size()));
+    pk_.pack_str_body(k.data(), static_cast<std::uint32_t>(k.size()));
+  }
+
+  // `level` is the nesting level a container in this position would have.
+  void value(const Value& v, std::uint32_t level) {
+    switch (v.kind()) {
+      case Value::Kind::Nil: pk_.pack_nil(); break;
+      case Value::Kind::Bool: *v.getIf<bool>() ? pk_.pack_true() : pk_.pack_false(); break;
+      case Value::Kind::Int: pk_.pack_int64(*v.getIf<std::int64_t>()); break;
+      case Value::Kind::Double: packFloat64(out_, *v.getIf<double>()); break;
+      case Value::Kind::String: {
+        const auto& s = *v.getIf<std::string>();
+        pk_.pack_str(static_cast<std::uint32_t>(s.size()));
+        pk_.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
+        break;
+      }
+      case Value::Kind::Bytes: {
+        const auto& b = *v.getIf<Bytes>();
+        pk_.pack_bin(static_cast<std::uint32_t>(b.size()));
+        pk_.pack_bin_body(reinterpret_cast<const char*>(b.data()), static_cast<std::uint32_t>(b.size()));
+        break;
+      }
+      case Value::Kind::List: {
+        const auto& l = *v.getIf<List>();
+        container(level, l.size());
+        pk_.pack_array(static_cast<std::uint32_t>(l.size()));
+        for (const Value& e : l) value(e, level + 1);
+        break;
+      }
+      case Value::Kind::Map: {
+        const auto& m = *v.getIf<Map>();
+        container(level, m.size());
+        pk_.pack_map(static_cast<std::uint32_t>(m.size()));
+        for (const auto& [k, e] : m) {
+          key(k);
+          value(e, level + 1);
+        }
+        break;
+      }
+      case Value::Kind::Array: packArray(pk_, *v.getIf<Array>()); break;
+    }
+  }
+
+  void container(std::uint32_t level, std::size_t n) {
+    if (level > limits_.maxDepth)
+      refuse((arg_ ? "argument '" + *arg_ + "'" : std::string("the message")) + " nests deeper than " +
+             std::to_string(limits_.maxDepth) + " levels");
+    elements_ += n;
+    if (elements_ > limits_.maxElements) {
+      const std::string over = "more than " + std::to_string(limits_.maxElements) + " elements";
+      if (!arg_) refuse("the message has " + over);
+      if (onlyThisArg_) refuse("argument '" + *arg_ + "' has " + over);
+      refuse("the arguments up to '" + *arg_ + "' have " + over);
+    }
+  }
+
+  [[noreturn]] void refuse(const std::string& why) const {
+    throw LimitError("cannot send '" + m_.command() + "': " + why, m_.command(), m_.id());
+  }
+
+  msgpack::packer<Buffer> pk_;
+  Buffer& out_;
+  const Message& m_;
+  const Limits& limits_;
+  const std::string* arg_ = nullptr;  // the top-level argument being packed
+  bool onlyThisArg_ = true;           // no earlier argument added elements
+  std::uint64_t elements_ = 0;
+};
 
 }  // namespace
 
-void encode(const Message& m, Buffer& out) {
-  msgpack::packer<Buffer> pk(out);
-  pk.pack_array(3);
-  pk.pack_str(static_cast<std::uint32_t>(m.command().size()));
-  pk.pack_str_body(m.command().data(), static_cast<std::uint32_t>(m.command().size()));
-  packMap(pk, out, m.args());
-  pk.pack_uint64(m.id());
+void encode(const Message& m, Buffer& out, const Limits& limits) {
+  const std::size_t start = out.size();
+  try {
+    Packer(out, m, limits).message();
+  } catch (...) {
+    out.truncate(start);
+    throw;
+  }
+  const std::size_t size = out.size() - start;
+  if (size > limits.maxBytes) {
+    out.truncate(start);
+    throw LimitError("cannot send '" + m.command() + "': message of " + std::to_string(size) +
+                         " bytes exceeds the limit of " + std::to_string(limits.maxBytes) + " bytes",
+                     m.command(), m.id());
+  }
 }
+
+void encode(const Message& m, Buffer& out) { encode(m, out, Limits{}); }
 
 // ---------------------------------------------------------------- decode
 
@@ -190,6 +259,7 @@ class ValueBuilder {
     return decodeArray(p + 1, n - 1);
   }
   bool start_array(std::uint32_t n) {
+    if (stack_.empty() && !last_) topSize_ = n;
     if (!reserveElements(n)) return false;
     List l;
     l.reserve(n);
@@ -221,6 +291,16 @@ class ValueBuilder {
     if (error.empty()) error = "truncated message";
   }
 
+  // The command and id, read before the arguments, also when the arguments
+  // were refused: "" and 0 when the input did not get that far.
+  void header(std::string& command, std::uint64_t& id) const {
+    const List* top = root.getIf<List>();
+    if (!top || topSize_ != 3 || top->empty()) return;
+    if (const auto* c = (*top)[0].getIf<std::string>()) command = *c;
+    if (top->size() < 2) return;
+    if (const auto* i = (*top)[1].getIf<std::int64_t>(); i && *i > 0) id = static_cast<std::uint64_t>(*i);
+  }
+
  private:
   bool fail(std::string why) {
     if (error.empty()) error = std::move(why);
@@ -240,12 +320,12 @@ class ValueBuilder {
                                     std::to_string(inputSize_) + " bytes");
     elements_ += n;
     if (elements_ > limits_.maxElements)
-      return failLimit("message has more than " + std::to_string(limits_.maxElements) + " elements");
+      return failLimit("has more than " + std::to_string(limits_.maxElements) + " elements");
     return true;
   }
   bool push() {
     if (stack_.size() >= limits_.maxDepth)
-      return failLimit("message nests deeper than " + std::to_string(limits_.maxDepth) + " levels");
+      return failLimit("nests deeper than " + std::to_string(limits_.maxDepth) + " levels");
     stack_.push_back(last_);
     return true;
   }
@@ -302,7 +382,15 @@ class ValueBuilder {
   std::string pendingKey_;
   bool haveKey_ = false;
   std::uint64_t elements_ = 0;
+  std::uint32_t topSize_ = 0;  // declared size of the outermost array
 };
+
+[[noreturn]] void refuse(const std::string& why, bool limit, const std::string& command, std::uint64_t id) {
+  const std::string text =
+      (command.empty() ? std::string("cannot decode message: ") : "cannot decode message '" + command + "': ") + why;
+  if (limit) throw LimitError(text, command, id);
+  throw DecodeError(text, command, id);
+}
 
 }  // namespace
 
@@ -313,27 +401,29 @@ Message decode(const char* data, std::size_t size, const Limits& limits) {
   ValueBuilder b(size, limits);
   std::size_t off = 0;
   bool ok = false;
+  std::string why;
   try {
     ok = msgpack::parse(data, size, off, b);
+    if (!ok) why = b.error.empty() ? "malformed msgpack" : b.error;
   } catch (const std::exception& e) {  // msgpack reports a few overflows by throwing
-    throw DecodeError(std::string("cannot decode message: ") + e.what());
+    why = e.what();
   }
-  if (!ok) {
-    const std::string why = b.error.empty() ? "malformed msgpack" : b.error;
-    if (b.limitHit) throw LimitError("cannot decode message: " + why);
-    throw DecodeError("cannot decode message: " + why);
-  }
-  if (off != size) throw DecodeError("cannot decode message: " + std::to_string(size - off) + " trailing bytes");
+  // Whatever went wrong, name the command and id if they were read: the
+  // receiver can then answer the call instead of dropping it.
+  std::string command;
+  std::uint64_t id = 0;
+  b.header(command, id);
+  if (!ok) refuse(why, b.limitHit, command, id);
+  if (off != size) refuse(std::to_string(size - off) + " trailing bytes", false, command, id);
 
   List* top = b.root.getIf<List>();
-  if (!top || top->size() != 3) throw DecodeError("cannot decode message: not a [command, args, id] triple");
-  auto* command = (*top)[0].getIf<std::string>();
-  auto* args = (*top)[1].getIf<Map>();
-  const auto* id = (*top)[2].getIf<std::int64_t>();
-  if (!command || !args || !id || *id < 0)
-    throw DecodeError("cannot decode message: not a [command, args, id] triple");
-  Message m(std::move(*command), std::move(*args));
-  m.setId(static_cast<std::uint64_t>(*id));
+  if (!top || top->size() != 3) refuse("not a [command, id, args] triple", false, command, id);
+  auto* cmd = (*top)[0].getIf<std::string>();
+  const auto* rawId = (*top)[1].getIf<std::int64_t>();
+  auto* args = (*top)[2].getIf<Map>();
+  if (!cmd || !args || !rawId || *rawId < 0) refuse("not a [command, id, args] triple", false, command, id);
+  Message m(std::move(*cmd), std::move(*args));
+  m.setId(static_cast<std::uint64_t>(*rawId));
   return m;
 }
 

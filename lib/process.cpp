@@ -2,6 +2,7 @@
 
 #include <cxxabi.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -150,6 +151,10 @@ void MessageProcess::start() {
     // Requests and out_ remove them when they close them.
     detail::frontend_fds::add({cmdFront.fd(), outFront.fd()});
     out_ = std::move(outFront);
+    // The stop bell is one object on both sides; later backends close it.
+    detail::UniqueFd stopBell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!stopBell) detail::throwErrno(fullName_ + ": cannot create the stop bell (eventfd)");
+    const int bell = stopBell.get();
     frontendPid_ = detail::currentPid();
 
     detail::ChildSetup setup;
@@ -161,12 +166,14 @@ void MessageProcess::start() {
     auto back = std::make_shared<std::pair<Channel, Channel>>(std::move(cmdBack), std::move(outBack));
     try {
       child_ = detail::Child::start(
-          setup, [this, back] { return runBackend(std::move(back->first), std::move(back->second)); }, &logger());
+          setup, [this, back, bell] { return runBackend(std::move(back->first), std::move(back->second), bell); },
+          &logger());
     } catch (...) {
       detail::frontend_fds::remove({cmdFront.fd()});
       throw;
     }
     back.reset();  // forked: the child has its ends; in-process: the thread does
+    detail::frontend_fds::add({bell});
     pid_ = child_->forked() ? child_->pid() : ::getpid();
     if (lifecycleLogged()) logger().debug("started, pid {}{}", pid_, child_->forked() ? "" : " (in-process thread)");
 
@@ -174,7 +181,7 @@ void MessageProcess::start() {
     cmdFront.watchPeer(child_->deathFd());
     awaitReady(cmdFront);
     requests_ = std::make_shared<detail::Requests>(
-        std::move(cmdFront), child_->deathFd(),
+        std::move(cmdFront), std::move(stopBell), child_->deathFd(),
         detail::Requests::Hooks{fullName_,
                                 [this] { return child_->wait(Timeout(1000)).describe(); },
                                 [this] { return stopRequested_.load(); }});
@@ -222,7 +229,7 @@ void MessageProcess::awaitReady(Channel& cmd) {
 }
 
 // Runs on the backend side (child or thread). Exit codes in exit_status.hpp.
-int MessageProcess::runBackend(Channel cmd, Channel out) {
+int MessageProcess::runBackend(Channel cmd, Channel out, int stopBell) {
   t_backendOf = this;
   detail::BackendConfig config;
   config.who = fullName_;
@@ -232,6 +239,7 @@ int MessageProcess::runBackend(Channel cmd, Channel out) {
   config.outWait = options_.outWait;
   config.makeLog = [this] { return makeLogger(fullName_, options_.logFile); };
   config.userGone = &destroying_;
+  config.stopBell = stopBell;
   backend_ = std::make_shared<detail::Backend>(std::move(config), std::move(cmd), std::move(out));
   detail::Backend& b = *backend_;
   int code = 0;
@@ -361,9 +369,7 @@ void MessageProcess::requestStop() {
   if (state_.load() != State::Running || !requests_) return;
   if (stopRequested_.exchange(true)) return;
   if (lifecycleLogged()) logger().debug("stop requested");
-  // Bounded: a send stuck behind a backend that does not read must not
-  // delay the stop; the ladder deals with such a backend.
-  requests_->sendControl(Message(std::string(detail::control::kStop)), Timeout(100));
+  requests_->ringStop();
 }
 
 ExitStatus MessageProcess::waitStop(Timeout timeout) {

@@ -75,13 +75,17 @@ Value CallFuture::get() { return result().get(); }
 
 namespace detail {
 
-Requests::Requests(Channel cmd, int deathFd, Hooks hooks)
-    : hooks_(std::move(hooks)), cmd_(std::move(cmd)), deathFd_(deathFd), wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+Requests::Requests(Channel cmd, UniqueFd stopBell, int deathFd, Hooks hooks)
+    : hooks_(std::move(hooks)),
+      cmd_(std::move(cmd)),
+      stopBell_(std::move(stopBell)),
+      deathFd_(deathFd),
+      wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   if (!wake_) throwErrno(hooks_.who + ": cannot create the calls' wake-up event");
   cmd_.watchPeer(deathFd_);
 }
 
-Requests::~Requests() { frontend_fds::remove({cmd_.fd()}); }
+Requests::~Requests() { frontend_fds::remove({cmd_.fd(), stopBell_.get()}); }
 
 void Requests::setDispatcher(std::function<void(std::function<void()>)> dispatch) {
   std::lock_guard lock(mutex_);
@@ -89,6 +93,38 @@ void Requests::setDispatcher(std::function<void(std::function<void()>)> dispatch
 }
 
 // ---------------------------------------------------------------- sending
+
+// The right to write on the channel, held for one frame.
+class Requests::SendTurn {
+ public:
+  SendTurn(Requests& r, const Deadline& d) : r_(r) {
+    std::unique_lock lock(r_.sendMutex_);
+    auto free = [this] { return !r_.sending_; };
+    if (d.forever())
+      r_.sendFree_.wait(lock, free);
+    else if (!r_.sendFree_.wait_until(lock, d.at(), free))
+      return;
+    r_.sending_ = true;
+    held_ = true;
+  }
+  ~SendTurn() { release(); }
+  SendTurn(const SendTurn&) = delete;
+  SendTurn& operator=(const SendTurn&) = delete;
+  bool held() const noexcept { return held_; }
+  void release() {
+    if (!held_) return;
+    held_ = false;
+    {
+      std::lock_guard lock(r_.sendMutex_);
+      r_.sending_ = false;
+    }
+    r_.sendFree_.notify_one();
+  }
+
+ private:
+  Requests& r_;
+  bool held_ = false;
+};
 
 std::exception_ptr Requests::endError(const End& end, const char* what, const std::string& command,
                                       bool during) const {
@@ -105,8 +141,8 @@ void Requests::throwIfClosed(const char* what, const std::string& command) {
 
 void Requests::send(Message& m, Timeout timeout) {
   const Deadline d(timeout);
-  std::unique_lock lock(sendMutex_, std::defer_lock);
-  if (!(d.forever() ? (lock.lock(), true) : lock.try_lock_until(d.at())))
+  SendTurn turn(*this, d);
+  if (!turn.held())
     throw TimeoutError(hooks_.who + ": cannot send '" + m.command() + "' within " + std::to_string(timeout.count()) +
                        " ms: another thread's send still holds the channel");
   {
@@ -117,7 +153,7 @@ void Requests::send(Message& m, Timeout timeout) {
   try {
     cmd_.send(m, d.forever() ? kForever : std::chrono::ceil<Timeout>(d.remaining()));
   } catch (const PeerClosed&) {
-    lock.unlock();
+    turn.release();
     std::rethrow_exception(endError(endOfPeer(), "send", m.command(), true));
   }
 }
@@ -128,8 +164,8 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
   s->deadline = Deadline(timeout);
   s->timeout = timeout;
   s->callback = std::move(callback);
-  std::unique_lock lock(sendMutex_, std::defer_lock);
-  if (!(s->deadline.forever() ? (lock.lock(), true) : lock.try_lock_until(s->deadline.at())))
+  SendTurn turn(*this, s->deadline);
+  if (!turn.held())
     throw TimeoutError(hooks_.who + ": call '" + m.command() + "' could not be sent within " +
                        std::to_string(timeout.count()) + " ms: another thread's send still holds the channel");
   s->id = ++nextId_;
@@ -144,7 +180,7 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
     cmd_.send(m, s->deadline.forever() ? kForever : std::chrono::ceil<Timeout>(s->deadline.remaining()));
   } catch (const PeerClosed&) {
     forget(*s);
-    lock.unlock();
+    turn.release();
     std::rethrow_exception(endError(endOfPeer(), "call", m.command(), true));
   } catch (...) {
     forget(*s);
@@ -153,15 +189,9 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
   return s;
 }
 
-bool Requests::sendControl(const Message& m, Timeout timeout) noexcept {
-  std::unique_lock lock(sendMutex_, std::defer_lock);
-  if (!lock.try_lock_for(timeout)) return false;
-  try {
-    cmd_.send(m, timeout);
-    return true;
-  } catch (const std::exception&) {
-    return false;  // gone or not reading: the stop ladder deals with it
-  }
+void Requests::ringStop() noexcept {
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto r = ::write(stopBell_.get(), &one, sizeof one);
 }
 
 // ---------------------------------------------------------------- completing

@@ -58,7 +58,8 @@ class Requests : public std::enable_shared_from_this<Requests> {
     std::function<bool()> stopRequested;
   };
 
-  Requests(Channel cmd, int deathFd, Hooks hooks);
+  // `stopBell` is the eventfd the backend watches for a stop request.
+  Requests(Channel cmd, UniqueFd stopBell, int deathFd, Hooks hooks);
   ~Requests();
   Requests(const Requests&) = delete;
   Requests& operator=(const Requests&) = delete;
@@ -69,9 +70,10 @@ class Requests : public std::enable_shared_from_this<Requests> {
   void send(Message& m, Timeout timeout);
   // Sends a call; the slot completes with the reply or an error.
   std::shared_ptr<CallSlot> call(Message& m, Timeout timeout, std::function<void(CallResult)> callback = {});
-  // Sends a control message, waiting at most `timeout` for the channel (a
-  // stop request must not wait behind a stuck send). False when not sent.
-  bool sendControl(const Message& m, Timeout timeout) noexcept;
+  // Rings the backend's stop bell: it handles the commands already in the
+  // channel, then ends its loop. A bell, not a message: it cannot wait
+  // behind a stuck send nor be swallowed by a cut or corrupt frame.
+  void ringStop() noexcept;
 
   // Waits until `s` is done or `d` passes (reading replies meanwhile); true
   // when done.
@@ -120,11 +122,18 @@ class Requests : public std::enable_shared_from_this<Requests> {
 
   Hooks hooks_;
   Channel cmd_;
+  UniqueFd stopBell_;
   int deathFd_;
   UniqueFd wake_;  // eventfd: close() wakes the reader's poll
 
-  std::timed_mutex sendMutex_;  // one sender at a time (frames stay whole)
-  std::uint64_t nextId_ = 0;    // guarded by sendMutex_
+  // One sender at a time (frames stay whole), waited for with a deadline.
+  // A flag under a mutex rather than a timed_mutex: ThreadSanitizer does
+  // not follow pthread_mutex_clocklock, which timed_mutex uses.
+  class SendTurn;
+  std::mutex sendMutex_;
+  std::condition_variable sendFree_;
+  bool sending_ = false;      // guarded by sendMutex_
+  std::uint64_t nextId_ = 0;  // guarded by the send turn
 
   std::mutex mutex_;
   std::condition_variable cv_;

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -24,6 +25,7 @@ using namespace std::chrono_literals;
 using test::forkChild;
 using test::waitChild;
 using test::exitCodeOf;
+using test::contains;
 
 Message sized(std::size_t bytes, int seq) {
   std::string s(bytes, '\0');
@@ -35,8 +37,8 @@ void writeRaw(int fd, const std::string& bytes) {
   ASSERT_EQ(::write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
 }
 
-std::string frameHeader(std::uint32_t len) {
-  std::string h = {'F', 'K', 1, 0};
+std::string frameHeader(std::uint32_t len, char version = 2) {
+  std::string h = {'F', 'K', version, 0};
   for (int i = 0; i < 4; ++i) h += static_cast<char>((len >> (8 * i)) & 0xff);
   return h;
 }
@@ -112,54 +114,98 @@ TEST(Channel, MalformedFrameIsReportedAndTheNextMessageArrives) {
   auto [a, b] = Channel::makePair();
   writeRaw(a.fd(), frameHeader(4) + "\xc1\xc1\xc1\xc1");  // 0xc1 is never valid msgpack
   a.send(Message("good", {{"n", 1}}));
-  EXPECT_THROW(b.recv(1000ms), DecodeError);
+  EXPECT_TRUE(contains(test::thrown<DecodeError>([&, &b = b] { (void)b.recv(1000ms); }), "cannot decode message"));
   auto m = b.recv(1000ms);
   ASSERT_TRUE(m);
   EXPECT_EQ(m->get<int>("n"), 1);
 }
 
-TEST(Channel, GarbageBetweenFramesResynchronises) {
+// A well-framed body refused for its arguments names the command and id, so
+// the receiver can answer the call; the frame is consumed.
+TEST(Channel, RefusedMessageCarriesItsCommandAndId) {
   auto [a, b] = Channel::makePair();
-  writeRaw(a.fd(), "this is not a frame at all");
-  a.send(Message("good"));
+  Value tree = 1;
+  for (int i = 0; i < 40; ++i) tree = List{tree};
+  Message deep("ping", {{"tree", tree}});
+  deep.setId(7);
+  Limits lax;
+  lax.maxDepth = 64;
+  Buffer frame;
+  Channel::encodeFrame(deep, frame, lax);  // a sender with larger limits
+  writeRaw(a.fd(), std::string(frame.data(), frame.size()));
+  a.send(Message("after"));
   try {
     (void)b.recv(1000ms);
     FAIL() << "no error";
-  } catch (const DecodeError& e) {
-    EXPECT_NE(std::string(e.what()).find("channel: out of sync, skipped"), std::string::npos) << e.what();
+  } catch (const LimitError& e) {
+    EXPECT_EQ(e.command(), "ping");
+    EXPECT_EQ(e.id(), 7u);
+    EXPECT_TRUE(contains(e.what(), "message 'ping': nests deeper than 32 levels"));
   }
-  std::optional<Message> m;
-  for (int i = 0; i < 3 && !m; ++i) {
-    try {
-      m = b.recv(1000ms);
-    } catch (const DecodeError&) {
-    }
-  }
-  ASSERT_TRUE(m);
-  EXPECT_EQ(m->command(), "good");
+  EXPECT_EQ(b.recv(1000ms)->command(), "after");
 }
 
-TEST(Channel, OversizeIncomingFrameIsSkippedWithoutStoringIt) {
+TEST(Channel, SendRefusesTooDeepOrTooWideBeforeWritingAnything) {
+  Limits l;
+  l.maxElements = 1000;
+  auto [a, b] = Channel::makePair(l);
+  Value tree = 1;
+  for (int i = 0; i < 40; ++i) tree = List{tree};
+  try {
+    a.send(Message("ping", {{"n", 1}, {"tree", tree}}));
+    FAIL() << "no error";
+  } catch (const LimitError& e) {
+    EXPECT_EQ(std::string(e.what()), "cannot send 'ping': argument 'tree' nests deeper than 32 levels");
+    EXPECT_EQ(e.command(), "ping");
+  }
+  EXPECT_EQ(test::thrown<LimitError>([&, &a = a] { a.send(Message("ping", {{"wide", List(2000, Value(1))}})); }),
+            "cannot send 'ping': argument 'wide' has more than 1000 elements");
+  EXPECT_EQ(a.unsentBytes(), 0u);
+  EXPECT_FALSE(b.tryRecv());  // nothing was written
+  a.send(Message("next"));
+  EXPECT_EQ(b.recv(1000ms)->command(), "next");
+}
+
+// Garbage where a header should be: the stream is corrupt for good, and
+// the receiver says so at once and every time, without skipping ahead.
+TEST(Channel, GarbageIsAFinalStreamCorruption) {
+  auto [a, b] = Channel::makePair();
+  writeRaw(a.fd(), "this is not a frame at all");
+  a.send(Message("good"));
+  EXPECT_EQ(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+            "channel: stream corrupt: bad magic bytes 74 68 69 where a frame header (46 4b 02) should start; a "
+            "length-prefixed stream cannot be resynchronised, so this channel receives nothing more");
+  EXPECT_TRUE(b.buffered());
+  for (int i = 0; i < 3; ++i)
+    EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }), "bad magic bytes"));
+  EXPECT_THROW((void)b.tryRecv(), DecodeError);  // StreamCorrupt is a DecodeError
+}
+
+TEST(Channel, FrameOfAnOlderVersionIsStreamCorrupt) {
+  auto [a, b] = Channel::makePair();
+  writeRaw(a.fd(), frameHeader(1, 1) + "\xc0");
+  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+                       "bad magic bytes 46 4b 01 where a frame header (46 4b 02) should start (frame version 1; "
+                       "this side speaks version 2)"));
+}
+
+// One 8-byte header declaring 4 GiB used to make the receiver skip the next
+// 4 GiB, answering nothing. Now the lie ends the stream, at once.
+TEST(Channel, HeaderDeclaringMoreThanTheLimitIsStreamCorruptAtOnce) {
   Limits l;
   l.maxBytes = 1 << 10;
   auto [a, b] = Channel::makePair(l);
-  std::thread writer([&, &a = a] {
-    writeRaw(a.fd(), frameHeader(300000) + std::string(300000, 'z'));
-    Limits big;
-    Channel raw(::dup(a.fd()), big);
-    raw.send(Message("after"));
-  });
-  try {
-    (void)b.recv(2000ms);
-    FAIL() << "no error";
-  } catch (const LimitError& e) {
-    EXPECT_EQ(std::string(e.what()),
-              "channel: incoming message of 300000 bytes exceeds the limit of 1024 bytes; skipped");
-  }
-  auto m = b.recv(2000ms);
-  writer.join();
-  ASSERT_TRUE(m);
-  EXPECT_EQ(m->command(), "after");
+  writeRaw(a.fd(), frameHeader(0xFFFFFFFFu));
+  Channel sender(::dup(a.fd()), Limits{});
+  sender.send(Message("after"));
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(5000ms); }),
+            "channel: stream corrupt: a frame header declares a body of 4294967295 bytes, over the limit of 1024 "
+            "bytes; a length-prefixed stream cannot be resynchronised, so this channel receives nothing more");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1000ms);
+  EXPECT_TRUE(b.buffered());
+  EXPECT_THROW((void)b.recv(5000ms), StreamCorrupt);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1000ms);
 }
 
 TEST(Channel, PeerExitIsPeerClosedNotAHang) {
@@ -213,6 +259,149 @@ TEST(Channel, SendTimesOutWhenThePeerDoesNotRead) {
     }
   }
   EXPECT_TRUE(timedOut);
+}
+
+// A small send buffer, so a 256 KiB frame surely does not fit.
+void shrinkSendBuffer(const Channel& c) {
+  const int size = 32 << 10;
+  ASSERT_EQ(::setsockopt(c.fd(), SOL_SOCKET, SO_SNDBUF, &size, sizeof size), 0);
+}
+
+// A send timeout that cut a frame half-way leaves the channel usable: the
+// next send completes the cut frame first, and the peer gets both whole.
+TEST(Channel, SendAfterACutFrameCompletesItFirst) {
+  auto [a, b] = Channel::makePair();
+  shrinkSendBuffer(a);
+  const Message big = sized(256 << 10, 1);
+  const std::string cut = test::thrown<TimeoutError>([&, &a = a] { a.send(big, 50ms); });
+  EXPECT_TRUE(contains(cut, "channel: cannot send 'blob' within 50 ms: the peer is not reading; "));
+  EXPECT_TRUE(contains(cut, "the message will still be completed by the next send"));
+  const std::size_t left = a.unsentBytes();
+  EXPECT_GT(left, 0u);
+  EXPECT_LT(left, 256u << 10);
+
+  std::vector<Message> got;
+  std::thread reader([&, &b = b] {
+    ::usleep(20000);  // the peer starts reading only now
+    for (int i = 0; i < 2; ++i)
+      if (auto m = b.recv(5000ms)) got.push_back(std::move(*m));
+  });
+  const Message next = sized(1000, 2);
+  EXPECT_NO_THROW(a.send(next, 5000ms));
+  EXPECT_EQ(a.unsentBytes(), 0u);
+  reader.join();
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0], big);
+  EXPECT_EQ(got[1], next);
+}
+
+// When the rest of the cut frame cannot be written in time, the next send
+// times out without starting its own message; flush finishes the rest.
+TEST(Channel, SendThatCannotFinishTheCutFrameSendsNothingOfItsOwn) {
+  auto [a, b] = Channel::makePair();
+  shrinkSendBuffer(a);
+  const Message big = sized(256 << 10, 3);
+  EXPECT_THROW(a.send(big, 30ms), TimeoutError);
+  const std::size_t left = a.unsentBytes();
+  ASSERT_GT(left, 0u);
+  EXPECT_TRUE(contains(test::thrown<TimeoutError>([&, &a = a] { a.send(Message("small"), 30ms); }),
+                       "channel: cannot send 'small' within 30 ms: the peer is not reading; " + std::to_string(left) +
+                           " bytes of an earlier message are still unsent, and this message was not sent"));
+  EXPECT_EQ(a.unsentBytes(), left);
+  EXPECT_FALSE(a.flush(20ms));
+
+  std::optional<Message> first, second;
+  std::thread reader([&, &b = b] {
+    first = b.recv(5000ms);
+    second = b.recv(5000ms);
+  });
+  EXPECT_TRUE(a.flush(5000ms));
+  EXPECT_EQ(a.unsentBytes(), 0u);
+  a.send(Message("last"), 5000ms);
+  reader.join();
+  ASSERT_TRUE(first);
+  EXPECT_EQ(*first, big);
+  ASSERT_TRUE(second);
+  EXPECT_EQ(second->command(), "last");  // "small" was never sent
+}
+
+// A death descriptor ends a wait on a peer whose socket someone else still
+// holds open (no EOF comes), even on a blocking descriptor.
+TEST(Channel, WatchedDeathEndsARecvWait) {
+  auto [a, b] = Channel::makePair();
+  const detail::UniqueFd death(::eventfd(0, EFD_CLOEXEC));
+  ASSERT_TRUE(death.valid());
+  b.watchPeer(death.get());
+  std::thread killer([&] {
+    ::usleep(100000);
+    const std::uint64_t one = 1;
+    EXPECT_EQ(::write(death.get(), &one, sizeof one), 8);
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(test::thrown<PeerClosed>([&, &b = b] { (void)b.recv(5000ms); }), "channel: the peer process ended");
+  const auto took = std::chrono::steady_clock::now() - t0;
+  killer.join();
+  EXPECT_GE(took, 90ms);
+  EXPECT_LT(took, 1000ms);
+  EXPECT_TRUE(a.valid());  // the peer's end stayed open all along
+  b.watchPeer(-1);
+  EXPECT_FALSE(b.recv(10ms));  // unwatched: a plain timeout again
+}
+
+TEST(Channel, WatchedDeathStillDeliversWhatThePeerLeft) {
+  auto [a, b] = Channel::makePair();
+  const detail::UniqueFd death(::eventfd(0, EFD_CLOEXEC));
+  a.send(Message("one"));
+  a.send(sized(100 << 10, 4));  // more than one read in OneFrame mode
+  const std::uint64_t one = 1;
+  ASSERT_EQ(::write(death.get(), &one, sizeof one), 8);
+  b.watchPeer(death.get());
+  b.setReadMode(ReadMode::OneFrame);
+  EXPECT_EQ(b.recv(1000ms)->command(), "one");
+  EXPECT_EQ(*b.recv(1000ms), sized(100 << 10, 4));
+  EXPECT_THROW((void)b.recv(5000ms), PeerClosed);
+}
+
+TEST(Channel, WatchedDeathEndsASendWait) {
+  auto [a, b] = Channel::makePair();
+  shrinkSendBuffer(a);
+  const detail::UniqueFd death(::eventfd(0, EFD_CLOEXEC));
+  a.watchPeer(death.get());
+  std::thread killer([&] {
+    ::usleep(100000);
+    const std::uint64_t one = 1;
+    EXPECT_EQ(::write(death.get(), &one, sizeof one), 8);
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(test::thrown<PeerClosed>([&, &a = a] { a.send(sized(1 << 20, 5), 5000ms); }),
+            "channel: the peer process ended");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1000ms);
+  killer.join();
+}
+
+// One thread sends while another receives on the same Channel; the other
+// end echoes. 100k messages each way, every one in order.
+TEST(Channel, OneSenderAndOneReceiverThreadShareAChannel) {
+  constexpr int kCount = 100000;
+  auto [a, b] = Channel::makePair();
+  std::thread echo([&, &b = b] {
+    for (int i = 0; i < kCount; ++i) {
+      auto m = b.recv(5000ms);
+      if (!m) return;
+      b.send(*m, 5000ms);
+    }
+  });
+  std::thread sender([&, &a = a] {
+    for (int i = 0; i < kCount; ++i) a.send(Message("n", {{"i", i}}), 5000ms);
+  });
+  int received = 0;
+  for (; received < kCount; ++received) {
+    auto m = a.recv(5000ms);
+    if (!m || m->get<int>("i") != received) break;
+  }
+  sender.join();
+  echo.join();
+  EXPECT_EQ(received, kCount);
 }
 
 TEST(Channel, OneFrameModeKeepsPollMeaningful) {

@@ -179,14 +179,24 @@ TEST(Decode, SizeLimit) {
             "message of " + std::to_string(b.size()) + " bytes exceeds the limit of 100 bytes");
 }
 
-TEST(Decode, DepthLimit) {
+Value nested(int levels) {
   Value v = 1;
-  for (int i = 0; i < 40; ++i) v = List{v};
-  const Buffer b = encoded(Message("deep", {{"v", v}}));
+  for (int i = 0; i < levels; ++i) v = List{v};
+  return v;
+}
+
+Buffer encodedWith(const Message& m, const Limits& l) {
+  Buffer b;
+  encode(m, b, l);
+  return b;
+}
+
+TEST(Decode, DepthLimit) {
+  Limits lax;
+  lax.maxDepth = 64;
+  const Buffer b = encodedWith(Message("deep", {{"v", nested(40)}}), lax);
   EXPECT_THROW(decode(b.data(), b.size()), LimitError);
-  Limits l;
-  l.maxDepth = 64;
-  EXPECT_NO_THROW(decode(b.data(), b.size(), l));
+  EXPECT_NO_THROW(decode(b.data(), b.size(), lax));
 }
 
 TEST(Decode, ElementLimit) {
@@ -196,6 +206,151 @@ TEST(Decode, ElementLimit) {
   lim.maxElements = 1000;
   EXPECT_THROW(decode(b.data(), b.size(), lim), LimitError);
   EXPECT_NO_THROW(decode(b.data(), b.size()));
+}
+
+// The command and id come before the arguments on the wire, so a message
+// refused for its arguments still says which call it was.
+TEST(Decode, WireLayoutIsCommandIdArgs) {
+  Message m("ping", {{"a", 1}});
+  m.setId(5);
+  const Buffer b = encoded(m);
+  const msgpack::object_handle h = msgpack::unpack(b.data(), b.size());
+  const msgpack::object& o = h.get();
+  ASSERT_EQ(o.type, msgpack::type::ARRAY);
+  ASSERT_EQ(o.via.array.size, 3u);
+  EXPECT_EQ(o.via.array.ptr[0].as<std::string>(), "ping");
+  EXPECT_EQ(o.via.array.ptr[1].as<std::uint64_t>(), 5u);
+  EXPECT_EQ(o.via.array.ptr[2].type, msgpack::type::MAP);
+}
+
+TEST(Decode, RefusedArgumentsStillNameTheCommandAndId) {
+  Limits lax;
+  lax.maxDepth = 64;
+  Message deep("ping", {{"tree", nested(40)}});
+  deep.setId(9);
+  const Buffer d = encodedWith(deep, lax);
+  try {
+    (void)decode(d.data(), d.size());
+    FAIL() << "no error";
+  } catch (const LimitError& e) {
+    EXPECT_EQ(std::string(e.what()), "cannot decode message 'ping': nests deeper than 32 levels");
+    EXPECT_EQ(e.command(), "ping");
+    EXPECT_EQ(e.id(), 9u);
+  }
+
+  Message wide("sum", {{"l", List(5000, Value(1))}});
+  wide.setId(10);
+  const Buffer w = encoded(wide);
+  Limits narrow;
+  narrow.maxElements = 1000;
+  try {
+    (void)decode(w.data(), w.size(), narrow);
+    FAIL() << "no error";
+  } catch (const LimitError& e) {
+    EXPECT_EQ(std::string(e.what()), "cannot decode message 'sum': has more than 1000 elements");
+    EXPECT_EQ(e.command(), "sum");
+    EXPECT_EQ(e.id(), 10u);
+  }
+
+  // Malformed arguments: a DecodeError, again with the command and id.
+  Buffer bad;
+  msgpack::packer<Buffer> pk(bad);
+  pk.pack_array(3);
+  pk.pack_str(3);
+  pk.pack_str_body("set", 3);
+  pk.pack_uint64(11);
+  pk.pack_map(1);
+  pk.pack_int(5);
+  pk.pack_int(6);
+  try {
+    (void)decode(bad.data(), bad.size());
+    FAIL() << "no error";
+  } catch (const DecodeError& e) {
+    EXPECT_EQ(std::string(e.what()), "cannot decode message 'set': map key is not a string");
+    EXPECT_EQ(e.command(), "set");
+    EXPECT_EQ(e.id(), 11u);
+  }
+
+  // Nothing readable: no command, id 0.
+  const char junk[] = {'\xc1'};
+  try {
+    (void)decode(junk, sizeof junk);
+    FAIL() << "no error";
+  } catch (const DecodeError& e) {
+    EXPECT_EQ(e.command(), "");
+    EXPECT_EQ(e.id(), 0u);
+  }
+}
+
+TEST(Encode, RefusesTooDeepOrTooWideNamingTheArgument) {
+  Buffer b;
+  b.write("abc", 3);  // what was there before stays
+  Message m("ping", {{"n", 1}, {"tree", nested(40)}});
+  m.setId(3);
+  try {
+    encode(m, b);
+    FAIL() << "no error";
+  } catch (const LimitError& e) {
+    EXPECT_EQ(std::string(e.what()), "cannot send 'ping': argument 'tree' nests deeper than 32 levels");
+    EXPECT_EQ(e.command(), "ping");
+    EXPECT_EQ(e.id(), 3u);
+  }
+  EXPECT_EQ(std::string(b.data(), b.size()), "abc");
+
+  Limits l;
+  l.maxElements = 1000;
+  EXPECT_EQ(errorOf([&] { encode(Message("sum", {{"l", List(2000, Value(1))}}), b, l); }),
+            "cannot send 'sum': argument 'l' has more than 1000 elements");
+  EXPECT_EQ(errorOf([&] {
+              encode(Message("sum", {{"a", List(600, Value(1))}, {"b", Map{{"x", List(600, Value(1))}}}}), b, l);
+            }),
+            "cannot send 'sum': the arguments up to 'b' have more than 1000 elements");
+  Map many;
+  for (int i = 0; i < 1200; ++i) many.emplace_back("k" + std::to_string(i), i);
+  EXPECT_EQ(errorOf([&] { encode(Message("cfg", many), b, l); }),
+            "cannot send 'cfg': the message has more than 1000 elements");
+  EXPECT_EQ(b.size(), 3u);
+}
+
+// Sender and receiver count depth and elements the same way: at every size
+// around the limits, encode accepts exactly what decode accepts.
+TEST(Encode, AcceptsExactlyWhatDecodeAccepts) {
+  Limits l;
+  l.maxDepth = 8;
+  l.maxElements = 50;
+  Limits lax;
+  lax.maxDepth = 100;
+  lax.maxElements = 1000;
+  int accepted = 0, refused = 0;
+  const auto agree = [&](const Message& m) {
+    const Buffer raw = encodedWith(m, lax);
+    bool decodes = true;
+    try {
+      (void)decode(raw.data(), raw.size(), l);
+    } catch (const LimitError&) {
+      decodes = false;
+    }
+    Buffer out;
+    bool encodes = true;
+    try {
+      encode(m, out, l);
+    } catch (const LimitError&) {
+      encodes = false;
+    }
+    ++(encodes ? accepted : refused);
+    return encodes == decodes;
+  };
+  for (int depth = 0; depth < 12; ++depth) {
+    EXPECT_TRUE(agree(Message("d", {{"v", nested(depth)}}))) << "depth " << depth;
+    EXPECT_TRUE(agree(Message("d", {{"m", Map{{"k", nested(depth)}}}}))) << "map depth " << depth;
+  }
+  for (int n = 40; n < 52; ++n) {
+    EXPECT_TRUE(agree(Message("w", {{"l", List(static_cast<std::size_t>(n), Value(1))}}))) << n << " elements";
+    EXPECT_TRUE(agree(Message("w", {{"a", 1}, {"m", Map{{"x", List(static_cast<std::size_t>(n - 6), Value(1))}}}})))
+        << n << " elements";
+  }
+  EXPECT_GT(accepted, 10);  // the loops cross both limits
+  EXPECT_GT(refused, 10);
 }
 
 TEST(Decode, ContainerCountBeyondInputIsRefusedWithoutAllocating) {
@@ -215,19 +370,20 @@ TEST(Decode, NotAMessageShape) {
   pk.pack_int(1);
   pk.pack_int(2);
   EXPECT_EQ(errorOf([&] { decode(b.data(), b.size()); }),
-            "cannot decode message: not a [command, args, id] triple");
+            "cannot decode message: not a [command, id, args] triple");
   const Buffer good = encoded(Message("x"));
   std::string withTrailer(good.data(), good.size());
   withTrailer += '\x01';
   EXPECT_EQ(errorOf([&] { decode(withTrailer.data(), withTrailer.size()); }),
-            "cannot decode message: 1 trailing bytes");
+            "cannot decode message 'x': 1 trailing bytes");
 }
 
-// Starts a [command "x", {one entry}, id] message by hand, up to the entry.
+// Starts a [command "x", id 0, {one entry}] message by hand, up to the entry.
 void packOneEntryMessage(msgpack::packer<Buffer>& pk) {
   pk.pack_array(3);
   pk.pack_str(1);
   pk.pack_str_body("x", 1);
+  pk.pack_uint64(0);
   pk.pack_map(1);
 }
 
@@ -237,8 +393,7 @@ TEST(Decode, NonStringMapKeyIsRefused) {
   packOneEntryMessage(pk);
   pk.pack_int(5);
   pk.pack_int(6);
-  pk.pack_uint64(0);
-  EXPECT_EQ(errorOf([&] { decode(b.data(), b.size()); }), "cannot decode message: map key is not a string");
+  EXPECT_EQ(errorOf([&] { decode(b.data(), b.size()); }), "cannot decode message 'x': map key is not a string");
 }
 
 TEST(Decode, BadArrayExtensionIsRefused) {
@@ -250,7 +405,6 @@ TEST(Decode, BadArrayExtensionIsRefused) {
   const char ext[] = {static_cast<char>(DType::F64), 1, 2, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3};  // 2 doubles, 3 bytes
   pk.pack_ext(sizeof ext, 1);
   pk.pack_ext_body(ext, sizeof ext);
-  pk.pack_uint64(0);
   EXPECT_THROW(decode(b.data(), b.size()), DecodeError);
 }
 

@@ -4,18 +4,35 @@
 // (close-on-exec). Make the pair before fork and keep one end on each side;
 // `fd()` can be polled. Each message travels as one frame:
 //   'F' 'K' version flags | u32 body length (little endian) | msgpack body
+// Version 2 (this one) carries [command, id, args]; version 1 had the id last.
 //
 // Guarantees:
 // - Messages arrive whole and in order, whatever their size up to
 //   `Limits::maxBytes`. EINTR, short writes and short reads are handled here.
-// - A message over the limit is refused by `send` with `LimitError` before
-//   any byte is written.
-// - A frame whose body does not decode throws `DecodeError` from `recv`; the
-//   frame is consumed and the next good message is still delivered. A frame
-//   announcing a body over the limit throws `LimitError` and its body is
-//   skipped as it arrives, without being stored.
-// - When the peer is gone, `send` and `recv` throw `PeerClosed`. No call
-//   waits on a peer that has exited.
+// - A message over a limit (bytes, depth, elements) is refused by `send`
+//   with `LimitError`, naming the command and the argument, before any of it
+//   is written.
+// - A well-framed body that does not decode throws `DecodeError` (or
+//   `LimitError` for depth and element counts) from `recv`, carrying the
+//   command and call id when they were read so the receiver can answer; the
+//   frame is consumed and the next message is still delivered.
+// - A frame whose magic or version bytes are wrong, or whose header declares
+//   a body over `Limits::maxBytes`, means the stream is corrupt: `recv`
+//   throws `StreamCorrupt` saying which, and every later `recv` throws it
+//   again without reading (`buffered()` is then true). A length-prefixed
+//   stream cannot be resynchronised safely (any byte may look like a
+//   header, and a lying length swallows the good frames after it), so the
+//   receiver ends the conversation with a clear error instead of skipping.
+// - A `send` that times out after writing part of its frame keeps the rest:
+//   the next `send` (or `flush`) completes it first, within its own timeout,
+//   so the peer still gets every frame whole. If that cannot finish in time,
+//   the new message is not started.
+// - When the peer is gone, `send` and `recv` throw `PeerClosed`. With
+//   `watchPeer(deathFd)`, every wait also ends when deathFd turns readable
+//   (a pidfd, an eventfd): the bytes the peer left are still delivered
+//   first, then `PeerClosed`, even while another process holds the peer's
+//   end of the socket open. No call waits on a peer that has exited and
+//   closed its end, or whose death the watched descriptor reports.
 // - After warm-up, `send` allocates nothing, and `recv` allocates only what
 //   the decoded Message itself needs.
 //
@@ -26,11 +43,17 @@
 // "fd readable" keeps meaning "a message is waiting" for code that polls and
 // then calls `recv` once; it costs one more system call per message.
 //
-// A Channel is used from one thread at a time.
+// Threads: one thread may `send` (and `flush`) while another `recv`s on the
+// same Channel: the two sides share no mutable state. Two concurrent
+// senders, or two concurrent receivers, are not allowed (frames would
+// interleave, buffers would race); serialise them yourself. The set-up calls (`setNonBlocking`,
+// `setReadMode`, `watchPeer`, `close`, moves) must not run concurrently
+// with anything else on the Channel.
 #pragma once
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -67,47 +90,73 @@ class Channel {
   // Records that someone else (libuv) already set O_NONBLOCK.
   void assumeNonBlocking() noexcept { nonBlocking_ = true; }
   void setReadMode(ReadMode m) noexcept { readMode_ = m; }
-  void watchPeer(int) noexcept {}  // STUB
 
-  // Sends one message, waiting for socket space up to `timeout`. Throws
-  // LimitError (nothing sent), PeerClosed, TimeoutError (nothing sent; if a
-  // frame was cut half-way the channel is marked broken and later calls
-  // throw), SystemError.
+  // Ends every wait of send and recv also when `deathFd` is readable (not
+  // owned; -1 to stop). Then recv polls before it reads, so a blocking
+  // descriptor never sits in a recv(2) that cannot see the death. A
+  // zero-timeout call does not wait, so it does not look at deathFd either.
+  // A wait on a deathFd that is not open throws Error.
+  void watchPeer(int deathFd) noexcept { deathFd_ = deathFd; }
+
+  // Sends one message, waiting for socket space up to `timeout`. First
+  // completes the unsent rest of an earlier frame, if any. Throws
+  // LimitError (nothing sent), PeerClosed, SystemError, and TimeoutError:
+  // either this message was not started (the earlier rest did not finish),
+  // or it was cut and its rest is kept for the next send or flush.
   void send(const Message& m, Timeout timeout = kForever);
 
+  // Bytes of a frame cut by a send timeout, still to be written.
+  std::size_t unsentBytes() const noexcept { return sendBuf_.size() - sendOff_; }
+  // Writes those bytes, waiting up to `timeout`; false when some remain.
+  // Throws PeerClosed, SystemError.
+  bool flush(Timeout timeout);
+
   // Receives one message, waiting up to `timeout`; nullopt when none came in
-  // time. Throws PeerClosed, DecodeError, LimitError, SystemError.
+  // time. Throws PeerClosed, StreamCorrupt, DecodeError, LimitError,
+  // SystemError.
   std::optional<Message> recv(Timeout timeout);
   Message recv();  // waits until a message or the peer's exit
   std::optional<Message> tryRecv() { return recv(Timeout::zero()); }
 
-  // True when a whole frame is already buffered (recv will not block).
+  // True when recv will not block: a whole frame is buffered, or recv is
+  // about to throw (a corrupt stream).
   bool buffered() const noexcept;
 
   // --- Pieces for event loops that queue their own output -----------------
   // Appends one frame (header + body) for `m` to `out`. Throws LimitError
-  // and leaves `out` as it was when the body exceeds the limit.
+  // and leaves `out` as it was when `m` breaks `limits`.
   static void encodeFrame(const Message& m, Buffer& out, const Limits& limits);
   // One non-blocking write of raw frame bytes; returns the bytes written (0
-  // when the socket is full). Throws PeerClosed, SystemError.
+  // when the socket is full). Throws PeerClosed, SystemError. It bypasses
+  // send's unsent rest: do not mix the two on one Channel.
   std::size_t writeSome(const char* p, std::size_t n);
 
  private:
-  std::optional<Message> takeFrame();  // from the buffer, if whole
-  bool fill(const Deadline& d);        // one read; false on timeout
-  std::size_t wantBytes() const;       // how much the next read may take
+  enum class Ready : std::uint8_t { Timeout, Fd, PeerDied };
+  // Polls fd() for `events` and the death descriptor, if any. Fd wins when
+  // both are ready, so bytes already there are handled first.
+  Ready waitReady(short events, const Deadline& d) const;
+  bool pushOut(const Deadline& d);      // writes the unsent rest; false on timeout
+  std::optional<Message> takeFrame();   // from the buffer, if whole
+  [[noreturn]] void corrupt(const std::string& why);
+  bool fill(const Deadline& d);         // one read; false on timeout
+  std::size_t wantBytes() const;        // how much the next read may take
   void setRecvTimeout(Timeout t);
 
+  // Set up before use; read, never written, by send and recv.
   detail::UniqueFd fd_;
   Limits limits_;
   ReadMode readMode_ = ReadMode::Greedy;
   bool nonBlocking_ = false;
-  bool broken_ = false;
+  int deathFd_ = -1;
+  // Send side only.
   Buffer sendBuf_;
+  std::size_t sendOff_ = 0;   // sendBuf_ bytes already written
+  // Receive side only.
   std::vector<char> rbuf_;
   std::size_t rpos_ = 0;      // start of unconsumed bytes
   std::size_t rend_ = 0;      // end of bytes read
-  std::size_t discard_ = 0;   // body bytes of an oversize frame still to skip
+  std::string corrupt_;       // why the stream is corrupt; empty while it is not
   Timeout rcvTimeout_{0};     // SO_RCVTIMEO as last set (0 = none)
 };
 

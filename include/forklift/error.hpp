@@ -9,7 +9,9 @@
 //   SystemError   an OS call failed; `code()` holds the errno.
 //   TypeError     a message argument is missing or has the wrong type.
 //   DecodeError   bytes that are not a valid forklift message.
-//   LimitError    a message or frame larger than the configured limit.
+//   StreamCorrupt a DecodeError that ends a channel: its byte stream lost
+//                 its framing, and every later recv throws it again.
+//   LimitError    a message larger, deeper or wider than the configured limit.
 //   TimeoutError  a bounded wait ran out.
 //   PeerClosed    the other end of a channel is gone (process exited).
 //   ProcessDied   a backend process died while we waited for it.
@@ -21,6 +23,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <utility>
 
 namespace forklift {
 
@@ -44,29 +47,41 @@ class TypeError : public Error {
   using Error::Error;
 };
 
+// DecodeError and LimitError from `decode` (and so from `Channel::recv`)
+// carry the command and call id of the refused message when the decoder got
+// that far (they come first on the wire), so a receiver can answer the call
+// instead of leaving the caller to its timeout. `command()` is empty and
+// `id()` is 0 when unknown; an id of 0 also means "no reply wanted".
 class DecodeError : public Error {
  public:
-  using Error::Error;
+  explicit DecodeError(const std::string& what, std::string command = {}, std::uint64_t id = 0)
+      : Error(what), command_(std::move(command)), id_(id) {}
   const std::string& command() const noexcept { return command_; }
   std::uint64_t id() const noexcept { return id_; }
+
  private:
   std::string command_;
-  std::uint64_t id_ = 0;
+  std::uint64_t id_;
 };
 
+// The stream itself is corrupt (bad frame magic, or a frame declaring a body
+// over the limit): a length-prefixed stream cannot be resynchronised safely,
+// so the channel stays in this state and every later recv throws again.
 class StreamCorrupt : public DecodeError {
  public:
-  using DecodeError::DecodeError;
+  explicit StreamCorrupt(const std::string& what) : DecodeError(what) {}
 };
 
 class LimitError : public Error {
  public:
-  using Error::Error;
+  explicit LimitError(const std::string& what, std::string command = {}, std::uint64_t id = 0)
+      : Error(what), command_(std::move(command)), id_(id) {}
   const std::string& command() const noexcept { return command_; }
   std::uint64_t id() const noexcept { return id_; }
+
  private:
   std::string command_;
-  std::uint64_t id_ = 0;
+  std::uint64_t id_;
 };
 
 class TimeoutError : public Error {

@@ -10,10 +10,15 @@
 // the argument, the type found and the type wanted:
 //   command 'ping': argument 'count': string found, int32 wanted
 //
-// The codec is msgpack: [command, {args...}, id]. Decoding is safe against
-// any bytes. Total size, nesting depth and element counts are limited
-// (`Limits`), so malformed or hostile input gives a `DecodeError` or
-// `LimitError`, never a crash and never an allocation larger than the input.
+// The codec is msgpack: [command, id, {args...}]; the command and id come
+// first so that a message refused for its arguments can still be answered.
+// Decoding is safe against any bytes. Total size, nesting depth and element
+// counts are limited (`Limits`), so malformed or hostile input gives a
+// `DecodeError` or `LimitError`, never a crash and never an allocation
+// larger than the input; both carry the command and id when they were read.
+// `encode` checks the same limits, counted the same way, while it walks the
+// message, so a message the sender accepts is never refused by a receiver
+// with the same limits.
 #pragma once
 
 #include <cstddef>
@@ -29,6 +34,9 @@
 
 namespace forklift {
 
+// Depth counts the envelope: the [command, id, args] array is level 1, the
+// argument map level 2, an argument's own list or map level 3. Elements are
+// the list items and map entries of the whole message, envelope included.
 struct Limits {
   std::size_t maxBytes = 16u << 20;     // encoded size of one message
   std::uint32_t maxDepth = 32;          // nesting of lists and maps
@@ -125,12 +133,18 @@ class Buffer {
   std::size_t size_ = 0;
 };
 
-// Appends the encoding of `m` to `out`.
-void encode(const Message& m, Buffer& out);
+// Appends the encoding of `m` to `out`. Throws LimitError, naming the
+// command and the top-level argument, and leaves `out` as it was, when `m`
+// nests deeper, has more elements or encodes to more bytes than `limits`:
+//   cannot send 'ping': argument 'tree' nests deeper than 32 levels
+void encode(const Message& m, Buffer& out, const Limits& limits);
+void encode(const Message& m, Buffer& out);  // with the default Limits
 
 // Decodes exactly `size` bytes into a message. Throws LimitError when the
 // input breaks `limits`, DecodeError for anything else that is not one
-// well-formed message.
+// well-formed message; the text names the command when it was read
+// ("cannot decode message 'ping': nests deeper than 32 levels"), and
+// `command()` / `id()` of the error return it and the call id.
 Message decode(const char* data, std::size_t size, const Limits& limits = {});
 
 }  // namespace forklift

@@ -277,7 +277,7 @@ class MessageProcess {
   void registerCommand(std::string name, R (C::*handler)(A...), std::array<const char*, N> names);
   void addHandler(std::string name, Handler h);
 
-  int runBackend(Channel cmd, Channel out);  // backend side; returns the exit code
+  int runBackend(Channel cmd, Channel out, int stopBell);  // backend side; returns the exit code
   void awaitReady(Channel& cmd);
   bool onBackendSide() const noexcept;
   // Throws Error when called on the wrong side (frontend-only `method`).
