@@ -324,11 +324,6 @@ void Backend::refuse(const Error& e, const std::string& command, std::uint64_t i
 
 void Backend::dispatch(Message& m) {
   const std::string& command = m.command();
-  if (command == control::kStop) {
-    log().debug("stop requested");
-    requestStop();
-    return;
-  }
   auto it = config_.commands.end();
   if (!control::reserved(command)) it = config_.commands.find(command);
   if (it == config_.commands.end()) {

@@ -1,5 +1,4 @@
 #include "forklift/channel.hpp"
-#include "posix.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -9,6 +8,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+
+#include "posix.hpp"
 
 namespace forklift {
 

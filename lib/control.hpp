@@ -3,8 +3,10 @@
 // Commands whose names start with "__" are forklift's own; a user command
 // cannot have such a name. They are defined here and nowhere else.
 //
+// A stop request is not a message: it is an eventfd (the stop bell) the
+// backend loop watches, so a cut or corrupt frame cannot swallow it.
+//
 // On the command channel:
-//   frontend -> backend   __stop                      finish the handler, run postRun__, exit
 //   backend -> frontend   __ready                     preRun__ done, the loop runs
 //                         __failed {error}            preRun__ threw; the backend exits
 //                         __ok {value} (id)           a call's result
@@ -20,7 +22,6 @@
 
 namespace forklift::detail::control {
 
-inline constexpr std::string_view kStop = "__stop";
 inline constexpr std::string_view kReady = "__ready";
 inline constexpr std::string_view kFailed = "__failed";
 inline constexpr std::string_view kOk = "__ok";

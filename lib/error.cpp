@@ -3,6 +3,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "posix.hpp"
+
 namespace forklift {
 
 SystemError::SystemError(int errnum, const std::string& what)

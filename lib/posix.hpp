@@ -1,5 +1,6 @@
 // forklift - small POSIX helpers shared by the library (internal)
 //
+// `throwErrno` turns errno into the SystemError of the API edge.
 // `retryEintr` is the one retry loop for system calls interrupted by a
 // signal (never used for close: see detail/fd.hpp). `waitFor` is the one
 // bounded poll of a single descriptor that channels, the backend loop's
@@ -15,6 +16,10 @@
 #include "forklift/timeout.hpp"
 
 namespace forklift::detail {
+
+// Throws SystemError(errno, what). errno is read first, before anything else
+// can overwrite it.
+[[noreturn]] void throwErrno(const std::string& what);
 
 // Retries a system call while it fails with EINTR.
 template <class F>

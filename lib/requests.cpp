@@ -293,6 +293,14 @@ void Requests::readTurn(const Deadline& d, Read how) {
   }
   if (ready.empty()) {
     // Everything there is; a dead backend's last replies come before its end.
+    // A reply that arrived whole but does not decode still completes its call.
+    auto refused = [&](std::uint64_t id, const char* what) {
+      if (id == 0) return;
+      std::lock_guard lock(mutex_);
+      if (auto it = pending_.find(id); it != pending_.end())
+        complete(*it->second, CallResult(std::make_exception_ptr(RemoteError(hooks_.who + ": " + what))), ready);
+      cv_.notify_all();
+    };
     for (;;) {
       std::optional<Message> m;
       std::exception_ptr failure;
@@ -304,19 +312,10 @@ void Requests::readTurn(const Deadline& d, Read how) {
         peerEnded = true;
         break;
       } catch (const DecodeError& e) {
-        // A reply that does not decode still completes its call.
-        if (e.id() == 0) continue;
-        std::lock_guard lock(mutex_);
-        if (auto it = pending_.find(e.id()); it != pending_.end())
-          complete(*it->second, CallResult(std::make_exception_ptr(RemoteError(hooks_.who + ": " + e.what()))), ready);
-        cv_.notify_all();
+        refused(e.id(), e.what());
         continue;
       } catch (const LimitError& e) {
-        if (e.id() == 0) continue;
-        std::lock_guard lock(mutex_);
-        if (auto it = pending_.find(e.id()); it != pending_.end())
-          complete(*it->second, CallResult(std::make_exception_ptr(RemoteError(hooks_.who + ": " + e.what()))), ready);
-        cv_.notify_all();
+        refused(e.id(), e.what());
         continue;
       }
       if (failure) {

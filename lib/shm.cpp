@@ -1,5 +1,4 @@
 #include "forklift/shm.hpp"
-#include "posix.hpp"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -21,6 +20,8 @@
 #include <boost/interprocess/shared_memory_object.hpp>
 
 #include "forklift/detail/fd.hpp"
+#include "posix.hpp"
+#include "seams.hpp"
 
 namespace forklift {
 

@@ -1,5 +1,4 @@
 #include "forklift/sync.hpp"
-#include "posix.hpp"
 
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -11,6 +10,7 @@
 
 #include "forklift/error.hpp"
 #include "forklift/process.hpp"
+#include "posix.hpp"
 
 namespace forklift {
 

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <thread>
 
+#include "seams.hpp"
 #include "support.hpp"
 
 namespace forklift {

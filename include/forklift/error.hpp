@@ -119,10 +119,4 @@ class CommandError : public RemoteError {
   std::string command_;
 };
 
-namespace detail {
-// Throws SystemError(errno, what). errno is read first, before anything else
-// can overwrite it.
-[[noreturn]] void throwErrno(const std::string& what);
-}  // namespace detail
-
 }  // namespace forklift

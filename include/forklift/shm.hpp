@@ -210,12 +210,4 @@ std::vector<SegmentInfo> listSegments();
 // is still dead; true when removed. Never throws. For `forklift-shm clean`.
 bool removeStaleSegment(const SegmentInfo& s) noexcept;
 
-namespace detail {
-// Seam for tests (STYLE 10): the call that reserves a new segment's pages,
-// with posix_fallocate's contract (returns 0 or an errno value). Tests swap
-// it to inject ENOSPC; set it only while no other thread creates segments.
-using ShmFallocateFn = int (*)(int fd, off_t offset, off_t len);
-extern ShmFallocateFn shmFallocate;
-}  // namespace detail
-
 }  // namespace forklift
