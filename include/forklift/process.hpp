@@ -40,12 +40,14 @@
 // FORKLIFT_IN_PROCESS=1 the backend loop runs in a thread of the frontend
 // process instead of a forked child, so one debugger sees both sides. Then
 // the two sides do share memory, and a stuck handler cannot be killed (it
-// is abandoned past the stop timeout). The object is shared by both sides:
-// a subclass should call stop() in its own destructor. If it leaves that to
-// this class's destructor, the backend runs no more user code from then on
-// (no handler, timer or postRun__: the subclass is already gone) and an
-// error is logged; a handler already running at that moment must not touch
-// the subclass's members, which is why stop() belongs in its destructor.
+// is abandoned past the stop timeout). The object is shared by both sides,
+// so a subclass must call stop() in its own destructor. If it leaves that
+// to this class's destructor, its members are destroyed while the backend
+// thread may still be inside one of its handlers or timers, a race that no
+// base class can prevent (undefined behaviour, as ThreadSanitizer reports);
+// what forklift guarantees is that from the moment this class's destructor
+// starts, the backend runs no more user code (no queued command, timer,
+// watch or postRun__), and it logs an error saying stop() is missing.
 //
 // Sides: every frontend method called on the backend side (from a handler,
 // preRun__, a timer, any thread of the backend) throws Error at once,
