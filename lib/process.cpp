@@ -23,6 +23,7 @@
 
 #include "backend.hpp"
 #include "forklift/log.hpp"
+#include "proc_title.hpp"
 
 namespace forklift {
 
@@ -314,7 +315,7 @@ void MessageProcess::start() {
 void MessageProcess::runChild(Channel cmd, Channel out) {
   resetSignals();
   if (options_.ignoreSigint) ::signal(SIGINT, SIG_IGN);
-  ::prctl(PR_SET_NAME, name_.substr(0, 15).c_str());
+  detail::setProcessTitle(name_, "forklift: " + fullName_);
   {
     // Other backends' channels and pidfds, inherited through fork.
     std::lock_guard lock(g_registryMutex);
