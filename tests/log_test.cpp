@@ -11,7 +11,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <string>
 
 #include "forklift/detail/fd.hpp"
@@ -24,14 +23,8 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::contains;
+using test::readFile;
 namespace fs = std::filesystem;
-
-std::string readAll(const fs::path& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 std::size_t count(const std::string& text, const std::string& part) {
   std::size_t n = 0;
@@ -76,7 +69,7 @@ class CaptureStderr {
   }
   std::string text() const {
     std::fflush(stderr);
-    return readAll(file_);
+    return readFile(file_);
   }
 
  private:
@@ -109,7 +102,7 @@ TEST(Log, CheckLogFileCreatesTheFileAndItsDirectoriesAndKeepsWhatIsThere) {
   EXPECT_EQ(fs::file_size(path), 0u);
   std::ofstream(path) << "kept\n";
   EXPECT_NO_THROW(checkLogFile(path.string()));
-  EXPECT_EQ(readAll(path), "kept\n");
+  EXPECT_EQ(readFile(path), "kept\n");
   EXPECT_NO_THROW(checkLogFile(""));  // no log file: nothing to check
 }
 
@@ -128,7 +121,7 @@ TEST(Log, MakeLoggerFallsBackToStderrWithOneWarning) {
   EXPECT_EQ(log->sinks().size(), 1u);
 }
 
-TEST(Log, LoggingToDevFullNeverThrowsAndIsReportedOnce) {
+TEST(Log, LoggingToDevFullNeverThrowsAndIsReportedWithoutFlooding) {
   TempDir dir;
   CaptureStderr err(dir);
   const auto log = makeLogger("Test.full", "/dev/full");
@@ -181,7 +174,7 @@ TEST(Log, AFileThatBecomesUnwritableDoesNotStopTheLogger) {
   EXPECT_TRUE(contains(text, "[Test.limited] [pid " + std::to_string(pid) + "] [error] logging failed: "));
   EXPECT_TRUE(contains(text, std::strerror(EFBIG)));
   EXPECT_TRUE(contains(text, "after the limit 19")) << "the stderr sink stopped too";
-  const std::string log = readAll(path);
+  const std::string log = readFile(path);
   EXPECT_TRUE(contains(log, "before the limit"));
   EXPECT_FALSE(contains(log, "after the limit")) << log;
 }

@@ -24,19 +24,10 @@ using namespace std::chrono_literals;
 using detail::TitleAreaSource;
 using detail::UniqueFd;
 using test::contains;
-
-std::string readAll(const std::string& path) {
-  std::string out;
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  char buf[4096];
-  ssize_t n = 0;
-  while (fd && (n = detail::retryEintr([&] { return ::read(fd.get(), buf, sizeof buf); })) > 0)
-    out.append(buf, static_cast<std::size_t>(n));
-  return out;
-}
+using test::readFile;
 
 std::string firstLine(const std::string& path) {
-  std::string s = readAll(path);
+  std::string s = readFile(path);
   return s.substr(0, s.find('\n'));
 }
 
@@ -96,7 +87,7 @@ void expectTitleSeenFromOutside(const std::function<std::string()>& inChild, con
   done.r.reset();
   // The child closes its end only after it wrote, so this is its whole report.
   EXPECT_EQ(readUntilClosed(report.r.get()), "ok");
-  EXPECT_EQ(readAll("/proc/" + std::to_string(pid) + "/cmdline"), expected + '\0');
+  EXPECT_EQ(readFile("/proc/" + std::to_string(pid) + "/cmdline"), expected + '\0');
   EXPECT_EQ(psArgs(pid), expected);
   done.w.reset();
   EXPECT_EQ(test::exitCodeOf(test::waitChild(pid, 10s)), 0);
@@ -105,7 +96,7 @@ void expectTitleSeenFromOutside(const std::function<std::string()>& inChild, con
 // A title longer than this binary's own argv strings: it needs the environ
 // area too.
 std::string longTitle() {
-  const std::size_t argLen = readAll("/proc/self/cmdline").size();
+  const std::size_t argLen = readFile("/proc/self/cmdline").size();
   return "forklift: LongTitle." + std::string(argLen + 40, 'y') + ".end";
 }
 
@@ -135,7 +126,7 @@ std::string exePath() {
 
 TEST(ProcTitle, ALongTitleShowsInCmdlineAndPsAndTheEnvironmentStillWorks) {
   const std::string title = longTitle();
-  ASSERT_GT(readAll("/proc/self/environ").size(), 100u) << "too small an environment to hold the title";
+  ASSERT_GT(readFile("/proc/self/environ").size(), 100u) << "too small an environment to hold the title";
   const std::string env0 = environ[0], name = program_invocation_name, exe = exePath();
   expectTitleSeenFromOutside(
       [&] {
@@ -173,13 +164,13 @@ TEST(ProcTitle, ASecondTitleReplacesTheFirstAndAForkedChildCanSetItsOwn) {
       [] {
         detail::setProcessTitle("first", longTitle());
         detail::setProcessTitle("second", "forklift: second");
-        if (readAll("/proc/self/cmdline") != std::string("forklift: second") + '\0')
-          return "after a second call: " + readAll("/proc/self/cmdline");
+        if (readFile("/proc/self/cmdline") != std::string("forklift: second") + '\0')
+          return "after a second call: " + readFile("/proc/self/cmdline");
         // A grandchild starts from the claimed area and sets its own.
         Pipe r;
         const pid_t pid = test::forkChild([&] {
           detail::setProcessTitle("third", "forklift: third");
-          const std::string got = readAll("/proc/self/cmdline");
+          const std::string got = readFile("/proc/self/cmdline");
           [[maybe_unused]] ssize_t w = ::write(r.w.get(), got.data(), got.size());
           return 0;
         });
@@ -195,7 +186,7 @@ TEST(ProcTitle, ASecondTitleReplacesTheFirstAndAForkedChildCanSetItsOwn) {
 TEST(ProcTitle, ATitleIsCutToTheAreaAndToOnePage) {
   const std::string huge = "forklift: " + std::string(3 * 4096, 'z');
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
-  const std::size_t area = readAll("/proc/self/cmdline").size() + readAll("/proc/self/environ").size();
+  const std::size_t area = readFile("/proc/self/cmdline").size() + readFile("/proc/self/environ").size();
   expectTitleSeenFromOutside(
       [&] {
         detail::setProcessTitle("huge", huge);
@@ -207,7 +198,7 @@ TEST(ProcTitle, ATitleIsCutToTheAreaAndToOnePage) {
 // main's argv array, where the kernel put it: after argc, at /proc/self/stat's
 // startstack (field 28).
 char** mainArgv(long* argc) {
-  const std::string s = readAll("/proc/self/stat");
+  const std::string s = readFile("/proc/self/stat");
   std::istringstream in(s.substr(s.rfind(')') + 2));
   std::string field;
   for (int i = 3; i <= 28; ++i) in >> field;
@@ -217,7 +208,7 @@ char** mainArgv(long* argc) {
 }
 
 TEST(ProcTitle, MainsArgvStaysReadable) {
-  const std::string cmdline = readAll("/proc/self/cmdline");
+  const std::string cmdline = readFile("/proc/self/cmdline");
   expectTitleSeenFromOutside(
       [&] {
         long argc = 0;
@@ -247,7 +238,7 @@ class TitledProcess : public MessageProcess {
   }
 
  private:
-  std::string c__cmdline() { return readAll("/proc/self/cmdline"); }
+  std::string c__cmdline() { return readFile("/proc/self/cmdline"); }
 };
 
 TEST(ProcTitle, ABackendShowsForkliftClassDotNameInPs) {
