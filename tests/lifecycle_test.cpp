@@ -503,6 +503,22 @@ TEST(Lifecycle, AnyExceptionFromABackendTimerIsLoggedAndTheLoopGoesOn) {
   EXPECT_TRUE(p.stop(5s).ok());
 }
 
+// ---------------------------------------------------------------- 13. an unusable log file
+
+TEST(Lifecycle, AnUnusableLogFileFailsStartWithAClearError) {
+  // A regular file as the parent directory: not even root can create it.
+  const std::string parent = "/tmp/forklift-not-a-dir-" + std::to_string(::getpid());
+  { std::ofstream(parent) << "x"; }
+  ProcessOptions o;
+  o.logFile = parent + "/backend.log";
+  Worker p("logs", o);
+  const std::string e = test::thrown<Error>([&] { p.start(); });
+  ::unlink(parent.c_str());
+  EXPECT_TRUE(contains(e, "cannot open log file '" + o.logFile + "'")) << e;
+  EXPECT_FALSE(p.isAlive());
+  EXPECT_FALSE(test::hasChildren());
+}
+
 // ---------------------------------------------------------------- 14. in-process without stop()
 
 class Collector : public MessageProcess {

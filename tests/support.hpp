@@ -32,6 +32,9 @@ int openFdCount();
 // True while this process has a child (running or zombie).
 bool hasChildren();
 
+// The whole file (a /proc file too), or "" when it cannot be read.
+std::string readFile(const std::string& path);
+
 // Names in /dev/shm that forklift created (prefix "fk.").
 std::vector<std::string> forkliftSegments();
 
