@@ -89,6 +89,12 @@ def forklift_figures(reps, env):
     add("send_rate", "forklift", "median", median_of(proc, "BM_SendRate", "items_per_second"), "msg/s")
     add("send_rate", "limit:socketpair", "median", median_of(proc, "BM_RawSocketpairOneWay", "items_per_second"),
         "msg/s")
+    # Calls from 1 and 4 frontend threads to one backend. The limit of calls
+    # made one at a time: raw socketpair round trips per second.
+    for n in (1, 4):
+        add(f"call_threads_{n}", "forklift", "median",
+            median_of(proc, f"BM_CallConcurrent/threads:{n}", "items_per_second"), "msg/s")
+    add("call_threads_1", "limit:socketpair", "median", 1e6 / time_us(proc, "BM_RawSocketpairRoundTrip"), "msg/s")
     add("start_ready", "forklift", "median", time_us(proc, "BM_StartUntilReady"), "us")
     add("start_ready", "limit:fork", "median", time_us(proc, "BM_ForkUntilReady"), "us")
     add("stop", "forklift", "median", time_us(proc, "BM_StopIdle"), "us")
@@ -129,11 +135,13 @@ def peer_figures(cpus, same_cpu):
 
 
 LOWER_IS_BETTER = {"us"}
-ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "start_ready:median", "stop:median"] + \
+ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "call_threads_1:median", "call_threads_4:median",
+        "start_ready:median", "stop:median"] + \
        [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + \
        [f"handoff_{SIZE_NAMES[k]}:median:4arrays" for k in SIZES_KIB] + \
        ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
-LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "start_ready": "limit:fork",
+LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "call_threads_1": "limit:socketpair",
+            "start_ready": "limit:fork",
             **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB}}
 
 
@@ -183,6 +191,10 @@ def table(results):
                      f"{fmt_ratio(speed_ratio(v(fk), v(lim), unit))} | {fmt(v(py), unit)} | "
                      f"{fmt_ratio(speed_ratio(v(fk), v(py), unit))} | {fmt(v(ix), unit)} | "
                      f"{fmt_ratio(speed_ratio(v(fk), v(ix), unit))} |")
+        if fig == "call_threads_4":
+            one = by.get(("call_threads_1", "median", "forklift"))
+            ratio = speed_ratio(v(fk), v(one), unit)
+            lines.append(f"| call_threads_4 ÷ call_threads_1 | × | {fmt_ratio(ratio)} | — | — | — | — | — | — |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 // forklift benchmarks - MessageProcess against the kernel's limits
 //
-// call() round trip and send() rate of a small message, start until ready
-// and stop, each beside the same operation done with raw system calls
-// between a parent and a forked child, pinned the same way.
+// call() round trip and send() rate of a small message, calls from several
+// frontend threads at once, start until ready and stop, each beside the
+// same operation done with raw system calls between a parent and a forked
+// child, pinned the same way.
 #include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -12,9 +13,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <forklift.hpp>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "placement.hpp"
@@ -33,6 +37,7 @@ class BenchProcess : public forklift::MessageProcess {
     command("ping", &BenchProcess::c__ping, {"parameter"});
     command("count", &BenchProcess::c__count, {"parameter"});
     command("total", &BenchProcess::c__total);
+    command("square", &BenchProcess::c__square, {"x"});
   }
 
  private:
@@ -42,6 +47,7 @@ class BenchProcess : public forklift::MessageProcess {
   std::string c__ping(std::string parameter) { return parameter; }
   void c__count(const std::string&) { ++count_; }
   std::int64_t c__total() { return std::exchange(count_, 0); }
+  std::int64_t c__square(std::int64_t x) { return x * x; }
   bool pin_;
   std::int64_t count_ = 0;
 };
@@ -97,6 +103,73 @@ void BM_SendRate(benchmark::State& state) {
   p.stop();
 }
 BENCHMARK(BM_SendRate)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// N frontend threads call one backend as fast as they can. start() refuses
+// to fork once other threads run, so the threads are made here, after
+// start(), not by the library's ->Threads(N) (those exist before the body).
+// They inherit the frontend's CPU. An iteration is a 10 ms window of their
+// calls, timed by hand; calls and latencies count only inside the windows.
+void BM_CallConcurrent(benchmark::State& state) {
+  const int n = static_cast<int>(state.range(0));
+  pinTo(placement().frontend);
+  BenchProcess p;
+  p.start();
+
+  struct alignas(64) Worker {
+    std::atomic<std::int64_t> calls{0};
+    std::vector<double> us;
+    bool failed = false;
+  };
+  std::vector<std::unique_ptr<Worker>> workers;
+  std::atomic<bool> measuring{false}, done{false};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) {
+    workers.push_back(std::make_unique<Worker>());
+    workers.back()->us.reserve(1 << 20);
+    threads.emplace_back([&p, &measuring, &done, w = workers.back().get(), i] {
+      try {
+        for (std::int64_t x = i; !done.load(std::memory_order_relaxed); ++x) {
+          const auto t0 = Clock::now();
+          if (p.call("square", {{"x", x}}).as<std::int64_t>() != x * x) w->failed = true;
+          if (measuring.load(std::memory_order_relaxed)) {
+            w->us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+            w->calls.fetch_add(1, std::memory_order_relaxed);
+          }
+        }
+      } catch (const std::exception&) {
+        w->failed = true;
+      }
+    });
+  }
+  const auto calls = [&] {
+    std::int64_t c = 0;
+    for (auto& w : workers) c += w->calls.load(std::memory_order_relaxed);
+    return c;
+  };
+
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    measuring.store(true, std::memory_order_relaxed);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    measuring.store(false, std::memory_order_relaxed);
+    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  done = true;
+  for (auto& t : threads) t.join();
+
+  std::vector<double> us;
+  bool failed = false;
+  for (auto& w : workers) {
+    us.insert(us.end(), w->us.begin(), w->us.end());
+    failed = failed || w->failed;
+  }
+  if (failed) state.SkipWithError("a call failed or returned a wrong square");
+  state.SetItemsProcessed(calls());
+  percentiles(state, us);
+  state.SetLabel(placement().describe());
+  p.stop();
+}
+BENCHMARK(BM_CallConcurrent)->ArgName("threads")->Arg(1)->Arg(4)->Unit(benchmark::kMicrosecond)->UseManualTime();
 
 // ---- the kernel limit: raw bytes between a parent and a forked child -------
 
