@@ -280,26 +280,28 @@ int MessageProcess::runBackend(Channel cmd, Channel out, int stopBell) {
 
 // ---------------------------------------------------------------- frontend commands
 
-std::shared_ptr<detail::Requests> MessageProcess::requests(const char* method, const std::string& command) {
+// The calls of the running backend. A reference: requests_ changes only in
+// start(), which no other frontend method may overlap.
+detail::Requests& MessageProcess::requests(const char* method, const std::string& command) {
   frontendOnly(method);
   if (state_.load() != State::Running || !requests_)
     throw Error(fullName_ + ": " + method + " '" + command + "' before start or after stop");
-  return requests_;
+  return *requests_;
 }
 
 void MessageProcess::send(const std::string& command, Map args) { send(Message(command, std::move(args))); }
 
-void MessageProcess::send(Message m) { requests("send", m.command())->send(m, options_.sendTimeout); }
+void MessageProcess::send(Message m) { requests("send", m.command()).send(m, options_.sendTimeout); }
 
 Value MessageProcess::call(const std::string& command, Map args) {
   return call(command, std::move(args), options_.callTimeout);
 }
 
 Value MessageProcess::call(const std::string& command, Map args, Timeout timeout) {
-  auto r = requests("call", command);
+  detail::Requests& r = requests("call", command);
   Message m(command, std::move(args));
-  auto slot = r->call(m, timeout);
-  r->wait(*slot, slot->deadline);
+  auto slot = r.call(m, timeout);
+  r.wait(*slot, slot->deadline);
   return slot->result.get();
 }
 
@@ -308,17 +310,16 @@ CallFuture MessageProcess::callAsync(const std::string& command, Map args) {
 }
 
 CallFuture MessageProcess::callAsync(const std::string& command, Map args, Timeout timeout) {
-  auto r = requests("callAsync", command);
+  detail::Requests& r = requests("callAsync", command);
   Message m(command, std::move(args));
-  auto slot = r->call(m, timeout);
-  return CallFuture(std::move(r), std::move(slot));
+  auto slot = r.call(m, timeout);
+  return CallFuture(requests_, std::move(slot));
 }
 
 void MessageProcess::callAsync(const std::string& command, Map args, Timeout timeout,
                                std::function<void(CallResult)> onDone) {
-  auto r = requests("callAsync", command);
   Message m(command, std::move(args));
-  r->call(m, timeout, std::move(onDone));
+  requests("callAsync", command).call(m, timeout, std::move(onDone));
 }
 
 int MessageProcess::fd() const noexcept { return out_.fd(); }

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <thread>
 
 #include "child.hpp"
 #include "control.hpp"
@@ -94,36 +95,25 @@ void Requests::setDispatcher(std::function<void(std::function<void()>)> dispatch
 
 // ---------------------------------------------------------------- sending
 
-// The right to write on the channel, held for one frame.
+// The right to write on the channel, held for one frame. A sender that
+// finds it taken polls for it with short sleeps until its deadline: the
+// holder is in the middle of one send, so waits are short or hopeless.
 class Requests::SendTurn {
  public:
-  SendTurn(Requests& r, const Deadline& d) : r_(r) {
-    std::unique_lock lock(r_.sendMutex_);
-    auto free = [this] { return !r_.sending_; };
-    if (d.forever())
-      r_.sendFree_.wait(lock, free);
-    else if (!r_.sendFree_.wait_until(lock, d.at(), free))
-      return;
-    r_.sending_ = true;
-    held_ = true;
-  }
-  ~SendTurn() { release(); }
-  SendTurn(const SendTurn&) = delete;
-  SendTurn& operator=(const SendTurn&) = delete;
-  bool held() const noexcept { return held_; }
-  void release() {
-    if (!held_) return;
-    held_ = false;
-    {
-      std::lock_guard lock(r_.sendMutex_);
-      r_.sending_ = false;
+  SendTurn(Requests& r, const Deadline& d) : lock_(r.sendMutex_, std::try_to_lock) {
+    for (auto nap = std::chrono::microseconds(20); !lock_.owns_lock() && !d.expired();
+         nap = std::min(nap * 2, std::chrono::microseconds(2000))) {
+      std::this_thread::sleep_for(std::min<Deadline::Clock::duration>(nap, d.remaining()));
+      lock_.try_lock();
     }
-    r_.sendFree_.notify_one();
+  }
+  bool held() const noexcept { return lock_.owns_lock(); }
+  void release() {
+    if (lock_.owns_lock()) lock_.unlock();
   }
 
  private:
-  Requests& r_;
-  bool held_ = false;
+  std::unique_lock<std::mutex> lock_;
 };
 
 std::exception_ptr Requests::endError(const End& end, const char* what, const std::string& command,
@@ -136,6 +126,8 @@ std::exception_ptr Requests::endError(const End& end, const char* what, const st
 }
 
 void Requests::throwIfClosed(const char* what, const std::string& command) {
+  if (!closedFlag_.load(std::memory_order_acquire)) return;
+  std::lock_guard lock(mutex_);
   if (closed_) std::rethrow_exception(endError(*closed_, what, command, false));
 }
 
@@ -145,10 +137,7 @@ void Requests::send(Message& m, Timeout timeout) {
   if (!turn.held())
     throw TimeoutError(hooks_.who + ": cannot send '" + m.command() + "' within " + std::to_string(timeout.count()) +
                        " ms: another thread's send still holds the channel");
-  {
-    std::lock_guard l(mutex_);
-    throwIfClosed("send", m.command());
-  }
+  throwIfClosed("send", m.command());
   m.setId(0);
   try {
     cmd_.send(m, d.forever() ? kForever : std::chrono::ceil<Timeout>(d.remaining()));
@@ -171,8 +160,13 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
   s->id = ++nextId_;
   m.setId(s->id);
   {
-    std::lock_guard l(mutex_);
-    throwIfClosed("call", m.command());
+    // Checked under the lock that close() takes: a call registered after
+    // the close would never complete.
+    std::unique_lock l(mutex_);
+    if (closed_) {
+      l.unlock();
+      throwIfClosed("call", m.command());
+    }
     pending_.emplace(s->id, s);  // before sending: the reply may beat us back
     if (s->callback) ++callbacks_;
   }
@@ -223,6 +217,7 @@ void Requests::expire(std::vector<std::function<void()>>& ready) {
 
 void Requests::closeLocked(End end, std::vector<std::function<void()>>& ready) {
   if (!closed_) closed_ = std::move(end);
+  closedFlag_.store(true, std::memory_order_release);
   std::vector<CallSlot*> all;
   for (auto& [id, s] : pending_) all.push_back(s.get());
   for (CallSlot* s : all) complete(*s, CallResult(endError(*closed_, "call", s->command, true)), ready);
@@ -292,7 +287,6 @@ void Requests::readTurn(const Deadline& d, Read how) {
     peerEnded = waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()));
   }
   if (ready.empty()) {
-    // Everything there is; a dead backend's last replies come before its end.
     // A reply that arrived whole but does not decode still completes its call.
     auto refused = [&](std::uint64_t id, const char* what) {
       if (id == 0) return;
@@ -301,7 +295,11 @@ void Requests::readTurn(const Deadline& d, Read how) {
         complete(*it->second, CallResult(std::make_exception_ptr(RemoteError(hooks_.who + ": " + what))), ready);
       cv_.notify_all();
     };
-    for (;;) {
+    // One read takes all the socket holds; after it only whole frames
+    // already buffered are taken, so a reply costs one poll and one read.
+    // A dead backend's channel is read to its end.
+    for (bool first = true;; first = false) {
+      if (!first && !peerEnded && !cmd_.buffered()) break;
       std::optional<Message> m;
       std::exception_ptr failure;
       try {

@@ -286,7 +286,7 @@ class MessageProcess {
   void frontendOnly(const char* method) const;
   detail::Backend& backendSide(const char* method);
   // The running backend's calls; Error before start.
-  std::shared_ptr<detail::Requests> requests(const char* method, const std::string& command);
+  detail::Requests& requests(const char* method, const std::string& command);
   [[noreturn]] void throwEnded(const std::string& during);
   void finishRun(const ExitStatus& s);
 
