@@ -126,6 +126,8 @@ void MessageProcess::start() {
     state_ = State::Idle;
   }
   if (!state_.compare_exchange_strong(idle, State::Starting)) throw Error(fullName_ + ": already started");
+  int cmdFd = -1;
+  int bellFd = -1;
   try {
     if (requests_) requests_->close({true, "restarted", nullptr});
     requests_.reset();
@@ -164,14 +166,12 @@ void MessageProcess::start() {
     setup.inProcess = options_.inProcess;
     setup.allowThreads = options_.allowThreads;
     auto back = std::make_shared<std::pair<Channel, Channel>>(std::move(cmdBack), std::move(outBack));
-    try {
-      child_ = detail::Child::start(
-          setup, [this, back, bell] { return runBackend(std::move(back->first), std::move(back->second), bell); },
-          &logger());
-    } catch (...) {
-      detail::frontend_fds::remove({cmdFront.fd()});
-      throw;
-    }
+    // Until the Requests own them, a failed start removes these itself.
+    cmdFd = cmdFront.fd();
+    bellFd = bell;
+    child_ = detail::Child::start(
+        setup, [this, back, bell] { return runBackend(std::move(back->first), std::move(back->second), bell); },
+        &logger());
     back.reset();  // forked: the child has its ends; in-process: the thread does
     detail::frontend_fds::add({bell});
     pid_ = child_->forked() ? child_->pid() : ::getpid();
@@ -195,8 +195,10 @@ void MessageProcess::start() {
       child_->abandon();
       child_->wait(Timeout(5000));
     }
+    if (child_ && child_->ended()) child_.reset();  // its status is in the error
     detail::frontend_fds::remove({out_.fd()});
     out_ = Channel();
+    if (!requests_) detail::frontend_fds::remove({cmdFd, bellFd});  // closed with their owners here
     state_ = State::Idle;
     throw;
   }

@@ -126,8 +126,11 @@ TEST(Lifecycle, FrontendMethodsOnTheBackendSideThrowAtOnce) {
 TEST(Lifecycle, FrontendMethodInPreRunFailsStartWithAClearError) {
   Worker p;
   p.misuseInPreRun = true;
+  const int fds = test::openFdCount();
   EXPECT_TRUE(contains(errorOf([&] { p.start(); }), "send() is a frontend method and was called on the backend side"));
   EXPECT_FALSE(p.isAlive());
+  EXPECT_EQ(test::openFdCount(), fds);  // a failed start leaves no descriptor
+  EXPECT_FALSE(test::hasChildren());
 }
 
 TEST(Lifecycle, BackendMethodsOnTheFrontendSideThrow) {
