@@ -46,13 +46,18 @@ class Worker : public MessageProcess {
     command("misuse_in_timer", &Worker::c__misuseInTimer);
     command("blob", &Worker::c__blob, {"data"});
     command("received", &Worker::c__received);
+    command("reject_later", &Worker::c__rejectLater);
   }
   bool misuseInPreRun = false;
   bool failPostRun = false;
+  bool dieInPreRun = false;
+  int sleepInPreRunMs = 0;
 
  private:
   void preRun__() override {
     if (misuseInPreRun) send("square", {{"x", 1}});
+    if (dieInPreRun) ::raise(SIGKILL);
+    if (sleepInPreRunMs) std::this_thread::sleep_for(std::chrono::milliseconds(sleepInPreRunMs));
   }
   void postRun__() override {
     if (failPostRun) throw std::runtime_error("postRun__ fails on purpose");
@@ -99,6 +104,10 @@ class Worker : public MessageProcess {
   }
   void c__blob(Bytes data) { received_ += static_cast<std::int64_t>(data.size()); }
   std::int64_t c__received() { return received_; }
+  void c__rejectLater(Reply reply) {
+    auto r = std::make_shared<Reply>(std::move(reply));
+    after__(1ms, [r] { r->reject("rejected later"); });
+  }
   std::int64_t received_ = 0;
 };
 
@@ -378,6 +387,104 @@ TEST(Lifecycle, ErrorsOfSentCommandsReachTheFrontendInOrder) {
   EXPECT_EQ(p.recv(5s)->command(), "chat");
   EXPECT_FALSE(p.recv(100ms));
   EXPECT_TRUE(p.stop(5s).ok());
+}
+
+// ---------------------------------------------------------------- more promises of process.hpp
+
+TEST(Lifecycle, ABackendThatDiesWhileStartingIsProcessDied) {
+  Worker p;
+  p.dieInPreRun = true;
+  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.start(); }),
+                       "Worker.worker: the backend died while starting (killed by SIGKILL)"));
+  EXPECT_FALSE(test::hasChildren());
+}
+
+TEST(Lifecycle, ABackendNotReadyInTimeIsKilledAndReported) {
+  ProcessOptions o;
+  o.startTimeout = 200ms;
+  Worker p("slow", o);
+  p.sleepInPreRunMs = 20000;
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(contains(test::thrown<TimeoutError>([&] { p.start(); }),
+                       "Worker.slow: the backend was not ready within 200 ms (killed by SIGKILL"));
+  EXPECT_LT(msSince(t0), 3000);
+  EXPECT_FALSE(test::hasChildren());
+}
+
+TEST(Lifecycle, RecvDeliversTheLastMessagesThenSaysHowTheBackendEnded) {
+  {
+    Worker p;
+    p.start();
+    p.call("chatter", {{"n", 3}}, 5s);
+    EXPECT_TRUE(p.stop(5s).ok());
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(p.recv(1s)->get<int>("i"), i);
+    const std::string e = test::thrown<PeerClosed>([&] { p.recv(1s); });
+    EXPECT_TRUE(contains(e, "the backend has stopped (exited with code 0)")) << e;
+  }
+  {
+    Worker p;
+    p.start();
+    p.call("chatter", {{"n", 2}}, 5s);
+    p.signal(SIGKILL);
+    for (int i = 0; i < 2; ++i) EXPECT_EQ(p.recv(1s)->get<int>("i"), i);
+    EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.recv(1s); }), "the backend died during recv (killed by SIGKILL"));
+    p.stop(1s);
+  }
+}
+
+TEST(Lifecycle, ASendWaitingForSpaceSeesTheDeathAtOnce) {
+  ProcessOptions o;
+  o.sendTimeout = 20s;
+  Worker p("full", o);
+  p.start();
+  ASSERT_GT(p.call("spawn_holder", {}, 5s).as<std::int64_t>(), 0);
+  p.send("sleep", {{"ms", 20000}});  // the backend stops reading
+  std::thread killer([&] {
+    std::this_thread::sleep_for(300ms);
+    p.signal(SIGKILL);
+  });
+  const auto t0 = Clock::now();
+  const Bytes chunk(1u << 20, 1);
+  const std::string e = test::thrown<ProcessDied>([&] {
+    for (int i = 0; i < 64; ++i) p.send("blob", {{"data", Value(chunk)}});
+  });
+  killer.join();
+  EXPECT_LT(msSince(t0), 3000);
+  EXPECT_TRUE(contains(e, "the backend died during send 'blob'")) << e;
+  p.stop(1s);
+}
+
+TEST(Lifecycle, ADeferredRejectOfASentCommandReachesRecv) {
+  Worker p;
+  p.start();
+  p.send("reject_later");
+  EXPECT_EQ(test::thrown<CommandError>([&] { p.recv(5s); }), "rejected later");
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
+TEST(Lifecycle, CommandNamesStartingWithTwoUnderscoresAreReserved) {
+  class Greedy : public MessageProcess {
+   public:
+    Greedy() : MessageProcess("greedy") {}
+    std::string tryIt() {
+      return errorOf([this] { command("__ready", &Greedy::c__x); });
+    }
+    void c__x() {}
+  } g;
+  EXPECT_EQ(g.tryIt(), "greedy: command name '__ready' is reserved (names starting with __ are forklift's)");
+}
+
+TEST(Lifecycle, StopAllStopsEveryoneAgainstOneDeadline) {
+  Worker a("a"), b("b"), c("c");
+  for (Worker* w : {&a, &b, &c}) w->start();
+  b.send("sleep", {{"ms", 20000}});  // busy: needs SIGTERM
+  std::vector<MessageProcess*> all{&a, &b, &c};
+  const auto t0 = Clock::now();
+  MessageProcess::stopAll(all, 300ms);
+  EXPECT_LT(msSince(t0), 2000);  // one deadline, not three
+  EXPECT_TRUE(a.waitStop(Timeout::zero()).ok());
+  EXPECT_EQ(b.waitStop(Timeout::zero()).signal, SIGTERM);
+  EXPECT_TRUE(c.waitStop(Timeout::zero()).ok());
 }
 
 // ---------------------------------------------------------------- 8, 9. refused and lying frames

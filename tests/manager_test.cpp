@@ -338,6 +338,24 @@ TEST(Manager, AnyExceptionFromACallbackIsLoggedAndTheLoopGoesOn) {
   EXPECT_EQ(ticks, 5);
 }
 
+TEST(Manager, AMessageHandlerThatThrowsAnythingDoesNotStopTheLoop) {
+  Manager m;
+  auto& w = m.emplace<Blaster>("w");
+  int seen = 0;
+  m.onMessage([&](MessageProcess&, Message& msg) {
+    ++seen;
+    if (msg.command() == "done") {
+      m.requestStop();
+      return;
+    }
+    throw 42;
+  });
+  m.after(0ms, [&] { w.send("blast", {{"n", 10}}); });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_EQ(seen, 11);
+}
+
 TEST(Manager, PostRunsWorkOnTheLoopFromAnyThread) {
   Manager m;
   m.emplace<Blaster>("w");
