@@ -235,8 +235,10 @@ int MessageProcess::runBackend(Channel cmd, Channel out, int stopBell) {
   t_backendOf = this;
   detail::BackendConfig config;
   config.who = fullName_;
-  for (auto& [name, h] : handlers_)
-    config.commands.emplace(name, [this, &h](const Message& m, Reply& r) { return h(*this, m, r); });
+  for (auto& entry : handlers_) {
+    const Handler& h = entry.second;
+    config.commands.emplace(entry.first, [this, &h](const Message& m, Reply& r) { return h(*this, m, r); });
+  }
   config.outQueueBytes = options_.outQueueBytes;
   config.outWait = options_.outWait;
   config.makeLog = [this] { return makeLogger(fullName_, options_.logFile); };
