@@ -10,5 +10,6 @@
 #include "forklift/sync.hpp"
 #include "forklift/shm.hpp"
 #include "forklift/shm_array.hpp"
+#include "forklift/shm_tensor.hpp"
 #include "forklift/timeout.hpp"
 #include "forklift/value.hpp"

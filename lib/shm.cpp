@@ -101,9 +101,29 @@ std::size_t elemSizeOf(std::uint8_t dtype) noexcept {
   return dtype == 0 ? 1 : dtypeSize(static_cast<DType>(dtype));
 }
 
+// The dense strides of `shape` in `layout`, in elements. Unsigned, so a
+// shape with a zero dimension beside huge ones wraps instead of overflowing;
+// such strides address nothing, as the payload is empty.
+void contiguousStrides(const std::int64_t* shape, std::size_t rank, Layout layout, std::int64_t* out) noexcept {
+  std::uint64_t step = 1;
+  for (std::size_t k = 0; k < rank; ++k) {
+    const std::size_t axis = layout == Layout::RowMajor ? rank - 1 - k : k;
+    out[axis] = static_cast<std::int64_t>(step);
+    step *= static_cast<std::uint64_t>(shape[axis]);
+  }
+}
+
+bool kindValid(std::uint8_t kind) noexcept { return kind <= static_cast<std::uint8_t>(ShmKind::Array); }
+
 std::string shapeText(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? "x" : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string stridesText(const std::int64_t* strides, std::size_t rank) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < rank; ++i) s += (i ? ", " : "") + std::to_string(strides[i]);
   return s + "]";
 }
 
@@ -127,10 +147,20 @@ void validateHeader(const ShmHeader& h, std::uint64_t magic, std::uint64_t fileB
   if (h.dtype != 0 && !dtypeValid(h.dtype)) corrupt("element type " + std::to_string(h.dtype));
   if (h.rank > detail::kShmMaxRank) corrupt("rank " + std::to_string(h.rank));
   if (h.layout > static_cast<std::uint8_t>(Layout::ColMajor)) corrupt("layout " + std::to_string(h.layout));
+  if (!kindValid(h.kind)) corrupt("kind " + std::to_string(h.kind));
+  if ((h.kind == static_cast<std::uint8_t>(ShmKind::Array)) != (h.dtype != 0))
+    corrupt(std::string("a segment of kind ") + shmKindName(static_cast<ShmKind>(h.kind)) +
+            (h.dtype != 0 ? " with" : " without") + " an element type");
   if (h.creatorPid <= 0) corrupt("creator pid " + std::to_string(h.creatorPid));
   const auto payload = payloadFor(elemSizeOf(h.dtype), h.shape, h.rank);
   if (!payload || *payload != h.payloadBytes)
     corrupt("its shape does not match its payload of " + std::to_string(h.payloadBytes) + " bytes");
+  std::int64_t dense[detail::kShmMaxRank];
+  contiguousStrides(h.shape, h.rank, static_cast<Layout>(h.layout), dense);
+  if (!std::equal(h.strides, h.strides + h.rank, dense))
+    corrupt("strides " + stridesText(h.strides, h.rank) + " are not those of a dense " +
+            layoutName(static_cast<Layout>(h.layout)) + " " + shapeText({h.shape, h.shape + h.rank}) + " (" +
+            stridesText(dense, h.rank) + ")");
   if (h.payloadBytes > fileBytes || h.headerBytes > fileBytes - h.payloadBytes)
     corrupt("a payload of " + std::to_string(h.payloadBytes) + " bytes does not fit in " +
             std::to_string(fileBytes) + " bytes");
@@ -162,6 +192,7 @@ std::optional<SegmentInfo> readSegment(const std::string& name) {
   SegmentInfo s;
   s.name = name;
   s.fileBytes = static_cast<std::uint64_t>(st.st_size);
+  s.kind = static_cast<ShmKind>(h.kind);
   if (h.dtype != 0) s.dtype = static_cast<DType>(h.dtype);
   s.shape.assign(h.shape, h.shape + h.rank);
   s.layout = static_cast<Layout>(h.layout);
@@ -185,6 +216,14 @@ std::uint64_t newGeneration() noexcept {
 
 const char* layoutName(Layout l) noexcept {
   return l == Layout::RowMajor ? "row-major" : "column-major";
+}
+
+const char* shmKindName(ShmKind k) noexcept {
+  switch (k) {
+    case ShmKind::Bytes: return "bytes";
+    case ShmKind::Array: return "array";
+  }
+  return "unknown";
 }
 
 std::string makeShmName(std::string_view hint) {
@@ -309,10 +348,12 @@ void SharedMemory::create(const ShmName& hintOrName, std::uint8_t dtype, const s
   h.dtype = dtype;
   h.rank = static_cast<std::uint8_t>(shape.size());
   h.layout = static_cast<std::uint8_t>(layout);
+  h.kind = static_cast<std::uint8_t>(dtype == 0 ? ShmKind::Bytes : ShmKind::Array);
   h.payloadBytes = *payload;
   h.creatorPid = ::getpid();
   h.generation = newGeneration();
   std::copy(shape.begin(), shape.end(), h.shape);
+  contiguousStrides(h.shape, h.rank, layout, h.strides);
 
   base_ = region_.get_address();
   auto* mapped = static_cast<ShmHeader*>(base_);
@@ -407,6 +448,12 @@ std::optional<DType> SharedMemory::dtype() const noexcept {
 std::vector<std::int64_t> SharedMemory::shape() const {
   return std::vector<std::int64_t>(header_.shape, header_.shape + header_.rank);
 }
+
+std::vector<std::int64_t> SharedMemory::strides() const {
+  return std::vector<std::int64_t>(header_.strides, header_.strides + header_.rank);
+}
+
+ShmKind SharedMemory::kind() const noexcept { return static_cast<ShmKind>(header_.kind); }
 
 Layout SharedMemory::layout() const noexcept { return static_cast<Layout>(header_.layout); }
 pid_t SharedMemory::creatorPid() const noexcept { return static_cast<pid_t>(header_.creatorPid); }

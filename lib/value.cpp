@@ -16,6 +16,7 @@ const char* dtypeName(DType t) noexcept {
     case DType::U64: return "uint64";
     case DType::F32: return "float32";
     case DType::F64: return "float64";
+    case DType::F16: return "float16";
   }
   return "invalid";
 }
@@ -23,7 +24,7 @@ const char* dtypeName(DType t) noexcept {
 std::size_t dtypeSize(DType t) noexcept {
   switch (t) {
     case DType::I8: case DType::U8: return 1;
-    case DType::I16: case DType::U16: return 2;
+    case DType::I16: case DType::U16: case DType::F16: return 2;
     case DType::I32: case DType::U32: case DType::F32: return 4;
     case DType::I64: case DType::U64: case DType::F64: return 8;
   }
@@ -31,7 +32,7 @@ std::size_t dtypeSize(DType t) noexcept {
 }
 
 bool dtypeValid(std::uint8_t raw) noexcept {
-  return raw >= static_cast<std::uint8_t>(DType::I8) && raw <= static_cast<std::uint8_t>(DType::F64);
+  return raw >= static_cast<std::uint8_t>(DType::I8) && raw <= static_cast<std::uint8_t>(DType::F16);
 }
 
 // ---------------------------------------------------------------- Array

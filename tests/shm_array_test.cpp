@@ -33,7 +33,8 @@ bool exists(const std::string& name) {
 template <class T>
 T valueAt(Eigen::Index i, Eigen::Index j, int round) {
   const auto base = static_cast<long long>(i * 10 + j + round * 3);
-  if constexpr (std::is_floating_point_v<T>) return static_cast<T>(base) * T(0.5) - T(7.25);
+  if constexpr (std::is_same_v<T, Eigen::half>) return T(static_cast<float>(base) * 0.5f - 7.25f);  // exact in half
+  else if constexpr (std::is_floating_point_v<T>) return static_cast<T>(base) * T(0.5) - T(7.25);
   else if constexpr (std::is_signed_v<T>) return static_cast<T>(base - 20);
   else return static_cast<T>(base + (std::numeric_limits<T>::max() - 100));
 }
@@ -52,12 +53,12 @@ using Cases = ::testing::Types<
     Case<std::int16_t, Layout::RowMajor>, Case<std::uint16_t, Layout::RowMajor>,
     Case<std::int32_t, Layout::RowMajor>, Case<std::uint32_t, Layout::RowMajor>,
     Case<std::int64_t, Layout::RowMajor>, Case<std::uint64_t, Layout::RowMajor>,
-    Case<float, Layout::RowMajor>, Case<double, Layout::RowMajor>,
+    Case<float, Layout::RowMajor>, Case<double, Layout::RowMajor>, Case<Eigen::half, Layout::RowMajor>,
     Case<std::int8_t, Layout::ColMajor>, Case<std::uint8_t, Layout::ColMajor>,
     Case<std::int16_t, Layout::ColMajor>, Case<std::uint16_t, Layout::ColMajor>,
     Case<std::int32_t, Layout::ColMajor>, Case<std::uint32_t, Layout::ColMajor>,
     Case<std::int64_t, Layout::ColMajor>, Case<std::uint64_t, Layout::ColMajor>,
-    Case<float, Layout::ColMajor>, Case<double, Layout::ColMajor>>;
+    Case<float, Layout::ColMajor>, Case<double, Layout::ColMajor>, Case<Eigen::half, Layout::ColMajor>>;
 TYPED_TEST_SUITE(ShmArrayAcrossFork, Cases);
 
 // The frontend writes, the backend opens by name, checks every element and
@@ -177,7 +178,7 @@ TEST(ShmArray, OpeningAnotherTypeLayoutOrRankFails) {
 
   SharedMemory cube(create_only, "cube", DType::F64, {2, 3, 4});
   EXPECT_EQ(thrown<ShmFormatError>([&] { ShmArray<double>::open(cube.name()); }),
-            "shared memory segment '" + cube.name() + "' has rank 3; ShmArray needs rank 1 or 2");
+            "shared memory segment '" + cube.name() + "' has rank 3; ShmArray needs rank 1 or 2 (ShmTensor opens any rank)");
 
   EXPECT_EQ(thrown<ShmFormatError>([&] { ShmArray<double>::open(d.name(), 3, 2); }), seg + " is 2x3, expected 3x2");
   EXPECT_EQ(ShmArray<double>::open(d.name(), 2, 3).size(), 6);
@@ -199,6 +200,7 @@ TEST(ShmArrayDescriptor, DescribesNameTypeShapeLayoutAndGeneration) {
   ASSERT_NE(m, nullptr);
   const Map want = {{"name", a.name()},
                     {"dtype", "float32"},
+                    {"shape", List{4, 2}},
                     {"rows", 4},
                     {"cols", 2},
                     {"layout", "column-major"},

@@ -154,7 +154,9 @@ TEST(SharedMemory, CreateMakesA0600SegmentWithHeaderAndAlignedPayload) {
   EXPECT_EQ(reinterpret_cast<std::uintptr_t>(shm.data()) % 64, 0u);
   EXPECT_EQ(shm.bytes(), 1000u);
   EXPECT_FALSE(shm.dtype());
+  EXPECT_EQ(shm.kind(), ShmKind::Bytes);
   EXPECT_EQ(shm.shape(), std::vector<std::int64_t>{1000});
+  EXPECT_EQ(shm.strides(), std::vector<std::int64_t>{1});
   EXPECT_EQ(shm.creatorPid(), ::getpid());
   EXPECT_EQ(shm.describe(), "bytes[1000]");
   EXPECT_TRUE(shm.owns());
@@ -172,20 +174,37 @@ TEST(SharedMemory, CreateReservesEveryPage) {
   EXPECT_GE(static_cast<std::uint64_t>(st.st_blocks) * 512, static_cast<std::uint64_t>(st.st_size));
 }
 
-TEST(SharedMemory, TypedSegmentRecordsTypeShapeAndLayout) {
+TEST(SharedMemory, TypedSegmentRecordsKindTypeShapeStridesAndLayout) {
   SharedMemory shm(create_only, "typed", DType::I16, {2, 3, 4}, Layout::ColMajor);
   EXPECT_EQ(shm.bytes(), 2u * 3 * 4 * 2);
+  EXPECT_EQ(shm.kind(), ShmKind::Array);
   EXPECT_EQ(shm.dtype(), DType::I16);
   EXPECT_EQ(shm.shape(), (std::vector<std::int64_t>{2, 3, 4}));
+  EXPECT_EQ(shm.strides(), (std::vector<std::int64_t>{1, 2, 6}));  // the first index fastest
   EXPECT_EQ(shm.layout(), Layout::ColMajor);
   EXPECT_EQ(shm.describe(), "int16[2x3x4] column-major");
   SharedMemory other(open_only, shm.name());
+  EXPECT_EQ(other.kind(), ShmKind::Array);
   EXPECT_EQ(other.dtype(), DType::I16);
   EXPECT_EQ(other.shape(), shm.shape());
+  EXPECT_EQ(other.strides(), shm.strides());
   EXPECT_EQ(other.layout(), Layout::ColMajor);
   EXPECT_EQ(other.generation(), shm.generation());
   EXPECT_EQ(other.creatorPid(), ::getpid());
   EXPECT_NE(other.data(), shm.data());  // a mapping of its own
+}
+
+TEST(SharedMemory, RowMajorStridesPutTheLastIndexFastest) {
+  SharedMemory shm(create_only, "strides", DType::F16, {5, 2, 3, 4});
+  EXPECT_EQ(shm.strides(), (std::vector<std::int64_t>{24, 12, 4, 1}));
+  EXPECT_EQ(shm.bytes(), 5u * 2 * 3 * 4 * 2);
+  EXPECT_EQ(shm.describe(), "float16[5x2x3x4] row-major");
+  // The header in the mapping says the same, for readers without forklift.
+  const auto* h = reinterpret_cast<const detail::ShmHeader*>(static_cast<const char*>(shm.data()) -
+                                                            sizeof(detail::ShmHeader));
+  EXPECT_EQ(h->version, 2u);
+  EXPECT_EQ(h->kind, static_cast<std::uint8_t>(ShmKind::Array));
+  EXPECT_EQ(std::vector<std::int64_t>(h->strides, h->strides + h->rank), shm.strides());
 }
 
 TEST(SharedMemory, ModeIs0600WhateverTheUmask) {
@@ -253,8 +272,8 @@ TEST(SharedMemory, FullShmIsENOSPCNamingSegmentSizeAndFreeSpace) {
   auto create = [&] { SharedMemory(create_only, ShmName::exact(name), 1u << 20); };
   EXPECT_EQ(errnoOf(create), ENOSPC);
   const std::string msg = thrown<SystemError>(create);
-  EXPECT_TRUE(contains(msg, "cannot reserve 1048704 bytes (1.0 MiB) for shared memory segment '" + name +
-                                "', /dev/shm has "));
+  EXPECT_TRUE(contains(msg, "cannot reserve " + std::to_string(sizeof(detail::ShmHeader) + (1u << 20)) +
+                                " bytes (1.0 MiB) for shared memory segment '" + name + "', /dev/shm has "));
   EXPECT_TRUE(contains(msg, " free: No space left on device"));
   EXPECT_FALSE(exists(name)) << "a failed create left its name behind";
 }
@@ -265,7 +284,8 @@ TEST(SharedMemory, OtherReserveFailureIsReportedAndCleanedUp) {
   auto create = [&] { SharedMemory(create_only, ShmName::exact(name), 4096); };
   EXPECT_EQ(errnoOf(create), EIO);
   EXPECT_EQ(thrown<SystemError>(create),
-            "cannot reserve 4224 bytes for shared memory segment '" + name + "': Input/output error");
+            "cannot reserve " + std::to_string(sizeof(detail::ShmHeader) + 4096) + " bytes for shared memory segment '" +
+                name + "': Input/output error");
   EXPECT_FALSE(exists(name));
 }
 
@@ -301,7 +321,7 @@ TEST(SharedMemory, OpeningASegmentTooShortForTheHeaderFails) {
   RemoveAtEnd cleanup{{name}};
   plant(name, "0123456789");
   EXPECT_EQ(thrown<ShmFormatError>([&] { SharedMemory(open_only, name); }),
-            "shared memory segment '" + name + "' is 10 bytes, too short for a forklift header (128 bytes)");
+            "shared memory segment '" + name + "' is 10 bytes, too short for a forklift header (192 bytes)");
 }
 
 TEST(SharedMemory, OpeningAForeignSegmentFails) {
@@ -316,7 +336,7 @@ TEST(SharedMemory, OpeningAnotherFormatVersionFails) {
   SharedMemory shm(create_only, "version", 64);
   mappedHeader(shm)->version = 7;
   EXPECT_EQ(thrown<ShmFormatError>([&] { SharedMemory(open_only, shm.name()); }),
-            "shared memory segment '" + shm.name() + "' has format version 7, this forklift reads version 1");
+            "shared memory segment '" + shm.name() + "' has format version 7, this forklift reads version 2");
 }
 
 TEST(SharedMemory, OpeningACorruptHeaderFails) {
@@ -335,6 +355,19 @@ TEST(SharedMemory, OpeningACorruptHeaderFails) {
   EXPECT_TRUE(contains(thrown<ShmFormatError>([&] { SharedMemory(open_only, shm.name()); }),
                        "has a corrupt header: element type 42"));
   h->dtype = static_cast<std::uint8_t>(DType::F32);
+  EXPECT_NO_THROW(SharedMemory(open_only, shm.name()));
+
+  h->strides[0] = 1;
+  EXPECT_TRUE(contains(thrown<ShmFormatError>([&] { SharedMemory(open_only, shm.name()); }),
+                       "has a corrupt header: strides [1, 1] are not those of a dense row-major [4x4] ([4, 1])"));
+  h->strides[0] = 4;
+  h->kind = 9;
+  EXPECT_TRUE(contains(thrown<ShmFormatError>([&] { SharedMemory(open_only, shm.name()); }),
+                       "has a corrupt header: kind 9"));
+  h->kind = static_cast<std::uint8_t>(ShmKind::Bytes);
+  EXPECT_TRUE(contains(thrown<ShmFormatError>([&] { SharedMemory(open_only, shm.name()); }),
+                       "has a corrupt header: a segment of kind bytes with an element type"));
+  h->kind = static_cast<std::uint8_t>(ShmKind::Array);
   EXPECT_NO_THROW(SharedMemory(open_only, shm.name()));
 }
 
@@ -538,6 +571,7 @@ TEST(ShmListing, ListsLiveSegmentsAndSkipsForeignFiles) {
   ASSERT_NE(s, nullptr);
   EXPECT_TRUE(s->creatorAlive);
   EXPECT_EQ(s->creatorPid, ::getpid());
+  EXPECT_EQ(s->kind, ShmKind::Array);
   EXPECT_EQ(s->dtype, DType::U32);
   EXPECT_EQ(s->shape, (std::vector<std::int64_t>{6, 7}));
   EXPECT_EQ(s->payloadBytes, 6u * 7 * 4);
@@ -594,17 +628,19 @@ TEST(ShmTool, FindsAndCleansTheSegmentOfAKilledCreatorOnly) {
   EXPECT_EQ(list.exitCode, 0) << list.output;
   EXPECT_TRUE(contains(list.output, "NAME"));
   const std::string staleLine = lineOf(list.output, staleName);
-  EXPECT_TRUE(contains(staleLine, "float64[3x4] row-major"));
+  EXPECT_TRUE(contains(staleLine, "array  float64[3x4] row-major"));
   EXPECT_TRUE(contains(staleLine, std::to_string(creator)));
   EXPECT_TRUE(contains(staleLine, std::to_string(sizeof(detail::ShmHeader) + 96)));
   EXPECT_TRUE(contains(staleLine, "dead"));
   EXPECT_TRUE(contains(lineOf(list.output, live.name()), "alive"));
+  EXPECT_TRUE(contains(lineOf(list.output, live.name()), "bytes  bytes[100]"));
   EXPECT_EQ(lineOf(list.output, foreignPlain), "");
   EXPECT_EQ(lineOf(list.output, foreignFk), "");
 
   const ToolRun dry = runTool({"clean", "--dry-run"});
   EXPECT_EQ(dry.exitCode, 0) << dry.output;
-  EXPECT_TRUE(contains(dry.output, "would remove " + staleName + " (224 bytes, creator " +
+  EXPECT_TRUE(contains(dry.output, "would remove " + staleName + " (" + std::to_string(sizeof(detail::ShmHeader) + 96) +
+                                       " bytes, creator " +
                                        std::to_string(creator) + " dead)"));
   EXPECT_TRUE(exists(staleName)) << "--dry-run removed something";
 

@@ -1,7 +1,8 @@
 // forklift-shm - list forklift's shared-memory segments and clean stale ones
 //
 //   forklift-shm list               every forklift segment in /dev/shm: name,
-//                                   bytes, content, creator pid, alive or dead
+//                                   bytes, kind (bytes, array), content,
+//                                   creator pid, alive or dead
 //   forklift-shm clean [--dry-run]  removes the segments whose creator is dead
 //                                   (--dry-run: only says what it would remove)
 //
@@ -34,10 +35,11 @@ int usage() {
 
 int list() {
   const auto segments = forklift::listSegments();
-  std::printf("%-30s %12s  %-28s %8s  %s\n", "NAME", "BYTES", "CONTENT", "PID", "CREATOR");
+  std::printf("%-30s %12s  %-5s  %-28s %8s  %s\n", "NAME", "BYTES", "KIND", "CONTENT", "PID", "CREATOR");
   for (const auto& s : segments)
-    std::printf("%-30s %12llu  %-28s %8d  %s\n", s.name.c_str(), static_cast<unsigned long long>(s.fileBytes),
-                s.describe().c_str(), static_cast<int>(s.creatorPid), s.creatorAlive ? "alive" : "dead");
+    std::printf("%-30s %12llu  %-5s  %-28s %8d  %s\n", s.name.c_str(), static_cast<unsigned long long>(s.fileBytes),
+                forklift::shmKindName(s.kind), s.describe().c_str(), static_cast<int>(s.creatorPid),
+                s.creatorAlive ? "alive" : "dead");
   return 0;
 }
 

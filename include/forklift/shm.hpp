@@ -2,10 +2,12 @@
 //
 // A `SharedMemory` owns the mapping of one POSIX shared-memory segment
 // (/dev/shm/<name>) made with Boost.Interprocess. The segment starts with a
-// small header (magic, format version, element type, shape, layout, exact
-// payload size, creator pid, generation, see detail/shm_header.hpp); the
-// payload that follows starts 64-byte aligned. Most code wants the typed view
-// `ShmArray<T>` (shm_array.hpp); this class is the layer underneath.
+// small header (magic, format version, kind, element type, shape, strides,
+// layout, exact payload size, creator pid, generation, see
+// detail/shm_header.hpp); the payload that follows starts 64-byte aligned.
+// Most code wants the typed views `ShmArray<T>` (shm_array.hpp, a matrix) or
+// `ShmTensor<T, Rank>` (shm_tensor.hpp, any rank); this class is the layer
+// underneath.
 //
 // Server side and client side: the frontend creates (`create_only`) before
 // fork; the backend opens the same name (`open_only`). The segment is
@@ -68,9 +70,16 @@ struct open_only_t {
 inline constexpr create_only_t create_only{};
 inline constexpr open_only_t open_only{};
 
-// Storage order of a 2-D payload. RowMajor is numpy's default.
+// Storage order of a payload of rank 2 or more. RowMajor (numpy's default,
+// C order) puts the last index fastest; ColMajor (Eigen's default, Fortran
+// order) the first. Rank 1 has no order: either layout opens it.
 enum class Layout : std::uint8_t { RowMajor = 0, ColMajor = 1 };
 const char* layoutName(Layout l) noexcept;  // "row-major", "column-major"
+
+// What a segment holds, recorded in its header for openers and tools.
+// The numbering is part of the segment format; 2 is kept for the ring buffer.
+enum class ShmKind : std::uint8_t { Bytes = 0, Array = 1 };
+const char* shmKindName(ShmKind k) noexcept;  // "bytes", "array", "unknown"
 
 // A name is not a valid shared-memory name.
 class ShmNameError : public Error {
@@ -124,10 +133,11 @@ class SharedMemory {
   // A moved-from SharedMemory is empty too.
   SharedMemory() noexcept = default;
 
-  // Creates a segment of `bytes` raw bytes (dtype() is nullopt, shape {bytes}).
+  // Creates a segment of `bytes` raw bytes (kind Bytes, dtype() nullopt,
+  // shape {bytes}).
   SharedMemory(create_only_t, const ShmName& name, std::size_t bytes);
-  // Creates a segment holding a `dtype` array of `shape` (rank at most 8).
-  // The payload is zero-filled. Throws ShmNameError, SystemError (EEXIST
+  // Creates a segment holding a `dtype` array of `shape` (rank at most 8;
+  // kind Array), stored densely in `layout`. The payload is zero-filled. Throws ShmNameError, SystemError (EEXIST
   // for a taken exact name, ENOSPC when /dev/shm cannot hold it), LimitError
   // (a shape whose size overflows).
   SharedMemory(create_only_t, const ShmName& name, DType dtype, const std::vector<std::int64_t>& shape,
@@ -154,8 +164,10 @@ class SharedMemory {
   const void* data() const noexcept { return payload_; }
   std::size_t bytes() const noexcept;
 
+  ShmKind kind() const noexcept;
   std::optional<DType> dtype() const noexcept;  // nullopt: raw bytes
   std::vector<std::int64_t> shape() const;
+  std::vector<std::int64_t> strides() const;  // in elements, one per axis
   Layout layout() const noexcept;
   pid_t creatorPid() const noexcept;
   std::uint64_t generation() const noexcept;  // below 2^63, fits a Value
@@ -187,6 +199,7 @@ class SharedMemory {
 struct SegmentInfo {
   std::string name;
   std::uint64_t fileBytes = 0;  // size of the segment, header included
+  ShmKind kind = ShmKind::Bytes;
   std::optional<DType> dtype;   // nullopt: raw bytes
   std::vector<std::int64_t> shape;
   Layout layout = Layout::RowMajor;

@@ -1,9 +1,11 @@
 // forklift - ShmArray: a typed 2-D array in shared memory, seen as an Eigen map
 //
 // `ShmArray<T, L>` is a `SharedMemory` segment that holds a rows x cols
-// array of T (int8..uint64, float, double) in layout L, row-major by default
-// (numpy's default) or `Layout::ColMajor` (Eigen's default). Both sides see
-// the same pages through `matrix()`, an `Eigen::Map`; nothing is copied.
+// array of T (int8..uint64, float, double, or `Eigen::half` for float16) in
+// layout L, row-major by default (numpy's default) or `Layout::ColMajor`
+// (Eigen's default). Both sides see the same pages through `matrix()`, an
+// `Eigen::Map`; nothing is copied. Arrays of rank 3 and more (images,
+// batches) are `ShmTensor` (shm_tensor.hpp), over the same kind of segment.
 //
 //   frontend, before fork:  auto a = ShmArray<float>::create("frames", 480, 640);
 //   backend, after fork:    auto a = ShmArray<float>::open(name);  // shape from the header
@@ -23,7 +25,8 @@
 //
 // Opening checks the segment: a foreign or corrupt segment, another element
 // type, another layout, or a rank other than 1 or 2 throws ShmFormatError
-// naming the segment; a missing name throws SystemError (ENOENT).
+// naming the segment; a missing name throws SystemError (ENOENT). A
+// ShmTensor of rank 1 or 2 opens the same segments and descriptors.
 //
 // Memory ordering: the array has no synchronisation of its own. For
 // processes X and Y sharing an array, every write X makes to it before X
@@ -48,7 +51,19 @@
 
 namespace forklift {
 
+// float16 elements. Here rather than in value.hpp, which does not include
+// Eigen; Array::fromVector and Value's matrix conversion see it too.
+template <>
+constexpr DType dtypeOf<Eigen::half>() {
+  return DType::F16;
+}
+
 namespace detail {
+// The element types of ShmArray and ShmTensor.
+template <class T>
+inline constexpr bool kShmElement =
+    (std::is_arithmetic_v<T> && !std::is_same_v<T, bool> && !std::is_const_v<T>) || std::is_same_v<T, Eigen::half>;
+
 struct ArrayShape {
   std::int64_t rows = 0;
   std::int64_t cols = 0;
@@ -60,15 +75,14 @@ ArrayShape checkArraySegment(const SharedMemory& shm, DType dtype, Layout layout
 // both. Throws TypeError for a malformed descriptor, ShmFormatError when the
 // segment differs from it, SystemError when it cannot be opened.
 SharedMemory openDescribedArray(const Value& descriptor, DType dtype, Layout layout, ArrayShape& shape);
-Value describeArray(const SharedMemory& shm, ArrayShape shape);
+Value describeArray(const SharedMemory& shm);
 // "shared memory segment '<name>' is 3x4, <whose> 4x4"
 [[noreturn]] void throwShapeMismatch(const std::string& name, ArrayShape have, ArrayShape want, const char* whose);
 }  // namespace detail
 
 template <class T, Layout L = Layout::RowMajor>
 class ShmArray {
-  static_assert(std::is_arithmetic_v<T> && !std::is_same_v<T, bool> && !std::is_const_v<T>,
-                "ShmArray holds int8..uint64, float or double");
+  static_assert(detail::kShmElement<T>, "ShmArray holds int8..uint64, float, double or Eigen::half");
 
  public:
   using Scalar = T;
@@ -136,9 +150,10 @@ class ShmArray {
     return ShmArray(std::move(shm), shape);
   }
 
-  // A Map value that fits in a Message: {name, dtype ("float64", ...), rows,
-  // cols, layout ("row-major" / "column-major"), generation}.
-  Value describe() const { return detail::describeArray(shm_, shape_); }
+  // A Map value that fits in a Message: {name, dtype ("float64", ...),
+  // shape (a list: [rows, cols], or [n] for rank 1), rows, cols, layout
+  // ("row-major" / "column-major"), generation}.
+  Value describe() const { return detail::describeArray(shm_); }
 
   MatrixMap matrix() noexcept { return MatrixMap(data(), shape_.rows, shape_.cols); }
   ConstMatrixMap matrix() const noexcept { return ConstMatrixMap(data(), shape_.rows, shape_.cols); }

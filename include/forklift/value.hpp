@@ -32,11 +32,13 @@
 namespace forklift {
 
 // Element type of an Array. The numbering is part of the wire format.
+// F16 is IEEE half precision, `Eigen::half`; this header does not include
+// Eigen, so dtypeOf<Eigen::half>() is defined in shm_array.hpp.
 enum class DType : std::uint8_t {
-  I8 = 1, U8, I16, U16, I32, U32, I64, U64, F32, F64,
+  I8 = 1, U8, I16, U16, I32, U32, I64, U64, F32, F64, F16,
 };
 
-const char* dtypeName(DType t) noexcept;   // "int8", ..., "float64"
+const char* dtypeName(DType t) noexcept;   // "int8", ..., "float64", "float16"
 std::size_t dtypeSize(DType t) noexcept;   // bytes per element
 bool dtypeValid(std::uint8_t raw) noexcept;
 
