@@ -78,9 +78,9 @@
 
 #include "forklift/detail/fd.hpp"
 #include "forklift/message.hpp"
+#include "forklift/timeout.hpp"
 
 struct msghdr;
-#include "forklift/timeout.hpp"
 
 namespace forklift {
 

@@ -36,7 +36,6 @@
 #include <vector>
 
 #include "forklift/detail/fd.hpp"
-
 #include "forklift/value.hpp"
 
 namespace forklift {
