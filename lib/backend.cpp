@@ -1,8 +1,11 @@
 #include "backend.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 
+#include <algorithm>
 #include <cstring>
+#include <span>
 
 #include "control.hpp"
 #include "posix.hpp"
@@ -130,25 +133,35 @@ void Backend::answer(std::uint64_t id, bool ok, Value v, const std::string& erro
   else
     m.args().emplace_back("error", error);
   m.setId(id);
-  try {
-    enqueue(cmdWriter_, m);
-  } catch (const LimitError& e) {
-    // The reply itself is too big: the caller must still hear about it.
+  // The reply itself cannot go (too big, too many or empty descriptors): the
+  // caller must still hear about it.
+  auto fail = [&](const Error& e) {
     Message err(std::string(control::kError), {{"error", std::string(e.what())}});
     err.setId(id);
     enqueue(cmdWriter_, err);
+  };
+  try {
+    enqueue(cmdWriter_, m);
+  } catch (const LimitError& e) {
+    fail(e);
+  } catch (const TypeError& e) {
+    fail(e);
   }
 }
 
 void Backend::enqueue(Writer& w, const Message& m) {
   w.frame.clear();
-  Channel::encodeFrame(m, w.frame, w.ch->limits());  // LimitError: nothing queued
+  w.frameFds.clear();
+  Channel::encodeFrame(m, w.frame, w.ch->limits(), w.frameFds);  // LimitError, TypeError: nothing queued
   const char* p = w.frame.data();
   std::size_t n = w.frame.size();
+  std::span<const int> fds = w.frameFds;
   if (w.queued() == 0) {
     // The common case: the socket takes the whole frame now, one syscall.
-    const std::size_t sent = w.ch->writeSome(p, n);
+    const std::size_t sent = w.ch->writeSome(p, n, fds);
+    w.sent += sent;
     if (sent == n) return;
+    if (sent > 0) fds = {};  // they went with the first byte
     p += sent;
     n -= sent;
     w.pending.clear();
@@ -167,6 +180,19 @@ void Backend::enqueue(Writer& w, const Message& m) {
       }
     }
   }
+  if (!fds.empty()) {
+    // The queue owns duplicates: the sender's own may be closed before the
+    // socket takes the frame.
+    Writer::Attached a;
+    a.at = w.sent + w.queued();
+    a.fds.reserve(fds.size());
+    for (int fd : fds) {
+      a.fds.emplace_back(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+      if (!a.fds.back()) throwErrno(config_.who + ": cannot send '" + m.command() + "': cannot keep descriptor " +
+                                    std::to_string(fd) + " for the output queue");
+    }
+    w.attached.push_back(std::move(a));
+  }
   if (w.off > 0 && w.off >= w.pending.size() / 2) {
     // Compact so the queue does not creep forward forever.
     const std::size_t left = w.queued();
@@ -180,9 +206,24 @@ void Backend::enqueue(Writer& w, const Message& m) {
 
 bool Backend::drain(Writer& w) {
   while (w.queued() > 0) {
-    const std::size_t sent = w.ch->writeSome(w.pending.data() + w.off, w.queued());
+    // A write never runs past the first byte of the next frame with
+    // descriptors, and one that starts there carries them.
+    std::size_t n = w.queued();
+    int fds[kMaxFdsPerMessage];
+    std::size_t nfds = 0;
+    if (!w.attached.empty()) {
+      std::uint64_t next = w.attached.front().at;
+      if (next == w.sent) {
+        for (const UniqueFd& f : w.attached.front().fds) fds[nfds++] = f.get();
+        next = w.attached.size() > 1 ? w.attached[1].at : w.sent + n;
+      }
+      n = std::min<std::uint64_t>(n, next - w.sent);
+    }
+    const std::size_t sent = w.ch->writeSome(w.pending.data() + w.off, n, std::span<const int>(fds, nfds));
     if (sent == 0) break;
+    if (nfds > 0) w.attached.pop_front();  // the kernel holds them now
     w.off += sent;
+    w.sent += sent;
   }
   if (w.queued() == 0) {
     w.pending.clear();

@@ -23,10 +23,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <spdlog/logger.h>
 
@@ -88,12 +90,21 @@ class Backend : public std::enable_shared_from_this<Backend> {
 
  private:
   // Output of one channel: frames go straight to the socket while it takes
-  // them, and queue (up to a bound) when it does not.
+  // them, and queue (up to a bound) when it does not. A queued frame's
+  // descriptors are duplicates the queue owns (the sender may close its own
+  // at once), sent with the frame's first byte and closed then.
   struct Writer {
+    struct Attached {
+      std::uint64_t at = 0;  // stream offset of the frame's first byte
+      std::vector<UniqueFd> fds;
+    };
     Channel* ch = nullptr;
-    Buffer frame;    // scratch for one encoded frame
+    Buffer frame;             // scratch for one encoded frame
+    std::vector<int> frameFds;  // scratch: its descriptors (not owned)
     Buffer pending;  // bytes the socket has not taken yet
     std::size_t off = 0;
+    std::uint64_t sent = 0;   // stream offset of pending[off]
+    std::deque<Attached> attached;
     std::size_t queued() const noexcept { return pending.size() - off; }
   };
   void enqueue(Writer& w, const Message& m);

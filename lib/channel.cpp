@@ -82,28 +82,70 @@ Channel::Ready Channel::waitReady(short events, const Deadline& d) const {
 
 // ---------------------------------------------------------------- sending
 
-void Channel::encodeFrame(const Message& m, Buffer& out, const Limits& limits) {
+namespace {
+
+// Frames one message; `fds` null refuses descriptors.
+void frame(const Message& m, Buffer& out, const Limits& limits, std::vector<int>* fds) {
   const std::size_t start = out.size();
-  const char header[kHeaderBytes] = {kMagic[0], kMagic[1], kMagic[2], 0, 0, 0, 0, 0};
-  out.write(header, kHeaderBytes);
+  const std::size_t fdStart = fds ? fds->size() : 0;
+  const char header[Channel::kHeaderBytes] = {kMagic[0], kMagic[1], kMagic[2], 0, 0, 0, 0, 0};
+  out.write(header, Channel::kHeaderBytes);
   try {
-    encode(m, out, limits);  // checks every limit; LimitError names the command and argument
+    // Checks every limit (maxFds too, which keeps nfds within one byte);
+    // LimitError names the command and argument.
+    if (fds)
+      encode(m, out, limits, *fds);
+    else
+      encode(m, out, limits);
   } catch (...) {
     out.truncate(start);
     throw;
   }
-  const std::size_t body = out.size() - start - kHeaderBytes;
-  char* len = out.data() + start + 4;
-  for (int i = 0; i < 4; ++i) len[i] = static_cast<char>((body >> (8 * i)) & 0xff);
+  const std::size_t body = out.size() - start - Channel::kHeaderBytes;
+  char* h = out.data() + start;
+  h[3] = static_cast<char>(fds ? fds->size() - fdStart : 0);
+  for (int i = 0; i < 4; ++i) h[4 + i] = static_cast<char>((body >> (8 * i)) & 0xff);
 }
 
-std::size_t Channel::writeSome(const char* p, std::size_t n) {
+}  // namespace
+
+void Channel::encodeFrame(const Message& m, Buffer& out, const Limits& limits, std::vector<int>& fds) {
+  frame(m, out, limits, &fds);
+}
+
+void Channel::encodeFrame(const Message& m, Buffer& out, const Limits& limits) { frame(m, out, limits, nullptr); }
+
+std::size_t Channel::writeSome(const char* p, std::size_t n, std::span<const int> fds) {
+  msghdr msg{};
+  iovec iov{const_cast<char*>(p), n};
+  // Room for the most descriptors one message may carry; aligned as cmsghdr.
+  union {
+    cmsghdr align;
+    char bytes[CMSG_SPACE(sizeof(int) * kMaxFdsPerMessage)];
+  } control;
+  if (!fds.empty()) {
+    if (fds.size() > kMaxFdsPerMessage)
+      throw LimitError("channel: " + std::to_string(fds.size()) + " descriptors in one write, over " +
+                       std::to_string(kMaxFdsPerMessage));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.bytes;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
   for (;;) {
-    const ssize_t r = ::send(fd(), p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    const ssize_t r = fds.empty() ? ::send(fd(), p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+                                  : ::sendmsg(fd(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r >= 0) return static_cast<std::size_t>(r);
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
     if (peerGone(errno)) throw PeerClosed("channel: peer closed");
+    if (!fds.empty() && errno == EBADF) detail::throwErrno("cannot send descriptors on the channel: one is not open");
+    if (!fds.empty()) detail::throwErrno("cannot send " + std::to_string(fds.size()) + " descriptors on the channel");
     detail::throwErrno("cannot write to channel");
   }
 }
@@ -114,8 +156,21 @@ bool Channel::pushOut(const Deadline& d) {
   // Try first, wait only when the socket is full: the common case is one
   // system call.
   while (sendOff_ < n) {
-    sendOff_ += writeSome(sendBuf_.data() + sendOff_, n - sendOff_);
+    // Descriptors go with their frame's first byte, in a write that starts
+    // there: the rest of an earlier frame is written up to it first.
+    std::size_t end = n;
+    std::span<const int> fds;
+    if (!sendFds_.empty()) {
+      if (sendOff_ < sendFdsAt_)
+        end = sendFdsAt_;
+      else
+        fds = sendFds_;
+    }
+    const std::size_t wrote = writeSome(sendBuf_.data() + sendOff_, end - sendOff_, fds);
+    sendOff_ += wrote;
+    if (wrote > 0 && !fds.empty()) sendFds_.clear();  // gone with this write
     if (sendOff_ == n) break;
+    if (sendOff_ == end) continue;  // reached the descriptors' frame: go on at once
     if (peerDied) peerEnded();  // nothing more fits, and nobody will read
     switch (waitReady(POLLOUT, d)) {
       case Ready::Timeout: return false;
@@ -137,13 +192,16 @@ void Channel::send(const Message& m, Timeout timeout) {
     sendBuf_.truncate(rest);
   }
   sendOff_ = 0;
+  sendFds_.clear();                         // an earlier frame's went with its first byte
   const std::size_t own = sendBuf_.size();  // where this message's frame starts
-  encodeFrame(m, sendBuf_, limits_);        // LimitError: the buffer is as it was
+  encodeFrame(m, sendBuf_, limits_, sendFds_);  // LimitError: the buffer is as it was
+  sendFdsAt_ = own;
   if (!pushOut(d)) {
     const std::string head = "channel: cannot send '" + m.command() + "' within " + std::to_string(timeout.count()) +
                              " ms: the peer is not reading; ";
     if (sendOff_ <= own) {
       sendBuf_.truncate(own);
+      sendFds_.clear();  // not sent: they stay the caller's alone
       throw TimeoutError(head + (own > sendOff_ ? std::to_string(own - sendOff_) +
                                                       " bytes of an earlier message are still unsent, and this "
                                                       "message was not sent"
@@ -184,7 +242,52 @@ bool Channel::buffered() const noexcept {
 void Channel::corrupt(const std::string& why) {
   corrupt_ = "channel: stream corrupt: " + why +
              "; a length-prefixed stream cannot be resynchronised, so this channel receives nothing more";
+  fdBatches_.clear();  // nobody will claim them: close them now
   throw StreamCorrupt(corrupt_);
+}
+
+std::vector<detail::UniqueFd> Channel::frameFds(std::uint64_t at, unsigned nfds, bool& truncated) {
+  truncated = false;
+  // A batch is claimed by the frame starting within the bytes it came with:
+  // one whose bytes all belong to frames already taken was never claimed.
+  if (!fdBatches_.empty() && fdBatches_.front().to <= at)
+    corrupt(std::to_string(fdBatches_.front().fds.size()) +
+            " descriptors came with stream bytes that no frame declaring descriptors started in");
+  if (nfds == 0) return {};
+  if (fdBatches_.empty() || fdBatches_.front().from > at)
+    corrupt("a frame declares " + std::to_string(nfds) + " descriptors, but none came with its first byte");
+  FdBatch b = std::move(fdBatches_.front());
+  fdBatches_.pop_front();
+  truncated = b.truncated;
+  return std::move(b.fds);
+}
+
+void Channel::refuseFds(const char* body, std::size_t len, unsigned nfds, std::size_t got, bool truncated) {
+  // The frame is consumed and its descriptors closed; say which message it
+  // was so the receiver can answer it.
+  std::string command;
+  std::uint64_t id = 0;
+  try {
+    const Message m = decode(body, len, limits_);
+    command = m.command();
+    id = m.id();
+  } catch (const DecodeError& e) {
+    command = e.command();
+    id = e.id();
+  } catch (const LimitError& e) {
+    command = e.command();
+    id = e.id();
+  }
+  const std::string what =
+      command.empty() ? std::string("cannot receive a message: ") : "cannot receive '" + command + "': ";
+  const std::uint32_t limit = std::min(limits_.maxFds, kMaxFdsPerMessage);
+  if (truncated || nfds > limit || got > limit)
+    throw LimitError(what + "it carries " + std::to_string(nfds) + " descriptors, over the limit of " +
+                         std::to_string(limit) + " (the message is dropped and its descriptors closed)",
+                     command, id);
+  throw DecodeError(what + "its frame declares " + std::to_string(nfds) + " descriptors but " + std::to_string(got) +
+                        " came with it (the message is dropped and its descriptors closed)",
+                    command, id);
 }
 
 std::size_t Channel::wantBytes() const {
@@ -216,11 +319,23 @@ std::optional<Message> Channel::takeFrame() {
   if (len > limits_.maxBytes)
     corrupt("a frame header declares a body of " + std::to_string(len) + " bytes, over the limit of " +
             std::to_string(limits_.maxBytes) + " bytes");
+  const auto nfds = static_cast<std::uint8_t>(h[3]);
+  if (nfds > kMaxFdsPerMessage)
+    corrupt("a frame header declares " + std::to_string(nfds) + " descriptors, more than a message can carry (" +
+            std::to_string(kMaxFdsPerMessage) + ")");
   if (avail < kHeaderBytes + len) return std::nullopt;
+  bool truncated = false;
+  std::vector<detail::UniqueFd> fds = frameFds(rstream_, nfds, truncated);
   const char* body = h + kHeaderBytes;
   rpos_ += kHeaderBytes + len;
+  rstream_ += kHeaderBytes + len;
   if (rpos_ == rend_) rpos_ = rend_ = 0;  // the bytes stay valid until the next read
-  Message m = decode(body, len, limits_);
+  if (truncated || fds.size() != nfds || nfds > std::min(limits_.maxFds, kMaxFdsPerMessage)) {
+    const std::size_t got = fds.size();
+    fds.clear();
+    refuseFds(body, len, nfds, got, truncated);
+  }
+  Message m = decode(body, len, limits_, std::move(fds));
   if (rend_ == 0 && rbuf_.size() > kKeepRecvBuffer) std::vector<char>().swap(rbuf_);
   return m;
 }
@@ -236,6 +351,12 @@ void Channel::setRecvTimeout(Timeout t) {
 }
 
 bool Channel::fill(const Deadline& d) {
+  if (control_.empty()) {
+    // Room for this side's limit: the kernel closes what does not fit and
+    // says so (MSG_CTRUNC).
+    const std::size_t bytes = CMSG_SPACE(sizeof(int) * std::min(limits_.maxFds, kMaxFdsPerMessage));
+    control_.resize((bytes + sizeof(std::uint64_t) - 1) / sizeof(std::uint64_t));
+  }
   std::size_t want = wantBytes();
   if (rbuf_.size() - rend_ < want) {
     // Compact first, then grow to hold the frame being read. Headers that
@@ -270,7 +391,19 @@ bool Channel::fill(const Deadline& d) {
       if (ms == 0) return false;
       setRecvTimeout(ms < 0 ? Timeout::zero() : Timeout(ms));
     }
-    const ssize_t r = ::recv(fd(), rbuf_.data() + rend_, want, waitInRecv ? 0 : MSG_DONTWAIT);
+    // recvmsg, always: a descriptor sent to a plain recv would be closed
+    // by the kernel without a word.
+    msghdr msg{};
+    iovec iov{rbuf_.data() + rend_, want};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control_.data();
+    msg.msg_controllen = control_.size() * sizeof(std::uint64_t);
+    const ssize_t r = ::recvmsg(fd(), &msg, MSG_CMSG_CLOEXEC | (waitInRecv ? 0 : MSG_DONTWAIT));
+    if (r >= 0 && (msg.msg_controllen > 0 || (msg.msg_flags & MSG_CTRUNC))) {
+      const std::uint64_t from = rstream_ + (rend_ - rpos_);
+      keepFds(msg, from, from + static_cast<std::uint64_t>(r));
+    }
     if (r > 0) {
       rend_ += static_cast<std::size_t>(r);
       return true;
@@ -291,6 +424,24 @@ bool Channel::fill(const Deadline& d) {
     if (peerGone(errno)) throw PeerClosed("channel: peer closed");
     detail::throwErrno("cannot read from channel");
   }
+}
+
+void Channel::keepFds(msghdr& msg, std::uint64_t from, std::uint64_t to) {
+  FdBatch b;
+  b.from = from;
+  b.to = to;
+  b.truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) continue;
+    const std::size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < n; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+      b.fds.emplace_back(fd);
+    }
+  }
+  if (from == to) return;  // no byte to belong to (cannot happen on Linux): closed with b
+  fdBatches_.push_back(std::move(b));
 }
 
 std::optional<Message> Channel::recv(Timeout timeout) {

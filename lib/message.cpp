@@ -2,6 +2,7 @@
 
 #include <msgpack.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <ostream>
 
@@ -12,6 +13,10 @@ namespace {
 // msgpack ext type that carries an Array:
 //   u8 dtype, u8 rank, rank x u64 dims (little endian), then the data.
 constexpr std::int8_t kArrayExt = 1;
+// msgpack ext type that stands for a descriptor: u32 (little endian), its
+// index in the descriptor list that travels with the message.
+constexpr std::int8_t kFdExt = 2;
+constexpr std::uint32_t kFdExtSize = 4;
 
 }  // namespace
 
@@ -103,7 +108,11 @@ void packArray(msgpack::packer<Buffer>& pk, const Array& a) {
 // by a receiver with the same limits.
 class Packer {
  public:
-  Packer(Buffer& out, const Message& m, const Limits& limits) : pk_(out), out_(out), m_(m), limits_(limits) {}
+  // `fds` receives the descriptors; null where none can travel.
+  Packer(Buffer& out, const Message& m, const Limits& limits, std::vector<int>* fds)
+      : pk_(out), out_(out), m_(m), limits_(limits), fds_(fds),
+        fdsBefore_(fds ? fds->size() : 0),
+        maxFds_(std::min(limits.maxFds, kMaxFdsPerMessage)) {}
 
   void message() {
     container(1, 3);
@@ -118,6 +127,7 @@ class Packer {
     for (const auto& [k, v] : args) {
       arg_ = &k;
       onlyThisArg_ = elements_ == envelope;
+      fdsOfEarlierArgs_ = fdCount_;
       key(k);
       value(v, 3);
     }
@@ -166,7 +176,27 @@ class Packer {
         break;
       }
       case Value::Kind::Array: packArray(pk_, *v.getIf<Array>()); break;
+      case Value::Kind::Fd: fd(*v.getIf<Fd>()); break;
     }
+  }
+
+  void fd(const Fd& f) {
+    const std::string where = arg_ ? "argument '" + *arg_ + "'" : std::string("the message");
+    if (!fds_)
+      refuseType(where + " is a descriptor, which only a Channel can carry (this encoding has no descriptor list)");
+    const int n = f.get();
+    if (n < 0) refuseType(where + " is an empty descriptor (never set, or taken)");
+    if (fdCount_ == maxFds_) {
+      const std::string over = "more than " + std::to_string(maxFds_) + " descriptors";
+      if (fdsOfEarlierArgs_ == 0) refuse(where + " carries " + over);
+      refuse("the arguments up to '" + *arg_ + "' carry " + over);
+    }
+    const auto index = static_cast<std::uint32_t>(fdCount_++);
+    fds_->push_back(n);
+    char body[kFdExtSize];
+    for (std::uint32_t b = 0; b < kFdExtSize; ++b) body[b] = static_cast<char>((index >> (8 * b)) & 0xff);
+    pk_.pack_ext(kFdExtSize, kFdExt);
+    pk_.pack_ext_body(body, kFdExtSize);
   }
 
   void container(std::uint32_t level, std::size_t n) {
@@ -183,13 +213,23 @@ class Packer {
   }
 
   [[noreturn]] void refuse(const std::string& why) const {
+    if (fds_) fds_->resize(fdsBefore_);
     throw LimitError("cannot send '" + m_.command() + "': " + why, m_.command(), m_.id());
+  }
+  [[noreturn]] void refuseType(const std::string& why) const {
+    if (fds_) fds_->resize(fdsBefore_);
+    throw TypeError("cannot send '" + m_.command() + "': " + why);
   }
 
   msgpack::packer<Buffer> pk_;
   Buffer& out_;
   const Message& m_;
   const Limits& limits_;
+  std::vector<int>* fds_;
+  std::size_t fdsBefore_;             // fds_ as the caller gave it
+  std::uint32_t maxFds_;
+  std::uint32_t fdCount_ = 0;         // descriptors of this message so far
+  std::uint32_t fdsOfEarlierArgs_ = 0;
   const std::string* arg_ = nullptr;  // the top-level argument being packed
   bool onlyThisArg_ = true;           // no earlier argument added elements
   std::uint64_t elements_ = 0;
@@ -197,24 +237,37 @@ class Packer {
 
 }  // namespace
 
-void encode(const Message& m, Buffer& out, const Limits& limits) {
+namespace {
+
+void encodeWith(const Message& m, Buffer& out, const Limits& limits, std::vector<int>* fds) {
   const std::size_t start = out.size();
+  const std::size_t fdStart = fds ? fds->size() : 0;
   try {
-    Packer(out, m, limits).message();
+    Packer(out, m, limits, fds).message();
   } catch (...) {
     out.truncate(start);
+    if (fds) fds->resize(fdStart);
     throw;
   }
   const std::size_t size = out.size() - start;
   if (size > limits.maxBytes) {
     out.truncate(start);
+    if (fds) fds->resize(fdStart);
     throw LimitError("cannot send '" + m.command() + "': message of " + std::to_string(size) +
                          " bytes exceeds the limit of " + std::to_string(limits.maxBytes) + " bytes",
                      m.command(), m.id());
   }
 }
 
-void encode(const Message& m, Buffer& out) { encode(m, out, Limits{}); }
+}  // namespace
+
+void encode(const Message& m, Buffer& out, const Limits& limits, std::vector<int>& fds) {
+  encodeWith(m, out, limits, &fds);
+}
+
+void encode(const Message& m, Buffer& out, const Limits& limits) { encodeWith(m, out, limits, nullptr); }
+
+void encode(const Message& m, Buffer& out) { encodeWith(m, out, Limits{}, nullptr); }
 
 // ---------------------------------------------------------------- decode
 
@@ -226,7 +279,8 @@ namespace {
 // the input.
 class ValueBuilder {
  public:
-  ValueBuilder(std::size_t inputSize, const Limits& limits) : inputSize_(inputSize), limits_(limits) {}
+  ValueBuilder(std::size_t inputSize, const Limits& limits, std::vector<detail::UniqueFd>& fds)
+      : inputSize_(inputSize), limits_(limits), fds_(fds) {}
 
   Value root;
   std::string error;   // set when a callback refused the input
@@ -255,8 +309,15 @@ class ValueBuilder {
     return emit(Value(Bytes(b, b + n)));
   }
   bool visit_ext(const char* p, std::uint32_t n) {
-    if (n < 1 || static_cast<std::int8_t>(p[0]) != kArrayExt) return fail("unknown msgpack extension type");
-    return decodeArray(p + 1, n - 1);
+    if (n >= 1 && static_cast<std::int8_t>(p[0]) == kArrayExt) return decodeArray(p + 1, n - 1);
+    if (n >= 1 && static_cast<std::int8_t>(p[0]) == kFdExt) return decodeFd(p + 1, n - 1);
+    return fail("unknown msgpack extension type");
+  }
+  // Descriptors that came with the message but that nothing referred to.
+  std::size_t unusedFds() const {
+    std::size_t n = 0;
+    for (const auto& f : fds_) n += f.valid() ? 1 : 0;
+    return n;
   }
   bool start_array(std::uint32_t n) {
     if (stack_.empty() && !last_) topSize_ = n;
@@ -375,8 +436,22 @@ class ValueBuilder {
     }
   }
 
+  bool decodeFd(const char* p, std::size_t n) {
+    if (n != kFdExtSize) return fail("descriptor extension of " + std::to_string(n) + " bytes, not " +
+                                     std::to_string(kFdExtSize));
+    std::uint32_t index = 0;
+    for (std::uint32_t b = 0; b < kFdExtSize; ++b)
+      index |= static_cast<std::uint32_t>(static_cast<std::uint8_t>(p[b])) << (8 * b);
+    if (index >= fds_.size())
+      return fail("refers to descriptor " + std::to_string(index) + " but came with " +
+                  std::to_string(fds_.size()) + (fds_.size() == 1 ? " descriptor" : " descriptors"));
+    if (!fds_[index]) return fail("refers to descriptor " + std::to_string(index) + " twice");
+    return emit(Value(Fd(std::move(fds_[index]))));
+  }
+
   std::size_t inputSize_;
   const Limits& limits_;
+  std::vector<detail::UniqueFd>& fds_;  // taken as the body refers to them
   std::vector<Value*> stack_;
   Value* last_ = nullptr;
   std::string pendingKey_;
@@ -395,10 +470,14 @@ class ValueBuilder {
 }  // namespace
 
 Message decode(const char* data, std::size_t size, const Limits& limits) {
+  return decode(data, size, limits, {});
+}
+
+Message decode(const char* data, std::size_t size, const Limits& limits, std::vector<detail::UniqueFd> fds) {
   if (size > limits.maxBytes)
     throw LimitError("message of " + std::to_string(size) + " bytes exceeds the limit of " +
                      std::to_string(limits.maxBytes) + " bytes");
-  ValueBuilder b(size, limits);
+  ValueBuilder b(size, limits, fds);
   std::size_t off = 0;
   bool ok = false;
   std::string why;
@@ -415,6 +494,14 @@ Message decode(const char* data, std::size_t size, const Limits& limits) {
   b.header(command, id);
   if (!ok) refuse(why, b.limitHit, command, id);
   if (off != size) refuse(std::to_string(size - off) + " trailing bytes", false, command, id);
+  if (fds.size() > std::min(limits.maxFds, kMaxFdsPerMessage))
+    refuse("carries " + std::to_string(fds.size()) + " descriptors, over the limit of " +
+               std::to_string(std::min(limits.maxFds, kMaxFdsPerMessage)),
+           true, command, id);
+  if (const std::size_t unused = b.unusedFds())
+    refuse("came with " + std::to_string(fds.size()) + " descriptors but refers to only " +
+               std::to_string(fds.size() - unused),
+           false, command, id);
 
   List* top = b.root.getIf<List>();
   if (!top || top->size() != 3) refuse("not a [command, id, args] triple", false, command, id);

@@ -1,5 +1,9 @@
 #include "forklift/value.hpp"
 
+#include <fcntl.h>
+
+#include <atomic>
+#include <cerrno>
 #include <cstdio>
 
 namespace forklift {
@@ -97,6 +101,34 @@ void Array::checkFixedShape(int fixedRows, int fixedCols, std::int64_t rows, std
                     (fixedCols >= 0 ? std::to_string(fixedCols) : std::string("N")));
 }
 
+// ---------------------------------------------------------------- Fd
+
+// The one descriptor all copies of an Fd share. Atomic so that take() on
+// one copy and get() on another, in two threads, do not race.
+struct Fd::State {
+  explicit State(int fd) noexcept : fd(fd) {}
+  ~State() { detail::UniqueFd last(fd.load()); }  // closes what nobody took
+  State(const State&) = delete;
+  State& operator=(const State&) = delete;
+  std::atomic<int> fd;
+};
+
+Fd::Fd(detail::UniqueFd fd) {
+  if (fd) state_ = std::make_shared<State>(fd.release());
+}
+
+Fd Fd::dup(int fd) {
+  const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) throw SystemError(errno, "cannot duplicate descriptor " + std::to_string(fd));
+  return Fd(detail::UniqueFd(copy));
+}
+
+int Fd::get() const noexcept { return state_ ? state_->fd.load() : -1; }
+
+detail::UniqueFd Fd::take() const noexcept {
+  return detail::UniqueFd(state_ ? state_->fd.exchange(-1) : -1);
+}
+
 // ---------------------------------------------------------------- Value
 
 const char* Value::kindName(Kind k) noexcept {
@@ -110,6 +142,7 @@ const char* Value::kindName(Kind k) noexcept {
     case Kind::List: return "list";
     case Kind::Map: return "map";
     case Kind::Array: return "array";
+    case Kind::Fd: return "fd";
   }
   return "invalid";
 }
@@ -117,6 +150,12 @@ const char* Value::kindName(Kind k) noexcept {
 std::string Value::typeName() const {
   if (auto a = std::get_if<forklift::Array>(&v_)) return "array " + a->describe();
   return kindName(kind());
+}
+
+detail::UniqueFd Value::takeFd() const {
+  const auto* f = std::get_if<forklift::Fd>(&v_);
+  if (!f) mismatch("fd");
+  return f->take();
 }
 
 void Value::mismatch(const char* wanted) const {
@@ -157,6 +196,10 @@ std::string Value::toString() const {
       return s + "}";
     }
     case Kind::Array: return std::get<forklift::Array>(v_).describe();
+    case Kind::Fd: {
+      const int fd = std::get<forklift::Fd>(v_).get();
+      return fd < 0 ? std::string("fd(empty)") : "fd(" + std::to_string(fd) + ")";
+    }
   }
   return "?";
 }

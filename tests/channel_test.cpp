@@ -5,7 +5,9 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -482,6 +484,319 @@ TEST(Channel, SmallMessagesAllocateNothingOnTheChannelSideAfterWarmUp) {
   forklift::test::g_counting = false;
   EXPECT_EQ(forklift::test::g_allocs.exchange(0), 100 * decodeAllocs) << "recv allocated beyond the decoded message";
   EXPECT_EQ(standalone, m);
+}
+
+// ---------------------------------------------------------------- descriptors
+
+detail::UniqueFd counter(std::uint64_t value) {
+  detail::UniqueFd fd(::eventfd(static_cast<unsigned>(value), EFD_CLOEXEC));
+  EXPECT_TRUE(fd.valid());
+  return fd;
+}
+
+std::uint64_t counterValue(int fd) {
+  std::uint64_t v = 0;
+  EXPECT_EQ(::read(fd, &v, sizeof v), static_cast<ssize_t>(sizeof v));
+  return v;
+}
+
+// Raw bytes with descriptors, as a peer that breaks the rules would send them.
+void sendRawWithFds(int sock, const std::string& bytes, const std::vector<int>& fds) {
+  msghdr msg{};
+  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  union {
+    cmsghdr align;
+    char bytes[CMSG_SPACE(sizeof(int) * 8)];
+  } control{};
+  msg.msg_control = control.bytes;
+  msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  ASSERT_EQ(::sendmsg(sock, &msg, MSG_NOSIGNAL), static_cast<ssize_t>(bytes.size()));
+}
+
+std::string frameOf(const Message& m, char nfds = 0) {
+  Buffer b;
+  Channel::encodeFrame(m, b, Limits{});
+  std::string f(b.data(), b.size());
+  f[3] = nfds;
+  return f;
+}
+
+// A pair with a different limit on each end.
+std::pair<Channel, Channel> pairWith(const Limits& la, const Limits& lb) {
+  int sv[2];
+  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  return {Channel(sv[0], la), Channel(sv[1], lb)};
+}
+
+TEST(ChannelFds, ADescriptorTravelsWithItsMessageAndIsTheReceiversOwn) {
+  const int before = test::openFdCount();
+  {
+    auto [a, b] = Channel::makePair();
+    int p[2];
+    ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+    detail::UniqueFd readEnd(p[0]);
+    a.send(Message("use", {{"n", 1}, {"out", detail::UniqueFd(p[1])}}));  // the message closes ours
+    Message m = b.recv();
+    const Fd out = m.get<Fd>("out");
+    ASSERT_TRUE(out.valid());
+    EXPECT_TRUE(::fcntl(out.get(), F_GETFD) & FD_CLOEXEC);
+    ASSERT_EQ(::write(out.get(), "hi", 2), 2);
+    char got[2] = {};
+    ASSERT_EQ(::read(readEnd.get(), got, 2), 2);
+    EXPECT_EQ(std::string(got, 2), "hi");
+    EXPECT_EQ(test::openFdCount(), before + 4);  // the pair, the read end, the received write end
+    detail::UniqueFd mine = m.args()[1].second.takeFd();  // taken: the message no longer closes it
+    m = Message();
+    EXPECT_TRUE(mine.valid());
+    EXPECT_EQ(::fcntl(mine.get(), F_GETFD) >= 0, true);
+  }
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+TEST(ChannelFds, AMessageDroppedUnreadClosesItsDescriptors) {
+  const int before = test::openFdCount();
+  {
+    auto [a, b] = Channel::makePair();
+    const Fd f(counter(1));
+    for (int i = 0; i < 10; ++i) a.send(Message("use", {{"fds", List(3, Value(f))}}));
+    for (int i = 0; i < 5; ++i) (void)b.recv();  // received and dropped
+    EXPECT_EQ(test::openFdCount(), before + 3);
+  }
+  // The rest died in the socket or in the channel's batches.
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+// Frames with and without descriptors, small and large, sent in bursts:
+// every message gets exactly its own descriptors, in both read modes and
+// whatever the reads return.
+void burst(ReadMode mode) {
+  const int before = test::openFdCount();
+  {
+    auto [a, b] = Channel::makePair();
+    b.setReadMode(mode);
+    constexpr int kMessages = 300;
+    std::thread writer([&, &a = a] {
+      for (int i = 0; i < kMessages; ++i) {
+        Message m("m", {{"i", i}});
+        if (i % 3 == 0) m.set("fd", counter(static_cast<std::uint64_t>(i) + 1));
+        if (i % 6 == 0) m.set("more", List{Value(counter(10000 + static_cast<std::uint64_t>(i)))});
+        if (i % 7 == 0) m.set("pad", std::string(static_cast<std::size_t>(i) * 997 % (200 << 10), 'x'));
+        a.send(m, 5000ms);
+      }
+    });
+    for (int i = 0; i < kMessages; ++i) {
+      if (i % 50 == 0) ::usleep(5000);  // let a backlog build up
+      auto m = b.recv(5000ms);
+      ASSERT_TRUE(m) << i;
+      ASSERT_EQ(m->get<int>("i"), i);
+      EXPECT_EQ(m->has("fd"), i % 3 == 0) << i;
+      if (m->has("fd")) {
+        EXPECT_EQ(counterValue(m->get<Fd>("fd").get()), static_cast<std::uint64_t>(i) + 1) << i;
+      }
+      if (m->has("more")) {
+        EXPECT_EQ(counterValue(m->get<List>("more")[0].as<Fd>().get()), 10000 + static_cast<std::uint64_t>(i)) << i;
+      }
+    }
+    writer.join();
+    EXPECT_FALSE(b.tryRecv());
+  }
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+TEST(ChannelFds, BurstsMapEveryBatchToItsFrameInGreedyMode) { burst(ReadMode::Greedy); }
+TEST(ChannelFds, BurstsMapEveryBatchToItsFrameInOneFrameMode) { burst(ReadMode::OneFrame); }
+
+// A frame cut by a send timeout took its descriptors with its first byte;
+// a message that was not started keeps its descriptors home.
+TEST(ChannelFds, CutFramesCarryTheirDescriptorsOnce) {
+  const int before = test::openFdCount();
+  {
+    auto [a, b] = Channel::makePair();
+    shrinkSendBuffer(a);
+    Message big = sized(256 << 10, 1);
+    big.set("fd", counter(41));
+    EXPECT_THROW(a.send(big, 30ms), TimeoutError);
+    ASSERT_GT(a.unsentBytes(), 0u);
+    const Message small("small", {{"fd", counter(42)}});
+    EXPECT_TRUE(contains(test::thrown<TimeoutError>([&, &a = a] { a.send(small, 30ms); }),
+                         "this message was not sent"));
+    std::vector<Message> got;
+    std::thread reader([&, &b = b] {
+      for (int i = 0; i < 3; ++i)
+        if (auto m = b.recv(5000ms)) got.push_back(std::move(*m));
+    });
+    EXPECT_TRUE(a.flush(5000ms));
+    a.send(small, 5000ms);  // now it goes, with its descriptor
+    a.send(Message("last", {{"fd", counter(43)}}), 5000ms);
+    reader.join();
+    ASSERT_EQ(got.size(), 3u);
+    EXPECT_EQ(got[0].command(), "blob");
+    EXPECT_EQ(counterValue(got[0].get<Fd>("fd").get()), 41u);
+    EXPECT_EQ(counterValue(got[1].get<Fd>("fd").get()), 42u);
+    EXPECT_EQ(counterValue(got[2].get<Fd>("fd").get()), 43u);
+  }
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+TEST(ChannelFds, TooManyDescriptorsAreRefusedBeforeSendingAnything) {
+  Limits l;
+  l.maxFds = 2;
+  auto [a, b] = Channel::makePair(l);
+  const Fd f(counter(1));
+  const int before = test::openFdCount();
+  EXPECT_EQ(test::thrown<LimitError>([&, &a = a] { a.send(Message("use", {{"fds", List(3, Value(f))}})); }),
+            "cannot send 'use': argument 'fds' carries more than 2 descriptors");
+  EXPECT_EQ(test::thrown<TypeError>([&, &a = a] { a.send(Message("use", {{"fd", Fd()}})); }),
+            "cannot send 'use': argument 'fd' is an empty descriptor (never set, or taken)");
+  EXPECT_EQ(a.unsentBytes(), 0u);
+  EXPECT_FALSE(b.tryRecv());
+  EXPECT_EQ(test::openFdCount(), before);
+  Buffer plain;
+  EXPECT_THROW(Channel::encodeFrame(Message("use", {{"fd", f}}), plain, l), TypeError);
+  a.send(Message("use", {{"fds", List(2, Value(f))}}));
+  EXPECT_EQ(b.recv().get<List>("fds").size(), 2u);
+}
+
+// A sender with a larger limit: the kernel truncates the control message
+// to this side's room and closes the rest; the one message is refused,
+// naming its command and id, and the stream goes on.
+TEST(ChannelFds, DescriptorsOverTheReceiversLimitRefuseTheOneMessage) {
+  Limits lax, strict;
+  lax.maxFds = 10;
+  strict.maxFds = 2;
+  const int before = test::openFdCount();
+  {
+    auto [a, b] = pairWith(lax, strict);
+    const Fd f(counter(1));
+    Message m("use", {{"fds", List(5, Value(f))}});
+    m.setId(9);
+    a.send(m);
+    a.send(Message("after", {{"fd", f}}));
+    try {
+      (void)b.recv(1000ms);
+      ADD_FAILURE() << "no error";
+    } catch (const LimitError& e) {
+      EXPECT_EQ(std::string(e.what()),
+                "cannot receive 'use': it carries 5 descriptors, over the limit of 2 (the message is dropped and its "
+                "descriptors closed)");
+      EXPECT_EQ(e.command(), "use");
+      EXPECT_EQ(e.id(), 9u);
+    }
+    const auto after = b.recv(1000ms);
+    ASSERT_TRUE(after);
+    EXPECT_TRUE(after->get<Fd>("fd").valid());
+    EXPECT_EQ(test::openFdCount(), before + 4);  // the pair, f, the one received
+  }
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+// Descriptors that came with a frame declaring none: no frame can claim
+// them, and guessing would hand them to the wrong message.
+TEST(ChannelFds, AnUnclaimedBatchIsStreamCorruptAndClosed) {
+  const int before = test::openFdCount();
+  {
+    auto [a, b] = Channel::makePair();
+    detail::UniqueFd f = counter(1);
+    sendRawWithFds(a.fd(), frameOf(Message("first")), {f.get(), f.get()});
+    a.send(Message("second"));
+    EXPECT_EQ(b.recv(1000ms)->command(), "first");
+    EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+                         "channel: stream corrupt: 2 descriptors came with stream bytes that no frame declaring "
+                         "descriptors started in"));
+    EXPECT_EQ(test::openFdCount(), before + 3);  // the received two are closed
+  }
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+TEST(ChannelFds, AFrameWhoseDescriptorsDidNotComeIsStreamCorrupt) {
+  auto [a, b] = Channel::makePair();
+  writeRaw(a.fd(), frameOf(Message("use"), 1));
+  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+                       "a frame declares 1 descriptors, but none came with its first byte"));
+  auto [c, d] = Channel::makePair();
+  writeRaw(c.fd(), frameOf(Message("use"), static_cast<char>(254)));
+  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &d = d] { (void)d.recv(1000ms); }),
+                       "a frame header declares 254 descriptors, more than a message can carry (253)"));
+}
+
+TEST(ChannelFds, AFrameWithMoreDescriptorsThanItDeclaresIsRefused) {
+  auto [a, b] = Channel::makePair();
+  detail::UniqueFd f = counter(1);
+  Message m("use");
+  m.setId(3);
+  sendRawWithFds(a.fd(), frameOf(m, 1), {f.get(), f.get()});
+  a.send(Message("after"));
+  try {
+    (void)b.recv(1000ms);
+    ADD_FAILURE() << "no error";
+  } catch (const DecodeError& e) {
+    EXPECT_EQ(std::string(e.what()), "cannot receive 'use': its frame declares 1 descriptors but 2 came with it (the "
+                                     "message is dropped and its descriptors closed)");
+    EXPECT_EQ(e.id(), 3u);
+  }
+  EXPECT_EQ(b.recv(1000ms)->command(), "after");
+}
+
+// A closed channel closes the descriptors of a frame it had not finished.
+TEST(ChannelFds, ClosingAChannelClosesDescriptorsOfAnUnfinishedFrame) {
+  const int before = test::openFdCount();
+  {
+    auto [a, b] = Channel::makePair();
+    detail::UniqueFd f = counter(1);
+    const std::string frame = frameOf(Message("use", {{"x", std::string(100, 'x')}}), 1);
+    sendRawWithFds(a.fd(), frame.substr(0, 20), {f.get()});
+    EXPECT_FALSE(b.recv(20ms));
+    EXPECT_EQ(test::openFdCount(), before + 4);
+  }
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+// Across a fork: the child maps 200 memfd arrays it is sent, sums them,
+// answers, and leaves with as many descriptors as it had.
+TEST(ChannelFds, ArraysTravelAcrossForkAndLeaveNoDescriptorBehind) {
+  auto [parent, child] = Channel::makePair();
+  const pid_t pid = forkChild([&, &child = child, &parent = parent] {
+    parent.close();
+    const int start = test::openFdCount();
+    for (;;) {
+      auto m = child.recv(5000ms);
+      if (!m) return 2;
+      if (m->command() == "done") return test::openFdCount() == start ? 0 : 3;
+      const Fd fd = m->get<Fd>("array");
+      struct stat st {};
+      if (::fstat(fd.get(), &st) != 0) return 4;
+      const auto n = static_cast<std::size_t>(st.st_size) / sizeof(double);
+      void* p = ::mmap(nullptr, static_cast<std::size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get(), 0);
+      if (p == MAP_FAILED) return 5;
+      double sum = 0;
+      for (std::size_t i = 0; i < n; ++i) sum += static_cast<const double*>(p)[i];
+      ::munmap(p, static_cast<std::size_t>(st.st_size));
+      child.send(Message("sum", {{"sum", sum}}));
+    }
+  });
+  child.close();
+  const int start = test::openFdCount();
+  for (int i = 0; i < 200; ++i) {
+    detail::UniqueFd mem(::memfd_create("array", MFD_CLOEXEC));
+    ASSERT_TRUE(mem.valid());
+    std::vector<double> data(static_cast<std::size_t>(i) + 1, 0.5);
+    ASSERT_EQ(::write(mem.get(), data.data(), data.size() * sizeof(double)),
+              static_cast<ssize_t>(data.size() * sizeof(double)));
+    parent.send(Message("array", {{"array", std::move(mem)}}), 5000ms);
+    auto m = parent.recv(5000ms);
+    ASSERT_TRUE(m);
+    EXPECT_EQ(m->get<double>("sum"), 0.5 * (i + 1));
+  }
+  EXPECT_EQ(test::openFdCount(), start);
+  parent.send(Message("done"));
+  EXPECT_EQ(exitCodeOf(waitChild(pid, 5000ms)), 0);
 }
 
 }  // namespace

@@ -4,6 +4,11 @@
 #include <msgpack.hpp>
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <random>
 
 #include "support.hpp"
@@ -442,6 +447,180 @@ TEST(Decode, RandomAndTruncatedBytesNeverCrash) {
   }
   EXPECT_EQ(decoded + refused, static_cast<int>(good.size()) + 6000);
   EXPECT_GT(refused, 3000);
+}
+
+// ---------------------------------------------------------------- descriptors
+
+detail::UniqueFd anEventFd(std::uint64_t value = 0) {
+  detail::UniqueFd fd(::eventfd(static_cast<unsigned>(value), EFD_CLOEXEC));
+  EXPECT_TRUE(fd.valid());
+  return fd;
+}
+
+// The same open file (inode and device), whatever the descriptor number.
+bool sameFile(int a, int b) {
+  struct stat sa {}, sb {};
+  return ::fstat(a, &sa) == 0 && ::fstat(b, &sb) == 0 && sa.st_ino == sb.st_ino && sa.st_dev == sb.st_dev;
+}
+
+TEST(Fd, CopiesShareOneDescriptorClosedByTheLast) {
+  const int before = test::openFdCount();
+  {
+    Fd a(anEventFd());
+    const int n = a.get();
+    EXPECT_GE(n, 0);
+    Fd b = a;
+    Value v(b);
+    EXPECT_EQ(test::openFdCount(), before + 1);
+    EXPECT_EQ(v.as<Fd>().get(), n);
+    EXPECT_EQ(v.kind(), Value::Kind::Fd);
+    EXPECT_EQ(v.typeName(), "fd");
+    EXPECT_EQ(v.toString(), "fd(" + std::to_string(n) + ")");
+    EXPECT_EQ(a, b);
+    EXPECT_NE(a, Fd(anEventFd()));
+  }
+  EXPECT_EQ(test::openFdCount(), before);
+}
+
+TEST(Fd, TakeMovesTheDescriptorOutOfEveryCopy) {
+  const int before = test::openFdCount();
+  Fd a(anEventFd());
+  const Value v(a);
+  detail::UniqueFd mine = v.takeFd();
+  EXPECT_TRUE(mine.valid());
+  EXPECT_FALSE(a.valid());
+  EXPECT_EQ(a.get(), -1);
+  EXPECT_EQ(v.toString(), "fd(empty)");
+  EXPECT_FALSE(a.take().valid());  // taken already
+  EXPECT_EQ(test::openFdCount(), before + 1);
+  mine.reset();
+  EXPECT_EQ(test::openFdCount(), before);
+  EXPECT_EQ(errorOf([] { (void)Value(3).takeFd(); }), "int found, fd wanted");
+  EXPECT_EQ(errorOf([] { (void)Value(3).as<Fd>(); }), "int found, fd wanted");
+}
+
+TEST(Fd, DupKeepsTheOriginalAndRefusesAClosedDescriptor) {
+  detail::UniqueFd orig = anEventFd();
+  const Fd copy = Fd::dup(orig.get());
+  EXPECT_NE(copy.get(), orig.get());
+  EXPECT_TRUE(sameFile(copy.get(), orig.get()));
+  EXPECT_TRUE(::fcntl(copy.get(), F_GETFD) & FD_CLOEXEC);
+  EXPECT_THROW((void)Fd::dup(-1), SystemError);
+  EXPECT_FALSE(Fd(detail::UniqueFd()).valid());
+}
+
+TEST(Message, DescriptorsRoundTripThroughTheirList) {
+  const int before = test::openFdCount();
+  {
+    detail::UniqueFd a = anEventFd(1), b = anEventFd(2);
+    const int an = a.get(), bn = b.get();
+    const Message m("use", {{"a", std::move(a)}, {"n", 7}, {"more", List{Map{{"b", std::move(b)}}}}});
+    Buffer out;
+    std::vector<int> fds{42};  // appended to, never cleared
+    encode(m, out, Limits{}, fds);
+    ASSERT_EQ(fds, (std::vector<int>{42, an, bn}));
+    // The receiver's own descriptors for the same files (dups here).
+    std::vector<detail::UniqueFd> got;
+    got.emplace_back(::fcntl(an, F_DUPFD_CLOEXEC, 0));
+    got.emplace_back(::fcntl(bn, F_DUPFD_CLOEXEC, 0));
+    const Message back = decode(out.data(), out.size(), Limits{}, std::move(got));
+    const Fd ra = back.get<Fd>("a");
+    const Fd rb = back.get<List>("more")[0].as<Map>()[0].second.as<Fd>();
+    EXPECT_TRUE(sameFile(ra.get(), an));
+    EXPECT_TRUE(sameFile(rb.get(), bn));
+    EXPECT_NE(ra.get(), an);
+    EXPECT_EQ(back.get<int>("n"), 7);
+    EXPECT_EQ(test::openFdCount(), before + 4);
+  }
+  EXPECT_EQ(test::openFdCount(), before);  // the decoded message closed its own
+}
+
+TEST(Message, ADescriptorCannotTravelWithoutAList) {
+  Buffer out;
+  const Message m("use", {{"n", 1}, {"fd", anEventFd()}});
+  EXPECT_EQ(errorOf([&] { encode(m, out); }),
+            "cannot send 'use': argument 'fd' is a descriptor, which only a Channel can carry (this encoding has "
+            "no descriptor list)");
+  EXPECT_THROW(encode(m, out), TypeError);
+  EXPECT_EQ(out.size(), 0u);
+  // The receiving side refuses a reference it has no descriptor for.
+  std::vector<int> fds;
+  encode(m, out, Limits{}, fds);
+  EXPECT_EQ(errorOf([&] { (void)decode(out.data(), out.size()); }),
+            "cannot decode message 'use': refers to descriptor 0 but came with 0 descriptors");
+}
+
+TEST(Message, AnEmptyDescriptorIsRefusedByName) {
+  Buffer out;
+  std::vector<int> fds;
+  Fd f(anEventFd());
+  f.take();
+  EXPECT_EQ(errorOf([&] { encode(Message("use", {{"fd", f}}), out, Limits{}, fds); }),
+            "cannot send 'use': argument 'fd' is an empty descriptor (never set, or taken)");
+  EXPECT_THROW(encode(Message("use", {{"fd", Fd()}}), out, Limits{}, fds), TypeError);
+  EXPECT_EQ(out.size(), 0u);
+  EXPECT_TRUE(fds.empty());
+}
+
+TEST(Message, TooManyDescriptorsIsALimitErrorNamingTheArgument) {
+  Limits l;
+  l.maxFds = 3;
+  const Fd f(anEventFd());
+  Buffer out;
+  std::vector<int> fds;
+  EXPECT_EQ(errorOf([&] { encode(Message("use", {{"fds", List(4, Value(f))}}), out, l, fds); }),
+            "cannot send 'use': argument 'fds' carries more than 3 descriptors");
+  EXPECT_EQ(errorOf([&] { encode(Message("use", {{"a", List(2, Value(f))}, {"b", List(2, Value(f))}}), out, l, fds); }),
+            "cannot send 'use': the arguments up to 'b' carry more than 3 descriptors");
+  EXPECT_EQ(out.size(), 0u);
+  EXPECT_TRUE(fds.empty());
+  encode(Message("use", {{"fds", List(3, Value(f))}}), out, l, fds);  // the limit itself is fine
+  EXPECT_EQ(fds.size(), 3u);
+  // The kernel's own bound caps a larger setting.
+  l.maxFds = 1000;
+  out.clear();
+  fds.clear();
+  try {
+    encode(Message("use", {{"fds", List(254, Value(f))}}), out, l, fds);
+    ADD_FAILURE() << "254 descriptors were accepted";
+  } catch (const LimitError& e) {
+    EXPECT_TRUE(test::contains(e.what(), "more than 253 descriptors"));
+    EXPECT_EQ(e.command(), "use");
+  }
+}
+
+TEST(Message, DecodeClosesEveryDescriptorOfARefusedMessage) {
+  const int before = test::openFdCount();
+  const Fd f(anEventFd());
+  Buffer out;
+  std::vector<int> fds;
+  encode(Message("use", {{"a", f}, {"b", f}}), out, Limits{}, fds);
+  auto received = [&](std::size_t n) {
+    std::vector<detail::UniqueFd> v;
+    for (std::size_t i = 0; i < n; ++i) v.emplace_back(::fcntl(f.get(), F_DUPFD_CLOEXEC, 0));
+    return v;
+  };
+  // Fewer than referred to, more than referred to, over this side's limit.
+  EXPECT_EQ(errorOf([&] { (void)decode(out.data(), out.size(), Limits{}, received(1)); }),
+            "cannot decode message 'use': refers to descriptor 1 but came with 1 descriptor");
+  EXPECT_EQ(errorOf([&] { (void)decode(out.data(), out.size(), Limits{}, received(3)); }),
+            "cannot decode message 'use': came with 3 descriptors but refers to only 2");
+  Limits one;
+  one.maxFds = 1;
+  try {
+    (void)decode(out.data(), out.size(), one, received(2));
+    ADD_FAILURE() << "over the limit was accepted";
+  } catch (const LimitError& e) {
+    EXPECT_EQ(std::string(e.what()), "cannot decode message 'use': carries 2 descriptors, over the limit of 1");
+    EXPECT_EQ(e.command(), "use");
+  }
+  // A body that refers to one descriptor twice.
+  Buffer twice;
+  static const char body[] = "\x93\xa3use\x00\x82\xa1" "a\xd6\x02\x00\x00\x00\x00\xa1" "b\xd6\x02\x00\x00\x00\x00";
+  twice.write(body, sizeof body - 1);
+  EXPECT_EQ(errorOf([&] { (void)decode(twice.data(), twice.size(), Limits{}, received(1)); }),
+            "cannot decode message 'use': refers to descriptor 0 twice");
+  EXPECT_EQ(test::openFdCount(), before + 1);  // only f
 }
 
 }  // namespace

@@ -3,8 +3,10 @@
 // `Channel::makePair()` makes a connected pair over a Unix stream socketpair
 // (close-on-exec). Make the pair before fork and keep one end on each side;
 // `fd()` can be polled. Each message travels as one frame:
-//   'F' 'K' version flags | u32 body length (little endian) | msgpack body
+//   'F' 'K' version nfds | u32 body length (little endian) | msgpack body
 // Version 2 (this one) carries [command, id, args]; version 1 had the id last.
+// `nfds` (0..253; always 0 before descriptors could travel) counts the
+// descriptors sent with the frame's first byte.
 //
 // Guarantees:
 // - Messages arrive whole and in order, whatever their size up to
@@ -36,6 +38,21 @@
 // - After warm-up, `send` allocates nothing, and `recv` allocates only what
 //   the decoded Message itself needs.
 //
+// Descriptors: the `Fd` arguments of a message travel with it (SCM_RIGHTS),
+// at most `Limits::maxFds` per message (LimitError before anything is
+// sent). The sender keeps its descriptors; the receiver gets new ones,
+// close-on-exec, owned by the received Message (closed with it unless taken).
+// They are sent with the first byte of their frame, in a sendmsg that starts
+// at that byte, and Linux hands them to the recvmsg that reads that byte, one
+// batch per recvmsg; the receiver notes the stream range of each recvmsg
+// that brought a batch, and a frame that declares descriptors takes the
+// oldest batch, which must have come with the frame's first byte. So a batch
+// can never be attached to another frame: a batch that no frame claims, or a
+// frame whose batch is missing, is a corrupt stream (StreamCorrupt). A frame
+// whose descriptors went over this side's limit (the kernel truncated the
+// control message and closed the rest) is refused with LimitError naming
+// its command and id, its descriptors closed; the next message still comes.
+//
 // Reading: in `ReadMode::Greedy` (the default) `recv` reads as many bytes as
 // the kernel has, and may keep whole frames buffered: drain with `tryRecv()`
 // until it returns nothing, or check `buffered()`, before polling again. In
@@ -52,7 +69,9 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,6 +79,8 @@
 #include "forklift/detail/fd.hpp"
 #include "forklift/message.hpp"
 #include "forklift/timeout.hpp"
+
+struct msghdr;
 
 namespace forklift {
 
@@ -100,9 +121,11 @@ class Channel {
 
   // Sends one message, waiting for socket space up to `timeout`. First
   // completes the unsent rest of an earlier frame, if any. Throws
-  // LimitError (nothing sent), PeerClosed, SystemError, and TimeoutError:
-  // either this message was not started (the earlier rest did not finish),
-  // or it was cut and its rest is kept for the next send or flush.
+  // LimitError (nothing sent), TypeError for an empty Fd argument (nothing
+  // sent), PeerClosed, SystemError, and TimeoutError: either this message
+  // was not started (the earlier rest did not finish), or it was cut and its
+  // rest is kept for the next send or flush (its descriptors went already,
+  // with its first byte).
   void send(const Message& m, Timeout timeout = kForever);
 
   // Bytes of a frame cut by a send timeout, still to be written.
@@ -123,13 +146,20 @@ class Channel {
   bool buffered() const noexcept;
 
   // --- Pieces for event loops that queue their own output -----------------
-  // Appends one frame (header + body) for `m` to `out`. Throws LimitError
-  // and leaves `out` as it was when `m` breaks `limits`.
+  // Appends one frame (header + body) for `m` to `out`, and its descriptors
+  // to `fds` (not owned: valid while `m` holds them). Throws LimitError or
+  // TypeError and leaves `out` and `fds` as they were when `m` breaks
+  // `limits` or holds an empty Fd. The overload without `fds` refuses any
+  // Fd argument (TypeError).
+  static void encodeFrame(const Message& m, Buffer& out, const Limits& limits, std::vector<int>& fds);
   static void encodeFrame(const Message& m, Buffer& out, const Limits& limits);
   // One non-blocking write of raw frame bytes; returns the bytes written (0
-  // when the socket is full). Throws PeerClosed, SystemError. It bypasses
-  // send's unsent rest: do not mix the two on one Channel.
-  std::size_t writeSome(const char* p, std::size_t n);
+  // when the socket is full). With `fds`, `p` must be the first byte of
+  // their frame and the write must end before the next frame that carries
+  // descriptors starts; the descriptors go exactly when the result is not 0.
+  // Throws PeerClosed, SystemError. It bypasses send's unsent rest: do not
+  // mix the two on one Channel.
+  std::size_t writeSome(const char* p, std::size_t n, std::span<const int> fds = {});
 
  private:
   enum class Ready : std::uint8_t { Timeout, Fd, PeerDied };
@@ -138,8 +168,14 @@ class Channel {
   Ready waitReady(short events, const Deadline& d) const;
   bool pushOut(const Deadline& d);      // writes the unsent rest; false on timeout
   std::optional<Message> takeFrame();   // from the buffer, if whole
+  // The descriptors of the frame starting at stream offset `at` (which
+  // declares `nfds`); throws StreamCorrupt when they did not come with it.
+  std::vector<detail::UniqueFd> frameFds(std::uint64_t at, unsigned nfds, bool& truncated);
+  [[noreturn]] void refuseFds(const char* body, std::size_t len, unsigned nfds, std::size_t got, bool truncated);
   [[noreturn]] void corrupt(const std::string& why);
   bool fill(const Deadline& d);         // one read; false on timeout
+  // Keeps the descriptors a recvmsg brought with stream bytes [from, to).
+  void keepFds(msghdr& msg, std::uint64_t from, std::uint64_t to);
   std::size_t wantBytes() const;        // how much the next read may take
   void setRecvTimeout(Timeout t);
 
@@ -152,10 +188,20 @@ class Channel {
   // Send side only.
   Buffer sendBuf_;
   std::size_t sendOff_ = 0;   // sendBuf_ bytes already written
+  std::vector<int> sendFds_;  // descriptors still to go with sendBuf_[sendFdsAt_]
+  std::size_t sendFdsAt_ = 0;
   // Receive side only.
   std::vector<char> rbuf_;
   std::size_t rpos_ = 0;      // start of unconsumed bytes
   std::size_t rend_ = 0;      // end of bytes read
+  std::uint64_t rstream_ = 0; // stream offset of rbuf_[rpos_]
+  struct FdBatch {
+    std::uint64_t from = 0, to = 0;  // the stream bytes of the recvmsg that brought it
+    std::vector<detail::UniqueFd> fds;
+    bool truncated = false;          // MSG_CTRUNC: the kernel closed the rest
+  };
+  std::deque<FdBatch> fdBatches_;
+  std::vector<std::uint64_t> control_;  // recvmsg's control buffer (8-byte aligned)
   std::string corrupt_;       // why the stream is corrupt; empty while it is not
   Timeout rcvTimeout_{0};     // SO_RCVTIMEO as last set (0 = none)
 };

@@ -19,6 +19,11 @@
 // `encode` checks the same limits, counted the same way, while it walks the
 // message, so a message the sender accepts is never refused by a receiver
 // with the same limits.
+//
+// Descriptors (`Fd` arguments) are not bytes: the body refers to each by its
+// index in the message's descriptor list, which travels beside the body
+// (a Channel sends it with SCM_RIGHTS). Only the overloads with a list carry
+// descriptors; the others refuse a message that holds one.
 #pragma once
 
 #include <cstddef>
@@ -30,6 +35,7 @@
 #include <string_view>
 #include <vector>
 
+#include "forklift/detail/fd.hpp"
 #include "forklift/value.hpp"
 
 namespace forklift {
@@ -37,11 +43,16 @@ namespace forklift {
 // Depth counts the envelope: the [command, id, args] array is level 1, the
 // argument map level 2, an argument's own list or map level 3. Elements are
 // the list items and map entries of the whole message, envelope included.
+// Descriptors count every place an Fd appears; the kernel carries at most
+// kMaxFdsPerMessage with one message, so a larger maxFds acts as that.
 struct Limits {
   std::size_t maxBytes = 16u << 20;     // encoded size of one message
   std::uint32_t maxDepth = 32;          // nesting of lists and maps
   std::uint32_t maxElements = 1u << 20; // list items + map entries in one message
+  std::uint32_t maxFds = 64;            // descriptors in one message
 };
+
+inline constexpr std::uint32_t kMaxFdsPerMessage = 253;  // Linux's SCM_MAX_FD
 
 class Message {
  public:
@@ -135,8 +146,14 @@ class Buffer {
 
 // Appends the encoding of `m` to `out`. Throws LimitError, naming the
 // command and the top-level argument, and leaves `out` as it was, when `m`
-// nests deeper, has more elements or encodes to more bytes than `limits`:
+// nests deeper, has more elements, carries more descriptors or encodes to
+// more bytes than `limits`:
 //   cannot send 'ping': argument 'tree' nests deeper than 32 levels
+// The descriptors of `m` are appended to `fds` in the order the body refers
+// to them; they are not owned there (valid while `m` holds them). Throws
+// TypeError naming the command and argument for an empty Fd, and, in the
+// overloads without `fds`, for any Fd (nothing can carry it there).
+void encode(const Message& m, Buffer& out, const Limits& limits, std::vector<int>& fds);
 void encode(const Message& m, Buffer& out, const Limits& limits);
 void encode(const Message& m, Buffer& out);  // with the default Limits
 
@@ -145,6 +162,10 @@ void encode(const Message& m, Buffer& out);  // with the default Limits
 // well-formed message; the text names the command when it was read
 // ("cannot decode message 'ping': nests deeper than 32 levels"), and
 // `command()` / `id()` of the error return it and the call id.
+// `fds` are the descriptors that came with the body: each must be referred
+// to exactly once (DecodeError otherwise). The message owns the ones it
+// holds; on any error all of them are closed.
+Message decode(const char* data, std::size_t size, const Limits& limits, std::vector<detail::UniqueFd> fds);
 Message decode(const char* data, std::size_t size, const Limits& limits = {});
 
 }  // namespace forklift

@@ -1,10 +1,18 @@
 // forklift - Value: the dynamically typed argument of a message
 //
 // A `Value` is one of: nil, bool, 64-bit signed int, double, string, bytes,
-// list, map (string keys, insertion order kept) or a small typed numeric
-// `Array` (element type + shape + data, row-major like numpy's default).
-// Values are what travel inside a `Message`; bulk data belongs in shared
-// memory, not here.
+// list, map (string keys, insertion order kept), a small typed numeric
+// `Array` (element type + shape + data, row-major like numpy's default) or
+// an open file descriptor (`Fd`). Values are what travel inside a
+// `Message`; bulk data belongs in shared memory, not here.
+//
+// An `Fd` owns its descriptor, shared by its copies (so Values and Messages
+// stay copyable): the last copy to go closes it. `take()` moves the
+// descriptor out of every copy at once, for code that wants it for itself.
+// Only a `Channel` carries descriptors (SCM_RIGHTS, see channel.hpp); the
+// receiver gets its own descriptors for the same open files, close-on-exec,
+// owned by the received Message until taken. A descriptor travels once per
+// place it appears in a message.
 //
 // Conversions out of a Value (`as<T>()`) are strict: an int widens to a
 // double, but nothing narrows silently. An int that does not fit the asked
@@ -20,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -27,6 +36,7 @@
 #include <variant>
 #include <vector>
 
+#include "forklift/detail/fd.hpp"
 #include "forklift/error.hpp"
 
 namespace forklift {
@@ -138,6 +148,34 @@ class Array {
   Bytes data_;
 };
 
+// An open file descriptor as a message argument. Copies share one owned
+// descriptor; the last copy closes it. Thread-safe like a shared_ptr: copies
+// may be used from different threads, and take() hands the descriptor to
+// exactly one caller.
+class Fd {
+ public:
+  Fd() noexcept = default;  // empty: get() == -1
+  // Adopts `fd` (an empty UniqueFd makes an empty Fd).
+  explicit Fd(detail::UniqueFd fd);
+  // A close-on-exec duplicate of `fd`, which the caller keeps. Throws
+  // SystemError when `fd` is not open or no descriptor is left.
+  static Fd dup(int fd);
+
+  // The descriptor, -1 when empty or taken. Valid while a copy holds it.
+  int get() const noexcept;
+  bool valid() const noexcept { return get() >= 0; }
+  // Moves the descriptor out of this Fd and of all its copies; empty when
+  // it was taken already.
+  detail::UniqueFd take() const noexcept;
+
+  // The same descriptor: copies of one Fd (two empty Fds are equal too).
+  bool operator==(const Fd& o) const noexcept { return state_ == o.state_ || (!valid() && !o.valid()); }
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
 class Value;
 using List = std::vector<Value>;
 // A map keeps its keys in insertion order; lookups are linear, which is the
@@ -161,7 +199,7 @@ concept MatrixLike = requires(const M& m) {
 
 class Value {
  public:
-  enum class Kind : std::uint8_t { Nil, Bool, Int, Double, String, Bytes, List, Map, Array };
+  enum class Kind : std::uint8_t { Nil, Bool, Int, Double, String, Bytes, List, Map, Array, Fd };
 
   Value() noexcept = default;
   Value(std::nullptr_t) noexcept {}
@@ -178,6 +216,8 @@ class Value {
   Value(forklift::List l) noexcept : v_(std::move(l)) {}
   Value(forklift::Map m) noexcept : v_(std::move(m)) {}
   Value(forklift::Array a) noexcept : v_(std::move(a)) {}
+  Value(forklift::Fd fd) noexcept : v_(std::move(fd)) {}
+  Value(detail::UniqueFd fd) : v_(forklift::Fd(std::move(fd))) {}
   template <class T>
     requires std::is_arithmetic_v<T> && (!std::is_same_v<T, bool>)
   Value(const std::vector<T>& v) : v_(Array::fromVector(v)) {}
@@ -205,6 +245,10 @@ class Value {
     return std::get_if<T>(&v_);
   }
 
+  // The descriptor of an Fd value, moved out of it and of all its copies
+  // (empty when taken already). Throws TypeError when this is not an Fd.
+  detail::UniqueFd takeFd() const;
+
   bool operator==(const Value& o) const { return v_ == o.v_; }
 
   std::string toString() const;  // compact, for logs
@@ -222,7 +266,7 @@ class Value {
   std::int64_t intInRange(std::int64_t lo, std::uint64_t hi, const char* wanted) const;
 
   std::variant<std::monostate, bool, std::int64_t, double, std::string, forklift::Bytes,
-               forklift::List, forklift::Map, forklift::Array>
+               forklift::List, forklift::Map, forklift::Array, forklift::Fd>
       v_;
 };
 
@@ -245,6 +289,7 @@ constexpr const char* typeNameOf() {
   else if constexpr (std::is_same_v<T, List>) return "list";
   else if constexpr (std::is_same_v<T, Map>) return "map";
   else if constexpr (std::is_same_v<T, Array>) return "array";
+  else if constexpr (std::is_same_v<T, Fd>) return "fd";
   else if constexpr (std::is_same_v<T, Value>) return "value";
   else if constexpr (IsStdVector<T>::value) return "vector";
   else if constexpr (MatrixLike<T>) return "matrix";
@@ -276,7 +321,7 @@ T Value::as() const {
     mismatch(detail::typeNameOf<T>());
   } else if constexpr (std::is_same_v<T, std::string> || std::is_same_v<T, forklift::Bytes> ||
                        std::is_same_v<T, forklift::List> || std::is_same_v<T, forklift::Map> ||
-                       std::is_same_v<T, forklift::Array>) {
+                       std::is_same_v<T, forklift::Array> || std::is_same_v<T, forklift::Fd>) {
     if (auto p = std::get_if<T>(&v_)) return *p;
     mismatch(detail::typeNameOf<T>());
   } else if constexpr (detail::IsStdVector<T>::value) {
