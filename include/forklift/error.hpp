@@ -52,16 +52,27 @@ class TypeError : public Error {
 // that far (they come first on the wire), so a receiver can answer the call
 // instead of leaving the caller to its timeout. `command()` is empty and
 // `id()` is 0 when unknown; an id of 0 also means "no reply wanted".
-class DecodeError : public Error {
+namespace detail {
+// The command and call id an error of a message names (the part DecodeError
+// and LimitError share).
+class MessageOrigin {
  public:
-  explicit DecodeError(const std::string& what, std::string command = {}, std::uint64_t id = 0)
-      : Error(what), command_(std::move(command)), id_(id) {}
   const std::string& command() const noexcept { return command_; }
   std::uint64_t id() const noexcept { return id_; }
+
+ protected:
+  MessageOrigin(std::string command, std::uint64_t id) : command_(std::move(command)), id_(id) {}
 
  private:
   std::string command_;
   std::uint64_t id_;
+};
+}  // namespace detail
+
+class DecodeError : public Error, public detail::MessageOrigin {
+ public:
+  explicit DecodeError(const std::string& what, std::string command = {}, std::uint64_t id = 0)
+      : Error(what), MessageOrigin(std::move(command), id) {}
 };
 
 // The stream itself is corrupt (bad frame magic, or a frame declaring a body
@@ -72,16 +83,10 @@ class StreamCorrupt : public DecodeError {
   explicit StreamCorrupt(const std::string& what) : DecodeError(what) {}
 };
 
-class LimitError : public Error {
+class LimitError : public Error, public detail::MessageOrigin {
  public:
   explicit LimitError(const std::string& what, std::string command = {}, std::uint64_t id = 0)
-      : Error(what), command_(std::move(command)), id_(id) {}
-  const std::string& command() const noexcept { return command_; }
-  std::uint64_t id() const noexcept { return id_; }
-
- private:
-  std::string command_;
-  std::uint64_t id_;
+      : Error(what), MessageOrigin(std::move(command), id) {}
 };
 
 class TimeoutError : public Error {
