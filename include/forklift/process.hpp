@@ -228,8 +228,9 @@ class MessageProcess {
 
   // Registers c__<name>. `argNames` names the handler's parameters in
   // order; a last parameter of type Reply (not named) makes the reply
-  // deferred. Parameter types are anything Message::get<T> reads. Names
-  // starting with "__" are reserved (Error).
+  // deferred. Parameter types are anything Message::get<T> reads, a
+  // forklift::Fd among them (a descriptor that travels with the message).
+  // Names starting with "__" are reserved (Error).
   template <class C, class R, class... A, std::size_t N>
   void command(std::string name, R (C::*handler)(A...), const char* const (&argNames)[N]) {
     registerCommand<C, R, A...>(std::move(name), handler, std::to_array(argNames));
