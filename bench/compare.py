@@ -108,6 +108,12 @@ def forklift_figures(reps, env):
         add(fig, "forklift-4arrays", "median", median_of(shm, f"BM_ShmHandoff4/{kib}", "GBps_p50"), "GB/s")
         add(fig, "limit:fill-then-read", "median", median_of(shm, f"BM_FillThenReadHeap/{kib}", "GBps_p50"), "GB/s")
         add(fig, "limit:memcpy", "median", median_of(shm, f"BM_Memcpy/{kib}", "GBps_p50"), "GB/s")
+    # Creating (and destroying) a 1 MiB array, anonymous and named, beside a
+    # bare memfd of the same size.
+    add("create_1MiB_anonymous", "forklift", "median", time_us(shm, "BM_CreateArray1MiB/0"), "us")
+    add("create_1MiB_named", "forklift", "median", time_us(shm, "BM_CreateArray1MiB/1"), "us")
+    for fig in ("create_1MiB_anonymous", "create_1MiB_named"):
+        add(fig, "limit:memfd", "median", time_us(shm, "BM_RawMemfd1MiB"), "us")
 
     mgr, _ = run_gbench("manager_bench", reps, env)
     for n in (1, 8, 64):
@@ -139,9 +145,11 @@ ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "call_threads_1
         "start_ready:median", "stop:median"] + \
        [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + \
        [f"handoff_{SIZE_NAMES[k]}:median:4arrays" for k in SIZES_KIB] + \
+       ["create_1MiB_anonymous:median", "create_1MiB_named:median"] + \
        ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
 LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "call_threads_1": "limit:socketpair",
             "start_ready": "limit:fork",
+            "create_1MiB_anonymous": "limit:memfd", "create_1MiB_named": "limit:memfd",
             **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB}}
 
 
