@@ -207,7 +207,7 @@ std::vector<Proc> scan() {
   while (const dirent* e = ::readdir(d)) {
     char* end = nullptr;
     const long pid = std::strtol(e->d_name, &end, 10);
-    if (*end != '\0' || pid <= 0) continue;
+    if (*end != '\0' || pid <= 0 || pid == ::getpid()) continue;  // not itself: it links forklift too
     if (auto p = inspect(static_cast<pid_t>(pid))) out.push_back(std::move(*p));
   }
   ::closedir(d);
