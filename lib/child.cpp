@@ -1,6 +1,7 @@
 #include "child.hpp"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
@@ -169,6 +170,17 @@ int pidfdSignal(int pidfd, int sig) {
   return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
 }
 
+std::atomic<bool> g_forceDeathPipe{false};
+
+// Whether this kernel (or sandbox, or valgrind) gives pidfds; asked once.
+bool pidfdsWork() {
+  static const bool works = [] {
+    UniqueFd self(pidfdOpen(::getpid()));
+    return self.valid() || (errno != ENOSYS && errno != EPERM);
+  }();
+  return works && !g_forceDeathPipe.load(std::memory_order_relaxed);
+}
+
 // glibc 2.36's idtype_t has no P_PIDFD yet (and <linux/wait.h> clashes
 // with <sys/wait.h>); the kernel's number is 3.
 const idtype_t kPidfd = static_cast<idtype_t>(3);
@@ -185,9 +197,13 @@ ExitStatus statusFromSiginfo(const siginfo_t& info) {
   return s;
 }
 
+// `deathFd` is the child's pidfd, or, where pidfds are missing, the read
+// end of a pipe whose only write end the child holds: the kernel closes it
+// when the child dies, and the read end reports POLLHUP.
 class ForkedChild final : public Child {
  public:
-  ForkedChild(pid_t pid, UniqueFd pidfd) : pid_(pid), pidfd_(std::move(pidfd)) {
+  ForkedChild(pid_t pid, UniqueFd deathFd, bool isPidfd)
+      : pid_(pid), pidfd_(std::move(deathFd)), isPidfd_(isPidfd) {
     frontend_fds::add({pidfd_.get()});
   }
   ~ForkedChild() override {
@@ -204,7 +220,8 @@ class ForkedChild final : public Child {
     siginfo_t info{};
     // By pidfd, not by pid: a pid reaped elsewhere can be reused, even by
     // another child of ours.
-    int r = retryEintr([&] { return ::waitid(kPidfd, static_cast<id_t>(pidfd_.get()), &info, WEXITED); });
+    int r = isPidfd_ ? retryEintr([&] { return ::waitid(kPidfd, static_cast<id_t>(pidfd_.get()), &info, WEXITED); })
+                     : (errno = EINVAL, -1);
     if (r < 0 && errno == EINVAL) {
       // Kernels before 5.4 know no P_PIDFD; the pid is still ours while
       // it is a zombie.
@@ -213,10 +230,15 @@ class ForkedChild final : public Child {
     if (r < 0 || info.si_pid == 0) return ExitStatus{ExitStatus::How::Unknown};
     return statusFromSiginfo(info);
   }
-  void sendSignal(int sig) override { pidfdSignal(pidfd_.get(), sig); }
+  // By pid only without a pidfd: a pid is ours until we reap it.
+  void sendSignal(int sig) override {
+    if (isPidfd_) pidfdSignal(pidfd_.get(), sig);
+    else ::kill(pid_, sig);
+  }
 
   pid_t pid_;
   UniqueFd pidfd_;
+  bool isPidfd_;
 };
 
 // What a child inherits from the frontend's signal setup: handlers (they
@@ -236,7 +258,8 @@ void resetSignals() {
 }
 
 // Runs in the child, signals still blocked, before anything else.
-void setUpChild(const ChildSetup& setup, pid_t parent) {
+// `deathWrite`: the write end of its death pipe (-1 with pidfds).
+void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   // The parent may have died between fork and prctl: then nobody would
   // send the death signal.
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -247,6 +270,9 @@ void setUpChild(const ChildSetup& setup, pid_t parent) {
   // too: the numbers are free again here and will be reused.
   for (int fd : g_frontendFds) ::close(fd);
   g_frontendFds.clear();
+  // Its own death pipe stays open here but must not outlive it in its own
+  // children: listed, they close it like any frontend descriptor.
+  if (deathWrite >= 0) g_frontendFds.push_back(deathWrite);
   setProcessTitle(setup.comm, setup.title);
   setMetricsIdentity("backend", setup.title);
   sigset_t none;
@@ -302,6 +328,19 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
   sigset_t old;
   sigfillset(&all);
   ::pthread_sigmask(SIG_SETMASK, &all, &old);
+  // Without pidfds, the death pipe: made before the fork, so the child
+  // holds the only write end once this side closes its copy.
+  UniqueFd deathRead, deathWrite;
+  if (!pidfdsWork()) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0) {
+      const int err = errno;
+      ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+      throw SystemError(err, setup.title + ": cannot make the pipe that watches the backend's death (pipe2)");
+    }
+    deathRead.reset(p[0]);
+    deathWrite.reset(p[1]);
+  }
   pid_t pid;
   {
     // The registry's lock is held by this thread across the fork, so the
@@ -309,13 +348,18 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
     std::lock_guard lock(g_fdsMutex);
     pid = ::fork();
     if (pid == 0) {
-      setUpChild(setup, parent);
+      deathRead.reset();
+      setUpChild(setup, parent, deathWrite.release());
     }
   }
   if (pid == 0) runChildBody(body, setup.title);
   const int forkErr = errno;
   ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
   if (pid < 0) throw SystemError(forkErr, setup.title + ": cannot fork");
+  if (deathRead) {
+    deathWrite.reset();
+    return std::make_unique<ForkedChild>(pid, std::move(deathRead), false);
+  }
   UniqueFd pidfd(pidfdOpen(pid));
   if (!pidfd) {
     const int err = errno;
@@ -323,7 +367,7 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
     retryEintr([&] { return ::waitpid(pid, nullptr, 0); });
     throw SystemError(err, setup.title + ": cannot open a pidfd for the backend");
   }
-  return std::make_unique<ForkedChild>(pid, std::move(pidfd));
+  return std::make_unique<ForkedChild>(pid, std::move(pidfd), true);
 }
 
 // ---------------------------------------------------------------- thread
@@ -376,6 +420,8 @@ std::unique_ptr<Child> Child::start(const ChildSetup& setup, std::function<int()
   if (setup.inProcess) return std::make_unique<ThreadChild>(std::move(body));
   return startForked(setup, std::move(body), log);
 }
+
+void useDeathPipeForTests(bool on) noexcept { g_forceDeathPipe = on; }
 
 // ---------------------------------------------------------------- the ladder
 
