@@ -11,10 +11,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <mutex>
+#include <new>
+#include <thread>
 #include <vector>
 
 #include <spdlog/logger.h>
@@ -306,6 +310,82 @@ int otherThreads() {
   return n;
 }
 
+// Forks on behalf of threads other than the main one (see startForked). Its
+// thread waits, holding no lock, with every signal blocked; it is left out
+// of the thread count, so forks from the main thread are not refused
+// because of it. A forked child starts without it (it is the only thread
+// there, and the main one).
+class Forker {
+ public:
+  static Forker& instance() {
+    static Forker* f = [] {
+      auto* forker = new Forker;  // never destroyed: the thread may outlive static destructors
+      ::pthread_atfork(nullptr, nullptr, [] { instance().resetInChild(); });
+      return forker;
+    }();
+    return *f;
+  }
+
+  // Runs `job` on the forking thread and returns its result, with errno.
+  pid_t run(const std::function<pid_t()>& job) {
+    std::unique_lock lock(mutex_);
+    if (!started_) start();
+    jobDone_.wait(lock, [&] { return job_ == nullptr && finished_ == nullptr; });  // one fork at a time
+    job_ = &job;
+    hasJob_.notify_all();
+    jobDone_.wait(lock, [&] { return finished_ == &job; });
+    finished_ = nullptr;
+    jobDone_.notify_all();
+    errno = err_;
+    return result_;
+  }
+
+ private:
+  void start() {
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);  // the thread inherits this mask
+    std::thread([this] { loop(); }).detach();
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    started_ = true;
+  }
+  void loop() {
+    setForkerThread(::gettid());
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      hasJob_.wait(lock, [&] { return job_ != nullptr; });
+      const std::function<pid_t()>* job = job_;
+      lock.unlock();
+      const pid_t pid = (*job)();  // the child never comes back
+      const int err = errno;
+      lock.lock();
+      result_ = pid;
+      err_ = err;
+      finished_ = job;
+      job_ = nullptr;
+      jobDone_.notify_all();
+    }
+  }
+  // The child has no forking thread: the next fork from a thread starts one.
+  void resetInChild() {
+    new (&mutex_) std::mutex;
+    new (&hasJob_) std::condition_variable;
+    new (&jobDone_) std::condition_variable;
+    started_ = false;
+    job_ = nullptr;
+    finished_ = nullptr;
+    setForkerThread(0);
+  }
+
+  std::mutex mutex_;
+  std::condition_variable hasJob_, jobDone_;
+  bool started_ = false;
+  const std::function<pid_t()>* job_ = nullptr;
+  const std::function<pid_t()>* finished_ = nullptr;
+  pid_t result_ = -1;
+  int err_ = 0;
+};
+
 std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
   const int threads = otherThreads();
   if (threads > 0) {
@@ -321,41 +401,47 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
   }
   std::fflush(nullptr);  // or the child would flush the frontend's buffered output a second time
   std::cout.flush();
-  const pid_t parent = ::getpid();
-  // Signals stay blocked across the fork: a handler of the frontend must
-  // not run in the child before its dispositions are reset.
-  sigset_t all;
-  sigset_t old;
-  sigfillset(&all);
-  ::pthread_sigmask(SIG_SETMASK, &all, &old);
   // Without pidfds, the death pipe: made before the fork, so the child
   // holds the only write end once this side closes its copy.
   UniqueFd deathRead, deathWrite;
   if (!pidfdsWork()) {
     int p[2];
-    if (::pipe2(p, O_CLOEXEC) != 0) {
-      const int err = errno;
-      ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-      throw SystemError(err, setup.title + ": cannot make the pipe that watches the backend's death (pipe2)");
-    }
+    if (::pipe2(p, O_CLOEXEC) != 0)
+      throwErrno(setup.title + ": cannot make the pipe that watches the backend's death (pipe2)");
     deathRead.reset(p[0]);
     deathWrite.reset(p[1]);
   }
-  pid_t pid;
-  {
-    // The registry's lock is held by this thread across the fork, so the
-    // child inherits it unlocked-by-nobody-else and can use the list.
-    std::lock_guard lock(g_fdsMutex);
-    pid = ::fork();
-    if (pid == 0) {
-      deathRead.reset();
-      setUpChild(setup, parent, deathWrite.release());
+  const pid_t parent = ::getpid();
+  // Never returns in the child; in the parent, the pid (or -1 and errno).
+  auto forkHere = [&]() -> pid_t {
+    // Signals stay blocked across the fork: a handler of the frontend must
+    // not run in the child before its dispositions are reset.
+    sigset_t all;
+    sigset_t old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid;
+    {
+      // The registry's lock is held by this thread across the fork, so the
+      // child inherits it unlocked-by-nobody-else and can use the list.
+      std::lock_guard lock(g_fdsMutex);
+      pid = ::fork();
+      if (pid == 0) {
+        deathRead.reset();
+        setUpChild(setup, parent, deathWrite.release());
+      }
     }
-  }
-  if (pid == 0) runChildBody(body, setup.title);
-  const int forkErr = errno;
-  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  if (pid < 0) throw SystemError(forkErr, setup.title + ": cannot fork");
+    if (pid == 0) runChildBody(body, setup.title);
+    const int forkErr = errno;
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    errno = forkErr;
+    return pid;
+  };
+  // PR_SET_PDEATHSIG fires when the forking *thread* ends: a thread other
+  // than the main one hands the fork to forklift's forking thread, which
+  // lives as long as the process.
+  const pid_t pid = ::gettid() == parent ? forkHere() : Forker::instance().run(forkHere);
+  if (pid < 0) throwErrno(setup.title + ": cannot fork");
   if (deathRead) {
     deathWrite.reset();
     return std::make_unique<ForkedChild>(pid, std::move(deathRead), false);
