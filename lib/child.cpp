@@ -21,6 +21,7 @@
 #include "forklift/error.hpp"
 #include "posix.hpp"
 #include "proc_title.hpp"
+#include "seams.hpp"
 #include "threads.hpp"
 
 namespace forklift {
@@ -89,6 +90,11 @@ void remove(std::initializer_list<int> fds) {
   std::lock_guard lock(g_fdsMutex);
   for (int fd : fds)
     if (fd >= 0) std::erase(g_frontendFds, fd);
+}
+
+std::vector<int> snapshot() {
+  std::lock_guard lock(g_fdsMutex);
+  return g_frontendFds;
 }
 
 }  // namespace frontend_fds
@@ -161,9 +167,8 @@ void Child::abandon() {
 
 namespace {
 
-// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system calls
-// are as simple.
-int pidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system call
+// is as simple (pidfd_open is in seams.cpp).
 int pidfdSignal(int pidfd, int sig) {
   return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
 }
@@ -305,7 +310,7 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
     // The registry's lock is held by this thread across the fork, so the
     // child inherits it unlocked-by-nobody-else and can use the list.
     std::lock_guard lock(g_fdsMutex);
-    pid = ::fork();
+    pid = syscalls.fork();
     if (pid == 0) {
       setUpChild(setup, parent);
     }
@@ -313,13 +318,17 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
   if (pid == 0) runChildBody(body, setup.title);
   const int forkErr = errno;
   ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  if (pid < 0) throw SystemError(forkErr, setup.title + ": cannot fork");
-  UniqueFd pidfd(pidfdOpen(pid));
+  if (pid < 0) throw SystemError(forkErr, setup.title + ": cannot fork the backend (fork)");
+  UniqueFd pidfd(syscalls.pidfdOpen(pid, 0));
   if (!pidfd) {
+    // Without its pidfd nobody could watch the child's death: it goes now.
     const int err = errno;
     ::kill(pid, SIGKILL);
     retryEintr([&] { return ::waitpid(pid, nullptr, 0); });
-    throw SystemError(err, setup.title + ": cannot open a pidfd for the backend");
+    throw SystemError(err, setup.title + ": the backend was killed: cannot open its pidfd (pidfd_open" +
+                               (err == ENOSYS ? std::string(", which needs Linux 5.3 or later and a sandbox that allows it")
+                                              : std::string()) +
+                               ")");
   }
   return std::make_unique<ForkedChild>(pid, std::move(pidfd));
 }
@@ -328,7 +337,7 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
 
 // Shared with the thread, which may outlive the Child when abandoned.
 struct ThreadEnd {
-  UniqueFd event{::eventfd(0, EFD_CLOEXEC)};
+  UniqueFd event{syscalls.eventfd(0, EFD_CLOEXEC)};
   std::atomic<int> code{0};
 };
 
