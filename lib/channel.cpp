@@ -11,6 +11,7 @@
 
 #include "metrics.hpp"
 #include "posix.hpp"
+#include "seams.hpp"
 
 namespace forklift {
 
@@ -51,7 +52,7 @@ std::string hexBytes(const char* p, std::size_t n) {
 
 std::pair<Channel, Channel> Channel::makePair(const Limits& limits) {
   int sv[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+  if (detail::syscalls.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
     detail::throwErrno("cannot create channel socketpair");
   return {Channel(sv[0], limits), Channel(sv[1], limits)};
 }
@@ -120,6 +121,8 @@ void Channel::encodeFrame(const Message& m, Buffer& out, const Limits& limits) {
 std::size_t Channel::writeSome(const char* p, std::size_t n, std::span<const int> fds) {
   msghdr msg{};
   iovec iov{const_cast<char*>(p), n};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
   // Room for the most descriptors one message may carry; aligned as cmsghdr.
   union {
     cmsghdr align;
@@ -129,8 +132,6 @@ std::size_t Channel::writeSome(const char* p, std::size_t n, std::span<const int
     if (fds.size() > kMaxFdsPerMessage)
       throw LimitError("channel: " + std::to_string(fds.size()) + " descriptors in one write, over " +
                        std::to_string(kMaxFdsPerMessage));
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
     msg.msg_control = control.bytes;
     msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
     std::memset(control.bytes, 0, msg.msg_controllen);  // the padding goes to the kernel too
@@ -141,8 +142,7 @@ std::size_t Channel::writeSome(const char* p, std::size_t n, std::span<const int
     std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
   }
   for (;;) {
-    const ssize_t r = fds.empty() ? ::send(fd(), p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
-                                  : ::sendmsg(fd(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    const ssize_t r = detail::syscalls.sendmsg(fd(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r >= 0) return static_cast<std::size_t>(r);
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
@@ -363,15 +363,17 @@ bool Channel::fill(const Deadline& d) {
   }
   std::size_t want = wantBytes();
   if (rbuf_.size() - rend_ < want) {
-    // Compact first, then grow to hold the frame being read. Headers that
-    // declare more than the limit never get here, so growth is bounded by
-    // the limit.
+    // Compact first; grow only a full buffer, towards the frame being read
+    // and at most doubling: memory follows the bytes that came, not what a
+    // header declares (a lying length costs no more than its real bytes).
+    // Headers that declare more than the limit never get here.
     if (rpos_ > 0) {
       std::memmove(rbuf_.data(), rbuf_.data() + rpos_, rend_ - rpos_);
       rend_ -= rpos_;
       rpos_ = 0;
     }
-    if (rbuf_.size() - rend_ < want) rbuf_.resize(std::max(kInitialRecvBuffer, rend_ + want));
+    if (rend_ == rbuf_.size())
+      rbuf_.resize(std::max(kInitialRecvBuffer, std::min(rend_ + want, 2 * rbuf_.size())));
     want = std::min(wantBytes(), rbuf_.size() - rend_);
   }
   // A blocking descriptor waits in recv itself, bounded by SO_RCVTIMEO: one
@@ -403,7 +405,7 @@ bool Channel::fill(const Deadline& d) {
     msg.msg_iovlen = 1;
     msg.msg_control = control_.data();
     msg.msg_controllen = control_.size() * sizeof(std::uint64_t);
-    const ssize_t r = ::recvmsg(fd(), &msg, MSG_CMSG_CLOEXEC | (waitInRecv ? 0 : MSG_DONTWAIT));
+    const ssize_t r = detail::syscalls.recvmsg(fd(), &msg, MSG_CMSG_CLOEXEC | (waitInRecv ? 0 : MSG_DONTWAIT));
     if (r >= 0 && (msg.msg_controllen > 0 || (msg.msg_flags & MSG_CTRUNC))) {
       const std::uint64_t from = rstream_ + (rend_ - rpos_);
       keepFds(msg, from, from + static_cast<std::uint64_t>(r));

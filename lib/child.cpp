@@ -27,6 +27,7 @@
 #include "metrics.hpp"
 #include "posix.hpp"
 #include "proc_title.hpp"
+#include "seams.hpp"
 #include "threads.hpp"
 
 namespace forklift {
@@ -95,6 +96,11 @@ void remove(std::initializer_list<int> fds) {
   std::lock_guard lock(g_fdsMutex);
   for (int fd : fds)
     if (fd >= 0) std::erase(g_frontendFds, fd);
+}
+
+std::vector<int> snapshot() {
+  std::lock_guard lock(g_fdsMutex);
+  return g_frontendFds;
 }
 
 }  // namespace frontend_fds
@@ -167,22 +173,20 @@ void Child::abandon() {
 
 namespace {
 
-// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system calls
-// are as simple.
-int pidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system call
+// is as simple (pidfd_open is in seams.cpp).
 int pidfdSignal(int pidfd, int sig) {
   return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
 }
 
 std::atomic<bool> g_forceDeathPipe{false};
 
-// Whether this kernel (or sandbox, or valgrind) gives pidfds; asked once.
+// Whether this kernel (or sandbox, or valgrind) gives pidfds. Asked at
+// every fork (one cheap system call), so a seam a test swaps acts at once.
 bool pidfdsWork() {
-  static const bool works = [] {
-    UniqueFd self(pidfdOpen(::getpid()));
-    return self.valid() || (errno != ENOSYS && errno != EPERM);
-  }();
-  return works && !g_forceDeathPipe.load(std::memory_order_relaxed);
+  if (g_forceDeathPipe.load(std::memory_order_relaxed)) return false;
+  UniqueFd self(syscalls.pidfdOpen(::getpid(), 0));
+  return self.valid() || (errno != ENOSYS && errno != EPERM);
 }
 
 // glibc 2.36's idtype_t has no P_PIDFD yet (and <linux/wait.h> clashes
@@ -425,7 +429,7 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
       // The registry's lock is held by this thread across the fork, so the
       // child inherits it unlocked-by-nobody-else and can use the list.
       std::lock_guard lock(g_fdsMutex);
-      pid = ::fork();
+      pid = syscalls.fork();
       if (pid == 0) {
         deathRead.reset();
         setUpChild(setup, parent, deathWrite.release());
@@ -441,17 +445,21 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
   // than the main one hands the fork to forklift's forking thread, which
   // lives as long as the process.
   const pid_t pid = ::gettid() == parent ? forkHere() : Forker::instance().run(forkHere);
-  if (pid < 0) throwErrno(setup.title + ": cannot fork");
+  if (pid < 0) throwErrno(setup.title + ": cannot fork the backend (fork)");
   if (deathRead) {
     deathWrite.reset();
     return std::make_unique<ForkedChild>(pid, std::move(deathRead), false);
   }
-  UniqueFd pidfd(pidfdOpen(pid));
+  UniqueFd pidfd(syscalls.pidfdOpen(pid, 0));
   if (!pidfd) {
+    // Without its pidfd nobody could watch the child's death: it goes now.
     const int err = errno;
     ::kill(pid, SIGKILL);
     retryEintr([&] { return ::waitpid(pid, nullptr, 0); });
-    throw SystemError(err, setup.title + ": cannot open a pidfd for the backend");
+    throw SystemError(err, setup.title + ": the backend was killed: cannot open its pidfd (pidfd_open" +
+                               (err == ENOSYS ? std::string(", which needs Linux 5.3 or later and a sandbox that allows it")
+                                              : std::string()) +
+                               ")");
   }
   return std::make_unique<ForkedChild>(pid, std::move(pidfd), true);
 }
@@ -460,7 +468,7 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
 
 // Shared with the thread, which may outlive the Child when abandoned.
 struct ThreadEnd {
-  UniqueFd event{::eventfd(0, EFD_CLOEXEC)};
+  UniqueFd event{syscalls.eventfd(0, EFD_CLOEXEC)};
   std::atomic<int> code{0};
 };
 

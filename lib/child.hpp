@@ -34,6 +34,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "forklift/detail/fd.hpp"
 #include "forklift/exit_status.hpp"
@@ -53,6 +54,8 @@ namespace forklift::detail {
 namespace frontend_fds {
 void add(std::initializer_list<int> fds);
 void remove(std::initializer_list<int> fds);
+// The registry as it is now (tests: nothing stale after a failed start).
+std::vector<int> snapshot();
 }  // namespace frontend_fds
 
 // This process's pid, cached (and renewed in a forked child).

@@ -18,6 +18,26 @@ constexpr std::int8_t kArrayExt = 1;
 constexpr std::int8_t kFdExt = 2;
 constexpr std::uint32_t kFdExtSize = 4;
 
+// What a decoded message costs in memory (Limits::maxExpansion), counted the
+// same way by the encoder and the decoder.
+constexpr std::uint64_t kListItemCost = sizeof(Value);
+constexpr std::uint64_t kMapEntryCost = sizeof(Map::value_type);
+
+std::uint64_t decodedBudget(std::size_t encoded, const Limits& limits) {
+  const auto e = static_cast<std::uint64_t>(encoded);
+  const std::uint64_t r = limits.maxExpansion;
+  const std::uint64_t budget = r != 0 && e > UINT64_MAX / r ? UINT64_MAX : e * r;
+  return std::max<std::uint64_t>(budget, kMinDecodedBudget);
+}
+
+std::string budgetText(std::uint64_t cost, std::size_t encoded, const Limits& limits) {
+  return "decoded, it would take " + std::string(cost == UINT64_MAX ? "more than " : "") + std::to_string(cost) +
+         " bytes of memory, over the limit of " + std::to_string(decodedBudget(encoded, limits)) + " (" +
+         std::to_string(limits.maxExpansion) + " per byte of its " + std::to_string(encoded) +
+         " encoded bytes, at least " + std::to_string(kMinDecodedBudget) +
+         "); send numbers in bulk as an Array (a std::vector of numbers), not as a list of Values";
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- Message
@@ -114,14 +134,19 @@ class Packer {
         fdsBefore_(fds ? fds->size() : 0),
         maxFds_(std::min(limits.maxFds, kMaxFdsPerMessage)) {}
 
+  // Memory the decoded message will take (see decodedBudget).
+  std::uint64_t cost() const noexcept { return cost_; }
+
   void message() {
     container(1, 3);
+    cost_ += 3 * kListItemCost + m_.command().size();
     pk_.pack_array(3);
     pk_.pack_str(static_cast<std::uint32_t>(m_.command().size()));
     pk_.pack_str_body(m_.command().data(), static_cast<std::uint32_t>(m_.command().size()));
     pk_.pack_uint64(m_.id());
     const Map& args = m_.args();
     container(2, args.size());
+    cost_ += args.size() * kMapEntryCost;
     pk_.pack_map(static_cast<std::uint32_t>(args.size()));
     const std::uint64_t envelope = elements_;
     for (const auto& [k, v] : args) {
@@ -135,6 +160,7 @@ class Packer {
 
  private:
   void key(const std::string& k) {
+    cost_ += k.size();
     pk_.pack_str(static_cast<std::uint32_t>(k.size()));
     pk_.pack_str_body(k.data(), static_cast<std::uint32_t>(k.size()));
   }
@@ -148,12 +174,14 @@ class Packer {
       case Value::Kind::Double: packFloat64(out_, *v.getIf<double>()); break;
       case Value::Kind::String: {
         const auto& s = *v.getIf<std::string>();
+        cost_ += s.size();
         pk_.pack_str(static_cast<std::uint32_t>(s.size()));
         pk_.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
         break;
       }
       case Value::Kind::Bytes: {
         const auto& b = *v.getIf<Bytes>();
+        cost_ += b.size();
         pk_.pack_bin(static_cast<std::uint32_t>(b.size()));
         pk_.pack_bin_body(reinterpret_cast<const char*>(b.data()), static_cast<std::uint32_t>(b.size()));
         break;
@@ -161,6 +189,7 @@ class Packer {
       case Value::Kind::List: {
         const auto& l = *v.getIf<List>();
         container(level, l.size());
+        cost_ += l.size() * kListItemCost;
         pk_.pack_array(static_cast<std::uint32_t>(l.size()));
         for (const Value& e : l) value(e, level + 1);
         break;
@@ -168,6 +197,7 @@ class Packer {
       case Value::Kind::Map: {
         const auto& m = *v.getIf<Map>();
         container(level, m.size());
+        cost_ += m.size() * kMapEntryCost;
         pk_.pack_map(static_cast<std::uint32_t>(m.size()));
         for (const auto& [k, e] : m) {
           key(k);
@@ -175,7 +205,12 @@ class Packer {
         }
         break;
       }
-      case Value::Kind::Array: packArray(pk_, *v.getIf<Array>()); break;
+      case Value::Kind::Array: {
+        const auto& a = *v.getIf<Array>();
+        cost_ += a.data().size() + 8 * a.shape().size();
+        packArray(pk_, a);
+        break;
+      }
       case Value::Kind::Fd: fd(*v.getIf<Fd>()); break;
     }
   }
@@ -233,6 +268,7 @@ class Packer {
   const std::string* arg_ = nullptr;  // the top-level argument being packed
   bool onlyThisArg_ = true;           // no earlier argument added elements
   std::uint64_t elements_ = 0;
+  std::uint64_t cost_ = 0;
 };
 
 }  // namespace
@@ -242,8 +278,11 @@ namespace {
 void encodeWith(const Message& m, Buffer& out, const Limits& limits, std::vector<int>* fds) {
   const std::size_t start = out.size();
   const std::size_t fdStart = fds ? fds->size() : 0;
+  std::uint64_t cost = 0;
   try {
-    Packer(out, m, limits, fds).message();
+    Packer p(out, m, limits, fds);
+    p.message();
+    cost = p.cost();
   } catch (...) {
     out.truncate(start);
     if (fds) fds->resize(fdStart);
@@ -256,6 +295,11 @@ void encodeWith(const Message& m, Buffer& out, const Limits& limits, std::vector
     throw LimitError("cannot send '" + m.command() + "': message of " + std::to_string(size) +
                          " bytes exceeds the limit of " + std::to_string(limits.maxBytes) + " bytes",
                      m.command(), m.id());
+  }
+  if (cost > decodedBudget(size, limits)) {
+    out.truncate(start);
+    if (fds) fds->resize(fdStart);
+    throw LimitError("cannot send '" + m.command() + "': " + budgetText(cost, size, limits), m.command(), m.id());
   }
 }
 
@@ -280,7 +324,7 @@ namespace {
 class ValueBuilder {
  public:
   ValueBuilder(std::size_t inputSize, const Limits& limits, std::vector<detail::UniqueFd>& fds)
-      : inputSize_(inputSize), limits_(limits), fds_(fds) {}
+      : inputSize_(inputSize), limits_(limits), fds_(fds), budget_(decodedBudget(inputSize, limits)) {}
 
   Value root;
   std::string error;   // set when a callback refused the input
@@ -297,6 +341,7 @@ class ValueBuilder {
   bool visit_float32(float v) { return emit(Value(v)); }
   bool visit_float64(double v) { return emit(Value(v)); }
   bool visit_str(const char* p, std::uint32_t n) {
+    if (!spend(n)) return false;
     if (expectingKey()) {
       pendingKey_.assign(p, n);
       haveKey_ = true;
@@ -305,6 +350,7 @@ class ValueBuilder {
     return emit(Value(std::string(p, n)));
   }
   bool visit_bin(const char* p, std::uint32_t n) {
+    if (!spend(n)) return false;
     const auto* b = reinterpret_cast<const std::uint8_t*>(p);
     return emit(Value(Bytes(b, b + n)));
   }
@@ -321,7 +367,7 @@ class ValueBuilder {
   }
   bool start_array(std::uint32_t n) {
     if (stack_.empty() && !last_) topSize_ = n;
-    if (!reserveElements(n)) return false;
+    if (!reserveElements(n) || !spend(n * kListItemCost)) return false;
     List l;
     l.reserve(n);
     if (!emit(Value(std::move(l)))) return false;
@@ -331,7 +377,7 @@ class ValueBuilder {
   bool end_array_item() { return true; }
   bool end_array() { stack_.pop_back(); return true; }
   bool start_map(std::uint32_t n) {
-    if (!reserveElements(n)) return false;
+    if (!reserveElements(n) || !spend(n * kMapEntryCost)) return false;
     Map m;
     m.reserve(n);
     if (!emit(Value(std::move(m)))) return false;
@@ -370,6 +416,12 @@ class ValueBuilder {
   bool failLimit(std::string why) {
     limitHit = true;
     return fail(std::move(why));
+  }
+  // Counts memory the decoded message takes, before it is allocated.
+  bool spend(std::uint64_t bytes) {
+    cost_ += bytes;
+    if (cost_ > budget_) return failLimit(budgetText(cost_, inputSize_, limits_));
+    return true;
   }
   bool expectingKey() const {
     return !stack_.empty() && stack_.back()->kind() == Value::Kind::Map && !haveKey_;
@@ -428,6 +480,7 @@ class ValueBuilder {
     }
     const char* body = p + 2 + 8 * rank;
     const std::size_t len = n - 2 - 8u * rank;
+    if (!spend(len + 8u * rank)) return false;
     try {
       const auto* b = reinterpret_cast<const std::uint8_t*>(body);
       return emit(Value(Array(static_cast<DType>(raw), std::move(shape), Bytes(b, b + len))));
@@ -458,6 +511,8 @@ class ValueBuilder {
   bool haveKey_ = false;
   std::uint64_t elements_ = 0;
   std::uint32_t topSize_ = 0;  // declared size of the outermost array
+  std::uint64_t budget_;       // memory the decoded message may take
+  std::uint64_t cost_ = 0;     // memory it takes so far
 };
 
 [[noreturn]] void refuse(const std::string& why, bool limit, const std::string& command, std::uint64_t id) {

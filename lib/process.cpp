@@ -17,6 +17,7 @@
 #include "forklift/log.hpp"
 #include "posix.hpp"
 #include "requests.hpp"
+#include "seams.hpp"
 
 namespace forklift {
 
@@ -155,9 +156,10 @@ void MessageProcess::start() {
     // Backends forked later must not hold these (see frontend_fds); the
     // Requests and out_ remove them when they close them.
     detail::frontend_fds::add({cmdFront.fd(), outFront.fd()});
+    cmdFd = cmdFront.fd();  // a failure from here on must remove it from the registry
     out_ = std::move(outFront);
     // The stop bell is one object on both sides; later backends close it.
-    detail::UniqueFd stopBell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    detail::UniqueFd stopBell(detail::syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!stopBell) detail::throwErrno(fullName_ + ": cannot create the stop bell (eventfd)");
     const int bell = stopBell.get();
     frontendPid_ = detail::currentPid();
@@ -170,7 +172,6 @@ void MessageProcess::start() {
     setup.allowThreads = options_.allowThreads;
     auto back = std::make_shared<std::pair<Channel, Channel>>(std::move(cmdBack), std::move(outBack));
     // Until the Requests own them, a failed start removes these itself.
-    cmdFd = cmdFront.fd();
     bellFd = bell;
     child_ = detail::Child::start(
         setup, [this, back, bell] { return runBackend(std::move(back->first), std::move(back->second), bell); },

@@ -11,6 +11,7 @@
 #include "control.hpp"
 #include "metrics.hpp"
 #include "posix.hpp"
+#include "seams.hpp"
 
 namespace forklift {
 
@@ -82,7 +83,7 @@ Requests::Requests(Channel cmd, UniqueFd stopBell, int deathFd, Hooks hooks)
       cmd_(std::move(cmd)),
       stopBell_(std::move(stopBell)),
       deathFd_(deathFd),
-      wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+      wake_(syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   if (!wake_) throwErrno(hooks_.who + ": cannot create the calls' wake-up event");
   cmd_.watchPeer(deathFd_);
 }

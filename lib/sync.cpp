@@ -11,12 +11,13 @@
 #include "forklift/error.hpp"
 #include "forklift/process.hpp"
 #include "posix.hpp"
+#include "seams.hpp"
 
 namespace forklift {
 
 // ---------------------------------------------------------------- Event
 
-Event::Event() : fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+Event::Event() : fd_(detail::syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   if (!fd_) detail::throwErrno("cannot create event (eventfd)");
 }
 

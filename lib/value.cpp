@@ -131,6 +131,12 @@ detail::UniqueFd Fd::take() const noexcept {
 
 // ---------------------------------------------------------------- Value
 
+Value::Value(const Value&) = default;
+Value::Value(Value&&) noexcept = default;
+Value& Value::operator=(const Value&) = default;
+Value& Value::operator=(Value&&) noexcept = default;
+Value::~Value() = default;
+
 const char* Value::kindName(Kind k) noexcept {
   switch (k) {
     case Kind::Nil: return "nil";

@@ -1,4 +1,5 @@
-// Counts calls of the global operator new while g_counting is set. The
+// Counts calls of the global operator new, and the bytes they ask for,
+// while g_counting is set. The
 // replacement operators live in their own translation unit so the compiler
 // cannot inline them into the callers.
 #pragma once
@@ -8,4 +9,5 @@
 namespace forklift::test {
 extern std::atomic<bool> g_counting;
 extern std::atomic<long> g_allocs;
+extern std::atomic<long> g_allocBytes;  // bytes asked for by those calls
 }  // namespace forklift::test

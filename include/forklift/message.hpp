@@ -13,9 +13,10 @@
 // The codec is msgpack: [command, id, {args...}]; the command and id come
 // first so that a message refused for its arguments can still be answered.
 // Decoding is safe against any bytes. Total size, nesting depth and element
-// counts are limited (`Limits`), so malformed or hostile input gives a
-// `DecodeError` or `LimitError`, never a crash and never an allocation
-// larger than the input; both carry the command and id when they were read.
+// counts and the memory a decoded message takes are limited (`Limits`), so
+// malformed or hostile input gives a `DecodeError` or `LimitError`, never a
+// crash and never an allocation of more than a small multiple of the input
+// (Limits::maxExpansion); both carry the command and id when they were read.
 // `encode` checks the same limits, counted the same way, while it walks the
 // message, so a message the sender accepts is never refused by a receiver
 // with the same limits.
@@ -43,6 +44,8 @@ namespace forklift {
 // Depth counts the envelope: the [command, id, args] array is level 1, the
 // argument map level 2, an argument's own list or map level 3. Elements are
 // the list items and map entries of the whole message, envelope included.
+// Decoded memory counts sizeof(Value) per list item, sizeof(Map entry) per
+// map entry, and the bytes of every string, key, binary and Array.
 // Descriptors count every place an Fd appears; the kernel carries at most
 // kMaxFdsPerMessage with one message, so a larger maxFds acts as that.
 struct Limits {
@@ -50,7 +53,16 @@ struct Limits {
   std::uint32_t maxDepth = 32;          // nesting of lists and maps
   std::uint32_t maxElements = 1u << 20; // list items + map entries in one message
   std::uint32_t maxFds = 64;            // descriptors in one message
+  // Memory one decoded message may take, per byte of its encoding (and
+  // kMinDecodedBudget in any case). A list of a million one-byte nils is
+  // 1 MB on the wire but 64 MB as Values: such a message is refused (a
+  // LimitError on both sides) instead of costing tens of times its size.
+  // Numbers in bulk belong in an Array (a std::vector of numbers becomes
+  // one), which costs what it weighs.
+  std::uint32_t maxExpansion = 8;
 };
+
+inline constexpr std::size_t kMinDecodedBudget = 1u << 20;
 
 inline constexpr std::uint32_t kMaxFdsPerMessage = 253;  // Linux's SCM_MAX_FD
 

@@ -90,8 +90,6 @@
 #include <unordered_map>
 #include <utility>
 
-#include <spdlog/logger.h>
-
 #include "forklift/call_future.hpp"
 #include "forklift/channel.hpp"
 #include "forklift/error.hpp"
@@ -99,6 +97,12 @@
 #include "forklift/message.hpp"
 #include "forklift/reply.hpp"
 #include "forklift/timeout.hpp"
+
+// spdlog stays out of this header (it is most of a small file's compile
+// time): to log through logger(), include forklift/log.hpp.
+namespace spdlog {
+class logger;
+}
 
 namespace forklift {
 
@@ -210,7 +214,8 @@ class MessageProcess {
   // "MyProcess.my-process" once started.
   const std::string& fullName() const noexcept { return fullName_; }
   const ProcessOptions& options() const noexcept { return options_; }
-  // This side's logger (frontend or backend, whichever calls).
+  // This side's logger (frontend or backend, whichever calls); its methods
+  // need forklift/log.hpp.
   spdlog::logger& logger();
 
   // For event loops (the Manager): the command channel, readable when

@@ -202,6 +202,13 @@ class Value {
   enum class Kind : std::uint8_t { Nil, Bool, Int, Double, String, Bytes, List, Map, Array, Fd };
 
   Value() noexcept = default;
+  // Out of line: copying and destroying the variant of every kind is code
+  // each user file would otherwise compile again (build time).
+  Value(const Value&);
+  Value(Value&&) noexcept;
+  Value& operator=(const Value&);
+  Value& operator=(Value&&) noexcept;
+  ~Value();
   Value(std::nullptr_t) noexcept {}
   Value(bool b) noexcept : v_(b) {}
   template <class I>
