@@ -98,6 +98,9 @@ def forklift_figures(reps, env):
     add("start_ready", "forklift", "median", time_us(proc, "BM_StartUntilReady"), "us")
     add("start_ready", "limit:fork", "median", time_us(proc, "BM_ForkUntilReady"), "us")
     add("stop", "forklift", "median", time_us(proc, "BM_StopIdle"), "us")
+    # The live counters' cost per message (one frame out and one in), in µs
+    # like the round trip it is part of.
+    add("metrics_per_msg", "forklift", "median", time_us(proc, "BM_MetricsPerMessage"), "us")
 
     shm, _ = run_gbench("shm_bench", reps, env)
     for kib in SIZES_KIB:
@@ -108,6 +111,12 @@ def forklift_figures(reps, env):
         add(fig, "forklift-4arrays", "median", median_of(shm, f"BM_ShmHandoff4/{kib}", "GBps_p50"), "GB/s")
         add(fig, "limit:fill-then-read", "median", median_of(shm, f"BM_FillThenReadHeap/{kib}", "GBps_p50"), "GB/s")
         add(fig, "limit:memcpy", "median", median_of(shm, f"BM_Memcpy/{kib}", "GBps_p50"), "GB/s")
+    # Creating (and destroying) a 1 MiB array, anonymous and named, beside a
+    # bare memfd of the same size.
+    add("create_1MiB_anonymous", "forklift", "median", time_us(shm, "BM_CreateArray1MiB/0"), "us")
+    add("create_1MiB_named", "forklift", "median", time_us(shm, "BM_CreateArray1MiB/1"), "us")
+    for fig in ("create_1MiB_anonymous", "create_1MiB_named"):
+        add(fig, "limit:memfd", "median", time_us(shm, "BM_RawMemfd1MiB"), "us")
 
     mgr, _ = run_gbench("manager_bench", reps, env)
     for n in (1, 8, 64):
@@ -136,12 +145,14 @@ def peer_figures(cpus, same_cpu):
 
 LOWER_IS_BETTER = {"us"}
 ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "call_threads_1:median", "call_threads_4:median",
-        "start_ready:median", "stop:median"] + \
+        "start_ready:median", "stop:median", "metrics_per_msg:median"] + \
        [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + \
        [f"handoff_{SIZE_NAMES[k]}:median:4arrays" for k in SIZES_KIB] + \
+       ["create_1MiB_anonymous:median", "create_1MiB_named:median"] + \
        ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
 LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "call_threads_1": "limit:socketpair",
             "start_ready": "limit:fork",
+            "create_1MiB_anonymous": "limit:memfd", "create_1MiB_named": "limit:memfd",
             **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB}}
 
 
@@ -159,6 +170,8 @@ def fmt(v, unit):
         return f"{v / 1e3:,.0f} k"
     if unit == "GB/s":
         return f"{v:.2f}"
+    if v < 1:
+        return f"{v:.3f}"
     return f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
 
 
@@ -191,6 +204,11 @@ def table(results):
                      f"{fmt_ratio(speed_ratio(v(fk), v(lim), unit))} | {fmt(v(py), unit)} | "
                      f"{fmt_ratio(speed_ratio(v(fk), v(py), unit))} | {fmt(v(ix), unit)} | "
                      f"{fmt_ratio(speed_ratio(v(fk), v(ix), unit))} |")
+        if fig == "metrics_per_msg":
+            rtt = by.get(("rtt_small", "median", "forklift"))
+            if rtt and fk["value"]:
+                share = 100.0 * 2 * fk["value"] / rtt["value"]  # a call is two messages
+                lines.append(f"| metrics share of one call (rtt_small) | % | {share:.2f} % | — | — | — | — | — | — |")
         if fig == "call_threads_4":
             one = by.get(("call_threads_1", "median", "forklift"))
             ratio = speed_ratio(v(fk), v(one), unit)

@@ -15,7 +15,9 @@
 //
 //   build/bench/shm_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -203,6 +205,35 @@ void BM_FillThenReadShm(benchmark::State& state) {
   fillThenRead(state, array.matrix(), bytes);
 }
 BENCHMARK(BM_FillThenReadShm)->Arg(64)->Arg(1024)->Arg(16384)->Arg(131072)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+// Creating and destroying a 1 MiB array: Arg 0 anonymous (the default, a
+// sealed memfd), Arg 1 named (/dev/shm). Every page is reserved at create.
+void BM_CreateArray1MiB(benchmark::State& state) {
+  pinTo(placement().frontend);
+  const bool named = state.range(0) == 1;
+  for (auto _ : state) {
+    auto a = forklift::ShmArray<double>::create(named ? forklift::ShmName::named("create") : forklift::ShmName("create"),
+                                                kKiB * 1024 / static_cast<std::int64_t>(sizeof(double)));
+    benchmark::DoNotOptimize(a.data());
+  }
+  state.SetLabel(named ? "named" : "anonymous");
+}
+BENCHMARK(BM_CreateArray1MiB)->Arg(0)->Arg(1)->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+// The limit: a bare memfd of 1 MiB, pages reserved, mapped and unmapped.
+void BM_RawMemfd1MiB(benchmark::State& state) {
+  pinTo(placement().frontend);
+  constexpr std::size_t kBytes = 1u << 20;
+  for (auto _ : state) {
+    const int fd = ::memfd_create("raw", MFD_CLOEXEC);
+    if (fd < 0 || ::posix_fallocate(fd, 0, kBytes) != 0) state.SkipWithError("memfd");
+    void* p = ::mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    benchmark::DoNotOptimize(p);
+    ::munmap(p, kBytes);
+    ::close(fd);
+  }
+}
+BENCHMARK(BM_RawMemfd1MiB)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

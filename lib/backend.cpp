@@ -8,6 +8,7 @@
 #include <span>
 
 #include "control.hpp"
+#include "metrics.hpp"
 #include "posix.hpp"
 
 namespace forklift {
@@ -117,6 +118,7 @@ void Backend::sendOut(const Message& m) {
 }
 
 void Backend::reportFailure(const std::string& command, const std::string& error) {
+  countError();
   if (frontendGone_) return;
   try {
     enqueue(outWriter_, Message(std::string(control::kCommandError), {{"command", command}, {"error", error}}));
@@ -126,6 +128,7 @@ void Backend::reportFailure(const std::string& command, const std::string& error
 }
 
 void Backend::answer(std::uint64_t id, bool ok, Value v, const std::string& error) {
+  if (!ok) countError();
   if (frontendGone_) return;
   Message m(std::string(ok ? control::kOk : control::kError));
   if (ok)
@@ -355,6 +358,7 @@ void Backend::onCommandReadable() {
 
 // A frame that came whole but was refused: its caller hears why at once.
 void Backend::refuse(const Error& e, const std::string& command, std::uint64_t id) {
+  if (!id) countError();  // answer() counts the others
   const std::string why = config_.who + ": refused " + (command.empty() ? "a message" : "'" + command + "'") + ": " + e.what();
   log().error("{}", why);
   if (id)

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "metrics.hpp"
 #include "posix.hpp"
 
 namespace forklift {
@@ -105,6 +106,7 @@ void frame(const Message& m, Buffer& out, const Limits& limits, std::vector<int>
   char* h = out.data() + start;
   h[3] = static_cast<char>(fds ? fds->size() - fdStart : 0);
   for (int i = 0; i < 4; ++i) h[4 + i] = static_cast<char>((body >> (8 * i)) & 0xff);
+  detail::countMessageOut();
 }
 
 }  // namespace
@@ -336,6 +338,7 @@ std::optional<Message> Channel::takeFrame() {
     refuseFds(body, len, nfds, got, truncated);
   }
   Message m = decode(body, len, limits_, std::move(fds));
+  detail::countMessageIn();
   if (rend_ == 0 && rbuf_.size() > kKeepRecvBuffer) std::vector<char>().swap(rbuf_);
   return m;
 }

@@ -19,6 +19,7 @@
 #include <spdlog/logger.h>
 
 #include "forklift/error.hpp"
+#include "metrics.hpp"
 #include "posix.hpp"
 #include "proc_title.hpp"
 #include "threads.hpp"
@@ -247,6 +248,7 @@ void setUpChild(const ChildSetup& setup, pid_t parent) {
   for (int fd : g_frontendFds) ::close(fd);
   g_frontendFds.clear();
   setProcessTitle(setup.comm, setup.title);
+  setMetricsIdentity("backend", setup.title);
   sigset_t none;
   sigemptyset(&none);
   ::pthread_sigmask(SIG_SETMASK, &none, nullptr);

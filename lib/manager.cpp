@@ -6,6 +6,7 @@
 
 #include "forklift/log.hpp"
 #include "loop_sources.hpp"
+#include "metrics.hpp"
 
 namespace forklift {
 
@@ -247,6 +248,7 @@ void Manager::handleExit(MessageProcess& worker, const ExitStatus& status) {
 int Manager::run() {
   if (ran_) throw Error("Manager::run: a manager runs once");
   ran_ = true;
+  detail::setMetricsIdentity("manager", "");
   startProcesses();
   for (auto& w : workers_) attach(*w);
   startThreads();

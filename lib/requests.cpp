@@ -9,6 +9,7 @@
 
 #include "child.hpp"
 #include "control.hpp"
+#include "metrics.hpp"
 #include "posix.hpp"
 
 namespace forklift {
@@ -159,6 +160,7 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
                        std::to_string(timeout.count()) + " ms: another thread's send still holds the channel");
   s->id = ++nextId_;
   m.setId(s->id);
+  countCall();
   {
     // Checked under the lock that close() takes: a call registered after
     // the close would never complete.
@@ -328,6 +330,7 @@ void Requests::readTurn(const Deadline& d, Read how) {
       if (m->command() == control::kOk) {
         complete(*it->second, CallResult(m->get<Value>("value", Value())), ready);
       } else {
+        countError();
         complete(*it->second,
                  CallResult(std::make_exception_ptr(RemoteError(m->get<std::string>("error", "unknown remote error")))),
                  ready);

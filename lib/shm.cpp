@@ -2,7 +2,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <time.h>
@@ -13,8 +15,11 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 
 #include <boost/interprocess/exceptions.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
@@ -74,13 +79,20 @@ std::string humanBytes(std::uint64_t n) {
   throw Error(what + ": " + e.what());
 }
 
-[[noreturn]] void throwNoSpace(const std::string& name, std::uint64_t total) {
+std::optional<std::uint64_t> availableMemory();
+
+// `where` is kShmDir for a named segment, "memory" for an anonymous one.
+[[noreturn]] void throwNoSpace(const std::string& name, std::uint64_t total, std::string_view where) {
   std::string free = "an unknown amount";
-  struct statvfs st {};
-  if (::statvfs(kShmDir, &st) == 0)
-    free = humanBytes(static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize);
-  throw SystemError(ENOSPC, "cannot reserve " + std::to_string(total) + " bytes (" + humanBytes(total) +
-                                ") for " + segmentWhat(name) + ", " + kShmDir + " has " + free + " free");
+  if (where == kShmDir) {
+    struct statvfs st {};
+    if (::statvfs(kShmDir, &st) == 0) free = humanBytes(static_cast<std::uint64_t>(st.f_bavail) * st.f_frsize);
+  } else if (const auto avail = availableMemory()) {
+    free = humanBytes(*avail);
+  }
+  const std::string place = where == kShmDir ? std::string(kShmDir) + " has " : "the machine has ";
+  throw SystemError(ENOSPC, "cannot reserve " + std::to_string(total) + " bytes (" + humanBytes(total) + ") for " +
+                                segmentWhat(name) + ", " + place + free + (where == kShmDir ? " free" : " available"));
 }
 
 // Bytes of `shape` elements of `elemSize` bytes; nullopt when a dimension is
@@ -113,7 +125,7 @@ void contiguousStrides(const std::int64_t* shape, std::size_t rank, Layout layou
   }
 }
 
-bool kindValid(std::uint8_t kind) noexcept { return kind <= static_cast<std::uint8_t>(ShmKind::Array); }
+bool kindValid(std::uint8_t kind) noexcept { return kind <= static_cast<std::uint8_t>(ShmKind::Ring); }
 
 std::string shapeText(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
@@ -212,6 +224,76 @@ std::uint64_t newGeneration() noexcept {
          static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
 }
 
+
+// The anonymous segments this process holds, by label, so that a backend
+// forked after their creation opens them by label as it would a name. Each
+// SharedMemory object registers its own descriptor while it holds it; a
+// forked child inherits both the descriptors and this table.
+class AnonymousSegments {
+ public:
+  static AnonymousSegments& instance() {
+    static AnonymousSegments* table = [] {
+      auto* t = new AnonymousSegments;  // never destroyed: destructors of other statics may still use it
+      // The table's lock must not be held by another thread across a fork,
+      // or the child could never open a segment.
+      ::pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                       [] { instance().mutex_.unlock(); });
+      return t;
+    }();
+    return *table;
+  }
+
+  void add(const std::string& label, int fd) {
+    std::lock_guard lock(mutex_);
+    fds_.emplace(label, fd);
+  }
+  void remove(const std::string& label, int fd) noexcept {
+    std::lock_guard lock(mutex_);
+    auto [first, last] = fds_.equal_range(label);
+    for (auto it = first; it != last; ++it)
+      if (it->second == fd) {
+        fds_.erase(it);
+        return;
+      }
+  }
+  // A descriptor of its own for `label`, or an empty one. Duplicated under
+  // the lock, so the registered one cannot be closed in between.
+  detail::UniqueFd duplicate(const std::string& label) const noexcept {
+    std::lock_guard lock(mutex_);
+    auto it = fds_.find(label);
+    if (it == fds_.end()) return {};
+    return detail::UniqueFd(::fcntl(it->second, F_DUPFD_CLOEXEC, 0));
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::multimap<std::string, int> fds_;
+};
+
+constexpr int kSizeSeals = F_SEAL_SHRINK | F_SEAL_GROW;
+
+// Boost maps anything that hands out a mapping handle; a memfd is one.
+struct FdMappable {
+  int fd;
+  ipc::mapping_handle_t get_mapping_handle() const noexcept {
+    ipc::mapping_handle_t h;
+    h.handle = fd;
+    h.is_xsi = false;
+    return h;
+  }
+};
+
+// MemAvailable from /proc/meminfo, in bytes; nullopt if it cannot be read.
+std::optional<std::uint64_t> availableMemory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  std::uint64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return std::nullopt;
+}
+
 }  // namespace
 
 const char* layoutName(Layout l) noexcept {
@@ -222,15 +304,17 @@ const char* shmKindName(ShmKind k) noexcept {
   switch (k) {
     case ShmKind::Bytes: return "bytes";
     case ShmKind::Array: return "array";
+    case ShmKind::Ring: return "ring";
   }
   return "unknown";
 }
 
-std::string makeShmName(std::string_view hint) {
-  // A 7-digit pid (Linux's limit) and a counter kept under 10^15 leave the
-  // name within 30 characters even before the hint.
+std::string makeShmName(std::string_view hint, std::string_view prefix) {
+  // A prefix of at most 5 characters, a 7-digit pid (Linux's limit) and a
+  // counter kept under 10^15 leave the name within 30 characters even
+  // before the hint.
   const std::uint64_t n = nameCounter.fetch_add(1, std::memory_order_relaxed) % 1000000000000000ull;
-  std::string name = std::string(kShmNamePrefix) + std::to_string(::getpid()) + "." + std::to_string(n);
+  std::string name = std::string(prefix.substr(0, 5)) + std::to_string(::getpid()) + "." + std::to_string(n);
   if (!hint.empty() && name.size() + 1 < kShmMaxNameLength) {
     name += '.';
     const std::size_t room = kShmMaxNameLength - name.size();
@@ -262,19 +346,25 @@ void checkShmName(std::string_view name) {
 
 // ---------------------------------------------------------------- SharedMemory
 
-SharedMemory::SharedMemory(create_only_t, const ShmName& name, std::size_t bytes) {
-  create(name, 0, {static_cast<std::int64_t>(bytes)}, Layout::RowMajor);
+SharedMemory::SharedMemory(create_only_t, const ShmName& name, std::size_t bytes)
+    : SharedMemory(create_only, name, ShmKind::Bytes, bytes) {}
+
+SharedMemory::SharedMemory(create_only_t, const ShmName& name, ShmKind kind, std::size_t bytes) {
+  if (kind == ShmKind::Array || !kindValid(static_cast<std::uint8_t>(kind)))
+    throw TypeError(std::string("shared memory: raw segments cannot be of kind ") + shmKindName(kind) +
+                    " (an array takes an element type and a shape)");
+  create(name, kind, 0, {static_cast<std::int64_t>(bytes)}, Layout::RowMajor);
 }
 
 SharedMemory::SharedMemory(create_only_t, const ShmName& name, DType dtype, const std::vector<std::int64_t>& shape,
                            Layout layout) {
   if (!dtypeValid(static_cast<std::uint8_t>(dtype)))
     throw TypeError("shared memory: invalid element type " + std::to_string(static_cast<int>(dtype)));
-  create(name, static_cast<std::uint8_t>(dtype), shape, layout);
+  create(name, ShmKind::Array, static_cast<std::uint8_t>(dtype), shape, layout);
 }
 
-void SharedMemory::create(const ShmName& hintOrName, std::uint8_t dtype, const std::vector<std::int64_t>& shape,
-                          Layout layout) {
+void SharedMemory::create(const ShmName& hintOrName, ShmKind kind, std::uint8_t dtype,
+                          const std::vector<std::int64_t>& shape, Layout layout) {
   if (hintOrName.isExact()) checkShmName(hintOrName.text());
   if (shape.size() > detail::kShmMaxRank)
     throw LimitError("shared memory: rank " + std::to_string(shape.size()) + " exceeds the maximum " +
@@ -284,7 +374,75 @@ void SharedMemory::create(const ShmName& hintOrName, std::uint8_t dtype, const s
     throw LimitError("shared memory: shape " + shapeText(shape) + " has a negative dimension or is too large to map");
   const std::uint64_t total = sizeof(ShmHeader) + *payload;
 
+  if (hintOrName.isAnonymous()) {
+    name_ = makeShmName(hintOrName.text(), kShmAnonymousPrefix);
+    createAnonymous(total);
+  } else {
+    createNamed(hintOrName, total);
+  }
+
+  // Fresh pages read as zero, so only the used fields need writing.
+  ShmHeader& h = header_;
+  h = ShmHeader{};
+  h.version = detail::kShmVersion;
+  h.headerBytes = sizeof(ShmHeader);
+  h.dtype = dtype;
+  h.rank = static_cast<std::uint8_t>(shape.size());
+  h.layout = static_cast<std::uint8_t>(layout);
+  h.kind = static_cast<std::uint8_t>(kind);
+  h.payloadBytes = *payload;
+  h.creatorPid = ::getpid();
+  h.generation = newGeneration();
+  std::copy(shape.begin(), shape.end(), h.shape);
+  contiguousStrides(h.shape, h.rank, layout, h.strides);
+
+  base_ = region_.get_address();
+  auto* mapped = static_cast<ShmHeader*>(base_);
+  std::memcpy(reinterpret_cast<char*>(mapped) + sizeof h.magic, reinterpret_cast<const char*>(&h) + sizeof h.magic,
+              sizeof h - sizeof h.magic);
+  // Magic last, with release: an opener that sees it sees the whole header.
+  std::atomic_ref<std::uint64_t>(mapped->magic).store(detail::kShmMagic, std::memory_order_release);
+  h.magic = detail::kShmMagic;
+
+  payload_ = static_cast<char*>(base_) + h.headerBytes;
+  owner_ = static_cast<pid_t>(h.creatorPid);
+  if (fd_) AnonymousSegments::instance().add(name_, fd_.get());
+}
+
+// Reserves every page of `fd` now: after a plain ftruncate a full tmpfs
+// shows up as SIGBUS at the first write to a missing page.
+void SharedMemory::reserve(int fd, std::uint64_t total, const std::string& where) {
+  int err;
+  do {
+    err = detail::shmFallocate(fd, 0, static_cast<off_t>(total));
+  } while (err == EINTR);
+  if (err == ENOSPC) throwNoSpace(name_, total, where);
+  if (err != 0) throw SystemError(err, "cannot reserve " + std::to_string(total) + " bytes for " + segmentWhat(name_));
+}
+
+void SharedMemory::createAnonymous(std::uint64_t total) {
+  // The memfd lives on the kernel's internal tmpfs, which has no size
+  // limit: without this check a huge segment would take every free page
+  // (and wake the OOM killer) before fallocate failed.
+  if (const auto avail = availableMemory(); avail && total > *avail) throwNoSpace(name_, total, "memory");
+  detail::UniqueFd fd(::memfd_create(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd) detail::throwErrno("cannot create " + segmentWhat(name_) + " (memfd_create)");
+  if (::fchmod(fd.get(), kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name_));
+  reserve(fd.get(), total, "memory");
+  // Sealed before anyone else can see it, so no holder can ever resize it.
+  if (::fcntl(fd.get(), F_ADD_SEALS, kSizeSeals | F_SEAL_SEAL) != 0)
+    detail::throwErrno("cannot seal " + segmentWhat(name_));
+  try {
+    region_ = ipc::mapped_region(FdMappable{fd.get()}, ipc::read_write, 0, static_cast<std::size_t>(total));
+  } catch (const ipc::interprocess_exception& e) {
+    throwBoost(e, "cannot map " + segmentWhat(name_));
+  }
+  fd_ = std::move(fd);
+}
+
+void SharedMemory::createNamed(const ShmName& hintOrName, std::uint64_t total) {
   std::string name = hintOrName.isExact() ? hintOrName.text() : makeShmName(hintOrName.text());
+  name_ = name;
 
   // Refuse at once what cannot fit: posix_fallocate would first take the
   // free pages one by one, squeezing every other user of /dev/shm, before
@@ -292,7 +450,7 @@ void SharedMemory::create(const ShmName& hintOrName, std::uint8_t dtype, const s
   struct statvfs vfs {};
   if (::statvfs(kShmDir, &vfs) == 0 && vfs.f_blocks > 0 &&
       total > static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize)
-    throwNoSpace(name, total);
+    throwNoSpace(name_, total, kShmDir);
 
   ipc::shared_memory_object shm;
   for (int attempt = 0;; ++attempt) {
@@ -304,6 +462,7 @@ void SharedMemory::create(const ShmName& hintOrName, std::uint8_t dtype, const s
       // a stale segment for `forklift-shm clean`. Take the next number.
       if (!hintOrName.isExact() && e.get_native_error() == EEXIST && attempt < 100) {
         name = makeShmName(hintOrName.text());
+        name_ = name;
         continue;
       }
       throwBoost(e, "cannot create " + segmentWhat(name));
@@ -323,54 +482,26 @@ void SharedMemory::create(const ShmName& hintOrName, std::uint8_t dtype, const s
   // Boost fchmods after shm_open too (to undo the umask) but ignores a
   // failure; mode 0600 is part of our contract, so check it.
   if (::fchmod(fd, kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name));
-
-  // Reserve every page now: after a plain ftruncate a full /dev/shm shows up
-  // as SIGBUS at the first write to a missing page.
-  int err;
-  do {
-    err = detail::shmFallocate(fd, 0, static_cast<off_t>(total));
-  } while (err == EINTR);
-  if (err == ENOSPC) throwNoSpace(name, total);
-  if (err != 0)
-    throw SystemError(err, "cannot reserve " + std::to_string(total) + " bytes for " + segmentWhat(name));
-
+  reserve(fd, total, kShmDir);
   try {
     region_ = ipc::mapped_region(shm, ipc::read_write, 0, static_cast<std::size_t>(total));
   } catch (const ipc::interprocess_exception& e) {
     throwBoost(e, "cannot map " + segmentWhat(name));
   }
-
-  // Fresh pages read as zero, so only the used fields need writing.
-  ShmHeader& h = header_;
-  h = ShmHeader{};
-  h.version = detail::kShmVersion;
-  h.headerBytes = sizeof(ShmHeader);
-  h.dtype = dtype;
-  h.rank = static_cast<std::uint8_t>(shape.size());
-  h.layout = static_cast<std::uint8_t>(layout);
-  h.kind = static_cast<std::uint8_t>(dtype == 0 ? ShmKind::Bytes : ShmKind::Array);
-  h.payloadBytes = *payload;
-  h.creatorPid = ::getpid();
-  h.generation = newGeneration();
-  std::copy(shape.begin(), shape.end(), h.shape);
-  contiguousStrides(h.shape, h.rank, layout, h.strides);
-
-  base_ = region_.get_address();
-  auto* mapped = static_cast<ShmHeader*>(base_);
-  std::memcpy(reinterpret_cast<char*>(mapped) + sizeof h.magic, reinterpret_cast<const char*>(&h) + sizeof h.magic,
-              sizeof h - sizeof h.magic);
-  // Magic last, with release: an opener that sees it sees the whole header.
-  std::atomic_ref<std::uint64_t>(mapped->magic).store(detail::kShmMagic, std::memory_order_release);
-  h.magic = detail::kShmMagic;
-
-  payload_ = static_cast<char*>(base_) + h.headerBytes;
-  name_ = name;
-  owner_ = static_cast<pid_t>(h.creatorPid);
   guard.done = true;
 }
 
 SharedMemory::SharedMemory(open_only_t, const std::string& name) {
   checkShmName(name);
+  if (auto fd = AnonymousSegments::instance().duplicate(name)) {
+    openFd(std::move(fd), name);
+    return;
+  }
+  if (name.rfind(kShmAnonymousPrefix, 0) == 0)
+    throw SystemError(ENOENT, "cannot open " + segmentWhat(name) +
+                                  ": it is anonymous, and this process does not hold it (only processes forked "
+                                  "from its creator after it was made do); send its descriptor() or describe() in "
+                                  "a message instead, or create it with ShmName::named for processes outside the tree");
   ipc::shared_memory_object shm;
   try {
     shm = ipc::shared_memory_object(ipc::open_only, name.c_str(), ipc::read_write);
@@ -379,28 +510,109 @@ SharedMemory::SharedMemory(open_only_t, const std::string& name) {
   }
   ipc::offset_t size = 0;
   if (!shm.get_size(size)) detail::throwErrno("cannot read the size of " + segmentWhat(name));
-  if (size < static_cast<ipc::offset_t>(sizeof(ShmHeader)))
-    throw ShmFormatError(segmentWhat(name) + " is " + std::to_string(size) +
-                         " bytes, too short for a forklift header (" + std::to_string(sizeof(ShmHeader)) +
-                         " bytes)");
+  checkSize(static_cast<std::uint64_t>(size), name);
   try {
     region_ = ipc::mapped_region(shm, ipc::read_write, 0, static_cast<std::size_t>(size));
   } catch (const ipc::interprocess_exception& e) {
     throwBoost(e, "cannot map " + segmentWhat(name));
   }
+  adoptMapping(static_cast<std::uint64_t>(size), name);
+}
+
+SharedMemory::SharedMemory(open_only_t, const Value& descriptor) {
+  const Map* m = descriptor.getIf<Map>();
+  if (!m) throw TypeError("shared memory descriptor: " + descriptor.typeName() + " found, map wanted");
+  const auto field = [&](const char* key) -> const Value* {
+    for (const auto& [k, v] : *m)
+      if (k == key) return &v;
+    return nullptr;
+  };
+  const Value* nameField = field("name");
+  const std::string* nameText = nameField ? nameField->getIf<std::string>() : nullptr;
+  if (!nameText) throw TypeError("shared memory descriptor: no string field 'name'");
+  const std::string name = *nameText;
+  const std::string where = "shared memory descriptor of '" + name + "'";
+  std::optional<std::uint64_t> generation;
+  if (const Value* g = field("generation")) {
+    try {
+      generation = static_cast<std::uint64_t>(g->as<std::int64_t>());
+    } catch (const TypeError& e) {
+      throw TypeError(where + ": field 'generation': " + e.what());
+    }
+  }
+  if (const Value* f = field("fd")) {
+    const Fd* carried = f->getIf<Fd>();
+    if (!carried) throw TypeError(where + ": field 'fd' is " + f->typeName() + ", not a descriptor");
+    if (!carried->valid())
+      throw TypeError(where + ": its descriptor is empty (taken already, or the message could not carry it)");
+    detail::UniqueFd own(::fcntl(carried->get(), F_DUPFD_CLOEXEC, 0));
+    if (!own) detail::throwErrno("cannot duplicate the descriptor of " + segmentWhat(name));
+    openFd(std::move(own), name);
+  } else {
+    *this = SharedMemory(open_only, name);
+  }
+  // A re-created name may differ in anything else.
+  if (generation && *generation != header_.generation)
+    throw ShmFormatError(segmentWhat(name) + " was re-created after the descriptor was made (generation " +
+                         std::to_string(header_.generation) + ", the descriptor says " + std::to_string(*generation) +
+                         ")");
+}
+
+// Maps an anonymous segment from a descriptor of its own.
+void SharedMemory::openFd(detail::UniqueFd fd, const std::string& name) {
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) detail::throwErrno("cannot read the size of " + segmentWhat(name));
+  if (!S_ISREG(st.st_mode)) throw ShmFormatError(segmentWhat(name) + ": its descriptor is not a memory file");
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  // Checked before mapping: an unsealed file could shrink under us later.
+  if (seals < 0 || (seals & kSizeSeals) != kSizeSeals)
+    throw ShmFormatError(segmentWhat(name) +
+                         " is not sealed against resizing (F_SEAL_SHRINK | F_SEAL_GROW): a holder could truncate it "
+                         "and turn a read into SIGBUS");
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+  checkSize(size, name);
+  try {
+    region_ = ipc::mapped_region(FdMappable{fd.get()}, ipc::read_write, 0, static_cast<std::size_t>(size));
+  } catch (const ipc::interprocess_exception& e) {
+    throwBoost(e, "cannot map " + segmentWhat(name));
+  }
+  adoptMapping(size, name);
+  fd_ = std::move(fd);
+  AnonymousSegments::instance().add(name_, fd_.get());
+}
+
+void SharedMemory::checkSize(std::uint64_t size, const std::string& name) {
+  if (size < sizeof(ShmHeader))
+    throw ShmFormatError(segmentWhat(name) + " is " + std::to_string(size) +
+                         " bytes, too short for a forklift header (" + std::to_string(sizeof(ShmHeader)) +
+                         " bytes)");
+}
+
+// Validates the header of the segment just mapped into region_.
+void SharedMemory::adoptMapping(std::uint64_t size, const std::string& name) {
   auto* mapped = static_cast<ShmHeader*>(region_.get_address());
   const std::uint64_t magic = std::atomic_ref<std::uint64_t>(mapped->magic).load(std::memory_order_acquire);
   // Validate a private copy: the peer could scribble on the mapped header
   // later, and every size we derive must stay the one we checked.
   std::memcpy(&header_, mapped, sizeof header_);
-  validateHeader(header_, magic, static_cast<std::uint64_t>(size), name);
+  validateHeader(header_, magic, size, name);
   base_ = mapped;
   payload_ = static_cast<char*>(base_) + header_.headerBytes;
   name_ = name;
 }
 
+Value SharedMemory::descriptor() const {
+  if (!valid()) throw Error("cannot describe an empty SharedMemory");
+  Map m{{"name", name_},
+        {"kind", shmKindName(kind())},
+        {"generation", static_cast<std::int64_t>(header_.generation)}};
+  if (fd_) m.emplace_back("fd", Fd::dup(fd_.get()));
+  return m;
+}
+
 SharedMemory::SharedMemory(SharedMemory&& o) noexcept
     : name_(std::move(o.name_)),
+      fd_(std::move(o.fd_)),
       header_(o.header_),
       base_(std::exchange(o.base_, nullptr)),
       payload_(std::exchange(o.payload_, nullptr)),
@@ -415,6 +627,7 @@ SharedMemory& SharedMemory::operator=(SharedMemory&& o) noexcept {
     reset();
     name_ = std::move(o.name_);
     o.name_.clear();
+    fd_ = std::move(o.fd_);
     header_ = std::exchange(o.header_, ShmHeader{});
     region_.swap(o.region_);
     base_ = std::exchange(o.base_, nullptr);
@@ -429,7 +642,12 @@ SharedMemory::~SharedMemory() { reset(); }
 void SharedMemory::reset() noexcept {
   // A failed remove leaves a stale name that `forklift-shm clean` finds; a
   // destructor has no better way to report it.
-  if (owns()) remove(name_);
+  if (fd_) {
+    AnonymousSegments::instance().remove(name_, fd_.get());
+    fd_.reset();
+  } else if (owns()) {
+    remove(name_);
+  }
   ipc::mapped_region().swap(region_);
   name_.clear();
   header_ = ShmHeader{};
@@ -464,7 +682,7 @@ std::string SharedMemory::describe() const { return describeFormat(dtype(), shap
 pid_t SharedMemory::currentPid() noexcept { return ::getpid(); }
 
 bool SharedMemory::remove(const std::string& name) noexcept {
-  if (!nameValid(name)) {
+  if (!nameValid(name) || name.rfind(kShmAnonymousPrefix, 0) == 0) {
     errno = EINVAL;
     return false;
   }

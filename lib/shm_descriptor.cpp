@@ -38,10 +38,11 @@ Value describeArraySegment(const SharedMemory& shm, const char* view) {
   }
   m.emplace_back("layout", layoutName(shm.layout()));
   m.emplace_back("generation", static_cast<std::int64_t>(shm.generation()));
+  if (shm.anonymous()) m.emplace_back("fd", Fd::dup(shm.fd()));
   return m;
 }
 
-DescriptorReader::DescriptorReader(const Value& v) : where_("shared memory descriptor") {
+DescriptorReader::DescriptorReader(const Value& v) : value_(v), where_("shared memory descriptor") {
   map_ = v.getIf<Map>();
   if (!map_) fail(v.typeName() + " found, map wanted");
   name_ = get<std::string>("name");
@@ -56,20 +57,19 @@ const Value* DescriptorReader::find(const char* key) const {
 
 void DescriptorReader::fail(const std::string& what) const { throw TypeError(where_ + ": " + what); }
 
+void DescriptorReader::mismatch(const std::string& what) const { throw ShmFormatError(where_ + ": " + what); }
+
 SharedMemory DescriptorReader::open(DType dtype, Layout layout, bool checkLayout, const char* view) const {
   const auto dtypeText = get<std::string>("dtype");
-  if (dtypeText != dtypeName(dtype)) fail("dtype " + dtypeText + ", this " + view + " holds " + dtypeName(dtype));
+  if (dtypeText != dtypeName(dtype))
+    mismatch("dtype " + dtypeText + ", this " + view + " holds " + dtypeName(dtype));
   const auto layoutText = get<std::string>("layout");
   if (checkLayout && layoutText != layoutName(layout))
-    fail("layout " + layoutText + ", this " + view + " is " + layoutName(layout));
-  const auto generation = getOptional<std::int64_t>("generation");
+    mismatch("layout " + layoutText + ", this " + view + " is " + layoutName(layout));
 
-  SharedMemory shm(open_only, name_);
-  // First: a re-created segment may differ in anything else.
-  if (generation && static_cast<std::uint64_t>(*generation) != shm.generation())
-    throw ShmFormatError(segmentWhat(name_) + " was re-created after the descriptor was made (generation " +
-                         std::to_string(shm.generation()) + ", the descriptor says " + std::to_string(*generation) +
-                         ")");
+  // Checks the generation first: a re-created segment may differ in
+  // anything else.
+  SharedMemory shm(open_only, value_);
   checkElementType(shm, dtype);
   return shm;
 }

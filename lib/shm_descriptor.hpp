@@ -2,8 +2,9 @@
 //
 // Both typed views open the same kind of segment (ShmKind::Array) and travel
 // as the same descriptor Value, {name, dtype, shape, [rows, cols,] layout,
-// generation}; rows and cols are there for rank 1 and 2 only, so that a
-// matrix view opens the descriptor of any array it can see. The checks and
+// generation, [fd]}; rows and cols are there for rank 1 and 2 only, so that
+// a matrix view opens the descriptor of any array it can see, and fd (the
+// memfd) for anonymous segments only. The checks and
 // the descriptor reading live here once, and every error names the segment.
 #pragma once
 
@@ -35,7 +36,8 @@ Value describeArraySegment(const SharedMemory& shm, const char* view);
 // Descriptor fields; `where` names the descriptor in every message.
 class DescriptorReader {
  public:
-  // Throws TypeError unless `v` is a map with a string "name".
+  // Throws TypeError unless `v` is a map with a string "name". Keeps a
+  // reference to `v`.
   explicit DescriptorReader(const Value& v);
 
   const std::string& name() const noexcept { return name_; }
@@ -55,12 +57,17 @@ class DescriptorReader {
   }
 
   // Checks the dtype and, when `checkLayout`, the layout fields against the
-  // receiving view (TypeError), then opens the segment, checks its element
-  // type, and that it is the one described (the generation, when the
-  // descriptor has one). The caller checks shape, rank and layout.
+  // receiving view (ShmFormatError), then opens the segment (by its
+  // descriptor or name), checks its element type, and that it is the one
+  // described (the generation, when the descriptor has one). The caller
+  // checks shape, rank and layout.
   SharedMemory open(DType dtype, Layout layout, bool checkLayout, const char* view) const;
 
+  // A malformed descriptor: TypeError.
   [[noreturn]] void fail(const std::string& what) const;
+  // A well-formed descriptor of a segment the receiving view cannot use:
+  // ShmFormatError.
+  [[noreturn]] void mismatch(const std::string& what) const;
 
  private:
   template <class T>
@@ -72,6 +79,7 @@ class DescriptorReader {
     }
   }
 
+  const Value& value_;
   const Map* map_ = nullptr;
   std::string name_;
   std::string where_;

@@ -18,7 +18,7 @@ SharedMemory openDescribedTensor(const Value& descriptor, DType dtype, std::size
   DescriptorReader d(descriptor);
   const auto described = d.get<std::vector<std::int64_t>>("shape");
   if (described.size() != rank)
-    d.fail("shape " + shapeText(described) + " has rank " + std::to_string(described.size()) +
+    d.mismatch("shape " + shapeText(described) + " has rank " + std::to_string(described.size()) +
            ", this ShmTensor has rank " + std::to_string(rank));
   SharedMemory shm = d.open(dtype, layout, rank >= 2, "ShmTensor");
   const auto shape = checkTensorSegment(shm, dtype, rank, layout);

@@ -97,7 +97,9 @@ TYPED_TEST(ShmArrayAcrossFork, BackendReadsWhatFrontendWroteAndBack) {
   ASSERT_EQ(exitCodeOf(waitChild(pid, 10s)), 0);
   for (Eigen::Index i = 0; i < 3; ++i)
     for (Eigen::Index j = 0; j < 5; ++j) EXPECT_EQ(m(i, j), valueAt<T>(i, j, 1)) << i << "," << j;
-  EXPECT_TRUE(exists(name));
+  // Anonymous: nothing in /dev/shm, and the child's exit took nothing away.
+  EXPECT_FALSE(exists(name));
+  EXPECT_EQ((ShmArray<T, L>::open(name).matrix()(2, 4)), (valueAt<T>(2, 4, 1)));
 }
 
 TEST(ShmArray, OneDimensionalArrayIsAColumn) {
@@ -136,7 +138,7 @@ TEST(ShmArray, EmptyAndMovedFromArraysAreEmpty) {
   EXPECT_EQ(none.data(), nullptr);
   EXPECT_EQ(none.size(), 0);
 
-  auto a = ShmArray<float>::create("moved", 2, 2);
+  auto a = ShmArray<float>::create(ShmName::named("moved"), 2, 2);
   const std::string name = a.name();
   ShmArray<float> b = std::move(a);
   EXPECT_FALSE(a.valid());  // NOLINT(bugprone-use-after-move): documented empty state
@@ -205,11 +207,22 @@ TEST(ShmArrayDescriptor, DescribesNameTypeShapeLayoutAndGeneration) {
                     {"cols", 2},
                     {"layout", "column-major"},
                     {"generation", static_cast<std::int64_t>(a.segment().generation())}};
-  EXPECT_EQ(*m, want);
+  ASSERT_EQ(m->size(), want.size() + 1);
+  EXPECT_EQ(Map(m->begin(), m->end() - 1), want);
+  // Anonymous: the descriptor itself, a duplicate of the segment's.
+  EXPECT_EQ(m->back().first, "fd");
+  const Fd* fd = m->back().second.getIf<Fd>();
+  ASSERT_NE(fd, nullptr);
+  EXPECT_TRUE(fd->valid());
+  EXPECT_NE(fd->get(), a.segment().fd());
 }
 
-TEST(ShmArrayDescriptor, RoundTripsThroughAnEncodedMessage) {
-  auto a = ShmArray<std::int16_t>::create("msg", 2, 3);
+TEST(ShmArrayDescriptor, AnAnonymousDescriptorNeedsAChannelANamedOneEncodesAnywhere) {
+  auto anon = ShmArray<std::int16_t>::create("anon", 2, 3);
+  Buffer refused;
+  EXPECT_TRUE(contains(thrown<Error>([&] { encode(Message("frames", {{"array", anon.describe()}}), refused); }),
+                       "only a Channel can carry"));
+  auto a = ShmArray<std::int16_t>::create(ShmName::named("msg"), 2, 3);
   a.matrix() << 1, 2, 3, 4, 5, 6;
   Buffer wire;
   encode(Message("frames", {{"array", a.describe()}}), wire);
@@ -266,9 +279,9 @@ TEST(ShmArrayDescriptor, MalformedDescriptorsAreClearErrors) {
   EXPECT_EQ(thrown<TypeError>([&] { ShmArray<float>::open(without("name")); }),
             "shared memory descriptor: missing field 'name'");
   EXPECT_EQ(thrown<TypeError>([&] { ShmArray<float>::open(without("dtype")); }), where + "missing field 'dtype'");
-  EXPECT_EQ(thrown<TypeError>([&] { ShmArray<double>::open(a.describe()); }),
+  EXPECT_EQ(thrown<ShmFormatError>([&] { ShmArray<double>::open(a.describe()); }),
             where + "dtype float32, this ShmArray holds float64");
-  EXPECT_EQ(thrown<TypeError>([&] { ShmArray<float, Layout::ColMajor>::open(a.describe()); }),
+  EXPECT_EQ(thrown<ShmFormatError>([&] { ShmArray<float, Layout::ColMajor>::open(a.describe()); }),
             where + "layout row-major, this ShmArray is column-major");
   EXPECT_EQ(thrown<TypeError>([&] { ShmArray<float>::open(withField("rows", "three")); }),
             where + "field 'rows': string found, int64 wanted");

@@ -121,10 +121,12 @@ void roundTrip() {
   EXPECT_EQ(m->at(1), (std::pair<std::string, Value>{"dtype", dtypeName(dtypeOf<T>())}));
   EXPECT_EQ(m->at(2).second.template as<std::vector<std::int64_t>>(), toShape(dims));
 
-  Buffer wire;
-  encode(Message("tensor", {{"t", d}}), wire);
-  const Message got = decode(wire.data(), wire.size());
-  auto u = Tensor::open(got.get<Value>("t"));
+  // Through a Channel, which carries the anonymous segment's descriptor.
+  auto [sender, receiver] = Channel::makePair();
+  sender.send(Message("tensor", {{"t", d}}));
+  const auto got = receiver.recv(std::chrono::seconds(5));
+  ASSERT_TRUE(got);
+  auto u = Tensor::open(got->get<Value>("t"));
   EXPECT_EQ(u.name(), t.name());
   EXPECT_EQ(u.dimensions(), dims);
   EXPECT_EQ(u.strides(), t.strides());
@@ -311,12 +313,12 @@ TEST(ShmTensorOpen, ADescriptorIsCheckedAgainstTheReceiverAndTheSegment) {
   // The segment differs from the description: ShmFormatError.
   EXPECT_EQ(thrown<ShmFormatError>([&] { ShmTensor<std::uint16_t, 3>::open(withField("shape", List{2, 3, 5})); }),
             seg(f.name()) + " is 2x3x4, the descriptor says 2x3x5");
-  // The description differs from the receiving type: TypeError, as for ShmArray.
-  EXPECT_EQ(thrown<TypeError>([&] { ShmTensor<std::uint16_t, 2>::open(f.describe()); }),
+  // The description differs from the receiving type: ShmFormatError too.
+  EXPECT_EQ(thrown<ShmFormatError>([&] { ShmTensor<std::uint16_t, 2>::open(f.describe()); }),
             where + "shape 2x3x4 has rank 3, this ShmTensor has rank 2");
-  EXPECT_EQ(thrown<TypeError>([&] { ShmTensor<std::int16_t, 3>::open(f.describe()); }),
+  EXPECT_EQ(thrown<ShmFormatError>([&] { ShmTensor<std::int16_t, 3>::open(f.describe()); }),
             where + "dtype uint16, this ShmTensor holds int16");
-  EXPECT_EQ(thrown<TypeError>([&] { ShmTensor<std::uint16_t, 3, Layout::ColMajor>::open(f.describe()); }),
+  EXPECT_EQ(thrown<ShmFormatError>([&] { ShmTensor<std::uint16_t, 3, Layout::ColMajor>::open(f.describe()); }),
             where + "layout row-major, this ShmTensor is column-major");
   EXPECT_EQ(thrown<TypeError>([&] { ShmTensor<std::uint16_t, 3>::open(withField("shape", "2x3x4")); }),
             where + "field 'shape': string found, list or array wanted");
@@ -371,7 +373,7 @@ TEST(ShmTensor, EmptyMovedFromAndZeroSizedTensors) {
   EXPECT_EQ(none.size(), 0);
   EXPECT_EQ(thrown<Error>([&] { none.describe(); }), "cannot describe an empty ShmTensor");
 
-  auto a = ShmTensor<float, 3>::create("moved", 2, 2, 2);
+  auto a = ShmTensor<float, 3>::create(ShmName::named("moved"), 2, 2, 2);
   const std::string name = a.name();
   ShmTensor<float, 3> b = std::move(a);
   EXPECT_FALSE(a.valid());  // NOLINT(bugprone-use-after-move): documented empty state

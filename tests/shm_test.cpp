@@ -144,7 +144,7 @@ TEST(ShmName, InvalidNamesAreRejectedWithTheReason) {
 // ---------------------------------------------------------------- creation
 
 TEST(SharedMemory, CreateMakesA0600SegmentWithHeaderAndAlignedPayload) {
-  SharedMemory shm(create_only, "raw", 1000);
+  SharedMemory shm(create_only, ShmName::named("raw"), 1000);
   ASSERT_TRUE(shm.valid());
   EXPECT_TRUE(contains(shm.name(), "fk." + std::to_string(::getpid()) + "."));
   struct stat st {};
@@ -167,7 +167,7 @@ TEST(SharedMemory, CreateMakesA0600SegmentWithHeaderAndAlignedPayload) {
 // Reserved, not sparse: every page is allocated at creation, so a full
 // /dev/shm cannot surface later as SIGBUS.
 TEST(SharedMemory, CreateReservesEveryPage) {
-  SharedMemory shm(create_only, "reserved", 1u << 20);
+  SharedMemory shm(create_only, ShmName::named("reserved"), 1u << 20);
   struct stat st {};
   ASSERT_EQ(::stat(("/dev/shm/" + shm.name()).c_str(), &st), 0);
   EXPECT_EQ(st.st_size, static_cast<off_t>(sizeof(detail::ShmHeader) + (1u << 20)));
@@ -175,7 +175,7 @@ TEST(SharedMemory, CreateReservesEveryPage) {
 }
 
 TEST(SharedMemory, TypedSegmentRecordsKindTypeShapeStridesAndLayout) {
-  SharedMemory shm(create_only, "typed", DType::I16, {2, 3, 4}, Layout::ColMajor);
+  SharedMemory shm(create_only, ShmName::named("typed"), DType::I16, {2, 3, 4}, Layout::ColMajor);
   EXPECT_EQ(shm.bytes(), 2u * 3 * 4 * 2);
   EXPECT_EQ(shm.kind(), ShmKind::Array);
   EXPECT_EQ(shm.dtype(), DType::I16);
@@ -195,7 +195,7 @@ TEST(SharedMemory, TypedSegmentRecordsKindTypeShapeStridesAndLayout) {
 }
 
 TEST(SharedMemory, RowMajorStridesPutTheLastIndexFastest) {
-  SharedMemory shm(create_only, "strides", DType::F16, {5, 2, 3, 4});
+  SharedMemory shm(create_only, ShmName::named("strides"), DType::F16, {5, 2, 3, 4});
   EXPECT_EQ(shm.strides(), (std::vector<std::int64_t>{24, 12, 4, 1}));
   EXPECT_EQ(shm.bytes(), 5u * 2 * 3 * 4 * 2);
   EXPECT_EQ(shm.describe(), "float16[5x2x3x4] row-major");
@@ -210,7 +210,7 @@ TEST(SharedMemory, RowMajorStridesPutTheLastIndexFastest) {
 TEST(SharedMemory, ModeIs0600WhateverTheUmask) {
   for (const mode_t mask : {mode_t{0777}, mode_t{0000}}) {
     UmaskGuard guard(mask);
-    SharedMemory shm(create_only, "umask", 64);
+    SharedMemory shm(create_only, ShmName::named("umask"), 64);
     struct stat st {};
     ASSERT_EQ(::stat(("/dev/shm/" + shm.name()).c_str(), &st), 0);
     EXPECT_EQ(st.st_mode & 07777, 0600u) << "umask " << std::oct << mask;
@@ -218,14 +218,14 @@ TEST(SharedMemory, ModeIs0600WhateverTheUmask) {
 }
 
 TEST(SharedMemory, BadShapesAreRefused) {
-  EXPECT_TRUE(contains(thrown<LimitError>([] { SharedMemory(create_only, "neg", DType::F64, {3, -1}); }),
+  EXPECT_TRUE(contains(thrown<LimitError>([] { SharedMemory(create_only, ShmName::named("neg"), DType::F64, {3, -1}); }),
                        "shape [3x-1] has a negative dimension or is too large"));
   EXPECT_TRUE(contains(thrown<LimitError>([] {
-                         SharedMemory(create_only, "huge", DType::F64, {std::int64_t{1} << 40, std::int64_t{1} << 40});
+                         SharedMemory(create_only, ShmName::named("huge"), DType::F64, {std::int64_t{1} << 40, std::int64_t{1} << 40});
                        }),
                        "too large to map"));
   EXPECT_TRUE(contains(thrown<LimitError>([] {
-                         SharedMemory(create_only, "rank", DType::U8, std::vector<std::int64_t>(9, 1));
+                         SharedMemory(create_only, ShmName::named("rank"), DType::U8, std::vector<std::int64_t>(9, 1));
                        }),
                        "rank 9 exceeds the maximum 8"));
 }
@@ -250,7 +250,7 @@ TEST(SharedMemory, GeneratedNameSkipsAStaleLeftover) {
   const std::string planted = probe.substr(0, counterStart) + std::to_string(next) + ".skip";
   RemoveAtEnd cleanup{{planted}};
   plant(planted, "left over");
-  SharedMemory shm(create_only, "skip", 8);
+  SharedMemory shm(create_only, ShmName::named("skip"), 8);
   EXPECT_NE(shm.name(), planted);
   EXPECT_TRUE(contains(shm.name(), ".skip"));
   EXPECT_TRUE(exists(planted));
@@ -333,14 +333,14 @@ TEST(SharedMemory, OpeningAForeignSegmentFails) {
 }
 
 TEST(SharedMemory, OpeningAnotherFormatVersionFails) {
-  SharedMemory shm(create_only, "version", 64);
+  SharedMemory shm(create_only, ShmName::named("version"), 64);
   mappedHeader(shm)->version = 7;
   EXPECT_EQ(thrown<ShmFormatError>([&] { SharedMemory(open_only, shm.name()); }),
             "shared memory segment '" + shm.name() + "' has format version 7, this forklift reads version 2");
 }
 
 TEST(SharedMemory, OpeningACorruptHeaderFails) {
-  SharedMemory shm(create_only, "corrupt", DType::F32, {4, 4});
+  SharedMemory shm(create_only, ShmName::named("corrupt"), DType::F32, {4, 4});
   detail::ShmHeader* h = mappedHeader(shm);
   h->payloadBytes = 1u << 30;
   EXPECT_TRUE(contains(thrown<ShmFormatError>([&] { SharedMemory(open_only, shm.name()); }),
@@ -376,7 +376,7 @@ TEST(SharedMemory, OpeningACorruptHeaderFails) {
 TEST(SharedMemory, CreatorRemovesTheNameAndAnOpenerDoesNot) {
   std::string name;
   {
-    SharedMemory creator(create_only, "owner", 32);
+    SharedMemory creator(create_only, ShmName::named("owner"), 32);
     name = creator.name();
     {
       SharedMemory opener(open_only, name);
@@ -389,7 +389,7 @@ TEST(SharedMemory, CreatorRemovesTheNameAndAnOpenerDoesNot) {
 }
 
 TEST(SharedMemory, OpenerInAnotherProcessNeverRemoves) {
-  SharedMemory creator(create_only, "xopen", 32);
+  SharedMemory creator(create_only, ShmName::named("xopen"), 32);
   const std::string name = creator.name();
   const pid_t pid = forkChild([&] {
     {
@@ -405,7 +405,7 @@ TEST(SharedMemory, OpenerInAnotherProcessNeverRemoves) {
 }
 
 TEST(SharedMemory, ForkedChildThatInheritedTheOwnerDoesNotRemove) {
-  SharedMemory shm(create_only, "inherit", 32);
+  SharedMemory shm(create_only, ShmName::named("inherit"), 32);
   const pid_t pid = forkChild([&] {
     if (shm.owns()) return 3;
     { SharedMemory inherited(std::move(shm)); }  // its destructor runs in the child
@@ -419,7 +419,7 @@ TEST(SharedMemory, ForkedChildThatInheritedTheOwnerDoesNotRemove) {
 TEST(SharedMemory, ReleaseKeepsTheNameAndRemoveRemovesIt) {
   std::string name;
   {
-    SharedMemory shm(create_only, "release", 32);
+    SharedMemory shm(create_only, ShmName::named("release"), 32);
     name = shm.name();
     shm.release();
     EXPECT_FALSE(shm.owns());
@@ -433,7 +433,7 @@ TEST(SharedMemory, ReleaseKeepsTheNameAndRemoveRemovesIt) {
 }
 
 TEST(SharedMemory, MoveHandsOwnershipOverAndLeavesAnEmptyObject) {
-  SharedMemory a(create_only, "movea", 32);
+  SharedMemory a(create_only, ShmName::named("movea"), 32);
   const std::string name = a.name();
   SharedMemory b(std::move(a));
   EXPECT_FALSE(a.valid());  // NOLINT(bugprone-use-after-move): the empty state is documented
@@ -445,7 +445,7 @@ TEST(SharedMemory, MoveHandsOwnershipOverAndLeavesAnEmptyObject) {
   a.reset();
   EXPECT_TRUE(exists(name));
 
-  SharedMemory c(create_only, "movec", 32);
+  SharedMemory c(create_only, ShmName::named("movec"), 32);
   const std::string cName = c.name();
   c = std::move(b);  // c's own segment goes, b's arrives
   EXPECT_FALSE(exists(cName));
@@ -457,7 +457,7 @@ TEST(SharedMemory, MoveHandsOwnershipOverAndLeavesAnEmptyObject) {
 }
 
 TEST(SharedMemory, RemovedNameLeavesMappingsIntact) {
-  SharedMemory creator(create_only, "unlinked", 64);
+  SharedMemory creator(create_only, ShmName::named("unlinked"), 64);
   SharedMemory opener(open_only, creator.name());
   ASSERT_TRUE(SharedMemory::remove(creator.name()));
   static_cast<char*>(creator.data())[5] = 'z';
@@ -465,7 +465,7 @@ TEST(SharedMemory, RemovedNameLeavesMappingsIntact) {
 }
 
 TEST(SharedMemory, BytesWrittenOnOneSideAreReadOnTheOther) {
-  SharedMemory shm(create_only, "bytes", 1u << 20);
+  SharedMemory shm(create_only, ShmName::named("bytes"), 1u << 20);
   auto* p = static_cast<unsigned char*>(shm.data());
   for (std::size_t i = 0; i < shm.bytes(); ++i) p[i] = static_cast<unsigned char>(i * 7);
   const std::string name = shm.name();
@@ -561,7 +561,7 @@ const SegmentInfo* findSegment(const std::vector<SegmentInfo>& all, const std::s
 }
 
 TEST(ShmListing, ListsLiveSegmentsAndSkipsForeignFiles) {
-  SharedMemory live(create_only, "listed", DType::U32, {6, 7});
+  SharedMemory live(create_only, ShmName::named("listed"), DType::U32, {6, 7});
   const std::string foreign = TEST_NAME("foreign");
   RemoveAtEnd cleanup{{foreign}};
   plant(foreign, std::string(256, '?'));
@@ -590,7 +590,7 @@ TEST(ShmTool, FindsAndCleansTheSegmentOfAKilledCreatorOnly) {
   ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
   const pid_t creator = forkChild([&] {
     ::close(ready[0]);
-    SharedMemory shm(create_only, "stale", DType::F64, {3, 4});
+    SharedMemory shm(create_only, ShmName::named("stale"), DType::F64, {3, 4});
     const std::string line = shm.name() + "\n";
     if (::write(ready[1], line.data(), line.size()) != static_cast<ssize_t>(line.size())) return 2;
     std::this_thread::sleep_for(30s);  // killed long before
@@ -609,7 +609,7 @@ TEST(ShmTool, FindsAndCleansTheSegmentOfAKilledCreatorOnly) {
   RemoveAtEnd cleanup{{staleName}};
   ASSERT_TRUE(exists(staleName));
 
-  SharedMemory live(create_only, "alive", 100);
+  SharedMemory live(create_only, ShmName::named("alive"), 100);
   const std::string foreignPlain = "not-forklift-" + std::to_string(::getpid());
   const std::string foreignFk = TEST_NAME("badmagic");
   cleanup.names.push_back(foreignPlain);

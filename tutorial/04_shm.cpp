@@ -1,8 +1,8 @@
 // Tutorial step 4: shared memory, created before the fork.
 //
 // The frontend creates the array ("server side") in the constructor, before
-// start(). The backend opens the same name in preRun__ ("client side") and
-// lets go of it in postRun__. Both see the same pages through an Eigen map:
+// start(). The backend, forked after it, holds it too and opens it by its
+// label in preRun__ ("client side"), and lets go of it in postRun__. Both see the same pages through an Eigen map:
 // what the backend writes, the frontend reads, with no copy. A SyncIndex
 // tells the frontend when the writing is done.
 #include <cstdio>

@@ -1,11 +1,12 @@
 // Tutorial step 5: shared memory on demand, while the backend runs.
 //
 // Any resource has a server side (made by the frontend) and a client side
-// (opened by the backend under the same name). Here the frontend creates
-// arrays after start(), describes each one in a message, and the backend
-// opens its client side from that description. When the frontend is done
-// with an array it tells the backend to let go, then destroys its own side,
-// which removes the name.
+// (opened by the backend). Here the frontend creates arrays after start(),
+// so the backend did not inherit them: each one's description, which
+// carries the segment's descriptor, travels in a message, and the backend
+// opens its client side from it. When the frontend is done with an array it
+// tells the backend to let go, then destroys its own side; the memory is
+// freed once neither side holds it.
 #include <cstdio>
 #include <forklift.hpp>
 #include <map>
@@ -64,7 +65,7 @@ int main() {
     std::printf("frontend: backend says the sum is %g; the frontend reads %g\n", sum,
                 static_cast<double>(a.matrix().sum()));
     p.detach(a);
-  }  // each array's name is removed here, when its server side is destroyed
+  }  // each array's server side goes here; the backend let go already
   const forklift::ExitStatus status = p.stop();
   std::printf("backend %s\n", status.describe().c_str());
   return status.ok() ? 0 : 1;

@@ -1,40 +1,56 @@
-// forklift - SharedMemory: one named, typed shared-memory segment
+// forklift - SharedMemory: one typed shared-memory segment, anonymous or named
 //
-// A `SharedMemory` owns the mapping of one POSIX shared-memory segment
-// (/dev/shm/<name>) made with Boost.Interprocess. The segment starts with a
-// small header (magic, format version, kind, element type, shape, strides,
-// layout, exact payload size, creator pid, generation, see
-// detail/shm_header.hpp); the payload that follows starts 64-byte aligned.
-// Most code wants the typed views `ShmArray<T>` (shm_array.hpp, a matrix) or
-// `ShmTensor<T, Rank>` (shm_tensor.hpp, any rank); this class is the layer
-// underneath.
+// A `SharedMemory` owns the mapping of one shared-memory segment. The
+// segment starts with a small header (magic, format version, kind, element
+// type, shape, strides, layout, exact payload size, creator pid,
+// generation, see detail/shm_header.hpp); the payload that follows starts
+// 64-byte aligned. Most code wants the typed views `ShmArray<T>`
+// (shm_array.hpp, a matrix) or `ShmTensor<T, Rank>` (shm_tensor.hpp, any
+// rank); this class is the layer underneath.
 //
-// Server side and client side: the frontend creates (`create_only`) before
-// fork; the backend opens the same name (`open_only`). The segment is
-// created exclusively, with mode 0600 whatever the umask, and its pages are
-// reserved at once, so a full /dev/shm is a `SystemError` (ENOSPC) here,
-// naming the segment, its size and the free space, instead of a SIGBUS at
-// the first write.
+// Anonymous segments (the default): a plain string given as the name is a
+// hint, and the segment is a memfd (memfd_create, close-on-exec) labelled
+// "anon.<pid>.<n>.<hint>", with no name in /dev/shm. Nothing can leak:
+// when the last process holding it exits, however it exits (kill -9
+// included), the kernel frees it. Inside one forklift tree it still opens
+// by its label: a segment created before `start()` reaches the backend
+// through the fork, and `SharedMemory(open_only, label)` there finds it
+// among the segments this process holds. A segment created later travels
+// as a descriptor: `descriptor()` (or ShmArray/ShmTensor::describe())
+// carries the memfd itself as an `Fd`, and opening that Value maps it. An
+// anonymous label that this process does not hold opens with SystemError
+// (ENOENT) saying so. Its size is sealed (F_SEAL_SHRINK, F_SEAL_GROW,
+// F_SEAL_SEAL): no holder can truncate it under another and turn a read
+// into SIGBUS; an opener refuses a descriptor without those seals.
 //
-// Names: by default forklift generates a unique one, `fk.<pid>.<n>.<hint>`
-// (the hint is shortened, and characters outside [A-Za-z0-9._-] become '_',
-// to fit). `ShmName::exact("...")` uses the caller's name as given: it must
-// be 1-30 characters of [A-Za-z0-9._-] without the leading '/', or
-// `ShmNameError` is thrown. Only names starting with "fk." are seen by the
-// `forklift-shm` tool.
+// Named segments, for processes outside the tree (unrelated programs, a
+// Python reader, tools): `ShmName::named("hint")` creates
+// /dev/shm/fk.<pid>.<n>.<hint>, `ShmName::exact("name")` uses the name as
+// given (1-30 characters of [A-Za-z0-9._-] without the leading '/', or
+// `ShmNameError`). They are created exclusively, with mode 0600 whatever
+// the umask. Only names starting with "fk." are seen by `forklift-shm`,
+// which finds the ones a crashed creator left behind. Named segments cannot
+// be sealed (Linux seals memfds only).
 //
-// Ownership: the object that created a name owns it and removes the name
-// (shm_unlink) when destroyed; an object that only opened it never removes
-// it. `release()` gives ownership up, a move hands it over. A process forked
-// from the owner inherits the object but not the ownership: `owns()` also
-// compares the creator's pid with getpid(), so the child's copy never removes
-// the name. Removing the name never invalidates a mapping: both sides keep
-// their pages until they unmap.
+// Every segment's pages are reserved at once, so a full /dev/shm (named) or
+// too little memory (anonymous) is a `SystemError` (ENOSPC) here, naming
+// the segment, its size and the free space, instead of a SIGBUS at the
+// first write.
+//
+// Ownership: the object that created a named segment owns the name and
+// removes it (shm_unlink) when destroyed; an object that only opened it
+// never removes it. `release()` gives ownership up, a move hands it over. A
+// process forked from the owner inherits the object but not the ownership:
+// `owns()` also compares the creator's pid with getpid(), so the child's
+// copy never removes the name. Removing the name never invalidates a
+// mapping: both sides keep their pages until they unmap. An anonymous
+// segment has no name to remove; each object holds its own descriptor.
 //
 // Errors: a name that does not exist, or a create that finds the name taken,
 // is a `SystemError` (ENOENT, EEXIST). A segment that is too short for the
-// header, is not forklift's (bad magic), has another format version or a
-// corrupt header is a `ShmFormatError` naming the segment.
+// header, is not forklift's (bad magic), has another format version, a
+// corrupt header or (anonymous) no size seals is a `ShmFormatError` naming
+// the segment.
 //
 // A SharedMemory is used from one thread at a time; the memory it maps has
 // no synchronisation of its own (see shm_array.hpp for the ordering rule).
@@ -52,6 +68,7 @@
 
 #include <boost/interprocess/mapped_region.hpp>
 
+#include "forklift/detail/fd.hpp"
 #include "forklift/detail/shm_header.hpp"
 #include "forklift/error.hpp"
 #include "forklift/value.hpp"
@@ -77,9 +94,9 @@ enum class Layout : std::uint8_t { RowMajor = 0, ColMajor = 1 };
 const char* layoutName(Layout l) noexcept;  // "row-major", "column-major"
 
 // What a segment holds, recorded in its header for openers and tools.
-// The numbering is part of the segment format; 2 is kept for the ring buffer.
-enum class ShmKind : std::uint8_t { Bytes = 0, Array = 1 };
-const char* shmKindName(ShmKind k) noexcept;  // "bytes", "array", "unknown"
+// The numbering is part of the segment format.
+enum class ShmKind : std::uint8_t { Bytes = 0, Array = 1, Ring = 2 };
+const char* shmKindName(ShmKind k) noexcept;  // "bytes", "array", "ring", "unknown"
 
 // A name is not a valid shared-memory name.
 class ShmNameError : public Error {
@@ -97,33 +114,40 @@ class ShmFormatError : public Error {
 // The longest name, without the leading '/' (31 with it, the limit of some
 // platforms).
 inline constexpr std::size_t kShmMaxNameLength = 30;
-// Generated names, and the only ones `forklift-shm` looks at, start with this.
+// Generated names in /dev/shm, and the only ones `forklift-shm` looks at,
+// start with this.
 inline constexpr std::string_view kShmNamePrefix = "fk.";
+// Labels of anonymous segments start with this.
+inline constexpr std::string_view kShmAnonymousPrefix = "anon.";
 
-// How a segment to be created is named: a hint (the default, from any
-// string) becomes part of a generated unique name; `ShmName::exact` is used
-// as it is.
+// How a segment to be created is named. A hint (the default, from any
+// string) labels an anonymous segment; `ShmName::named` makes a generated
+// name in /dev/shm; `ShmName::exact` is used in /dev/shm as it is.
 class ShmName {
  public:
+  enum class Mode : std::uint8_t { Anonymous, Named, Exact };
+
   ShmName(std::string hint) : text_(std::move(hint)) {}  // NOLINT: implicit on purpose
   ShmName(const char* hint) : text_(hint) {}             // NOLINT
-  static ShmName exact(std::string name) {
-    ShmName n(std::move(name));
-    n.exact_ = true;
-    return n;
-  }
+  static ShmName named(std::string hint = {}) { return ShmName(std::move(hint), Mode::Named); }
+  static ShmName exact(std::string name) { return ShmName(std::move(name), Mode::Exact); }
 
-  bool isExact() const noexcept { return exact_; }
+  Mode mode() const noexcept { return mode_; }
+  bool isAnonymous() const noexcept { return mode_ == Mode::Anonymous; }
+  bool isExact() const noexcept { return mode_ == Mode::Exact; }
   const std::string& text() const noexcept { return text_; }
 
  private:
+  ShmName(std::string text, Mode mode) : text_(std::move(text)), mode_(mode) {}
+
   std::string text_;
-  bool exact_ = false;
+  Mode mode_ = Mode::Anonymous;
 };
 
 // A new unique name "fk.<pid>.<n>.<hint>", never longer than
-// kShmMaxNameLength: the hint is cut and sanitised to fit.
-std::string makeShmName(std::string_view hint);
+// kShmMaxNameLength: the hint is cut and sanitised to fit. With
+// kShmAnonymousPrefix as `prefix`, the label of an anonymous segment.
+std::string makeShmName(std::string_view hint, std::string_view prefix = kShmNamePrefix);
 // Throws ShmNameError saying what is wrong with `name`.
 void checkShmName(std::string_view name);
 
@@ -133,18 +157,26 @@ class SharedMemory {
   // A moved-from SharedMemory is empty too.
   SharedMemory() noexcept = default;
 
-  // Creates a segment of `bytes` raw bytes (kind Bytes, dtype() nullopt,
-  // shape {bytes}).
+  // Creates a segment of `bytes` raw bytes (kind Bytes, or `kind` for a
+  // structure of its own such as a ring; dtype() nullopt, shape {bytes}).
   SharedMemory(create_only_t, const ShmName& name, std::size_t bytes);
+  SharedMemory(create_only_t, const ShmName& name, ShmKind kind, std::size_t bytes);
   // Creates a segment holding a `dtype` array of `shape` (rank at most 8;
-  // kind Array), stored densely in `layout`. The payload is zero-filled. Throws ShmNameError, SystemError (EEXIST
-  // for a taken exact name, ENOSPC when /dev/shm cannot hold it), LimitError
-  // (a shape whose size overflows).
+  // kind Array), stored densely in `layout`. The payload is zero-filled.
+  // Throws ShmNameError, SystemError (EEXIST for a taken exact name, ENOSPC
+  // when /dev/shm or memory cannot hold it), LimitError (a shape whose size
+  // overflows).
   SharedMemory(create_only_t, const ShmName& name, DType dtype, const std::vector<std::int64_t>& shape,
                Layout layout = Layout::RowMajor);
-  // Opens an existing segment. Throws ShmNameError, SystemError (ENOENT,
-  // EACCES), ShmFormatError.
+  // Opens an existing segment: an anonymous one this process holds (its
+  // label), else a name in /dev/shm. Throws ShmNameError, SystemError
+  // (ENOENT, EACCES), ShmFormatError.
   SharedMemory(open_only_t, const std::string& name);
+  // Opens the segment a `descriptor()` Value describes: by its descriptor
+  // when it carries one, else by name; and checks that it is the segment
+  // described (its generation). Throws TypeError for a malformed Value, and
+  // what opening by name throws.
+  SharedMemory(open_only_t, const Value& descriptor);
 
   SharedMemory(SharedMemory&& o) noexcept;
   SharedMemory& operator=(SharedMemory&& o) noexcept;
@@ -157,7 +189,15 @@ class SharedMemory {
 
   bool valid() const noexcept { return base_ != nullptr; }
   explicit operator bool() const noexcept { return valid(); }
+  // The name in /dev/shm, or the label of an anonymous segment.
   const std::string& name() const noexcept { return name_; }
+  bool anonymous() const noexcept { return fd_.valid(); }
+  // The memfd of an anonymous segment (owned by this object), -1 if named.
+  int fd() const noexcept { return fd_.get(); }
+
+  // A Map Value that fits in a Message: {name, kind, generation} and, for an
+  // anonymous segment, "fd": a duplicate of its descriptor.
+  Value descriptor() const;
 
   // The payload: 64-byte aligned, bytes() long.
   void* data() noexcept { return payload_; }
@@ -180,14 +220,23 @@ class SharedMemory {
   void release() noexcept { owner_ = 0; }
 
   // Removes a name (shm_unlink). Mappings stay valid. False when the name
-  // is invalid or could not be removed (errno tells why). Never throws.
+  // is invalid, an anonymous label (EINVAL), or could not be removed (errno
+  // tells why). Never throws.
   static bool remove(const std::string& name) noexcept;
 
  private:
-  void create(const ShmName& name, std::uint8_t dtype, const std::vector<std::int64_t>& shape, Layout layout);
+  void create(const ShmName& name, ShmKind kind, std::uint8_t dtype, const std::vector<std::int64_t>& shape,
+              Layout layout);
+  void createAnonymous(std::uint64_t total);
+  void createNamed(const ShmName& name, std::uint64_t total);
+  void reserve(int fd, std::uint64_t total, const std::string& where);
+  void openFd(detail::UniqueFd fd, const std::string& name);
+  static void checkSize(std::uint64_t size, const std::string& name);
+  void adoptMapping(std::uint64_t size, const std::string& name);
   static pid_t currentPid() noexcept;
 
   std::string name_;
+  detail::UniqueFd fd_;  // anonymous segments only
   boost::interprocess::mapped_region region_;
   detail::ShmHeader header_{};  // validated copy; accessors read this, not the mapping
   void* base_ = nullptr;        // the mapped header

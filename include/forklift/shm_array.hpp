@@ -11,13 +11,17 @@
 //   backend, after fork:    auto a = ShmArray<float>::open(name);  // shape from the header
 //                      or:  auto a = ShmArray<float>::open(msg.get<Value>("frames"));
 //
-// Naming: `create` takes a `ShmName`. A plain string is a hint, and the
-// segment gets a unique name "fk.<pid>.<n>.<hint>"; read it back with
-// `name()` and pass it to the backend (or pass `describe()` in a message).
-// `ShmName::exact("fk.camera0")` uses that name as given and fails with
-// SystemError (EEXIST) when it is taken.
+// Naming (see shm.hpp): `create` takes a `ShmName`. A plain string is a
+// hint, and the array is anonymous (a sealed memfd labelled
+// "anon.<pid>.<n>.<hint>"): nothing is left behind however its processes
+// die. A backend forked after `create` opens it by its label, `name()`; one
+// that did not inherit it (an array made while the backend runs) opens
+// `describe()`, which carries the descriptor in the message.
+// `ShmName::named("frames")` makes /dev/shm/fk.<pid>.<n>.frames instead, and
+// `ShmName::exact("fk.camera0")` that exact name (SystemError, EEXIST, when
+// it is taken): for processes outside the tree, such as a Python reader.
 //
-// Ownership is SharedMemory's: the creating process removes the name when
+// Ownership is SharedMemory's: the creating process removes a name when
 // its ShmArray is destroyed; an opener, or a child forked from the creator,
 // never does. The mapping outlives the name: removing it does not disturb a
 // peer that has the array open. A moved-from ShmArray is empty: valid() is
@@ -25,7 +29,8 @@
 //
 // Opening checks the segment: a foreign or corrupt segment, another element
 // type, another layout, or a rank other than 1 or 2 throws ShmFormatError
-// naming the segment; a missing name throws SystemError (ENOENT). A
+// naming the segment, and so does a descriptor that says so; a missing name
+// throws SystemError (ENOENT); a malformed descriptor is a TypeError. A
 // ShmTensor of rank 1 or 2 opens the same segments and descriptors.
 //
 // Memory ordering: the array has no synchronisation of its own. For
@@ -152,7 +157,8 @@ class ShmArray {
 
   // A Map value that fits in a Message: {name, dtype ("float64", ...),
   // shape (a list: [rows, cols], or [n] for rank 1), rows, cols, layout
-  // ("row-major" / "column-major"), generation}.
+  // ("row-major" / "column-major"), generation, and for an anonymous array
+  // fd, a duplicate of its descriptor}.
   Value describe() const { return detail::describeArray(shm_); }
 
   MatrixMap matrix() noexcept { return MatrixMap(data(), shape_.rows, shape_.cols); }

@@ -26,17 +26,17 @@
 // asserts in debug builds).
 //
 // A ShmTensor of rank 1 or 2 and a ShmArray open each other's segments and
-// descriptors: both are segments of kind "array". Naming (`ShmName`),
-// ownership (the creator removes the name), the empty moved-from state, the
+// descriptors: both are segments of kind "array". Naming (`ShmName`:
+// anonymous by default), ownership, the empty moved-from state, the
 // memory-ordering rule and the one-thread-at-a-time rule are ShmArray's;
 // read them in shm_array.hpp.
 //
 // Opening checks the segment: a foreign or corrupt segment, another element
 // type, another rank, another layout (rank 2 and more) or, when given,
-// another shape throws ShmFormatError naming the segment; a missing name
-// throws SystemError (ENOENT). A descriptor whose dtype, layout or rank
-// differs from the receiving type is a TypeError naming the segment, as for
-// ShmArray.
+// another shape throws ShmFormatError naming the segment, and so does a
+// descriptor whose dtype, layout or rank differs from the receiving type; a
+// missing name throws SystemError (ENOENT). A malformed descriptor (a
+// field missing or of the wrong type) is a TypeError naming the segment.
 #pragma once
 
 #include <array>
@@ -151,8 +151,9 @@ class ShmTensor {
   }
 
   // A Map value that fits in a Message: {name, dtype ("uint8", ...), shape
-  // (a list of Rank ints), layout, generation}, and rows and cols for rank
-  // 1 and 2, so that a ShmArray opens it too.
+  // (a list of Rank ints), layout, generation}, rows and cols for rank 1
+  // and 2 (so that a ShmArray opens it too), and for an anonymous array fd,
+  // a duplicate of its descriptor.
   Value describe() const { return detail::describeTensor(shm_); }
 
   TensorMap tensor() noexcept { return TensorMap(data(), dims_); }
