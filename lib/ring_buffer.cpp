@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "forklift/error.hpp"
+#include "metrics.hpp"
 #include "posix.hpp"
 #include "ring_layout.hpp"
 
@@ -303,6 +304,7 @@ struct RingWriterState {
       const std::uint64_t e = c.deliver[p % c.n].load(std::memory_order_relaxed);
       if (h.tail.compare_exchange_strong(t, (p + 1) << 1 | 1, std::memory_order_acq_rel)) {
         h.drops.fetch_add(1, std::memory_order_relaxed);
+        countRingDrops(1);
         return entrySlot(e);
       }
     }
@@ -448,6 +450,7 @@ std::optional<ReadSlot> RingReaderState::take(const std::shared_ptr<RingReaderSt
       while (deliverReady(h)) {
         release(got->first);
         h.drops.fetch_add(1, std::memory_order_relaxed);
+        countRingDrops(1);
         got = claim();
         if (!got) break;
       }
@@ -506,7 +509,7 @@ std::shared_ptr<RingCore> createCore(const ShmName& name, std::size_t slots, std
   if (!c->readerBell) throwErrno("cannot create the ring's doorbell (eventfd)");
   c->writerBell = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!c->writerBell) throwErrno("cannot create the ring's doorbell (eventfd)");
-  c->shm = SharedMemory(create_only, name, static_cast<std::size_t>(g.total));
+  c->shm = SharedMemory(create_only, name, ShmKind::Ring, static_cast<std::size_t>(g.total));
 
   auto* h = new (c->shm.data()) RingHeader{};
   h->version = kRingVersion;
@@ -537,6 +540,8 @@ std::shared_ptr<RingCore> createCore(const ShmName& name, std::size_t slots, std
 // Checks a ring header found in a segment; ShmFormatError naming what is wrong.
 void validate(const SharedMemory& shm) {
   const std::string what = "shared memory segment '" + shm.name() + "'";
+  if (shm.kind() != ShmKind::Ring)
+    throw ShmFormatError(what + " holds " + shmKindName(shm.kind()) + ", not a ring");
   if (shm.bytes() < sizeof(RingHeader)) throw ShmFormatError(what + " is too small to hold a ring");
   const auto* h = static_cast<const RingHeader*>(shm.data());
   if (h->magic.load(std::memory_order_acquire) != kRingMagic) throw ShmFormatError(what + " does not hold a ring");
@@ -574,8 +579,9 @@ const Value* field(const Value& v, std::string_view key) {
 
 template <class T>
 T fieldAs(const Value& v, std::string_view key) {
+  const Value* f = field(v, key);
   try {
-    return field(v, key)->as<T>();
+    return f->as<T>();
   } catch (const TypeError& e) {
     throw TypeError("ring descriptor '" + std::string(key) + "': " + e.what());
   }
@@ -954,8 +960,7 @@ RingBuffer RingBuffer::createArray(const ShmName& name, std::size_t slots, DType
 Value RingBuffer::describe() const {
   if (!core_) throw Error("describe() of an empty RingBuffer");
   return Value(Map{{"kind", "ring"},
-                   {"segment", core_->shm.name()},
-                   {"generation", core_->shm.generation()},
+                   {"segment", core_->shm.descriptor()},
                    {"readerBell", Fd::dup(core_->readerBell.get())},
                    {"writerBell", Fd::dup(core_->writerBell.get())},
                    {"slots", core_->fmt.slots},
@@ -967,16 +972,13 @@ RingBuffer RingBuffer::open(const Value& descriptor) {
   using detail::fieldAs;
   if (fieldAs<std::string>(descriptor, "kind") != "ring")
     throw TypeError("not a ring descriptor: kind is '" + fieldAs<std::string>(descriptor, "kind") + "'");
-  const auto name = fieldAs<std::string>(descriptor, "segment");
-  const auto generation = fieldAs<std::uint64_t>(descriptor, "generation");
+  const Value& segment = *detail::field(descriptor, "segment");
   const Fd readerBell = fieldAs<Fd>(descriptor, "readerBell");
   const Fd writerBell = fieldAs<Fd>(descriptor, "writerBell");
   if (!readerBell.valid() || !writerBell.valid()) throw TypeError("ring descriptor: a doorbell descriptor is missing");
 
   auto c = std::make_shared<detail::RingCore>();
-  c->shm = SharedMemory(open_only, name);
-  if (c->shm.generation() != generation)
-    throw ShmFormatError("shared memory segment '" + name + "' was made again since the ring was described");
+  c->shm = SharedMemory(open_only, segment);
   detail::validate(c->shm);
   c->bind();
   if (c->fmt.slots != fieldAs<std::size_t>(descriptor, "slots") ||

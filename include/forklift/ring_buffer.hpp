@@ -1,7 +1,8 @@
 // forklift - RingBuffer: a single-producer, single-consumer shared-memory ring
 //
-// A `RingBuffer` is N slots of one fixed capacity in ONE shared-memory
-// segment, with a self-describing ring header (slot count, capacity, policy,
+// A `RingBuffer` is N slots of one fixed capacity in ONE `SharedMemory`
+// segment of kind Ring (anonymous by default, a memfd; `ShmName::named` for
+// /dev/shm, for processes outside the tree), with a self-describing ring header (slot count, capacity, policy,
 // element type and shape when slots are arrays, counters) and per-slot
 // metadata (valid bytes, sequence number, timestamp in CLOCK_MONOTONIC ns,
 // four user int64). One process attaches as the writer (`writer()`), one as
@@ -392,8 +393,9 @@ class RingBuffer {
     return createArray(name, slots, dtypeOf<T>(), shape, policy, layout);
   }
 
-  // A Map for a message: {segment, readerBell (Fd), writerBell (Fd), slots,
-  // slotBytes, policy}. open() on the other side.
+  // A Map for a message: {kind "ring", segment (SharedMemory::descriptor(),
+  // with the memfd as an Fd when anonymous), readerBell (Fd), writerBell
+  // (Fd), slots, slotBytes, policy}. open() on the other side.
   Value describe() const;
   // Opens a described ring. ShmFormatError when the segment is not the ring
   // described; TypeError for a malformed descriptor.
