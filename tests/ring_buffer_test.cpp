@@ -429,6 +429,96 @@ TEST(RingBufferDeath, ALiveWriterCannotBeReplaced) {
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), 0);
 }
 
+// Slots a writer can fill before its first drop: every slot the reader
+// does not hold, if none was lost or duplicated.
+std::uint64_t slotsBeforeFirstDrop(RingWriter& w, std::size_t slots) {
+  const std::uint64_t d0 = w.stats().drops;
+  std::uint64_t n = 0;
+  while (n < 2 * slots) {
+    WriteSlot s = w.reserve(1s);
+    if (w.stats().drops != d0) break;
+    s.commit();
+    ++n;
+  }
+  return n;
+}
+
+class RingKills : public ::testing::TestWithParam<RingPolicy> {};
+
+// Either side killed at a random moment of a stream that races drops
+// against claims; the successor must find every slot exactly once.
+TEST_P(RingKills, KilledAtAnyMomentNoSlotIsLostOrDuplicated) {
+  constexpr std::size_t kSlots = 3;
+  std::srand(12345);
+  for (int round = 0; round < 15; ++round) {
+    {  // the writer dies
+      auto ring = RingBuffer::create("ring-kill-w", kSlots, 512, GetParam());
+      auto reader = ring.reader();
+      const pid_t child = test::forkChild([&] {
+        auto w = ring.writer();
+        for (;;) {
+          WriteSlot s = w.reserve(10s);
+          fillPayload(s.data(), 512, s.sequence());
+          s.setUser(0, checksum(s.data(), 512));
+          s.commit();
+        }
+        return 0;
+      });
+      const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
+      int bad = 0;
+      while (Clock::now() < until)
+        if (auto s = reader.next(1s); s && checksum(s->data(), 512) != s->user(0)) ++bad;
+      ::kill(child, SIGKILL);
+      EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
+      for (;;) {  // drain up to the death
+        try {
+          if (auto s = reader.next(5s); s && checksum(s->data(), 512) != s->user(0)) ++bad;
+        } catch (const ProcessDied&) {
+          break;
+        }
+      }
+      EXPECT_EQ(bad, 0);
+      Pipe p;
+      const pid_t next = test::forkChild([&] {
+        auto w = ring.writer();
+        p.put(slotsBeforeFirstDrop(w, kSlots));
+        return 0;
+      });
+      std::uint64_t n = 0;
+      ASSERT_TRUE(p.get(n, 10s));
+      EXPECT_EQ(n, kSlots) << "round " << round << ", writer killed";
+      EXPECT_EQ(test::exitCodeOf(test::waitChild(next, 10s)), 0);
+    }
+    {  // the reader dies
+      auto ring = RingBuffer::create("ring-kill-r", kSlots, 512, GetParam());
+      auto writer = ring.writer();
+      const pid_t child = test::forkChild([&] {
+        auto r = ring.reader();
+        for (;;) {
+          auto s = r.next(10s);
+          const auto until = Clock::now() + 50us;  // hold it: killed holding one, often
+          while (Clock::now() < until) {
+          }
+        }
+        return 0;
+      });
+      const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
+      while (Clock::now() < until) writer.push({}, 1s);
+      ::kill(child, SIGKILL);
+      EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
+      auto reader = ring.reader();  // the successor, in this process
+      while (reader.tryNext()) {
+      }
+      EXPECT_EQ(slotsBeforeFirstDrop(writer, kSlots), kSlots) << "round " << round << ", reader killed";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(, RingKills, ::testing::Values(RingPolicy::DropOldest, RingPolicy::KeepLatest),
+                         [](const auto& info) {
+                           return std::string(info.param == RingPolicy::DropOldest ? "DropOldest" : "KeepLatest");
+                         });
+
 // ---------------------------------------------------------------- the doorbell protocol
 
 // The wake-up protocol, step by step, on a real ring header: the consumer's
