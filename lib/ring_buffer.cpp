@@ -421,7 +421,7 @@ struct RingReaderState {
     bellPublish(h.rHead, rpos + 1);
     h.readerRecord.store(0, std::memory_order_release);
     h.consumed.store(h.consumed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-    if (bellMustRing(h.writerArmed)) ringBell(c.writerBell.get());
+    if (bellMustRing(h.writerArmed, rpos + 1 - h.rTail.load(std::memory_order_relaxed))) ringBell(c.writerBell.get());
   }
 
   // One slot that passed the sequence check (KeepLatest: the newest).
@@ -665,7 +665,7 @@ void WriteSlot::commit() {
   const std::uint64_t head = h.head.load(std::memory_order_relaxed);
   c.deliver[head % c.n].store(detail::deliverEntry(info_.sequence, index_), std::memory_order_relaxed);
   detail::bellPublish(h.head, head + 1);
-  if (detail::bellMustRing(h.readerArmed)) detail::ringBell(c.readerBell.get());
+  if (detail::bellMustRing(h.readerArmed, 1)) detail::ringBell(c.readerBell.get());
   w_->reserved = false;
   data_ = nullptr;
   w_.reset();
@@ -766,7 +766,9 @@ WriteSlot RingWriter::reserve(Timeout timeout) {
       continue;
     }
     if (detail::spinFor(s_->spin, [&] { return detail::returnReady(h); })) continue;
-    detail::bellArm(h.writerArmed);
+    // Full: every slot is in D or with the reader, so at least n-1 will
+    // come back. Woken when half of them did, a wake-up buys several slots.
+    detail::bellArm(h.writerArmed, std::max<std::uint32_t>(1, c.n / 2));
     if (detail::returnReady(h)) {
       detail::bellDisarm(h.writerArmed);
       continue;

@@ -104,18 +104,23 @@ inline bool tailByWriter(std::uint64_t t) noexcept { return (t & 1) != 0; }
 inline void bellPublish(std::atomic<std::uint64_t>& cursor, std::uint64_t n) noexcept {
   cursor.store(n, std::memory_order_release);
 }
-// Producer, after publishing: true when the consumer armed itself, which
-// this call disarms (so one arming gets one ring). The full fence orders the
-// publish before the load of `armed`.
-inline bool bellMustRing(std::atomic<std::uint32_t>& armed) noexcept {
+// Producer, after publishing: true when the consumer armed itself and
+// `available` (what it may take now) reaches the count it armed for; the
+// call then disarms it (so one arming gets one ring). The full fence orders
+// the publish before the load of `armed`.
+inline bool bellMustRing(std::atomic<std::uint32_t>& armed, std::uint64_t available) noexcept {
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (armed.load(std::memory_order_relaxed) == 0) return false;
+  const std::uint32_t want = armed.load(std::memory_order_relaxed);
+  if (want == 0 || available < want) return false;
   return armed.exchange(0, std::memory_order_relaxed) != 0;
 }
-// Consumer, before it sleeps: arms, and the full fence orders the arming
-// before the re-check of the queue that must follow.
-inline void bellArm(std::atomic<std::uint32_t>& armed) noexcept {
-  armed.store(1, std::memory_order_relaxed);
+// Consumer, before it sleeps: arms for `want` (>= 1) items, and the full
+// fence orders the arming before the re-check of the queue that must
+// follow. The re-check looks for one item: a consumer that finds one does
+// not sleep. Arming for more than one is safe only when that many are
+// bound to come (see RingWriter::reserve).
+inline void bellArm(std::atomic<std::uint32_t>& armed, std::uint32_t want = 1) noexcept {
+  armed.store(want, std::memory_order_relaxed);
   std::atomic_thread_fence(std::memory_order_seq_cst);
 }
 inline void bellDisarm(std::atomic<std::uint32_t>& armed) noexcept { armed.store(0, std::memory_order_relaxed); }

@@ -66,7 +66,10 @@
 // loads sees the other's store: either the reader sees the new slot and does
 // not sleep, or the writer sees `armed` and rings. The exchange makes one
 // ring per arming. The same protocol, mirrored, wakes a writer blocked on a
-// full Block ring (`RingWriter::fd()`). The steps are the functions of
+// full Block ring (`RingWriter::fd()`); that writer arms for half the slots
+// (at least one), and the reader rings once that many came back: when the
+// writer armed, every slot was queued or read, so at least n-1 will come
+// back, and one wake-up buys several slots. The steps are the functions of
 // lib/ring_layout.hpp; tests/ring_buffer_test.cpp enumerates every
 // interleaving of them.
 //
