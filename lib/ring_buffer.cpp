@@ -370,13 +370,13 @@ struct RingReaderState {
       case RecordState::None:
         return;
       case RecordState::Held:
-        release(recordSlot(rec));
+        release(recordSlot(rec), false);
         return;
       case RecordState::Releasing:
         if (h.rHead.load(std::memory_order_relaxed) > recordPos(rec))
           h.readerRecord.store(0, std::memory_order_release);
         else
-          release(recordSlot(rec));
+          release(recordSlot(rec), false);
         return;
       case RecordState::Pending: {
         const std::uint64_t t = h.tail.load(std::memory_order_seq_cst);
@@ -384,7 +384,7 @@ struct RingReaderState {
         const std::uint64_t to = won ? record(RecordState::Held, recordSlot(rec), 0) : 0;
         // Fails only when the writer confirmed the claim meanwhile.
         if (h.readerRecord.compare_exchange_strong(rec, to, std::memory_order_acq_rel) && !won) return;
-        release(recordSlot(rec));
+        release(recordSlot(rec), false);
         return;
       }
     }
@@ -412,7 +412,8 @@ struct RingReaderState {
   }
 
   // Gives slot s back through R and rings a writer waiting for room.
-  void release(std::uint32_t s) noexcept {
+  // `consumed`: false for a slot recovered from a dead reader.
+  void release(std::uint32_t s, bool consumed = true) noexcept {
     RingCore& c = *core;
     RingHeader& h = *c.h;
     const std::uint64_t rpos = h.rHead.load(std::memory_order_relaxed);
@@ -420,7 +421,7 @@ struct RingReaderState {
     c.ret[rpos % c.n].store(s, std::memory_order_relaxed);
     bellPublish(h.rHead, rpos + 1);
     h.readerRecord.store(0, std::memory_order_release);
-    h.consumed.store(h.consumed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    if (consumed) h.consumed.store(h.consumed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     if (bellMustRing(h.writerArmed, rpos + 1 - h.rTail.load(std::memory_order_relaxed))) ringBell(c.writerBell.get());
   }
 
@@ -762,7 +763,11 @@ WriteSlot RingWriter::reserve(Timeout timeout) {
   for (;;) {
     if (auto w = tryReserve()) return std::move(*w);
     if (c.fmt.policy != RingPolicy::Block) {
-      std::this_thread::yield();  // a drop raced with the reader: try again
+      // A drop raced with the reader: the next try finds a slot. Bounded
+      // all the same, against a corrupt ring.
+      if (d.expired())
+        throw TimeoutError(c.what() + ": no slot to reuse in " + std::to_string(timeout.count()) + " ms");
+      std::this_thread::yield();
       continue;
     }
     if (detail::spinFor(s_->spin, [&] { return detail::returnReady(h); })) continue;

@@ -5,7 +5,8 @@
 // /dev/shm, for processes outside the tree), with a self-describing ring header (slot count, capacity, policy,
 // element type and shape when slots are arrays, counters) and per-slot
 // metadata (valid bytes, sequence number, timestamp in CLOCK_MONOTONIC ns,
-// four user int64). One process attaches as the writer (`writer()`), one as
+// which is std::chrono::steady_clock on Linux and the same in every
+// process, four user int64). One process attaches as the writer (`writer()`), one as
 // the reader (`reader()`); nothing is copied on the way:
 //
 //   writer:  WriteSlot s = w.reserve(timeout);   // a free slot, in place
