@@ -210,11 +210,13 @@ struct RunResult {
 // The child writes `frames` checksummed frames and detaches; the parent
 // reads them, sleeping `readDelay` per slot, until the writer is gone.
 RunResult runPolicy(RingPolicy policy, std::size_t slots, std::size_t bytes, std::uint64_t frames,
-                    std::chrono::microseconds readDelay) {
+                    std::chrono::microseconds readDelay, std::chrono::nanoseconds spin = {}) {
   auto ring = RingBuffer::create("ring-policy", slots, bytes, policy);
   auto reader = ring.reader();
+  reader.setSpin(spin);
   const pid_t child = test::forkChild([&] {
     auto w = ring.writer();
+    w.setSpin(spin);
     for (std::uint64_t i = 1; i <= frames; ++i) {
       WriteSlot s = w.reserve(10s);
       fillPayload(s.data(), bytes, s.sequence());
@@ -293,6 +295,19 @@ TEST(RingBufferStress, ChecksummedFramesAcrossAForkAreNeverTorn) {
     EXPECT_EQ(r.stats.torn, 0u) << ringPolicyName(p);
     EXPECT_EQ(r.outOfOrder, 0u) << ringPolicyName(p);
     EXPECT_EQ(r.received + r.stats.drops, 20000u) << ringPolicyName(p);
+  }
+}
+
+TEST(RingBufferStress, SpinningSidesDeliverTheSameStream) {
+  // Both sides poll the ring for up to 200 us before they sleep; the stream
+  // is the same, and waits still end (the writer's last frame, its detach).
+  for (const RingPolicy p : {RingPolicy::Block, RingPolicy::DropOldest}) {
+    const RunResult r = runPolicy(p, 4, 4096, 1000, 0us, 200us);
+    EXPECT_TRUE(r.endedClosed) << ringPolicyName(p);
+    EXPECT_EQ(r.badChecksums, 0u) << ringPolicyName(p);
+    EXPECT_EQ(r.outOfOrder, 0u) << ringPolicyName(p);
+    EXPECT_EQ(r.received + r.stats.drops, 1000u) << ringPolicyName(p);
+    EXPECT_EQ(r.lastSeq, 1000u) << ringPolicyName(p);
   }
 }
 
