@@ -133,6 +133,7 @@ std::size_t Channel::writeSome(const char* p, std::size_t n, std::span<const int
     msg.msg_iovlen = 1;
     msg.msg_control = control.bytes;
     msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    std::memset(control.bytes, 0, msg.msg_controllen);  // the padding goes to the kernel too
     cmsghdr* c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;

@@ -1,6 +1,7 @@
 #include "child.hpp"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
@@ -10,10 +11,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <mutex>
+#include <new>
+#include <thread>
 #include <vector>
 
 #include <spdlog/logger.h>
@@ -169,6 +174,17 @@ int pidfdSignal(int pidfd, int sig) {
   return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
 }
 
+std::atomic<bool> g_forceDeathPipe{false};
+
+// Whether this kernel (or sandbox, or valgrind) gives pidfds; asked once.
+bool pidfdsWork() {
+  static const bool works = [] {
+    UniqueFd self(pidfdOpen(::getpid()));
+    return self.valid() || (errno != ENOSYS && errno != EPERM);
+  }();
+  return works && !g_forceDeathPipe.load(std::memory_order_relaxed);
+}
+
 // glibc 2.36's idtype_t has no P_PIDFD yet (and <linux/wait.h> clashes
 // with <sys/wait.h>); the kernel's number is 3.
 const idtype_t kPidfd = static_cast<idtype_t>(3);
@@ -185,9 +201,13 @@ ExitStatus statusFromSiginfo(const siginfo_t& info) {
   return s;
 }
 
+// `deathFd` is the child's pidfd, or, where pidfds are missing, the read
+// end of a pipe whose only write end the child holds: the kernel closes it
+// when the child dies, and the read end reports POLLHUP.
 class ForkedChild final : public Child {
  public:
-  ForkedChild(pid_t pid, UniqueFd pidfd) : pid_(pid), pidfd_(std::move(pidfd)) {
+  ForkedChild(pid_t pid, UniqueFd deathFd, bool isPidfd)
+      : pid_(pid), pidfd_(std::move(deathFd)), isPidfd_(isPidfd) {
     frontend_fds::add({pidfd_.get()});
   }
   ~ForkedChild() override {
@@ -204,7 +224,8 @@ class ForkedChild final : public Child {
     siginfo_t info{};
     // By pidfd, not by pid: a pid reaped elsewhere can be reused, even by
     // another child of ours.
-    int r = retryEintr([&] { return ::waitid(kPidfd, static_cast<id_t>(pidfd_.get()), &info, WEXITED); });
+    int r = isPidfd_ ? retryEintr([&] { return ::waitid(kPidfd, static_cast<id_t>(pidfd_.get()), &info, WEXITED); })
+                     : (errno = EINVAL, -1);
     if (r < 0 && errno == EINVAL) {
       // Kernels before 5.4 know no P_PIDFD; the pid is still ours while
       // it is a zombie.
@@ -213,10 +234,15 @@ class ForkedChild final : public Child {
     if (r < 0 || info.si_pid == 0) return ExitStatus{ExitStatus::How::Unknown};
     return statusFromSiginfo(info);
   }
-  void sendSignal(int sig) override { pidfdSignal(pidfd_.get(), sig); }
+  // By pid only without a pidfd: a pid is ours until we reap it.
+  void sendSignal(int sig) override {
+    if (isPidfd_) pidfdSignal(pidfd_.get(), sig);
+    else ::kill(pid_, sig);
+  }
 
   pid_t pid_;
   UniqueFd pidfd_;
+  bool isPidfd_;
 };
 
 // What a child inherits from the frontend's signal setup: handlers (they
@@ -236,7 +262,8 @@ void resetSignals() {
 }
 
 // Runs in the child, signals still blocked, before anything else.
-void setUpChild(const ChildSetup& setup, pid_t parent) {
+// `deathWrite`: the write end of its death pipe (-1 with pidfds).
+void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   // The parent may have died between fork and prctl: then nobody would
   // send the death signal.
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -247,6 +274,9 @@ void setUpChild(const ChildSetup& setup, pid_t parent) {
   // too: the numbers are free again here and will be reused.
   for (int fd : g_frontendFds) ::close(fd);
   g_frontendFds.clear();
+  // Its own death pipe stays open here but must not outlive it in its own
+  // children: listed, they close it like any frontend descriptor.
+  if (deathWrite >= 0) g_frontendFds.push_back(deathWrite);
   setProcessTitle(setup.comm, setup.title);
   setMetricsIdentity("backend", setup.title);
   sigset_t none;
@@ -280,6 +310,82 @@ int otherThreads() {
   return n;
 }
 
+// Forks on behalf of threads other than the main one (see startForked). Its
+// thread waits, holding no lock, with every signal blocked; it is left out
+// of the thread count, so forks from the main thread are not refused
+// because of it. A forked child starts without it (it is the only thread
+// there, and the main one).
+class Forker {
+ public:
+  static Forker& instance() {
+    static Forker* f = [] {
+      auto* forker = new Forker;  // never destroyed: the thread may outlive static destructors
+      ::pthread_atfork(nullptr, nullptr, [] { instance().resetInChild(); });
+      return forker;
+    }();
+    return *f;
+  }
+
+  // Runs `job` on the forking thread and returns its result, with errno.
+  pid_t run(const std::function<pid_t()>& job) {
+    std::unique_lock lock(mutex_);
+    if (!started_) start();
+    jobDone_.wait(lock, [&] { return job_ == nullptr && finished_ == nullptr; });  // one fork at a time
+    job_ = &job;
+    hasJob_.notify_all();
+    jobDone_.wait(lock, [&] { return finished_ == &job; });
+    finished_ = nullptr;
+    jobDone_.notify_all();
+    errno = err_;
+    return result_;
+  }
+
+ private:
+  void start() {
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);  // the thread inherits this mask
+    std::thread([this] { loop(); }).detach();
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    started_ = true;
+  }
+  void loop() {
+    setForkerThread(::gettid());
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      hasJob_.wait(lock, [&] { return job_ != nullptr; });
+      const std::function<pid_t()>* job = job_;
+      lock.unlock();
+      const pid_t pid = (*job)();  // the child never comes back
+      const int err = errno;
+      lock.lock();
+      result_ = pid;
+      err_ = err;
+      finished_ = job;
+      job_ = nullptr;
+      jobDone_.notify_all();
+    }
+  }
+  // The child has no forking thread: the next fork from a thread starts one.
+  void resetInChild() {
+    new (&mutex_) std::mutex;
+    new (&hasJob_) std::condition_variable;
+    new (&jobDone_) std::condition_variable;
+    started_ = false;
+    job_ = nullptr;
+    finished_ = nullptr;
+    setForkerThread(0);
+  }
+
+  std::mutex mutex_;
+  std::condition_variable hasJob_, jobDone_;
+  bool started_ = false;
+  const std::function<pid_t()>* job_ = nullptr;
+  const std::function<pid_t()>* finished_ = nullptr;
+  pid_t result_ = -1;
+  int err_ = 0;
+};
+
 std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
   const int threads = otherThreads();
   if (threads > 0) {
@@ -295,27 +401,51 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
   }
   std::fflush(nullptr);  // or the child would flush the frontend's buffered output a second time
   std::cout.flush();
-  const pid_t parent = ::getpid();
-  // Signals stay blocked across the fork: a handler of the frontend must
-  // not run in the child before its dispositions are reset.
-  sigset_t all;
-  sigset_t old;
-  sigfillset(&all);
-  ::pthread_sigmask(SIG_SETMASK, &all, &old);
-  pid_t pid;
-  {
-    // The registry's lock is held by this thread across the fork, so the
-    // child inherits it unlocked-by-nobody-else and can use the list.
-    std::lock_guard lock(g_fdsMutex);
-    pid = ::fork();
-    if (pid == 0) {
-      setUpChild(setup, parent);
-    }
+  // Without pidfds, the death pipe: made before the fork, so the child
+  // holds the only write end once this side closes its copy.
+  UniqueFd deathRead, deathWrite;
+  if (!pidfdsWork()) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0)
+      throwErrno(setup.title + ": cannot make the pipe that watches the backend's death (pipe2)");
+    deathRead.reset(p[0]);
+    deathWrite.reset(p[1]);
   }
-  if (pid == 0) runChildBody(body, setup.title);
-  const int forkErr = errno;
-  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  if (pid < 0) throw SystemError(forkErr, setup.title + ": cannot fork");
+  const pid_t parent = ::getpid();
+  // Never returns in the child; in the parent, the pid (or -1 and errno).
+  auto forkHere = [&]() -> pid_t {
+    // Signals stay blocked across the fork: a handler of the frontend must
+    // not run in the child before its dispositions are reset.
+    sigset_t all;
+    sigset_t old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid;
+    {
+      // The registry's lock is held by this thread across the fork, so the
+      // child inherits it unlocked-by-nobody-else and can use the list.
+      std::lock_guard lock(g_fdsMutex);
+      pid = ::fork();
+      if (pid == 0) {
+        deathRead.reset();
+        setUpChild(setup, parent, deathWrite.release());
+      }
+    }
+    if (pid == 0) runChildBody(body, setup.title);
+    const int forkErr = errno;
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    errno = forkErr;
+    return pid;
+  };
+  // PR_SET_PDEATHSIG fires when the forking *thread* ends: a thread other
+  // than the main one hands the fork to forklift's forking thread, which
+  // lives as long as the process.
+  const pid_t pid = ::gettid() == parent ? forkHere() : Forker::instance().run(forkHere);
+  if (pid < 0) throwErrno(setup.title + ": cannot fork");
+  if (deathRead) {
+    deathWrite.reset();
+    return std::make_unique<ForkedChild>(pid, std::move(deathRead), false);
+  }
   UniqueFd pidfd(pidfdOpen(pid));
   if (!pidfd) {
     const int err = errno;
@@ -323,7 +453,7 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
     retryEintr([&] { return ::waitpid(pid, nullptr, 0); });
     throw SystemError(err, setup.title + ": cannot open a pidfd for the backend");
   }
-  return std::make_unique<ForkedChild>(pid, std::move(pidfd));
+  return std::make_unique<ForkedChild>(pid, std::move(pidfd), true);
 }
 
 // ---------------------------------------------------------------- thread
@@ -376,6 +506,8 @@ std::unique_ptr<Child> Child::start(const ChildSetup& setup, std::function<int()
   if (setup.inProcess) return std::make_unique<ThreadChild>(std::move(body));
   return startForked(setup, std::move(body), log);
 }
+
+void useDeathPipeForTests(bool on) noexcept { g_forceDeathPipe = on; }
 
 // ---------------------------------------------------------------- the ladder
 

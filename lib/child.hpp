@@ -58,6 +58,12 @@ void remove(std::initializer_list<int> fds);
 // This process's pid, cached (and renewed in a forked child).
 pid_t currentPid() noexcept;
 
+// Where pidfds are missing (kernels before 5.3, sandboxes that refuse
+// pidfd_open, valgrind), a forked child is watched through a death pipe
+// instead: it holds the only write end, and the frontend's read end hangs up
+// when it dies. Tests force that way here (set it while no backend starts).
+void useDeathPipeForTests(bool on) noexcept;
+
 struct ChildSetup {
   std::string comm;          // 15 characters of /proc/pid/comm
   std::string title;         // what ps -o args shows

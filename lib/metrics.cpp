@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@ MetricsPage g_private{};  // when no page can be published
 std::atomic<MetricsPage*> g_page{nullptr};
 std::atomic<pid_t> g_pagePid{0};
 int g_pageFd = -1;  // touched only while making a page, by one thread at a time
+ino_t g_pageIno = 0;  // g_pageFd's inode: the program may have closed and reused the number
 std::atomic_flag g_making = ATOMIC_FLAG_INIT;
 
 std::int64_t nowMs() noexcept {
@@ -38,7 +40,8 @@ MetricsPage* makePage(pid_t pid) noexcept {
   // The inherited page is the parent's: let go of it (never unmapped, as
   // another thread of the parent could not be using it here, but a stale
   // pointer read by a racing count must stay valid).
-  if (g_pageFd >= 0) ::close(g_pageFd);
+  struct stat st {};
+  if (g_pageFd >= 0 && ::fstat(g_pageFd, &st) == 0 && st.st_ino == g_pageIno) ::close(g_pageFd);
   g_pageFd = -1;
   MetricsPage* page = &g_private;
   const int fd = ::memfd_create(kMetricsLabel, MFD_CLOEXEC);
@@ -47,6 +50,8 @@ MetricsPage* makePage(pid_t pid) noexcept {
     if (p != MAP_FAILED) {
       page = new (p) MetricsPage{};
       g_pageFd = fd;
+      struct stat st {};
+      g_pageIno = ::fstat(fd, &st) == 0 ? st.st_ino : 0;
     }
   }
   if (g_pageFd < 0 && fd >= 0) ::close(fd);
@@ -68,6 +73,10 @@ MetricsPage* makePage(pid_t pid) noexcept {
 }
 
 }  // namespace
+
+// Made when the library loads, not at the first message: a program's count
+// of open descriptors then never changes under it.
+[[maybe_unused]] static const bool g_publishedAtLoad = (metrics(), true);
 
 MetricsPage& metrics() noexcept {
   const pid_t pid = currentPid();

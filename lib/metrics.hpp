@@ -5,7 +5,8 @@
 // the direction), calls made, errors (handlers that failed, error replies,
 // refused frames), ring drops, and the time of the last message. The page
 // is a memfd labelled "forklift-metrics" (close-on-exec, no name anywhere),
-// made at the first count; `forklift-ps` finds it through
+// made when the library loads (so a program's descriptor count does not
+// change at its first message); `forklift-ps` finds it through
 // /proc/<pid>/fd and reads it, so reading costs the process nothing.
 //
 // Counting is a relaxed atomic add on a page no other process writes (one

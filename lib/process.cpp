@@ -72,9 +72,12 @@ MessageProcess::~MessageProcess() {
     logger().error("destroyed while its in-process backend runs: the backend runs no more handlers, timers or "
                    "postRun__; call stop() in the subclass's destructor");
   }
+  // Ended already (stopped, or died and seen): nothing for the destructor
+  // to report, only to clean up.
+  const bool endedBefore = child_ && child_->ended();
   try {
     const ExitStatus s = stop(options_.stopTimeout);
-    if (!s.ok() && !destroying_) logger().warn("stopped by the destructor: {}", s.describe());
+    if (!s.ok() && !destroying_ && !endedBefore) logger().warn("stopped by the destructor: {}", s.describe());
   } catch (const std::exception& e) {
     logger().error("destructor could not stop the backend: {}", e.what());
   }

@@ -283,7 +283,7 @@ void Requests::readTurn(const Deadline& d, Read how) {
       std::lock_guard lock(mutex_);
       expire(ready);
     } else {
-      peerEnded = (fds[1].revents & POLLIN) != 0;
+      peerEnded = (fds[1].revents & (POLLIN | POLLHUP)) != 0;  // a death pipe hangs up
     }
   } else {
     peerEnded = waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()));

@@ -80,13 +80,18 @@ void findSanitizerThreadInChild() {
 
 }  // namespace
 
+std::atomic<pid_t> g_forkerTid{0};
+
 int countUserThreads() {
   const pid_t skip = g_sanitizerTid.load(std::memory_order_relaxed);
+  const pid_t forker = g_forkerTid.load(std::memory_order_relaxed);
   int n = 0;
   forEachThread([&](pid_t tid) {
-    if (tid != skip) ++n;
+    if (tid != skip && tid != forker) ++n;
   });
   return n;
 }
+
+void setForkerThread(pid_t tid) noexcept { g_forkerTid.store(tid, std::memory_order_relaxed); }
 
 }  // namespace forklift::detail

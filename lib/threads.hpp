@@ -18,12 +18,21 @@
 // recognised and is counted like any other: start() then refuses with its
 // usual error. Builds without TSan count every thread.
 //
+// forklift's own forking thread (see child.cpp) is not counted either: it
+// holds no lock while it waits for work, so a fork from another thread
+// cannot catch it holding one.
+//
 // Any thread may call it. It returns 0 when /proc/self/task cannot be read
 // (no /proc mounted): the caller cannot tell then.
 #pragma once
 
+#include <sys/types.h>
+
 namespace forklift::detail {
 
 int countUserThreads();
+
+// Leaves thread `tid` out of the count (0: none).
+void setForkerThread(pid_t tid) noexcept;
 
 }  // namespace forklift::detail

@@ -110,7 +110,7 @@ TEST(AnonymousSegment, DescriptorCarriesItsFdAndOpensWithoutTheRegistry) {
   a.tensor().setConstant(9);
   const Value d = a.describe();
   const Fd* fd = nullptr;
-  for (const auto& [k, v] : d.as<Map>())
+  for (const auto& [k, v] : *d.getIf<Map>())
     if (k == "fd") fd = v.getIf<Fd>();
   ASSERT_NE(fd, nullptr);
   EXPECT_NE(fd->get(), a.segment().fd());

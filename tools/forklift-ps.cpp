@@ -103,6 +103,17 @@ std::string describeHeader(int fd) {
   return s;
 }
 
+// Size and content of a segment, opened through `path`.
+Segment readSegment(Segment s, const std::string& path, int flags) {
+  const int fd = ::open(path.c_str(), flags);
+  if (fd < 0) return s;
+  struct stat fs {};
+  if (::fstat(fd, &fs) == 0) s.bytes = static_cast<std::uint64_t>(fs.st_size);
+  s.content = describeHeader(fd);
+  ::close(fd);
+  return s;
+}
+
 std::optional<Counters> readCounters(const std::string& fdPath, std::string& role) {
   const int fd = ::open(fdPath.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return std::nullopt;
@@ -154,14 +165,7 @@ std::optional<Proc> inspect(pid_t pid) {
         Segment s;
         s.label = target.substr(7, target.find(' ') == std::string::npos ? std::string::npos : target.find(' ') - 7);
         if (!seen.insert(s.label).second) continue;
-        const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-        if (fd >= 0) {
-          struct stat fs {};
-          if (::fstat(fd, &fs) == 0) s.bytes = static_cast<std::uint64_t>(fs.st_size);
-          s.content = describeHeader(fd);
-          ::close(fd);
-        }
-        p.segments.push_back(std::move(s));
+        p.segments.push_back(readSegment(std::move(s), path, O_RDONLY | O_CLOEXEC));
       }
     }
     ::closedir(d);
@@ -177,14 +181,8 @@ std::optional<Proc> inspect(pid_t pid) {
     s.label = line.substr(at + 9);
     if (const auto sp = s.label.find(' '); sp != std::string::npos) s.label.resize(sp);
     if (!seen.insert(s.label).second) continue;
-    const int fd = ::open(("/dev/shm/" + s.label).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd >= 0) {
-      struct stat fs {};
-      if (::fstat(fd, &fs) == 0) s.bytes = static_cast<std::uint64_t>(fs.st_size);
-      s.content = describeHeader(fd);
-      ::close(fd);
-    }
-    p.segments.push_back(std::move(s));
+    const std::string path = "/dev/shm/" + s.label;
+    p.segments.push_back(readSegment(std::move(s), path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
   }
 
   // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
@@ -207,7 +205,7 @@ std::vector<Proc> scan() {
   while (const dirent* e = ::readdir(d)) {
     char* end = nullptr;
     const long pid = std::strtol(e->d_name, &end, 10);
-    if (*end != '\0' || pid <= 0) continue;
+    if (*end != '\0' || pid <= 0 || pid == ::getpid()) continue;  // not itself: it links forklift too
     if (auto p = inspect(static_cast<pid_t>(pid))) out.push_back(std::move(*p));
   }
   ::closedir(d);
