@@ -1,6 +1,7 @@
 #include "forklift/ring_buffer.hpp"
 
 #include <poll.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -86,26 +87,32 @@ bool spinFor(std::chrono::nanoseconds d, F&& ready) {
   }
 }
 
-// Waits for the doorbell or the peer's pidfd; false when the deadline
-// passed first.
-bool sleepOn(int bell, int peer, const Deadline& d) {
+// Without pidfds, a waiting side looks at its peer this often.
+constexpr int kPeerCheckMillis = 50;
+
+// Waits for the doorbell or the peer's pidfd, each poll at most `capMillis`
+// long when it is not negative; false when the deadline passed first.
+bool sleepOn(int bell, int peer, const Deadline& d, int capMillis = -1) {
   for (;;) {
     pollfd p[2] = {{bell, POLLIN, 0}, {peer, POLLIN, 0}};
-    const int r = ::poll(p, peer >= 0 ? 2 : 1, d.pollMillis());
+    int ms = d.pollMillis();
+    if (capMillis >= 0 && (ms < 0 || ms > capMillis)) ms = capMillis;
+    const int r = ::poll(p, peer >= 0 ? 2 : 1, ms);
     if (r < 0) {
       if (errno == EINTR) continue;
       throwErrno("cannot wait for the ring's doorbell");
     }
     if (p[0].revents & POLLIN) drainBell(bell);
-    return r > 0;
+    return r > 0 || !d.expired();
   }
 }
 
-int pidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+int pidfdOpen(pid_t pid) { return ringPidfdOpen(pid); }
 
-// True when `pid` is gone or a zombie.
+// True when `pid` is gone or a zombie (without pidfds: gone).
 bool processDead(pid_t pid) {
   UniqueFd fd(pidfdOpen(pid));
+  if (!fd && (errno == ENOSYS || errno == EPERM)) return ::kill(pid, 0) != 0 && errno == ESRCH;
   if (!fd) return errno == ESRCH;
   pollfd p{fd.get(), POLLIN, 0};
   return retryEintr([&] { return ::poll(&p, 1, 0); }) > 0;
@@ -118,6 +125,8 @@ std::string shapeText(const std::vector<std::int64_t>& shape) {
 }
 
 }  // namespace
+
+RingPidfdOpenFn ringPidfdOpen = [](int pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); };
 
 std::int64_t monotonicNs() noexcept {
   timespec ts{};
@@ -175,6 +184,7 @@ class PeerWatch {
     refresh();
     if (pid == 0) return epoch == 0 ? State::NotYet : State::Closed;
     if (gone) return State::Died;
+    if (noPidfd) return ::kill(pid, 0) != 0 && errno == ESRCH ? State::Died : State::Alive;
     if (!fd) return State::Alive;  // our own pid (both roles in one process)
     pollfd p{fd.get(), POLLIN, 0};
     return retryEintr([&] { return ::poll(&p, 1, 0); }) > 0 ? State::Died : State::Alive;
@@ -184,25 +194,31 @@ class PeerWatch {
     return fd.get();
   }
 
+  // Each poll's cap: without a pidfd to poll, the state is looked at this often.
+  int pollCap() const noexcept { return noPidfd ? kPeerCheckMillis : -1; }
+
   pid_t pid = 0;
   std::uint32_t epoch = 0;
-  bool gone = false;  // the pid was gone before we could open it
+  bool gone = false;     // the pid was gone before we could open it
+  bool noPidfd = false;  // this kernel or sandbox gives none: kill(pid, 0) instead
   UniqueFd fd;
 
  private:
   void refresh() {
     const std::uint32_t e = epoch_->load(std::memory_order_acquire);
     const pid_t p = pid_->load(std::memory_order_acquire);
-    if (e == epoch && p == pid && (fd || gone || p == 0 || p == ::getpid())) return;
+    if (e == epoch && p == pid && (fd || gone || noPidfd || p == 0 || p == ::getpid())) return;
     epoch = e;
     pid = p;
     fd.reset();
     gone = false;
+    noPidfd = false;
     if (p == 0 || p == ::getpid()) return;
     fd.reset(pidfdOpen(p));
     if (!fd) {
-      if (errno != ESRCH) throwErrno("cannot open a pidfd of the ring's peer, pid " + std::to_string(p));
-      gone = true;
+      if (errno == ENOSYS || errno == EPERM) noPidfd = true;
+      else if (errno == ESRCH) gone = true;
+      else throwErrno("cannot open a pidfd of the ring's peer, pid " + std::to_string(p));
     }
   }
 
@@ -788,7 +804,7 @@ WriteSlot RingWriter::reserve(Timeout timeout) {
       default:
         break;
     }
-    if (!detail::sleepOn(c.writerBell.get(), s_->reader.pollFd(), d)) {
+    if (!detail::sleepOn(c.writerBell.get(), s_->reader.pollFd(), d, s_->reader.pollCap())) {
       detail::bellDisarm(h.writerArmed);
       if (auto w = tryReserve()) return std::move(*w);
       throw TimeoutError(c.what() + " stayed full for " + std::to_string(timeout.count()) +
@@ -885,7 +901,7 @@ std::optional<ReadSlot> RingReader::next(Timeout timeout) {
       if (state == detail::PeerWatch::State::Closed) throw PeerClosed(c.what() + ": the writer detached");
       throw ProcessDied(c.what() + ": the writer (pid " + std::to_string(s_->writer.pid) + ") died");
     }
-    if (!detail::sleepOn(c.readerBell.get(), s_->writer.pollFd(), d)) {
+    if (!detail::sleepOn(c.readerBell.get(), s_->writer.pollFd(), d, s_->writer.pollCap())) {
       detail::bellDisarm(h.readerArmed);
       return tryNext();
     }

@@ -28,6 +28,11 @@
 
 namespace forklift::detail {
 
+// pidfd_open(pid, 0), through a pointer that tests swap to make pidfds
+// missing (ENOSYS), as on old kernels and in some sandboxes.
+using RingPidfdOpenFn = int (*)(int pid);
+extern RingPidfdOpenFn ringPidfdOpen;
+
 inline constexpr std::uint64_t kRingMagic = 0x314f474e49524b46ull;  // "FKRINGO1"
 inline constexpr std::uint32_t kRingVersion = 1;
 

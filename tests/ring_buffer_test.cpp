@@ -430,6 +430,35 @@ TEST(RingBufferDeath, AKilledReaderIsSeenAtOnceByABlockedWriterAndASuccessorRead
   EXPECT_FALSE(writer.tryReserve().has_value());
 }
 
+TEST(RingBufferDeath, WithoutPidfdsADeadWriterIsSeenOnceReaped) {
+  struct NoPidfds {
+    detail::RingPidfdOpenFn saved = detail::ringPidfdOpen;
+    NoPidfds() {
+      detail::ringPidfdOpen = [](int) {
+        errno = ENOSYS;
+        return -1;
+      };
+    }
+    ~NoPidfds() { detail::ringPidfdOpen = saved; }
+  } noPidfds;
+  auto ring = RingBuffer::create("ring-nopidfd", 4, 64);
+  auto reader = ring.reader();
+  const pid_t child = test::forkChild([&] {
+    auto w = ring.writer();
+    w.push({}, 1s);
+    ::pause();
+    return 0;
+  });
+  EXPECT_TRUE(reader.next(10s).has_value());
+  EXPECT_FALSE(reader.next(100ms).has_value());  // alive: the wait runs to its timeout
+  ::kill(child, SIGKILL);
+  EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);  // reaped: kill(pid, 0) says ESRCH
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(test::contains(test::thrown<ProcessDied>([&] { reader.next(10s); }), "died"));
+  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_EQ(reader.writerFd(), -1);
+}
+
 TEST(RingBufferDeath, ALiveWriterCannotBeReplaced) {
   auto ring = RingBuffer::create("ring-two", 2, 8);
   auto w = ring.writer();

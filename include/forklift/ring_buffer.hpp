@@ -85,7 +85,10 @@
 // committed before the death, then `ProcessDied`; a writer blocked on a full
 // Block ring gets `ProcessDied` when the reader dies. An orderly detach (the
 // role object destroyed) clears the pid and rings the peer: `PeerClosed`
-// instead. A side that never attached yet is simply waited for.
+// instead. A side that never attached yet is simply waited for. Where
+// pidfds are missing (old kernels, some sandboxes), a waiting side asks
+// kill(pid, 0) every 50 ms instead (a zombie peer then looks alive until
+// it is reaped).
 // Re-attaching: a new writer or reader may attach once the old one is dead
 // or detached (`Error` while it lives). It recovers the slots its
 // predecessor held from the queues and the peer's records (see
