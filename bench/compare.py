@@ -134,6 +134,12 @@ def forklift_figures(reps, env):
         for bench, who in (("BM_RingFrames", "forklift"), ("BM_RingMemcpy", "limit:memcpy")):
             add(fig, who, "median", median_of(ring, f"{bench}/{kib}", "bytes_per_second") / 1e9, "GB/s")
             add(fig + "_rate", who, "median", median_of(ring, f"{bench}/{kib}", "items_per_second"), "frames/s")
+    # The reader's wake-up: a slot there and back through two rings, without
+    # and with spinning, beside the raw eventfd round trip.
+    for stat, key in (("median", "p50_us"), ("p99", "p99_us")):
+        for fig, arg in (("ring_rtt", 0), ("ring_rtt_spin", 50)):
+            add(fig, "forklift", stat, median_of(ring, f"BM_RingPingPong/{arg}", key), "us")
+            add(fig, "limit:eventfd", stat, median_of(proc, "BM_RawEventfdRoundTrip", key), "us")
     for kib in PIPELINE_KIB:
         fig = "handoff_pipelined_" + SIZE_NAMES[kib]
         add(fig, "forklift", "median", median_of(ring, f"BM_RingHandoff/{kib}", "bytes_per_second") / 1e9, "GB/s")
@@ -173,6 +179,7 @@ ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "call_threads_1
        [f"handoff_pipelined_{SIZE_NAMES[k]}:median" for k in PIPELINE_KIB] + \
        [f"ring_frames_{RING_NAMES[k]}:median" for k in RING_FRAME_KIB] + \
        [f"ring_frames_{RING_NAMES[k]}_rate:median" for k in RING_FRAME_KIB] + \
+       ["ring_rtt:median", "ring_rtt:p99", "ring_rtt_spin:median", "ring_rtt_spin:p99"] + \
        ["create_1MiB_anonymous:median", "create_1MiB_named:median"] + \
        ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
 LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "call_threads_1": "limit:socketpair",
@@ -180,7 +187,8 @@ LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "c
             "create_1MiB_anonymous": "limit:memfd", "create_1MiB_named": "limit:memfd",
             **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB},
             **{f"handoff_pipelined_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in PIPELINE_KIB},
-            **{f"ring_frames_{RING_NAMES[k]}{r}": "limit:memcpy" for k in RING_FRAME_KIB for r in ("", "_rate")}}
+            **{f"ring_frames_{RING_NAMES[k]}{r}": "limit:memcpy" for k in RING_FRAME_KIB for r in ("", "_rate")},
+            "ring_rtt": "limit:eventfd", "ring_rtt_spin": "limit:eventfd"}
 # Figures the peers measure under another name: the pipelined handoff is
 # set beside their (synchronous, loaned-sample) handoff of the same size.
 PEER_FIGURE_OF = {f"handoff_pipelined_{SIZE_NAMES[k]}": f"handoff_{SIZE_NAMES[k]}" for k in PIPELINE_KIB}

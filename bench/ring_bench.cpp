@@ -8,6 +8,11 @@
 //                         64-bit words; frames/s and GB/s, beside
 //                         BM_RingMemcpy of the same sizes (the memory
 //                         limit: each byte written once and read once).
+//   BM_RingPingPong/<us>  the reader's wake-up: a 64-byte slot there through
+//                         one ring and back through another, without (0) or
+//                         with 50 us of spinning before each side sleeps;
+//                         p50/p99 round trip beside process_bench's raw
+//                         eventfd round trip.
 //   BM_RingHandoff/<KiB>  the pipelined array handoff: the same fill of
 //                         doubles and sum as shm_bench's BM_ShmHandoff and
 //                         BM_FillThenReadHeap (the one-process limit), at 64
@@ -21,6 +26,8 @@
 //
 //   build/bench/ring_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -172,6 +179,61 @@ BENCHMARK(BM_RingFrames)->Arg(64)->Arg(1024)->Arg(6144)->UseManualTime()->Unit(b
 
 void BM_RingHandoff(benchmark::State& state) { pipeline(state, Kind::Doubles, 4); }
 BENCHMARK(BM_RingHandoff)->Arg(64)->Arg(1024)->Arg(16384)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+void BM_RingPingPong(benchmark::State& state) {
+  pinTo(placement().frontend);
+  const std::chrono::microseconds spin(state.range(0));
+  auto there = forklift::RingBuffer::create("bench-ping", 4, 64);
+  auto back = forklift::RingBuffer::create("bench-pong", 4, 64);
+  auto backReader = back.reader();
+  backReader.setSpin(spin);
+  std::fflush(nullptr);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    int code = 1;
+    try {
+      pinTo(placement().backend);
+      auto in = there.reader();
+      auto out = back.writer();
+      in.setSpin(spin);
+      out.setSpin(spin);
+      for (;;) {
+        auto s = in.next(10s);  // PeerClosed once the frontend's writer goes
+        if (!s) break;
+        s->release();
+        out.push({}, 10s);
+      }
+    } catch (const forklift::PeerClosed&) {
+      code = 0;
+    } catch (...) {
+    }
+    ::_exit(code);
+  }
+  std::vector<double> us;
+  {
+    auto writer = there.writer();
+    us.reserve(1 << 20);
+    for (auto _ : state) {
+      const auto t0 = Clock::now();
+      writer.push({}, 10s);
+      if (!backReader.next(10s)) {
+        state.SkipWithError("no answer within 10 s");
+        break;
+      }
+      us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+  }  // the writer detaches: the child ends
+  int st = 0;
+  ::waitpid(child, &st, 0);
+  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) state.SkipWithError("the ping-pong child failed");
+  if (!us.empty()) {
+    std::sort(us.begin(), us.end());
+    state.counters["p50_us"] = us[us.size() / 2];
+    state.counters["p99_us"] = us[std::min(us.size() - 1, us.size() * 99 / 100)];
+  }
+  state.SetLabel(placement().describe());
+}
+BENCHMARK(BM_RingPingPong)->Arg(0)->Arg(50)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 void BM_RingMemcpy(benchmark::State& state) {
   pinTo(placement().frontend);
