@@ -32,6 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "bench")
 SIZES_KIB = [64, 1024, 16384, 131072]
 SIZE_NAMES = {64: "64KiB", 1024: "1MiB", 16384: "16MiB", 131072: "128MiB"}
+RING_FRAME_KIB = [64, 1024, 6144]
+RING_NAMES = {64: "64KiB", 1024: "1MiB", 6144: "6MiB"}
+PIPELINE_KIB = [64, 1024, 16384]
 
 
 def log(msg):
@@ -118,6 +121,31 @@ def forklift_figures(reps, env):
     for fig in ("create_1MiB_anonymous", "create_1MiB_named"):
         add(fig, "limit:memfd", "median", time_us(shm, "BM_RawMemfd1MiB"), "us")
 
+    # The ring (bench/ring_bench): frames through slots of 64 KiB to 6 MiB
+    # beside memcpy of the same size, and the pipelined array handoff (the
+    # frontend fills slot k+1 while the backend reads slot k) beside the
+    # one-process fill-then-read. A pipeline is measured by its mean rate
+    # (bytes over the frontend's whole time), and so is its limit here: an
+    # iteration that waits for a free slot pays for the ones that did not,
+    # so a median iteration would flatter it.
+    ring, _ = run_gbench("ring_bench", reps, env)
+    for kib in RING_FRAME_KIB:
+        fig = "ring_frames_" + RING_NAMES[kib]
+        for bench, who in (("BM_RingFrames", "forklift"), ("BM_RingMemcpy", "limit:memcpy")):
+            add(fig, who, "median", median_of(ring, f"{bench}/{kib}", "bytes_per_second") / 1e9, "GB/s")
+            add(fig + "_rate", who, "median", median_of(ring, f"{bench}/{kib}", "items_per_second"), "frames/s")
+    # The reader's wake-up: a slot there and back through two rings, without
+    # and with spinning, beside the raw eventfd round trip.
+    for stat, key in (("median", "p50_us"), ("p99", "p99_us")):
+        for fig, arg in (("ring_rtt", 0), ("ring_rtt_spin", 50)):
+            add(fig, "forklift", stat, median_of(ring, f"BM_RingPingPong/{arg}", key), "us")
+            add(fig, "limit:eventfd", stat, median_of(proc, "BM_RawEventfdRoundTrip", key), "us")
+    for kib in PIPELINE_KIB:
+        fig = "handoff_pipelined_" + SIZE_NAMES[kib]
+        add(fig, "forklift", "median", median_of(ring, f"BM_RingHandoff/{kib}", "bytes_per_second") / 1e9, "GB/s")
+        add(fig, "limit:fill-then-read", "median",
+            median_of(shm, f"BM_FillThenReadHeap/{kib}", "bytes_per_second") / 1e9, "GB/s")
+
     mgr, _ = run_gbench("manager_bench", reps, env)
     for n in (1, 8, 64):
         add(f"fanin_{n}", "forklift", "median", median_of(mgr, f"BM_ManagerFanIn/{n}", "items_per_second"), "msg/s")
@@ -148,12 +176,22 @@ ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "call_threads_1
         "start_ready:median", "stop:median", "metrics_per_msg:median"] + \
        [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + \
        [f"handoff_{SIZE_NAMES[k]}:median:4arrays" for k in SIZES_KIB] + \
+       [f"handoff_pipelined_{SIZE_NAMES[k]}:median" for k in PIPELINE_KIB] + \
+       [f"ring_frames_{RING_NAMES[k]}:median" for k in RING_FRAME_KIB] + \
+       [f"ring_frames_{RING_NAMES[k]}_rate:median" for k in RING_FRAME_KIB] + \
+       ["ring_rtt:median", "ring_rtt:p99", "ring_rtt_spin:median", "ring_rtt_spin:p99"] + \
        ["create_1MiB_anonymous:median", "create_1MiB_named:median"] + \
        ["fanin_1:median", "fanin_8:median", "fanin_64:median"]
 LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "call_threads_1": "limit:socketpair",
             "start_ready": "limit:fork",
             "create_1MiB_anonymous": "limit:memfd", "create_1MiB_named": "limit:memfd",
-            **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB}}
+            **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB},
+            **{f"handoff_pipelined_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in PIPELINE_KIB},
+            **{f"ring_frames_{RING_NAMES[k]}{r}": "limit:memcpy" for k in RING_FRAME_KIB for r in ("", "_rate")},
+            "ring_rtt": "limit:eventfd", "ring_rtt_spin": "limit:eventfd"}
+# Figures the peers measure under another name: the pipelined handoff is
+# set beside their (synchronous, loaned-sample) handoff of the same size.
+PEER_FIGURE_OF = {f"handoff_pipelined_{SIZE_NAMES[k]}": f"handoff_{SIZE_NAMES[k]}" for k in PIPELINE_KIB}
 
 
 def speed_ratio(fk, other, unit):
@@ -168,6 +206,8 @@ def fmt(v, unit):
         return "—"
     if unit == "msg/s":
         return f"{v / 1e3:,.0f} k"
+    if unit == "frames/s":
+        return f"{v:,.0f}"
     if unit == "GB/s":
         return f"{v:.2f}"
     if v < 1:
@@ -193,8 +233,9 @@ def table(results):
         unit = fk["unit"]
         lim_name = LIMIT_OF.get(fig)
         lim = by.get((fig, stat, lim_name)) if lim_name else None
-        py = by.get((fig, stat, "python-valkka"))
-        ix = by.get((fig, stat, "iceoryx"))
+        peer_fig = PEER_FIGURE_OF.get(fig, fig)
+        py = by.get((peer_fig, stat, "python-valkka"))
+        ix = by.get((peer_fig, stat, "iceoryx"))
         v = lambda e: e["value"] if e else None
         label = fig if stat == "median" else f"{fig} ({stat})"
         if variant:

@@ -7,6 +7,7 @@
 #include "forklift/manager.hpp"
 #include "forklift/message.hpp"
 #include "forklift/process.hpp"
+#include "forklift/ring_buffer.hpp"
 #include "forklift/sync.hpp"
 #include "forklift/shm.hpp"
 #include "forklift/shm_array.hpp"

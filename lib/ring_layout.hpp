@@ -1,0 +1,141 @@
+// forklift - the ring buffer's shared layout and its protocol steps (internal)
+//
+// The payload of a ring's segment: `RingHeader`, then N `RingSlotMeta`, the
+// delivery queue D (N x u64 entries: seq << 16 | slot), the return queue R
+// (N x u32 slot indices), then the N slots. Offsets are from the payload's
+// start, each 64-byte aligned. The format fields are written once by the
+// creator before the segment is shared; `magic` last, with release.
+//
+// Cursors (monotonic, never wrap in practice):
+//   head   D positions published; written by the writer only.
+//   tail   D positions taken, << 1, low bit set when the writer took the
+//          last one (a drop); advanced by CAS by either side.
+//   rHead  R positions pushed; reader only.   rTail  R positions popped; writer only.
+// `readerRecord` is the reader's claim on one slot, so a new reader can
+// recover the slot of a dead one (see lib/ring_buffer.cpp): none, pending
+// (slot s at D position p, CAS not known to have won), held (slot s), or
+// releasing (slot s into R position p).
+//
+// The doorbell steps below are the whole wake-up protocol (the argument is
+// in ring_buffer.hpp); the ring calls exactly these, and the test
+// enumerates their interleavings.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace forklift::detail {
+
+// pidfd_open(pid, 0), through a pointer that tests swap to make pidfds
+// missing (ENOSYS), as on old kernels and in some sandboxes.
+using RingPidfdOpenFn = int (*)(int pid);
+extern RingPidfdOpenFn ringPidfdOpen;
+
+inline constexpr std::uint64_t kRingMagic = 0x314f474e49524b46ull;  // "FKRINGO1"
+inline constexpr std::uint32_t kRingVersion = 1;
+
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free &&
+                  std::atomic<std::int32_t>::is_always_lock_free,
+              "the ring's cursors must be lock-free to be shared between processes");
+
+struct alignas(64) RingHeader {
+  // format, written once
+  std::atomic<std::uint64_t> magic;
+  std::uint32_t version;
+  std::uint32_t slotCount;
+  std::uint64_t slotBytes;
+  std::uint64_t slotStride;
+  std::uint64_t metaOffset;
+  std::uint64_t deliverOffset;
+  std::uint64_t returnOffset;
+  std::uint64_t dataOffset;
+  std::uint8_t policy;
+  std::uint8_t dtype;  // 0: raw bytes
+  std::uint8_t rank;
+  std::uint8_t layout;
+  std::uint32_t reserved0;
+  std::int64_t shape[8];
+  // writer's line
+  alignas(64) std::atomic<std::uint64_t> head;
+  std::atomic<std::uint64_t> rTail;
+  std::atomic<std::uint32_t> writerArmed;
+  std::atomic<std::int32_t> writerPid;
+  std::atomic<std::uint32_t> writerEpoch;
+  // the contested line
+  alignas(64) std::atomic<std::uint64_t> tail;
+  std::atomic<std::uint64_t> drops;
+  std::atomic<std::uint64_t> torn;
+  // reader's line
+  alignas(64) std::atomic<std::uint64_t> rHead;
+  std::atomic<std::uint64_t> readerRecord;
+  std::atomic<std::uint64_t> consumed;
+  std::atomic<std::uint32_t> readerArmed;
+  std::atomic<std::int32_t> readerPid;
+  std::atomic<std::uint32_t> readerEpoch;
+};
+
+struct alignas(64) RingSlotMeta {
+  std::atomic<std::uint64_t> seq;  // 2*sequence once committed, odd while filled
+  std::uint64_t bytes;
+  std::int64_t timestampNs;
+  std::int64_t user[4];
+};
+static_assert(sizeof(RingSlotMeta) == 64);
+static_assert(std::is_standard_layout_v<RingHeader>);
+
+// ---- queue entries and the reader's record
+
+inline std::uint64_t deliverEntry(std::uint64_t seq, std::uint32_t slot) noexcept { return seq << 16 | slot; }
+inline std::uint32_t entrySlot(std::uint64_t e) noexcept { return static_cast<std::uint32_t>(e & 0xffff); }
+inline std::uint64_t entrySeq(std::uint64_t e) noexcept { return e >> 16; }
+
+enum class RecordState : std::uint64_t { None = 0, Pending = 1, Held = 2, Releasing = 3 };
+inline std::uint64_t record(RecordState s, std::uint32_t slot, std::uint64_t pos) noexcept {
+  return static_cast<std::uint64_t>(s) | std::uint64_t{slot} << 2 | pos << 18;
+}
+inline RecordState recordState(std::uint64_t r) noexcept { return static_cast<RecordState>(r & 3); }
+inline std::uint32_t recordSlot(std::uint64_t r) noexcept { return static_cast<std::uint32_t>(r >> 2 & 0xffff); }
+inline std::uint64_t recordPos(std::uint64_t r) noexcept { return r >> 18; }
+
+inline std::uint64_t tailPos(std::uint64_t t) noexcept { return t >> 1; }
+inline bool tailByWriter(std::uint64_t t) noexcept { return (t & 1) != 0; }
+
+// ---- the doorbell protocol, one function per step
+
+// Producer side of a queue: makes `n` published (the slots before it are
+// filled). Release: the consumer that loads it sees them.
+inline void bellPublish(std::atomic<std::uint64_t>& cursor, std::uint64_t n) noexcept {
+  cursor.store(n, std::memory_order_release);
+}
+// Producer, after publishing: true when the consumer armed itself and
+// `available` (what it may take now) reaches the count it armed for; the
+// call then disarms it (so one arming gets one ring). The full fence orders
+// the publish before the load of `armed`.
+inline bool bellMustRing(std::atomic<std::uint32_t>& armed, std::uint64_t available) noexcept {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  const std::uint32_t want = armed.load(std::memory_order_relaxed);
+  if (want == 0 || available < want) return false;
+  return armed.exchange(0, std::memory_order_relaxed) != 0;
+}
+// Consumer, before it sleeps: arms for `want` (>= 1) items, and the full
+// fence orders the arming before the re-check of the queue that must
+// follow. The re-check looks for one item: a consumer that finds one does
+// not sleep. Arming for more than one is safe only when that many are
+// bound to come (see RingWriter::reserve).
+inline void bellArm(std::atomic<std::uint32_t>& armed, std::uint32_t want = 1) noexcept {
+  armed.store(want, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+inline void bellDisarm(std::atomic<std::uint32_t>& armed) noexcept { armed.store(0, std::memory_order_relaxed); }
+
+// The re-checks: something to take?
+inline bool deliverReady(const RingHeader& h) noexcept {
+  return tailPos(h.tail.load(std::memory_order_acquire)) < h.head.load(std::memory_order_acquire);
+}
+inline bool returnReady(const RingHeader& h) noexcept {
+  return h.rTail.load(std::memory_order_relaxed) < h.rHead.load(std::memory_order_acquire);
+}
+
+}  // namespace forklift::detail
