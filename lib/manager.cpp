@@ -288,10 +288,14 @@ void Manager::restartWorker(Worker& w) {
 
 void Manager::watch(int fd, std::function<void(int)> fn) { sources_->watch(fd, std::move(fn), false); }
 void Manager::unwatch(int fd) { sources_->unwatch(fd); }
+// The loop's clock is read once per turn; a timer set long after the last
+// turn (a loop driven with runUntil sleeps between waits) counts from now.
 std::uint64_t Manager::after(Timeout delay, std::function<void()> fn) {
+  uv_update_time(&loop_);
   return sources_->addTimer(delay, Timeout::zero(), std::move(fn));
 }
 std::uint64_t Manager::every(Timeout period, std::function<void()> fn) {
+  uv_update_time(&loop_);
   return sources_->addTimer(period, period, std::move(fn));
 }
 void Manager::cancel(std::uint64_t id) { sources_->cancel(id); }
@@ -530,6 +534,7 @@ bool Manager::runUntil(const std::function<bool()>& done, Timeout timeout) {
     if (done()) return true;
     if (d.expired()) return false;
     if (!d.forever()) {
+      uv_update_time(&loop_);
       const auto ms = std::chrono::ceil<std::chrono::milliseconds>(d.remaining()).count();
       uv_timer_start(&stepTimer_, [](uv_timer_t*) {}, static_cast<std::uint64_t>(ms), 0);
     }

@@ -73,8 +73,10 @@ MessageProcess::~MessageProcess() {
                    "postRun__; call stop() in the subclass's destructor");
   }
   try {
+    // A backend that ended before (and was reported then) is only reaped here.
+    const bool wasRunning = child_ && !child_->ended();
     const ExitStatus s = stop(options_.stopTimeout);
-    if (!s.ok() && !destroying_) logger().warn("stopped by the destructor: {}", s.describe());
+    if (!s.ok() && !destroying_ && wasRunning) logger().warn("stopped by the destructor: {}", s.describe());
   } catch (const std::exception& e) {
     logger().error("destructor could not stop the backend: {}", e.what());
   }
