@@ -52,7 +52,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     bool ready = false;          // takes tasks
     bool recycle = false;        // replace once idle
     bool replacing = false;      // its exit is ours: not a death
-    Task* timedOut = nullptr;    // killed for this task's timeout
+    std::uint64_t timedOut = 0;  // killed for this task's timeout (its id)
     std::size_t tasksDone = 0;
   };
   static constexpr std::size_t kNoSlot = static_cast<std::size_t>(-1);
@@ -120,6 +120,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   void onDeath(std::size_t slot, const MessageProcess* process, ExitStatus status);
   void replace(Slot& s, bool counted);
   void breakPool(const std::string& why);
+  void killBusy();
   void event(WorkerEvent e);
   template <class Fn>
   void user(const char* what, Fn&& fn);
@@ -360,7 +361,7 @@ void PoolCore::onTimeout(std::size_t index, std::uint64_t id, std::uint64_t toke
   if (it == tasks_.end() || it->second->token != token || it->second->slot != index) return;
   if (s.timedOut || !s.ready) return;  // already ending
   Task& t = *it->second;
-  s.timedOut = &t;
+  s.timedOut = t.id;
   s.ready = false;
   MessageProcess& p = *s.process;
   event({WorkerEvent::Kind::TimedOut, index, p.pid(), {},
@@ -401,7 +402,7 @@ void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitSta
   }
   const std::string who = s.process->fullName();
   const std::string how = status.describe();
-  Task* killed = s.timedOut;
+  const std::uint64_t killed = s.timedOut;  // a task that ended meanwhile is not here
   if (!killed)
     event({WorkerEvent::Kind::Died, index, s.process->pid(), status, who + " died: " + how});
   // The front task was running: it fails or runs again; the others go back
@@ -410,7 +411,7 @@ void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitSta
   for (std::size_t i = 0; i < s.inFlight.size(); ++i) {
     Task* t = s.inFlight[i];
     t->slot = kNoSlot;
-    if (i > 0 || (killed && t != killed)) {
+    if (i > 0 || (killed && t->id != killed)) {
       --t->attempts;  // it never ran
       back.push_back(t);
       continue;
@@ -422,7 +423,7 @@ void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitSta
     }
     std::exception_ptr e;
     const std::string task = "task " + std::to_string(t->id) + " ('" + t->command + "')";
-    if (killed == t)
+    if (killed == t->id)
       e = std::make_exception_ptr(TaskTimeout(task + " ran longer than its timeout of " + ms(t->timeout) +
                                               "; its worker " + who + " was killed and replaced"));
     else
@@ -431,7 +432,7 @@ void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitSta
   }
   s.inFlight.clear();
   queue_.insert(queue_.begin(), back.begin(), back.end());
-  s.timedOut = nullptr;
+  s.timedOut = 0;
   replace(s, true);
   pump();
 }
@@ -484,13 +485,14 @@ void PoolCore::replace(Slot& s, bool counted) {
     return;
   }
   s.ready = true;
-  event({WorkerEvent::Kind::Started, s.index, raw->pid(), {}, raw->fullName() + " started"});
+  event({WorkerEvent::Kind::Restarted, s.index, raw->pid(), {}, raw->fullName() + " started in place of the last"});
 }
 
 void PoolCore::breakPool(const std::string& why) {
   if (!broken_.empty()) return;
   broken_ = why;
   poolLog()->error("{}", why);
+  killBusy();
   std::vector<Task*> left;
   for (auto& [id, t] : tasks_) left.push_back(t.get());
   std::sort(left.begin(), left.end(), [](Task* a, Task* b) { return a->id < b->id; });
@@ -507,6 +509,13 @@ void PoolCore::breakPool(const std::string& why) {
   loop_.requestStop();  // the workers left are stopped when the loop ends
 }
 
+// Workers still inside a task whose future has failed: nobody waits for
+// them, so they are not waited for either.
+void PoolCore::killBusy() {
+  for (auto& s : slots_)
+    if (!s.inFlight.empty() && s.process->started() && s.process->pid() != ::getpid()) s.process->signal(SIGKILL);
+}
+
 // ---------------------------------------------------------------- waiting
 
 bool PoolCore::waitFor(const std::function<bool()>& done, Timeout timeout, const char* method) {
@@ -521,6 +530,7 @@ bool PoolCore::waitFor(const std::function<bool()>& done, Timeout timeout, const
 
 void PoolCore::stopAll(const std::string& why) {
   stopping_ = true;  // exits from here on are the pool's own
+  killBusy();
   loop_.finish();
   std::vector<Task*> left;
   for (auto& [id, t] : tasks_) left.push_back(t.get());

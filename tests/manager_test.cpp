@@ -9,6 +9,7 @@
 #include <map>
 #include <thread>
 
+#include "forklift/shm_array.hpp"
 #include "forklift/sync.hpp"
 #include "support.hpp"
 
@@ -541,6 +542,39 @@ TEST(Manager, RunUntilDrivesTheLoopFromTheCaller) {
   EXPECT_EQ(m.finish(), 0);
   EXPECT_FALSE(w.isAlive());
   EXPECT_FALSE(test::hasChildren());
+}
+
+// A worker that owns a shared-memory segment: replacing it removes the
+// segment with the object.
+class Owner : public MessageProcess {
+ public:
+  explicit Owner(std::string name)
+      : MessageProcess(name), array_(ShmArray<double>::create(ShmName(name), 4, 4)) {}
+  ~Owner() override { stop(); }
+
+ private:
+  ShmArray<double> array_;
+};
+
+TEST(Manager, AReplacedWorkersSegmentsGoWithIt) {
+  Manager m;
+  m.emplace<Owner>("owner-0");
+  const std::string mine = "fk." + std::to_string(::getpid()) + ".";
+  auto countMine = [&] {
+    int n = 0;
+    for (const auto& s : test::forkliftSegments()) n += s.rfind(mine, 0) == 0;
+    return n;
+  };
+  int during = -1;
+  m.after(0ms, [&] {
+    for (int i = 1; i <= 3; ++i) m.replace(m.worker(0), std::make_unique<Owner>("owner-" + std::to_string(i)));
+    during = countMine();
+    m.requestStop();
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_LE(during, 1);  // the last one's, unless segments have no names at all
+  EXPECT_EQ(m.worker(0).name(), "owner-3");
 }
 
 }  // namespace

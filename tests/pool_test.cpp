@@ -146,7 +146,7 @@ TEST(Pool, ATaskOverItsTimeoutGetsItsWorkerKilledAndReplaced) {
   ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[0].kind, WorkerEvent::Kind::TimedOut);
   EXPECT_EQ(events[0].pid, before0);
-  EXPECT_EQ(events[1].kind, WorkerEvent::Kind::Started);
+  EXPECT_EQ(events[1].kind, WorkerEvent::Kind::Restarted);
   EXPECT_EQ(events[1].index, 0u);
   // The replacement works.
   EXPECT_EQ(pool.submit("square", {{"x", 5}}).get().as<double>(), 25.0);
@@ -350,6 +350,21 @@ TEST(Pool, InProcessWorkersRunTasksAndAreReplacedAfterATimeout) {
   EXPECT_EQ(pool.map({5, 6}), (std::vector<int>{5, 6}));
   EXPECT_EQ(pool.pool().restarts(), 1u);
   std::this_thread::sleep_for(400ms);  // the abandoned thread ends its sleep and leaves
+}
+
+TEST(Pool, StopFailsWhatIsLeftAndDoesNotWaitForABusyWorker) {
+  WorkerPool pool(jobs(), workers(2));
+  auto hung = pool.submit("hang");
+  std::vector<TaskFuture<Value>> queued;
+  for (int i = 0; i < 5; ++i) queued.push_back(pool.submit("nap", {{"ms", 1000}}));
+  pool.poll();
+  const auto t0 = Clock::now();
+  pool.stop();
+  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_EQ(test::thrown<PoolBroken>([&] { hung.get(); }), "task 1 ('hang'): the pool was stopped");
+  for (auto& f : queued) EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { f.get(); }), "the pool was stopped"));
+  EXPECT_FALSE(test::hasChildren());
+  EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { pool.submit("pid"); }), "the pool was stopped"));
 }
 
 }  // namespace

@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
     progress.interrupt();
     if (e.kind == Kind::Died) std::printf("worker %zu died: %s\n", e.index, e.status.describe().c_str());
     if (e.kind == Kind::TimedOut) std::printf("worker %zu was killed: a task ran past its timeout\n", e.index);
-    if (e.kind == Kind::Started) std::printf("worker %zu replaced by a new process\n", e.index);
+    if (e.kind == Kind::Restarted) std::printf("worker %zu replaced by a new process\n", e.index);
   });
   int results = 0;
   pool.pool().onResult([&](const forklift::TaskInfo&, const forklift::CallResult&) {

@@ -116,7 +116,8 @@ class PoolBroken : public Error {
 
 struct WorkerEvent {
   enum class Kind : std::uint8_t {
-    Started,    // a worker is running (at the start and after each replacement)
+    Started,    // a worker is running (at the pool's start)
+    Restarted,  // a new worker runs in the place of one that died, timed out or was recycled
     Died,       // a worker ended without being asked: `status` says how
     TimedOut,   // a worker was killed for a task's timeout
     Recycled,   // a worker is replaced after recycleAfter tasks, or by setFunction
@@ -253,7 +254,8 @@ class WorkerPool {
   bool suspended() const;
   // No more tasks: waits for the ones submitted, then stops the workers.
   void finalize();
-  // Stops at once: tasks not done fail with PoolBroken("stopped").
+  // Stops at once: tasks not done fail with PoolBroken("stopped"); workers
+  // still inside a task are killed, the others stopped in order.
   void stop();
 
   std::size_t size() const;
