@@ -270,7 +270,10 @@ void Manager::erase(Worker& w, std::unique_ptr<MessageProcess> fresh) {
     // object from under that thread. It is left to the end of the process.
     managerLog()->error("{}: its in-process backend thread is stuck and was abandoned; the object is leaked",
                         gone->process->fullName());
-    (void)gone->process.release();
+    static std::mutex abandonedMutex;
+    static std::vector<std::unique_ptr<MessageProcess>>* abandoned = new std::vector<std::unique_ptr<MessageProcess>>;
+    std::lock_guard lock(abandonedMutex);
+    abandoned->push_back(std::move(gone->process));  // reachable, never destroyed
   }
   gone.reset();  // descriptors, shared memory and user data go with it
   if (added && ran_ && !stopRequested_) {

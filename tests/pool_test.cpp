@@ -283,6 +283,16 @@ TEST(Pool, TheFunctionAndItsFixedArgumentsChangeBetweenBatches) {
   EXPECT_EQ(two.map({{"ab", 2}, {"c", 3}}), (std::vector<std::string>{"abab", "ccc"}));
   EXPECT_TRUE(test::contains(test::thrown<TypeError>([&] { two.pool().submit("call", {{"a", List{1, 2}}}).get(); }),
                              "argument 1: int found"));
+
+  // No arguments, no result.
+  FunctionPool<int()> none([] { return 7; }, workers(1));
+  EXPECT_EQ(none.submit().get(), 7);
+  EXPECT_EQ(none.map({{}, {}}), (std::vector<int>{7, 7}));
+  FunctionPool<void(int)> sink([](int) {}, workers(1));
+  sink.map({1, 2, 3});
+  sink.submit(4).get();
+  EXPECT_EQ(sink.pool().failedTasks(), 0u);
+  EXPECT_EQ(sink.pool().completed(), 1u);  // a new batch began with submit(4)
 }
 
 TEST(Pool, ABoundedQueueMakesSubmitWait) {

@@ -59,7 +59,11 @@
 // the operation is deferred until that callback returned; failures of a
 // deferred start are logged. A reference to a removed or replaced worker is
 // dangling once the operation ran. Indices of the workers after a removed
-// one shift down by one.
+// one shift down by one. A restart or replacement forks from the loop's
+// thread: under runAsThread() other threads run then, and start() refuses
+// unless the worker's ProcessOptions::allowThreads is set (there is no fork
+// server yet); a loop run with run() or runUntil() in a program without
+// other threads forks safely.
 //
 // Per-worker data without casts: `worker<P>(i)` and `as<P>(w)` return the
 // worker as its own class (Error when it is not one), `data<T>(w)` is a T
