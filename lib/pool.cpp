@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <deque>
 #include <thread>
 #include <unordered_map>
@@ -22,6 +23,18 @@ std::shared_ptr<spdlog::logger> poolLog() {
 }
 
 std::string ms(Timeout t) { return std::to_string(t.count()) + " ms"; }
+
+// Resident memory of a forked worker (0 in-process, or when unknown).
+std::size_t residentBytes(const MessageProcess& p) {
+  if (p.pid() <= 0 || p.pid() == ::getpid()) return 0;
+  const std::string path = "/proc/" + std::to_string(p.pid()) + "/statm";
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return 0;
+  unsigned long size = 0, resident = 0;
+  const int n = std::fscanf(f, "%lu %lu", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) : 0;
+}
 
 }  // namespace
 
@@ -104,6 +117,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
 
   std::function<void(const TaskInfo&, const CallResult&)> onResult_;
   std::function<void(double)> onProgress_;
+  std::function<void()> onFinished_;
   std::function<void(const WorkerEvent&)> onEvent_;
   std::function<void(std::size_t, Message&)> onMessage_;
 
@@ -311,6 +325,7 @@ void PoolCore::onReply(std::uint64_t id, std::uint64_t token, CallResult r) {
   ++s.tasksDone;
   finishTask(t, std::move(r));
   if (options_.recycleAfter && s.tasksDone >= options_.recycleAfter) s.recycle = true;
+  if (options_.recycleAboveRss && !s.recycle && residentBytes(*s.process) > options_.recycleAboveRss) s.recycle = true;
   if (s.recycle && s.inFlight.empty() && s.ready && !stopping_ && broken_.empty()) {
     event({WorkerEvent::Kind::Recycled, s.index, s.process->pid(), {},
            s.process->fullName() + " is recycled after " + std::to_string(s.tasksDone) + " tasks"});
@@ -335,6 +350,7 @@ void PoolCore::finishTask(Task& t, CallResult r) {
     const double p = submitted_ ? static_cast<double>(completed_) / static_cast<double>(submitted_) : 1.0;
     user("progress", [&] { onProgress_(p); });
   }
+  if (onFinished_ && finished()) user("finished", [&] { onFinished_(); });
 }
 
 // ---------------------------------------------------------------- timeouts
@@ -624,6 +640,7 @@ std::vector<Value> WorkerPool::map(const std::string& command, std::vector<Map> 
 
 void WorkerPool::onResult(std::function<void(const TaskInfo&, const CallResult&)> fn) { core_->onResult_ = std::move(fn); }
 void WorkerPool::onProgress(std::function<void(double)> fn) { core_->onProgress_ = std::move(fn); }
+void WorkerPool::onFinished(std::function<void()> fn) { core_->onFinished_ = std::move(fn); }
 void WorkerPool::onWorkerEvent(std::function<void(const WorkerEvent&)> fn) { core_->onEvent_ = std::move(fn); }
 void WorkerPool::onMessage(std::function<void(std::size_t, Message&)> fn) { core_->onMessage_ = std::move(fn); }
 

@@ -30,6 +30,7 @@ class Jobs : public MessageProcess {
     command("pid", &Jobs::c__pid);
     command("nap", &Jobs::c__nap, {"ms"});
     command("fail", &Jobs::c__fail);
+    command("grow", &Jobs::c__grow, {"mib"});
   }
 
  private:
@@ -54,6 +55,12 @@ class Jobs : public MessageProcess {
     return ms;
   }
   void c__fail() { throw std::runtime_error("this task fails"); }
+  // Keeps `mib` MiB more, touched, so they count as resident.
+  int c__grow(int mib) {
+    ballast_.emplace_back(static_cast<std::size_t>(mib) << 20, 'x');
+    return static_cast<int>(::getpid());
+  }
+  std::vector<std::string> ballast_;
 };
 
 WorkerPool::Factory jobs() {
@@ -86,6 +93,8 @@ TEST(Pool, TenThousandTasksOverFourWorkersEachResolvedOnceWithItsResult) {
       progressInRange = progressInRange && p > 0 && p <= 1.0;
       lastProgress = p;
     });
+    int finishedCalls = 0;
+    pool.pool().onFinished([&] { ++finishedCalls; });
     std::vector<TaskFuture<std::int64_t>> fs;
     fs.reserve(kTasks);
     for (int i = 0; i < kTasks; ++i) fs.push_back(pool.submit(i));
@@ -99,6 +108,7 @@ TEST(Pool, TenThousandTasksOverFourWorkersEachResolvedOnceWithItsResult) {
     EXPECT_DOUBLE_EQ(pool.pool().progress(), 1.0);
     EXPECT_DOUBLE_EQ(lastProgress, 1.0);
     EXPECT_TRUE(progressInRange);
+    EXPECT_GE(finishedCalls, 1);  // at least at the end (also whenever the workers caught up)
     ASSERT_EQ(callbacks.size(), static_cast<std::size_t>(kTasks));
     EXPECT_TRUE(std::all_of(callbacks.begin(), callbacks.end(), [](const auto& kv) { return kv.second == 1; }));
     EXPECT_EQ(usedWorkers.size(), 4u);
@@ -328,6 +338,16 @@ TEST(Pool, WorkersAreRecycledAfterKTasks) {
   for (int i = 0; i < 9; ++i) pids.insert(pool.submit("pid").get().as<int>());
   EXPECT_EQ(pids.size(), 3u);
   EXPECT_EQ(pool.restarts(), 0u);  // recycling is not a restart
+}
+
+TEST(Pool, WorkersAreRecycledAboveAResidentSize) {
+  PoolOptions o = workers(1);
+  o.recycleAboveRss = 64u << 20;
+  WorkerPool pool(jobs(), o);
+  const int first = pool.submit("grow", {{"mib", 1}}).get().as<int>();
+  EXPECT_EQ(pool.submit("grow", {{"mib", 1}}).get().as<int>(), first);  // small: kept
+  EXPECT_EQ(pool.submit("grow", {{"mib", 100}}).get().as<int>(), first);
+  EXPECT_NE(pool.submit("grow", {{"mib", 1}}).get().as<int>(), first);  // the big one was replaced
 }
 
 TEST(Pool, OnlyItsOwnerThreadMayUseIt) {

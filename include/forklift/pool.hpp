@@ -31,7 +31,8 @@
 // RemoteError and is never retried. More than `restartLimit` replacements
 // within `restartWindow` is a crash loop: the pool breaks, every task left
 // fails with PoolBroken saying why, and later submits throw it. Workers may
-// be recycled (replaced by fresh ones) after `recycleAfter` tasks. The pool
+// be recycled (replaced by fresh ones) after `recycleAfter` tasks or above a
+// resident memory size (`recycleAboveRss`). The pool
 // never hangs on a dead worker: every wait also watches every worker's death.
 //
 // Threads: the pool has no thread of its own. It is driven by its owner,
@@ -82,6 +83,9 @@ struct PoolOptions {
   int restartLimit = 5;           // replacements allowed within restartWindow
   Timeout restartWindow = std::chrono::seconds(10);
   std::size_t recycleAfter = 0;   // replace a worker after this many tasks (0: never)
+  // Replace a worker whose resident memory is above this after a task (0:
+  // never; forked workers only; costs a read of /proc/<pid>/statm per task).
+  std::size_t recycleAboveRss = 0;
   Timeout stopTimeout = std::chrono::seconds(5);
   ProcessOptions process;         // of FunctionPool's workers
 };
@@ -229,6 +233,8 @@ class WorkerPool {
   // Callbacks, on the owner's thread inside the pool's waits.
   void onResult(std::function<void(const TaskInfo&, const CallResult&)> fn);
   void onProgress(std::function<void(double progress)> fn);
+  // The last task of a batch is done.
+  void onFinished(std::function<void()> fn);
   void onWorkerEvent(std::function<void(const WorkerEvent&)> fn);
   // sendOut__ messages of the workers.
   void onMessage(std::function<void(std::size_t worker, Message&)> fn);
