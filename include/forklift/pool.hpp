@@ -391,8 +391,8 @@ class FunctionPool<R(A...)> {
   void setFunction(FnFixed fn, Value fixed) { setInvoker(invoker(std::move(fn)), std::move(fixed)); }
   // Between batches (waits until finished): the workers keep running.
   void setFixed(Value fixed) {
-    pool_.callAll("fixed", {{"value", fixed}});
-    shared_->fixed = std::move(fixed);
+    shared_->fixed = fixed;  // first: a worker replaced meanwhile is forked with it
+    pool_.callAll("fixed", {{"value", std::move(fixed)}});
   }
 
   WorkerPool& pool() noexcept { return pool_; }
