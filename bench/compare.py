@@ -8,14 +8,19 @@ placement:
     raw one-way rate (the kernel limit), one-process fill-then-read and
     memcpy (the memory limit), bare fork until ready (the process limit);
   - the peers (bench/peers/run): the valkka-multiprocess mechanism in Python
-    and Eclipse iceoryx.
+    and Eclipse iceoryx;
+  - the pools: build/bench/pool_bench (empty tasks through a FunctionPool of
+    1, 2, 4, 8 workers, and a bare call() as the reference) beside Python's
+    multiprocessing.Pool and concurrent.futures.ProcessPoolExecutor running
+    the same empty tasks (bench/peers/pool_peer.py, Debian's python3), once
+    per run: the pools are not pinned.
 Every figure is a median over repetitions. Writes bench/results/<date>.json,
 bench/results/<date>.md (the tables), <date>-<placement>-handoff.png and
 -rtt.png, and refreshes the tables in README.md between its markers. The
 whole run is made twice: both processes of every contender on one CPU, and
 one CPU each.
 
-  bench/compare [--repetitions N] [--placements same,split] [--no-peers] [--no-readme]
+  bench/compare [--repetitions N] [--placements same,split] [--no-peers] [--no-readme] [--no-pool]
 """
 import argparse
 import datetime
@@ -169,6 +174,53 @@ def peer_figures(cpus, same_cpu):
         if os.path.exists(out):
             os.unlink(out)
     return data.get("results", []), data
+
+
+POOL_WORKERS = (1, 2, 4, 8)
+
+
+def pool_figures(reps):
+    """Empty tasks per second: forklift's pool and Python's, unpinned."""
+    R = []
+
+    def add(figure, contender, value, unit):
+        R.append({"figure": figure, "contender": contender, "stat": "median", "value": value, "unit": unit})
+
+    pool, _ = run_gbench("pool_bench", reps, dict(os.environ))
+    for n in POOL_WORKERS:
+        add(f"pool_tasks_{n}", "forklift", median_of(pool, f"BM_PoolEmptyTasks/{n}/1", "items_per_second"), "task/s")
+    add("pool_tasks_4_depth16", "forklift", median_of(pool, "BM_PoolEmptyTasks/4/16", "items_per_second"), "task/s")
+    bare = median_of(pool, "BM_BareCallEmpty", "items_per_second")
+    add("bare_call", "forklift", bare, "task/s")
+    one = median_of(pool, "BM_PoolEmptyTasks/1/1", "items_per_second")
+    # What the pool adds to a call: one worker's time per task minus a bare call's.
+    add("pool_overhead", "forklift", (1e6 / one) - (1e6 / bare), "us")
+    log("bench/peers/pool_peer.py ...")
+    r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "bench", "peers", "pool_peer.py"),
+                        "--repetitions", str(reps)], capture_output=True, text=True, timeout=900)
+    if r.returncode == 0:
+        R += json.loads(r.stdout)["results"]
+    else:
+        log(f"the pool peer failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+    return R
+
+
+def pool_table(results):
+    by = {(r["figure"], r["contender"]): r["value"] for r in results}
+    lines = ["| workers | forklift tasks/s | multiprocessing.Pool | forklift ÷ Pool | ProcessPoolExecutor | "
+             "forklift ÷ Executor |", "|---:|---:|---:|---:|---:|---:|"]
+    for n in POOL_WORKERS:
+        fk, mp, fu = (by.get((f"pool_tasks_{n}", c)) for c in ("forklift", "python-mp-pool", "python-futures"))
+        lines.append(f"| {n} | {fmt(fk, 'msg/s')} | {fmt(mp, 'msg/s')} | {fmt_ratio(speed_ratio(fk, mp, 'task/s'))} | "
+                     f"{fmt(fu, 'msg/s')} | {fmt_ratio(speed_ratio(fk, fu, 'task/s'))} |")
+    d16 = by.get(("pool_tasks_4_depth16", "forklift"))
+    over = by.get(("pool_overhead", "forklift"))
+    bare = by.get(("bare_call", "forklift"))
+    lines.append("")
+    lines.append(f"4 workers with queue depth 16: {fmt(d16, 'msg/s')} tasks/s. A bare call() of the same empty "
+                 f"command: {fmt(bare, 'msg/s')} calls/s; the pool's own cost per task (1 worker): "
+                 f"{fmt(over, 'us')} µs.")
+    return "\n".join(lines)
 
 
 LOWER_IS_BETTER = {"us"}
@@ -367,6 +419,7 @@ def main():
     ap.add_argument("--placements", default="same,split", help="same (both on CPU 0), split (CPU 0 and 1)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--no-pool", action="store_true")
     a = ap.parse_args()
     date = datetime.datetime.now().strftime("%Y-%m-%d")
     mach = machine()
@@ -393,6 +446,12 @@ def main():
                                   "results": results}
         sections.append((key, label, md, os.path.relpath(stem, ROOT)))
         print(f"\n{label}\n\n{md}\n", flush=True)
+    if not a.no_pool:
+        log("pools: empty tasks, unpinned")
+        pr = pool_figures(a.repetitions)
+        doc["pool"] = {"placement": "unpinned", "results": pr}
+        pmd = pool_table(pr)
+        print(f"\nPools, empty tasks (unpinned)\n\n{pmd}\n", flush=True)
     with open(os.path.join(outdir, f"{date}.json"), "w") as f:
         json.dump(doc, f, indent=1)
     with open(os.path.join(outdir, f"{date}.md"), "w") as f:
@@ -400,6 +459,8 @@ def main():
                 "Ratios: forklift's speed ÷ the other's (above 1: forklift is faster).\n")
         for key, label, md, stem_rel in sections:
             f.write(f"\n## {label}\n\n{md}\n")
+        if "pool" in doc:
+            f.write(f"\n## Pools, empty tasks (unpinned)\n\n{pool_table(doc['pool']['results'])}\n")
     if not a.no_readme:
         update_readme(sections, date, mach)
     log(f"wrote bench/results/{date}.json, {date}.md and the plots")

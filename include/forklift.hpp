@@ -6,6 +6,7 @@
 #include "forklift/log.hpp"
 #include "forklift/manager.hpp"
 #include "forklift/message.hpp"
+#include "forklift/pool.hpp"
 #include "forklift/process.hpp"
 #include "forklift/ring_buffer.hpp"
 #include "forklift/sync.hpp"

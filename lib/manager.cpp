@@ -1,8 +1,11 @@
 #include "forklift/manager.hpp"
 
+#include <cxxabi.h>
 #include <signal.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <span>
 
 #include "forklift/log.hpp"
 #include "loop_sources.hpp"
@@ -10,17 +13,26 @@
 
 namespace forklift {
 
-// One worker and the two handles that watch it. Pinned on the heap: libuv
-// handles do not move.
-struct Manager::Worker {
-  Manager* manager = nullptr;
-  std::unique_ptr<MessageProcess> process;
+// One worker. Pinned on the heap: its handles point to it. The handles live
+// apart, freed in their close callbacks (libuv handles do not move and are
+// freed only there), so a worker can be restarted or destroyed at once.
+struct Manager::Handles {
   uv_poll_t outPoll{};
   uv_poll_t replyPoll{};
   uv_poll_t deathPoll{};
-  bool attached = false;  // the three handles initialised
-  bool outOpen = false;   // outPoll active
-  bool alive = false;     // deathPoll active, exit not reported yet
+  int open = 0;  // handles not closed yet
+};
+
+struct Manager::Worker {
+  Manager* manager = nullptr;
+  std::unique_ptr<MessageProcess> process;
+  Handles* handles = nullptr;  // set while attached
+  bool outOpen = false;        // outPoll active
+  bool alive = false;          // deathPoll active, exit not reported yet
+  int inCallback = 0;          // a callback of this worker is on the stack
+  Pending pending = Pending::None;
+  std::unique_ptr<MessageProcess> replacement;  // for Pending::Replace
+  std::any data;
 };
 
 namespace {
@@ -33,6 +45,26 @@ std::shared_ptr<spdlog::logger> managerLog() {
 void closeHandle(uv_handle_t* h) {
   if (!uv_is_closing(h)) uv_close(h, nullptr);
 }
+
+std::string demangle(const std::type_info& t) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(t.name(), nullptr, nullptr, &status);
+  std::string out = status == 0 && d ? d : t.name();
+  std::free(d);
+  return out;
+}
+
+// Marks a worker's callback on the stack: what it asks for itself waits.
+class InCallback {
+ public:
+  explicit InCallback(int& n) : n_(n) { ++n_; }
+  ~InCallback() { --n_; }
+  InCallback(const InCallback&) = delete;
+  InCallback& operator=(const InCallback&) = delete;
+
+ private:
+  int& n_;
+};
 
 }  // namespace
 
@@ -50,6 +82,8 @@ Manager::Manager(Options options) : options_(options) {
   prepare_.data = this;
   uv_timer_init(&loop_, &callbackTimer_);
   callbackTimer_.data = this;
+  uv_timer_init(&loop_, &stepTimer_);
+  stepTimer_.data = this;
   uv_signal_init(&loop_, &sigint_);
   uv_signal_init(&loop_, &sigterm_);
   sigint_.data = this;
@@ -61,6 +95,13 @@ Manager::Manager(Options options) : options_(options) {
 
 Manager::~Manager() {
   if (thread_.joinable()) stopThread();
+  if (ran_ && !ended_) {
+    try {
+      finish();
+    } catch (const std::exception& e) {
+      managerLog()->error("the manager's shutdown failed: {}", e.what());
+    }
+  }
   // Workers that run() did not stop stop below, in their destructors,
   // after their handles are gone.
   sources_->closeAll();
@@ -70,36 +111,195 @@ Manager::~Manager() {
   closeHandle(reinterpret_cast<uv_handle_t*>(&sigterm_));
   closeHandle(reinterpret_cast<uv_handle_t*>(&prepare_));
   closeHandle(reinterpret_cast<uv_handle_t*>(&callbackTimer_));
+  closeHandle(reinterpret_cast<uv_handle_t*>(&stepTimer_));
   uv_run(&loop_, UV_RUN_DEFAULT);
   uv_loop_close(&loop_);
   sources_.reset();
+  byProcess_.clear();
   workers_.clear();
 }
 
 // ---------------------------------------------------------------- setting up
 
 void Manager::addWorker(std::unique_ptr<MessageProcess> p) {
+  if (!p) throw Error("Manager::add: no worker (null)");
   if (p->started()) throw Error("Manager::add: " + p->name() + " is already started; the manager starts its workers");
   p->ignoreSigint();
   auto w = std::make_unique<Worker>();
   w->manager = this;
   w->process = std::move(p);
+  Worker& ref = *w;
+  byProcess_[ref.process.get()] = &ref;
   workers_.push_back(std::move(w));
   if (ran_ && !stopRequested_) {
     // Added while running: start and watch it now.
-    workers_.back()->process->start();
-    attach(*workers_.back());
+    ref.process->start();
+    attach(ref);
   }
 }
 
-MessageProcess& Manager::worker(std::size_t i) { return *workers_.at(i)->process; }
+MessageProcess& Manager::worker(std::size_t i) {
+  if (i >= workers_.size())
+    throw Error("Manager::worker: index " + std::to_string(i) + " out of range (" + std::to_string(workers_.size()) +
+                " workers)");
+  return *workers_[i]->process;
+}
+
+Manager::Worker& Manager::find(const MessageProcess& p, const char* method) const {
+  auto it = byProcess_.find(&p);
+  if (it == byProcess_.end())
+    throw Error(std::string("Manager::") + method + ": " + p.fullName() + " is not a worker of this manager");
+  return *it->second;
+}
+
+std::size_t Manager::indexOf(const MessageProcess& p) const {
+  const Worker& w = find(p, "indexOf");
+  for (std::size_t i = 0; i < workers_.size(); ++i)
+    if (workers_[i].get() == &w) return i;
+  return workers_.size();  // not reached: byProcess_ and workers_ agree
+}
+
+std::any& Manager::dataOf(MessageProcess& p) { return find(p, "data").data; }
+
+void Manager::throwNotA(const MessageProcess& w, const std::type_info& wanted) {
+  throw Error("Manager: worker " + w.fullName() + " is not a " + demangle(wanted));
+}
+
+void Manager::throwDataType(const MessageProcess& w, const std::type_info& has, const std::type_info& wanted) {
+  throw Error("Manager::data: the data of " + w.fullName() + " is a " + demangle(has) + ", not a " +
+              demangle(wanted));
+}
+
+// ---------------------------------------------------------------- remove, restart, replace
+
+void Manager::remove(MessageProcess& worker) { schedule(find(worker, "remove"), Pending::Remove, nullptr); }
+
+void Manager::restart(MessageProcess& worker) { schedule(find(worker, "restart"), Pending::Restart, nullptr); }
+
+void Manager::replaceWorker(MessageProcess& old, std::unique_ptr<MessageProcess> fresh) {
+  Worker& w = find(old, "replace");
+  if (!fresh) throw Error("Manager::replace: no replacement (null) for " + old.fullName());
+  if (fresh->started())
+    throw Error("Manager::replace: " + fresh->name() + " is already started; the manager starts its workers");
+  if (byProcess_.count(fresh.get())) throw Error("Manager::replace: " + fresh->fullName() + " is a worker already");
+  fresh->ignoreSigint();
+  schedule(w, Pending::Replace, std::move(fresh));
+}
+
+void Manager::schedule(Worker& w, Pending op, std::unique_ptr<MessageProcess> fresh) {
+  // A replacement wins over what was asked before; a removal over a restart.
+  if (w.pending == Pending::None || op == Pending::Replace || (op == Pending::Remove && w.pending == Pending::Restart)) {
+    w.pending = op;
+    w.replacement = std::move(fresh);
+  }
+  if (w.inCallback > 0 || shuttingDown_ || operating_) {
+    // Later, off this worker's stack: a posted job runs between callbacks.
+    if (!pendingPosted_) {
+      pendingPosted_ = true;
+      post([this] { runPending(); });
+    }
+    return;
+  }
+  operate(w);  // now; what start() throws reaches the caller
+}
+
+void Manager::operate(Worker& w) {
+  const Pending op = std::exchange(w.pending, Pending::None);
+  if (op == Pending::None) return;
+  operating_ = true;
+  struct Done {
+    bool& flag;
+    ~Done() { flag = false; }
+  } done{operating_};
+  if (op == Pending::Restart) {
+    restartWorker(w);
+  } else {
+    erase(w, op == Pending::Replace ? std::move(w.replacement) : nullptr);
+  }
+}
+
+void Manager::runPending() {
+  pendingPosted_ = false;
+  for (bool again = true; again;) {
+    again = false;
+    for (auto& up : workers_) {
+      Worker& w = *up;
+      if (w.pending == Pending::None || w.inCallback > 0) continue;
+      const bool restart = w.pending == Pending::Restart;
+      const std::string who = w.process->fullName();
+      try {
+        operate(w);
+      } catch (const std::exception& e) {
+        managerLog()->error("{} of {} failed: {}", restart ? "the restart" : "the replacement", who, e.what());
+      }
+      again = true;  // workers_ may have changed: look again from the start
+      break;
+    }
+  }
+}
+
+void Manager::stopWorker(Worker& w) {
+  if (w.alive) {
+    // The one ladder; the exit is reported below like any other.
+    MessageProcess* self = w.process.get();
+    MessageProcess::stopAll(std::span<MessageProcess* const>(&self, 1), options_.stopTimeout);
+    reapWorker(w);
+  }
+  detach(w);
+}
+
+void Manager::erase(Worker& w, std::unique_ptr<MessageProcess> fresh) {
+  stopWorker(w);
+  auto it = std::find_if(workers_.begin(), workers_.end(), [&](const auto& p) { return p.get() == &w; });
+  std::unique_ptr<Worker> gone = std::move(*it);
+  byProcess_.erase(gone->process.get());
+  const bool abandoned = gone->process->started() &&
+                         gone->process->waitStop(Timeout::zero()).how == ExitStatus::How::Abandoned;
+  Worker* added = nullptr;
+  if (fresh) {
+    auto nw = std::make_unique<Worker>();
+    nw->manager = this;
+    nw->process = std::move(fresh);
+    added = nw.get();
+    byProcess_[added->process.get()] = added;
+    *it = std::move(nw);  // the same index
+  } else {
+    workers_.erase(it);
+  }
+  if (abandoned) {
+    // Its thread still runs inside the object: destroying it would pull the
+    // object from under that thread. It is left to the end of the process.
+    managerLog()->error("{}: its in-process backend thread is stuck and was abandoned; the object is leaked",
+                        gone->process->fullName());
+    static std::mutex abandonedMutex;
+    static std::vector<std::unique_ptr<MessageProcess>>* abandoned = new std::vector<std::unique_ptr<MessageProcess>>;
+    std::lock_guard lock(abandonedMutex);
+    abandoned->push_back(std::move(gone->process));  // reachable, never destroyed
+  }
+  gone.reset();  // descriptors, shared memory and user data go with it
+  if (added && ran_ && !stopRequested_) {
+    added->process->start();
+    attach(*added);
+  }
+}
+
+void Manager::restartWorker(Worker& w) {
+  stopWorker(w);
+  if (!ran_ || stopRequested_) return;
+  w.process->start();
+  attach(w);
+}
 
 void Manager::watch(int fd, std::function<void(int)> fn) { sources_->watch(fd, std::move(fn), false); }
 void Manager::unwatch(int fd) { sources_->unwatch(fd); }
+// The loop's clock is read once per turn; a timer set long after the last
+// turn (a loop driven with runUntil sleeps between waits) counts from now.
 std::uint64_t Manager::after(Timeout delay, std::function<void()> fn) {
+  uv_update_time(&loop_);
   return sources_->addTimer(delay, Timeout::zero(), std::move(fn));
 }
 std::uint64_t Manager::every(Timeout period, std::function<void()> fn) {
+  uv_update_time(&loop_);
   return sources_->addTimer(period, period, std::move(fn));
 }
 void Manager::cancel(std::uint64_t id) { sources_->cancel(id); }
@@ -112,44 +312,65 @@ void Manager::startProcesses() {
 }
 
 void Manager::attach(Worker& w) {
-  if (w.attached) return;
+  if (w.handles) return;
   MessageProcess& p = *w.process;
   Channel& ch = p.outChannel();
   // The manager drains each wake-up in full, so reading greedily is safe
   // and saves a system call per message.
   ch.setReadMode(ReadMode::Greedy);
-  if (const int r = uv_poll_init(&loop_, &w.outPoll, ch.fd()); r < 0)
+  auto* h = new Handles;
+  auto fail = [&](const std::string& what, int r) {
+    h->outPoll.data = h;
+    h->replyPoll.data = h;
+    h->deathPoll.data = h;
+    closeHandles(h);
+    throw Error("Manager: cannot watch " + what + p.fullName() + ": " + uv_strerror(r));
+  };
+  if (const int r = uv_poll_init(&loop_, &h->outPoll, ch.fd()); r < 0) {
+    delete h;
     throw Error("Manager: cannot watch " + p.fullName() + ": " + uv_strerror(r));
+  }
+  h->open = 1;
   ch.assumeNonBlocking();  // uv_poll_init set O_NONBLOCK
-  if (const int r = uv_poll_init(&loop_, &w.replyPoll, p.replyFd()); r < 0) {
-    closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
-    throw Error("Manager: cannot watch the replies of " + p.fullName() + ": " + uv_strerror(r));
-  }
-  if (const int r = uv_poll_init(&loop_, &w.deathPoll, p.deathFd()); r < 0) {
-    closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
-    closeHandle(reinterpret_cast<uv_handle_t*>(&w.replyPoll));
-    throw Error("Manager: cannot watch the exit of " + p.fullName() + ": " + uv_strerror(r));
-  }
-  w.outPoll.data = &w;
-  w.replyPoll.data = &w;
-  w.deathPoll.data = &w;
+  if (const int r = uv_poll_init(&loop_, &h->replyPoll, p.replyFd()); r < 0) fail("the replies of ", r);
+  h->open = 2;
+  if (const int r = uv_poll_init(&loop_, &h->deathPoll, p.deathFd()); r < 0) fail("the exit of ", r);
+  h->open = 3;
+  h->outPoll.data = &w;
+  h->replyPoll.data = &w;
+  h->deathPoll.data = &w;
   // Callbacks of calls to this worker run on the loop, whoever read them.
   p.setCallbackDispatcher([this](std::function<void()> fn) { post(std::move(fn)); });
-  w.attached = true;
+  w.handles = h;
   w.outOpen = true;
   w.alive = true;
-  uv_poll_start(&w.outPoll, UV_READABLE | UV_DISCONNECT, &Manager::onWorkerReadable);
-  uv_poll_start(&w.replyPoll, UV_READABLE, &Manager::onWorkerReplies);
-  uv_poll_start(&w.deathPoll, UV_READABLE, &Manager::onWorkerDeath);
+  uv_poll_start(&h->outPoll, UV_READABLE | UV_DISCONNECT, &Manager::onWorkerReadable);
+  uv_poll_start(&h->replyPoll, UV_READABLE, &Manager::onWorkerReplies);
+  uv_poll_start(&h->deathPoll, UV_READABLE, &Manager::onWorkerDeath);
+}
+
+// Closes the first `h->open` handles; the last close callback frees them.
+void Manager::closeHandles(Handles* h) {
+  uv_poll_t* polls[] = {&h->outPoll, &h->replyPoll, &h->deathPoll};
+  const int n = h->open;
+  if (n == 0) {
+    delete h;
+    return;
+  }
+  for (int i = 0; i < n; ++i) {
+    polls[i]->data = h;  // no poll callback comes after uv_close
+    uv_close(reinterpret_cast<uv_handle_t*>(polls[i]), [](uv_handle_t* handle) {
+      auto* hs = static_cast<Handles*>(handle->data);
+      if (--hs->open == 0) delete hs;
+    });
+  }
 }
 
 void Manager::detach(Worker& w) {
-  if (!w.attached) return;
-  w.attached = false;
+  if (!w.handles) return;
+  Handles* h = std::exchange(w.handles, nullptr);
   w.outOpen = false;
-  closeHandle(reinterpret_cast<uv_handle_t*>(&w.outPoll));
-  closeHandle(reinterpret_cast<uv_handle_t*>(&w.replyPoll));
-  closeHandle(reinterpret_cast<uv_handle_t*>(&w.deathPoll));
+  closeHandles(h);
 }
 
 template <class Fn>
@@ -172,24 +393,30 @@ void Manager::drain(Worker& w, Drain until) {
       // recv(), not the channel: it turns a failed command into CommandError.
       m = w.process->tryRecv();
     } catch (const CommandError& e) {
-      guarded("the error handler", w.process.get(), [&] { handleError(*w.process, e.command(), e.what()); });
+      {
+        InCallback mark(w.inCallback);
+        guarded("the error handler", w.process.get(), [&] { handleError(*w.process, e.command(), e.what()); });
+      }
       if (until == Drain::Buffered && !ch.buffered()) return;
       continue;
     } catch (const StreamCorrupt& e) {
       managerLog()->error("{}: {}; no more messages are read from it", w.process->fullName(), e.what());
       w.outOpen = false;
-      uv_poll_stop(&w.outPoll);
+      if (w.handles) uv_poll_stop(&w.handles->outPoll);
       return;
     } catch (const PeerClosed&) {
       w.outOpen = false;
-      uv_poll_stop(&w.outPoll);
+      if (w.handles) uv_poll_stop(&w.handles->outPoll);
       return;
     } catch (const Error& e) {  // a malformed message: reported, the next one still comes
       managerLog()->error("{}: {}", w.process->fullName(), e.what());
       continue;
     }
     if (!m) return;
-    guarded("the message handler", w.process.get(), [&] { handleMessage(*w.process, *m); });
+    {
+      InCallback mark(w.inCallback);
+      guarded("the message handler", w.process.get(), [&] { handleMessage(*w.process, *m); });
+    }
     // Whole frames already read are handled now; for more, the loop wakes
     // us again (level-triggered), so one wake-up costs one read.
     if (until == Drain::Buffered && !ch.buffered()) return;
@@ -214,6 +441,7 @@ void Manager::reapWorker(Worker& w) {
   w.alive = false;
   w.process->pumpReplies();  // calls it outlived fail now (their callbacks are posted)
   detach(w);
+  InCallback mark(w.inCallback);
   guarded("the exit handler", w.process.get(), [&] { handleExit(*w.process, s); });
 }
 
@@ -245,8 +473,7 @@ void Manager::handleExit(MessageProcess& worker, const ExitStatus& status) {
 
 // ---------------------------------------------------------------- running
 
-int Manager::run() {
-  if (ran_) throw Error("Manager::run: a manager runs once");
+void Manager::begin() {
   ran_ = true;
   detail::setMetricsIdentity("manager", "");
   startProcesses();
@@ -263,12 +490,16 @@ int Manager::run() {
   }
   uv_prepare_start(&prepare_, [](uv_prepare_t* p) { static_cast<Manager*>(p->data)->armCallbackTimer(); });
   running_ = true;
-  runPosted();  // work posted before run()
-  if (!stopRequested_) uv_run(&loop_, UV_RUN_DEFAULT);
+  runPosted();  // work posted before the start
+}
+
+int Manager::end() {
+  ended_ = true;
   running_ = false;
   int code = shutdown();
   uv_prepare_stop(&prepare_);
   uv_timer_stop(&callbackTimer_);
+  uv_timer_stop(&stepTimer_);
   uv_signal_stop(&sigint_);
   uv_signal_stop(&sigterm_);
   {
@@ -281,7 +512,52 @@ int Manager::run() {
     closed = true;
   });
   if (!closed || unhandledErrors_) code = 1;
+  result_ = code;
   return code;
+}
+
+int Manager::run() {
+  if (ran_) throw Error("Manager::run: a manager runs once");
+  begin();
+  if (!stopRequested_) {
+    inLoop_ = true;
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    inLoop_ = false;
+  }
+  return end();
+}
+
+bool Manager::runUntil(const std::function<bool()>& done, Timeout timeout) {
+  if (inLoop_)
+    throw Error("Manager::runUntil: called from a callback of this manager's loop (loops do not nest); "
+                "wait outside the callback, or use the callback forms");
+  if (thread_.joinable()) throw Error("Manager::runUntil: the manager runs in its own thread (runAsThread)");
+  if (ended_) return done();
+  if (!ran_) begin();
+  const Deadline d(timeout);
+  while (!stopRequested_) {
+    if (done()) return true;
+    if (d.expired()) return false;
+    if (!d.forever()) {
+      uv_update_time(&loop_);
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(d.remaining()).count();
+      uv_timer_start(&stepTimer_, [](uv_timer_t*) {}, static_cast<std::uint64_t>(ms), 0);
+    }
+    inLoop_ = true;
+    uv_run(&loop_, UV_RUN_ONCE);
+    inLoop_ = false;
+    uv_timer_stop(&stepTimer_);
+  }
+  end();
+  return done();
+}
+
+int Manager::finish() {
+  if (inLoop_) throw Error("Manager::finish: called from a callback of this manager's loop");
+  if (thread_.joinable()) return stopThread();
+  if (ended_ || !ran_) return result_;
+  requestStop();
+  return end();
 }
 
 void Manager::post(std::function<void()> fn) {
@@ -306,7 +582,7 @@ void Manager::runPosted() {
 void Manager::armCallbackTimer() {
   std::optional<Deadline::Clock::time_point> next;
   for (auto& w : workers_) {
-    if (!w->attached) continue;
+    if (!w->handles) continue;
     auto d = w->process->nextCallbackDeadline();
     if (d && (!next || *d < *next)) next = d;
   }
@@ -320,7 +596,7 @@ void Manager::armCallbackTimer() {
       [](uv_timer_t* t) {
         auto* self = static_cast<Manager*>(t->data);
         for (auto& w : self->workers_)
-          if (w->attached) self->guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
+          if (w->handles) self->guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
       },
       static_cast<std::uint64_t>(std::max<std::int64_t>(0, left)), 0);
 }
@@ -332,6 +608,7 @@ void Manager::requestStop() {
 
 int Manager::shutdown() {
   stopRequested_ = true;
+  shuttingDown_ = true;
   std::vector<Worker*> live;
   std::vector<MessageProcess*> processes;
   for (auto& w : workers_)
@@ -348,7 +625,8 @@ int Manager::shutdown() {
     if (!s.ok() || s.escalation) code = 1;
     reapWorker(*w);  // last messages, then the exit callback
   }
-  runPosted();  // callbacks of calls the shutdown ended
+  shuttingDown_ = false;
+  runPosted();  // callbacks of calls the shutdown ended, removals asked meanwhile
   return code;
 }
 

@@ -5,9 +5,11 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <map>
 #include <thread>
 
+#include "forklift/shm_array.hpp"
 #include "forklift/sync.hpp"
 #include "support.hpp"
 
@@ -371,6 +373,208 @@ TEST(Manager, PostRunsWorkOnTheLoopFromAnyThread) {
   EXPECT_TRUE(test::eventually([&] { return ran.load() == 100; }, 5s));
   EXPECT_TRUE(onOtherThread.load());
   EXPECT_EQ(m.stopThread(), 0);
+}
+
+// Many threads post at once while the loop runs: every item runs exactly
+// once, and the items of one thread in the order it posted them.
+TEST(Manager, PostFromManyThreadsRunsEachItemOnceInOrderPerThread) {
+  constexpr int kThreads = 8, kItems = 5000;
+  Manager m;
+  m.emplace<Blaster>("w");
+  std::vector<std::vector<int>> seen(kThreads);  // touched on the loop thread only
+  m.runAsThread();
+  std::vector<std::thread> posters;
+  for (int t = 0; t < kThreads; ++t)
+    posters.emplace_back([&, t] {
+      for (int i = 0; i < kItems; ++i) m.post([&, t, i] { seen[static_cast<std::size_t>(t)].push_back(i); });
+    });
+  for (auto& th : posters) th.join();
+  std::atomic<bool> last{false};
+  m.post([&] { last = true; });  // after every item above, by the order rule
+  ASSERT_TRUE(test::eventually([&] { return last.load(); }, 10s));
+  EXPECT_EQ(m.stopThread(), 0);
+  for (int t = 0; t < kThreads; ++t) {
+    const auto& v = seen[static_cast<std::size_t>(t)];
+    ASSERT_EQ(v.size(), static_cast<std::size_t>(kItems)) << "thread " << t;
+    bool inOrder = true;
+    for (int i = 0; i < kItems; ++i) inOrder = inOrder && v[static_cast<std::size_t>(i)] == i;
+    EXPECT_TRUE(inOrder) << "thread " << t;
+  }
+}
+
+// Restarting and replacing workers while running gives back every
+// descriptor: the count returns to its value before the first restart.
+TEST(Manager, RestartAndReplaceWhileRunningReleaseEveryDescriptor) {
+  Manager m;
+  auto& a = m.emplace<Blaster>("a");
+  m.emplace<Blaster>("b");
+  int fdsBefore = -1;
+  int restarts = 0;
+  std::vector<ExitStatus> exits;
+  std::vector<pid_t> pids;
+  m.onExit([&](MessageProcess&, const ExitStatus& s) { exits.push_back(s); });
+  m.after(0ms, [&] {
+    fdsBefore = test::openFdCount();
+    for (int i = 0; i < 5; ++i) {
+      m.restart(a);
+      pids.push_back(a.pid());
+      ++restarts;
+    }
+    for (int i = 0; i < 5; ++i) {
+      auto& fresh = m.replace(m.worker(1), std::make_unique<Blaster>("b" + std::to_string(i)));
+      pids.push_back(fresh.pid());
+      EXPECT_TRUE(fresh.isAlive());
+      EXPECT_EQ(&m.worker(1), &fresh);  // the same place
+    }
+    m.after(0ms, [&] {  // the closed handles are freed on the loop's next turn
+      EXPECT_EQ(test::openFdCount(), fdsBefore);
+      EXPECT_EQ(m.worker<Blaster>(0).call("square_later", {{"x", 3}, {"ms", 1}}).as<double>(), 9.0);
+      m.requestStop();
+    });
+  });
+  m.after(30s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_EQ(restarts, 5);
+  ASSERT_EQ(exits.size(), 12u);  // 10 while running, 2 at the end
+  for (const auto& s : exits) EXPECT_TRUE(s.ok()) << s.describe();
+  std::sort(pids.begin(), pids.end());
+  EXPECT_EQ(std::unique(pids.begin(), pids.end()), pids.end());  // each a new process
+  EXPECT_EQ(m.size(), 2u);
+  EXPECT_FALSE(test::hasChildren());
+}
+
+// A worker removes itself from its own message handler and restarts itself
+// from its exit handler: both wait until the handler returned.
+TEST(Manager, RemoveAndRestartFromTheWorkersOwnHandlers) {
+  Manager m;
+  auto& quitter = m.emplace<Blaster>("quitter");
+  auto& phoenix = m.emplace<Blaster>("phoenix");
+  int messagesAfterRemove = 0;
+  bool removed = false;
+  int phoenixDeaths = 0;
+  pid_t firstPid = phoenix.pid(), secondPid = 0;
+  m.onMessage([&](MessageProcess& w, Message& msg) {
+    if (&w != &quitter) return;
+    if (removed) ++messagesAfterRemove;  // the rest of this read: still ours
+    if (msg.command() == "seq" && msg.get<int>("i") == 0) {
+      m.remove(w);
+      removed = true;
+      EXPECT_EQ(m.size(), 2u);  // not yet
+    }
+  });
+  m.onExit([&](MessageProcess& w, const ExitStatus& s) {
+    if (&w != &phoenix) return;
+    if (++phoenixDeaths == 1) {
+      EXPECT_EQ(s.signal, SIGKILL);
+      m.restart(w);
+      m.after(100ms, [&] {
+        secondPid = phoenix.pid();
+        EXPECT_TRUE(phoenix.isAlive());
+        m.requestStop();
+      });
+    }
+  });
+  m.after(0ms, [&] {
+    firstPid = phoenix.pid();
+    quitter.send("blast", {{"n", 3}});
+    ::kill(phoenix.pid(), SIGKILL);
+  });
+  m.after(20s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_TRUE(removed);
+  EXPECT_EQ(m.size(), 1u);
+  EXPECT_EQ(&m.worker(0), &phoenix);
+  EXPECT_NE(secondPid, 0);
+  EXPECT_NE(secondPid, firstPid);
+  EXPECT_EQ(phoenixDeaths, 2);  // the kill, then the end
+  EXPECT_FALSE(test::hasChildren());
+}
+
+struct Counter {
+  int messages = 0;
+};
+
+TEST(Manager, TypedWorkersAndPerWorkerDataWithoutCasts) {
+  Manager m;
+  m.emplace<Blaster>("a");
+  m.emplace<Blaster>("b");
+  m.onMessage([&](MessageProcess& w, Message& msg) {
+    ++m.data<Counter>(w).messages;
+    if (msg.command() == "done" && m.data<Counter>(m.worker(0)).messages == 3 &&
+        m.data<Counter>(m.worker(1)).messages == 5)
+      m.requestStop();
+  });
+  m.after(0ms, [&] {
+    m.worker<Blaster>(0).send("blast", {{"n", 2}});
+    m.as<Blaster>(m.worker(1)).send("blast", {{"n", 4}});
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_EQ(m.data<Counter>(m.worker(0)).messages, 3);
+  EXPECT_EQ(m.data<Counter>(m.worker(1)).messages, 5);
+  EXPECT_TRUE(test::contains(test::thrown<Error>([&] { m.data<int>(m.worker(0)); }),
+                             "the data of Blaster.a is a forklift::(anonymous namespace)::Counter, not a int"));
+  EXPECT_TRUE(test::contains(test::thrown<Error>([&] { m.worker<Manager>(0); }), "is not a forklift::Manager"));
+  Blaster stranger("stranger");
+  EXPECT_EQ(test::thrown<Error>([&] { m.remove(stranger); }),
+            "Manager::remove: stranger is not a worker of this manager");
+}
+
+TEST(Manager, RunUntilDrivesTheLoopFromTheCaller) {
+  Manager::Options o;
+  o.handleSignals = false;
+  Manager m(o);
+  auto& w = m.emplace<Blaster>("w");
+  int messages = 0;
+  m.onMessage([&](MessageProcess&, Message&) { ++messages; });
+  EXPECT_TRUE(m.runUntil([] { return true; }, 0ms));  // starts the workers
+  EXPECT_TRUE(w.isAlive());
+  w.send("blast", {{"n", 9}});
+  EXPECT_TRUE(m.runUntil([&] { return messages == 10; }, 10s));
+  const auto t0 = Clock::now();
+  EXPECT_FALSE(m.runUntil([] { return false; }, 50ms));
+  EXPECT_GE(Clock::now() - t0, 50ms);
+  m.after(0ms, [&] {
+    EXPECT_TRUE(test::contains(test::thrown<Error>([&] { m.runUntil([] { return true; }, 0ms); }),
+                               "loops do not nest"));
+  });
+  EXPECT_FALSE(m.runUntil([] { return false; }, 20ms));
+  EXPECT_EQ(m.finish(), 0);
+  EXPECT_FALSE(w.isAlive());
+  EXPECT_FALSE(test::hasChildren());
+}
+
+// A worker that owns a shared-memory segment: replacing it removes the
+// segment with the object.
+class Owner : public MessageProcess {
+ public:
+  explicit Owner(std::string name)
+      : MessageProcess(name), array_(ShmArray<double>::create(ShmName(name), 4, 4)) {}
+  ~Owner() override { stop(); }
+
+ private:
+  ShmArray<double> array_;
+};
+
+TEST(Manager, AReplacedWorkersSegmentsGoWithIt) {
+  Manager m;
+  m.emplace<Owner>("owner-0");
+  const std::string mine = "fk." + std::to_string(::getpid()) + ".";
+  auto countMine = [&] {
+    int n = 0;
+    for (const auto& s : test::forkliftSegments()) n += s.rfind(mine, 0) == 0;
+    return n;
+  };
+  int during = -1;
+  m.after(0ms, [&] {
+    for (int i = 1; i <= 3; ++i) m.replace(m.worker(0), std::make_unique<Owner>("owner-" + std::to_string(i)));
+    during = countMine();
+    m.requestStop();
+  });
+  m.after(10s, [&] { m.requestStop(); });
+  EXPECT_EQ(m.run(), 0);
+  EXPECT_LE(during, 1);  // the last one's, unless segments have no names at all
+  EXPECT_EQ(m.worker(0).name(), "owner-3");
 }
 
 }  // namespace

@@ -23,7 +23,7 @@ for spec in a.programs:
     name, _, cmd = spec.partition("=")
     argv = cmd.split(",")
     t0 = time.monotonic()
-    r = subprocess.run(["valgrind", "--error-exitcode=97", "--leak-check=full", "--errors-for-leak-kinds=definite",
+    r = subprocess.run(["valgrind", "--error-exitcode=97", "--leak-check=full", "--errors-for-leak-kinds=definite", "--show-leak-kinds=definite",
                         "-q", *argv], capture_output=True, text=True, timeout=600)
     took = time.monotonic() - t0
     reports = [l for l in r.stderr.splitlines() if l.startswith("==")]

@@ -45,11 +45,34 @@
 //
 // Threads: run() blocks the calling thread. `runAsThread()` runs the loop in
 // a background thread (for tests and GUIs); then only `requestStop()`,
-// `post()` and `stopThread()` may be called from other threads.
+// `post()` and `stopThread()` may be called from other threads. `post()`
+// keeps the order of the work one thread posts, and runs each item once.
+// Instead of run(), an owner may drive the loop from its own waits with
+// `runUntil()` (the WorkerPool does), and end it with `finish()`.
+//
+// Workers while running (from the loop's thread): `remove(w)` stops a worker
+// (its exit is reported as any other), then releases its handles,
+// descriptors and the object with whatever it owns (shared memory
+// included); `restart(w)` stops and starts the same object again;
+// `replace(w, fresh)` puts a new object in its place (same index). Called
+// from a callback of that very worker (its message, error or exit handler),
+// the operation is deferred until that callback returned; failures of a
+// deferred start are logged. A reference to a removed or replaced worker is
+// dangling once the operation ran. Indices of the workers after a removed
+// one shift down by one. A restart or replacement forks from the loop's
+// thread: under runAsThread() other threads run then, and start() refuses
+// unless the worker's ProcessOptions::allowThreads is set (there is no fork
+// server yet); a loop run with run() or runUntil() in a program without
+// other threads forks safely.
+//
+// Per-worker data without casts: `worker<P>(i)` and `as<P>(w)` return the
+// worker as its own class (Error when it is not one), `data<T>(w)` is a T
+// of the user's kept with the worker (made on first use, destroyed with it).
 #pragma once
 
 #include <uv.h>
 
+#include <any>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -57,6 +80,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <typeinfo>
+#include <unordered_map>
 #include <vector>
 
 #include "forklift/process.hpp"
@@ -95,6 +120,44 @@ class Manager {
   }
   std::size_t size() const noexcept { return workers_.size(); }
   MessageProcess& worker(std::size_t i);
+  // The worker as its own class; Error naming both when it is not a P.
+  template <class P>
+  P& worker(std::size_t i) {
+    return as<P>(worker(i));
+  }
+  template <class P>
+  P& as(MessageProcess& w) {
+    if (auto* p = dynamic_cast<P*>(&w)) return *p;
+    throwNotA(w, typeid(P));
+  }
+  // A T kept with worker `w` (default-made on first use, destroyed with the
+  // worker). Error when `w` is not a worker of this manager, or when its
+  // data was made as another type.
+  template <class T>
+  T& data(MessageProcess& w) {
+    std::any& a = dataOf(w);
+    if (!a.has_value()) a.emplace<T>();
+    if (T* t = std::any_cast<T>(&a)) return *t;
+    throwDataType(w, a.type(), typeid(T));
+  }
+
+  // ---- workers while running (loop thread; see the header comment) -------
+
+  // Stops `worker` (the stop ladder, Options::stopTimeout), reports its exit
+  // if it had not ended, then releases it. Error when it is not ours.
+  void remove(MessageProcess& worker);
+  // Stops `worker` if it runs (its exit is reported), then starts it again.
+  // Throws what start() throws (when not deferred).
+  void restart(MessageProcess& worker);
+  // remove(old), then `fresh` in its place, started at once when running.
+  template <class P>
+  P& replace(MessageProcess& old, std::unique_ptr<P> fresh) {
+    P& ref = *fresh;
+    replaceWorker(old, std::unique_ptr<MessageProcess>(std::move(fresh)));
+    return ref;
+  }
+  // The manager's index of `worker`; Error when it is not ours.
+  std::size_t indexOf(const MessageProcess& worker) const;
 
   void onMessage(std::function<void(MessageProcess&, Message&)> fn) { onMessage_ = std::move(fn); }
   void onExit(std::function<void(MessageProcess&, const ExitStatus&)> fn) { onExit_ = std::move(fn); }
@@ -136,6 +199,18 @@ class Manager {
   // requestStop() and join; returns run()'s result.
   int stopThread();
 
+  // Drives the loop on the calling thread until `done()` holds, `timeout`
+  // passes or a stop is requested; the first call starts the workers and
+  // calls startThreads(). `done` is checked before each turn of the loop.
+  // Returns done(). Once a stop was requested, the manager shuts down as
+  // run() does (finish()) and further calls return at once. Error when
+  // called from a callback of this loop (libuv loops do not nest) or while
+  // run() runs.
+  bool runUntil(const std::function<bool()>& done, Timeout timeout);
+  // Ends a manager driven with runUntil (run()'s shutdown and close()) and
+  // returns what run() would; again later, the same result.
+  int finish();
+
  protected:
   virtual void startThreads() {}
   virtual void handleMessage(MessageProcess& worker, Message& m);
@@ -146,10 +221,29 @@ class Manager {
 
  private:
   struct Worker;
+  struct Handles;
+  enum class Pending : std::uint8_t { None, Remove, Restart, Replace };
 
   void addWorker(std::unique_ptr<MessageProcess> p);
   void attach(Worker& w);
   void detach(Worker& w);
+  Worker& find(const MessageProcess& p, const char* method) const;
+  std::any& dataOf(MessageProcess& w);
+  [[noreturn]] static void throwNotA(const MessageProcess& w, const std::type_info& wanted);
+  [[noreturn]] static void throwDataType(const MessageProcess& w, const std::type_info& has,
+                                         const std::type_info& wanted);
+  void replaceWorker(MessageProcess& old, std::unique_ptr<MessageProcess> fresh);
+  // Runs `op` on `w` now, or marks it for later when a callback of `w` runs.
+  void schedule(Worker& w, Pending op, std::unique_ptr<MessageProcess> fresh);
+  void runPending();
+  void operate(Worker& w);
+  static void closeHandles(Handles* h);
+  // Stops `w` if it runs and reports its exit; then its handles are closed.
+  void stopWorker(Worker& w);
+  void erase(Worker& w, std::unique_ptr<MessageProcess> fresh);
+  void restartWorker(Worker& w);
+  void begin();
+  int end();
   // Buffered: the frames one read brought (the loop wakes us for more).
   // Socket: everything the socket holds, up to EOF for a dead worker.
   enum class Drain : std::uint8_t { Buffered, Socket };
@@ -172,7 +266,9 @@ class Manager {
   uv_signal_t sigterm_{};
   uv_prepare_t prepare_{};      // before each wait: arm the callback timer
   uv_timer_t callbackTimer_{};  // earliest deadline of a callAsync callback
+  uv_timer_t stepTimer_{};      // runUntil's deadline
   std::vector<std::unique_ptr<Worker>> workers_;
+  std::unordered_map<const MessageProcess*, Worker*> byProcess_;
   std::unique_ptr<detail::LoopSources> sources_;  // the user's descriptors and timers
   std::function<void(MessageProcess&, Message&)> onMessage_;
   std::function<void(MessageProcess&, const ExitStatus&)> onExit_;
@@ -182,7 +278,13 @@ class Manager {
   bool unhandledErrors_ = false;
   std::atomic<bool> stopRequested_{false};
   std::atomic<bool> running_{false};
-  bool ran_ = false;
+  bool ran_ = false;       // begun (run() or runUntil)
+  bool ended_ = false;     // shut down
+  bool inLoop_ = false;    // uv_run is on the stack
+  bool shuttingDown_ = false;
+  bool operating_ = false;  // a remove/restart/replace is on the stack
+  bool pendingPosted_ = false;
+  int result_ = 0;
   std::thread thread_;
   int threadResult_ = 0;
 };

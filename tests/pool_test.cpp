@@ -1,0 +1,401 @@
+#include "forklift/pool.hpp"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <set>
+#include <thread>
+#include <utility>
+
+#include "forklift/manager.hpp"
+#include "support.hpp"
+
+namespace forklift {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+class Jobs : public MessageProcess {
+ public:
+  explicit Jobs(std::size_t i) : MessageProcess("jobs-" + std::to_string(i)) {
+    command("square", &Jobs::c__square, {"x"});
+    command("hang", &Jobs::c__hang);
+    command("crash", &Jobs::c__crash);
+    command("crash_once", &Jobs::c__crashOnce, {"path"});
+    command("pid", &Jobs::c__pid);
+    command("nap", &Jobs::c__nap, {"ms"});
+    command("fail", &Jobs::c__fail);
+    command("grow", &Jobs::c__grow, {"mib"});
+  }
+
+ private:
+  double c__square(double x) { return x * x; }
+  void c__hang() {
+    for (;;) ::pause();
+  }
+  void c__crash() { ::kill(::getpid(), SIGKILL); }
+  // Dies the first time (the file does not exist yet), answers the second.
+  std::string c__crashOnce(std::string path) {
+    if (std::FILE* f = std::fopen(path.c_str(), "r")) {
+      std::fclose(f);
+      return "second time";
+    }
+    if (std::FILE* f = std::fopen(path.c_str(), "w")) std::fclose(f);
+    ::kill(::getpid(), SIGKILL);
+    return "not reached";
+  }
+  int c__pid() { return static_cast<int>(::getpid()); }
+  int c__nap(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+  }
+  void c__fail() { throw std::runtime_error("this task fails"); }
+  // Keeps `mib` MiB more, touched, so they count as resident.
+  int c__grow(int mib) {
+    ballast_.emplace_back(static_cast<std::size_t>(mib) << 20, 'x');
+    return static_cast<int>(::getpid());
+  }
+  std::vector<std::string> ballast_;
+};
+
+WorkerPool::Factory jobs() {
+  return [](std::size_t i) { return std::make_unique<Jobs>(i); };
+}
+
+PoolOptions workers(std::size_t n) {
+  PoolOptions o;
+  o.workers = n;
+  return o;
+}
+
+TEST(Pool, TenThousandTasksOverFourWorkersEachResolvedOnceWithItsResult) {
+  constexpr int kTasks = 10000;
+  { Manager warmUp; }  // libuv keeps a pipe for its signal handling for the process's life
+  const int fdsBefore = test::openFdCount();
+  {
+    FunctionPool<std::int64_t(std::int64_t)> pool([](std::int64_t x) { return 3 * x + 1; }, workers(4));
+    std::map<std::uint64_t, int> callbacks;  // task id: how often its callback ran
+    std::set<std::size_t> usedWorkers;
+    pool.pool().onResult([&](const TaskInfo& t, const CallResult& r) {
+      ++callbacks[t.id];
+      usedWorkers.insert(t.worker);
+      EXPECT_TRUE(r.ok()) << r.what();
+    });
+    // Done / submitted so far: it falls while more tasks come than end.
+    double lastProgress = -1;
+    bool progressInRange = true;
+    pool.pool().onProgress([&](double p) {
+      progressInRange = progressInRange && p > 0 && p <= 1.0;
+      lastProgress = p;
+    });
+    int finishedCalls = 0;
+    pool.pool().onFinished([&] { ++finishedCalls; });
+    std::vector<TaskFuture<std::int64_t>> fs;
+    fs.reserve(kTasks);
+    for (int i = 0; i < kTasks; ++i) fs.push_back(pool.submit(i));
+    int wrong = 0;
+    for (int i = 0; i < kTasks; ++i)
+      if (fs[static_cast<std::size_t>(i)].get() != 3 * i + 1) ++wrong;
+    EXPECT_EQ(wrong, 0);
+    EXPECT_TRUE(pool.pool().finished());
+    EXPECT_EQ(pool.pool().completed(), static_cast<std::size_t>(kTasks));
+    EXPECT_EQ(pool.pool().failedTasks(), 0u);
+    EXPECT_DOUBLE_EQ(pool.pool().progress(), 1.0);
+    EXPECT_DOUBLE_EQ(lastProgress, 1.0);
+    EXPECT_TRUE(progressInRange);
+    EXPECT_GE(finishedCalls, 1);  // at least at the end (also whenever the workers caught up)
+    ASSERT_EQ(callbacks.size(), static_cast<std::size_t>(kTasks));
+    EXPECT_TRUE(std::all_of(callbacks.begin(), callbacks.end(), [](const auto& kv) { return kv.second == 1; }));
+    EXPECT_EQ(usedWorkers.size(), 4u);
+    pool.finalize();
+  }
+  EXPECT_EQ(test::openFdCount(), fdsBefore);
+  EXPECT_FALSE(test::hasChildren());
+}
+
+TEST(Pool, MapReturnsResultsInInputOrderAndTheFirstErrorInInputOrder) {
+  WorkerPool pool(jobs(), workers(3));
+  std::vector<Map> args;
+  for (int i = 0; i < 50; ++i) args.push_back({{"x", i}});
+  const auto r = pool.map("square", args);
+  ASSERT_EQ(r.size(), 50u);
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(r[static_cast<std::size_t>(i)].as<double>(), i * i);
+  // A handler that throws fails its task, is not retried, and the others run.
+  auto bad = pool.submit("fail");
+  auto good = pool.submit("square", {{"x", 4}});
+  EXPECT_EQ(test::thrown<RemoteError>([&] { bad.get(); }), "Jobs.jobs-0: c__fail threw: this task fails");
+  EXPECT_EQ(good.get().as<double>(), 16.0);
+  EXPECT_EQ(pool.restarts(), 0u);
+}
+
+TEST(Pool, ATaskOverItsTimeoutGetsItsWorkerKilledAndReplaced) {
+  PoolOptions o = workers(2);
+  o.retries = 0;
+  WorkerPool pool(jobs(), o);
+  std::vector<WorkerEvent> events;
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e); });
+  const pid_t before0 = pool.worker(0).pid(), before1 = pool.worker(1).pid();
+  const auto t0 = Clock::now();
+  auto hung = pool.submit("hang", {}, TaskOptions{200ms, std::nullopt});
+  auto other = pool.submit("nap", {{"ms", 50}});
+  const std::string err = test::thrown<TaskTimeout>([&] { hung.get(); });
+  EXPECT_LT(Clock::now() - t0, 3s);
+  EXPECT_GE(Clock::now() - t0, 200ms);
+  EXPECT_TRUE(test::contains(err, "task 1 ('hang') ran longer than its timeout of 200 ms; its worker Jobs.jobs-0 "
+                                  "was killed and replaced"))
+      << err;
+  EXPECT_EQ(other.get().as<int>(), 50);
+  EXPECT_NE(pool.worker(0).pid(), before0);
+  EXPECT_EQ(pool.worker(1).pid(), before1);
+  EXPECT_EQ(pool.restarts(), 1u);
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].kind, WorkerEvent::Kind::TimedOut);
+  EXPECT_EQ(events[0].pid, before0);
+  EXPECT_EQ(events[1].kind, WorkerEvent::Kind::Restarted);
+  EXPECT_EQ(events[1].index, 0u);
+  // The replacement works.
+  EXPECT_EQ(pool.submit("square", {{"x", 5}}).get().as<double>(), 25.0);
+}
+
+TEST(Pool, ATimedOutTaskIsRetriedOnceByDefault) {
+  WorkerPool pool(jobs(), workers(1));
+  int attempts = 0;
+  pool.onResult([&](const TaskInfo& t, const CallResult&) { attempts = t.attempts; });
+  auto hung = pool.submit("hang", {}, TaskOptions{100ms, std::nullopt});
+  EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { hung.get(); }), "ran longer than its timeout"));
+  EXPECT_EQ(attempts, 2);
+  EXPECT_EQ(pool.restarts(), 2u);
+}
+
+TEST(Pool, AWorkerThatDiesFailsItsTaskSayingHowOrRunsItAgain) {
+  PoolOptions o = workers(2);
+  o.retries = 0;
+  WorkerPool pool(jobs(), o);
+  std::vector<WorkerEvent> died;
+  pool.onWorkerEvent([&](const WorkerEvent& e) {
+    if (e.kind == WorkerEvent::Kind::Died) died.push_back(e);
+  });
+  auto crash = pool.submit("crash");
+  try {
+    crash.get();
+    ADD_FAILURE() << "no error";
+  } catch (const WorkerDied& e) {
+    EXPECT_EQ(e.status().how, ExitStatus::How::Signaled);
+    EXPECT_EQ(e.status().signal, SIGKILL);
+    EXPECT_TRUE(test::contains(e.what(), "task 1 ('crash'): its worker Jobs.jobs-0 died (killed by SIGKILL)"));
+  }
+  ASSERT_EQ(died.size(), 1u);
+  EXPECT_EQ(died[0].status.signal, SIGKILL);
+
+  // With a retry, a task whose worker died the first time runs again.
+  const std::string path = "/tmp/forklift-pool-test-" + std::to_string(::getpid());
+  std::remove(path.c_str());
+  auto again = pool.submit("crash_once", {{"path", path}}, TaskOptions{std::nullopt, 1});
+  EXPECT_EQ(again.get().as<std::string>(), "second time");
+  std::remove(path.c_str());
+  EXPECT_EQ(pool.restarts(), 2u);
+}
+
+// Python's Pool waits forever when a worker is killed under it; this one not.
+TEST(Pool, AWorkerKilledFromOutsideNeverHangsTheWaiter) {
+  PoolOptions o = workers(2);
+  o.retries = 0;
+  WorkerPool pool(jobs(), o);
+  auto f = pool.submit("nap", {{"ms", 30000}});
+  ::kill(pool.worker(0).pid(), SIGKILL);
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(test::contains(test::thrown<WorkerDied>([&] { f.get(); }), "died (killed by SIGKILL)"));
+  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_EQ(pool.submit("square", {{"x", 3}}).get().as<double>(), 9.0);
+}
+
+TEST(Pool, TheRestartLimitStopsACrashLoopWithAClearError) {
+  PoolOptions o = workers(2);
+  o.retries = 0;
+  o.restartLimit = 2;
+  o.restartWindow = 10s;
+  WorkerPool pool(jobs(), o);
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 6; ++i) fs.push_back(pool.submit("crash"));
+  int died = 0, broken = 0;
+  for (auto& f : fs) {
+    const CallResult r = f.result();
+    try {
+      r.get();
+    } catch (const WorkerDied&) {
+      ++died;
+    } catch (const PoolBroken& e) {
+      ++broken;
+      EXPECT_TRUE(test::contains(e.what(), "restart limit reached: 3 workers replaced within 10000 ms (the limit "
+                                           "is 2); the workers keep dying"));
+    }
+  }
+  EXPECT_EQ(died, 3);
+  EXPECT_EQ(broken, 3);
+  EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { pool.submit("square", {{"x", 1}}); }),
+                             "WorkerPool::submit 'square': restart limit reached"));
+  EXPECT_FALSE(test::hasChildren() && pool.worker(0).isAlive());
+}
+
+TEST(Pool, SuspendHoldsTheQueueAndResumeRunsIt) {
+  WorkerPool pool(jobs(), workers(2));
+  pool.suspend();
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 10; ++i) fs.push_back(pool.submit("square", {{"x", i}}));
+  const auto t0 = Clock::now();
+  while (Clock::now() - t0 < 100ms) pool.poll();
+  EXPECT_EQ(pool.completed(), 0u);
+  EXPECT_TRUE(test::contains(test::thrown<Error>([&] { pool.wait(); }), "the pool is suspended with 10 tasks queued"));
+  EXPECT_TRUE(test::contains(test::thrown<Error>([&] { fs[0].get(); }), "queued and the pool is suspended"));
+  pool.resume();
+  EXPECT_TRUE(pool.wait(10s));
+  EXPECT_EQ(pool.completed(), 10u);
+  EXPECT_EQ(fs[9].get().as<double>(), 81.0);
+}
+
+TEST(Pool, FinalizeFinishesEveryTaskThenStopsTheWorkers) {
+  WorkerPool pool(jobs(), workers(2));
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 20; ++i) fs.push_back(pool.submit("nap", {{"ms", 2}}));
+  pool.finalize();
+  for (auto& f : fs) EXPECT_TRUE(f.ready());
+  EXPECT_EQ(pool.completed(), 20u);
+  EXPECT_EQ(pool.failedTasks(), 0u);
+  EXPECT_FALSE(pool.worker(0).isAlive());
+  EXPECT_FALSE(pool.worker(1).isAlive());
+  EXPECT_FALSE(test::hasChildren());
+  EXPECT_TRUE(test::contains(test::thrown<Error>([&] { pool.submit("nap", {{"ms", 1}}); }), "finalized"));
+}
+
+TEST(Pool, TheFunctionAndItsFixedArgumentsChangeBetweenBatches) {
+  FunctionPool<double(double)> pool([](const Value& fixed, double x) { return fixed.as<double>() * x; }, Value(2.0),
+                                    workers(2));
+  EXPECT_EQ(pool.map({1.0, 2.0, 3.0}), (std::vector<double>{2, 4, 6}));
+  const pid_t pid = pool.pool().worker(0).pid();
+  pool.setFixed(Value(10.0));
+  EXPECT_EQ(pool.map({1.0, 2.0, 3.0}), (std::vector<double>{10, 20, 30}));
+  EXPECT_EQ(pool.pool().worker(0).pid(), pid);  // the same workers
+  pool.setFunction([](const Value& fixed, double x) { return fixed.as<double>() + x; }, Value(100.0));
+  EXPECT_EQ(pool.map({1.0, 2.0, 3.0}), (std::vector<double>{101, 102, 103}));
+  EXPECT_NE(pool.pool().worker(0).pid(), pid);  // new workers for the new function
+  EXPECT_EQ(pool.pool().restarts(), 0u);
+
+  FunctionPool<std::string(std::string, int)> two([](std::string s, int n) {
+    std::string out;
+    for (int i = 0; i < n; ++i) out += s;
+    return out;
+  }, workers(1));
+  EXPECT_EQ(two.map({{"ab", 2}, {"c", 3}}), (std::vector<std::string>{"abab", "ccc"}));
+  EXPECT_TRUE(test::contains(test::thrown<TypeError>([&] { two.pool().submit("call", {{"a", List{1, 2}}}).get(); }),
+                             "argument 1: int found"));
+
+  // No arguments, no result.
+  FunctionPool<int()> none([] { return 7; }, workers(1));
+  EXPECT_EQ(none.submit().get(), 7);
+  EXPECT_EQ(none.map({{}, {}}), (std::vector<int>{7, 7}));
+  FunctionPool<void(int)> sink([](int) {}, workers(1));
+  sink.map({1, 2, 3});
+  sink.submit(4).get();
+  EXPECT_EQ(sink.pool().failedTasks(), 0u);
+  EXPECT_EQ(sink.pool().completed(), 1u);  // a new batch began with submit(4)
+}
+
+TEST(Pool, ABoundedQueueMakesSubmitWait) {
+  PoolOptions o = workers(2);
+  o.maxQueued = 4;
+  o.queueDepth = 1;
+  WorkerPool pool(jobs(), o);
+  std::size_t mostOutstanding = 0;
+  for (int i = 0; i < 40; ++i) {
+    pool.submit("nap", {{"ms", 2}});
+    mostOutstanding = std::max(mostOutstanding, pool.submitted() - pool.completed());
+  }
+  EXPECT_LE(mostOutstanding, 4u + 2u);  // the queue, and one task on each worker
+  EXPECT_GE(mostOutstanding, 4u);
+  EXPECT_TRUE(pool.wait(10s));
+  EXPECT_EQ(pool.completed(), 40u);
+}
+
+TEST(Pool, QueueDepthSendsSeveralTasksToAWorker) {
+  PoolOptions o = workers(1);
+  o.queueDepth = 4;
+  WorkerPool pool(jobs(), o);
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 8; ++i) fs.push_back(pool.submit("square", {{"x", i}}));
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(fs[static_cast<std::size_t>(i)].get().as<double>(), i * i);
+}
+
+TEST(Pool, WorkersAreRecycledAfterKTasks) {
+  PoolOptions o = workers(1);
+  o.recycleAfter = 3;
+  WorkerPool pool(jobs(), o);
+  std::set<int> pids;
+  for (int i = 0; i < 9; ++i) pids.insert(pool.submit("pid").get().as<int>());
+  EXPECT_EQ(pids.size(), 3u);
+  EXPECT_EQ(pool.restarts(), 0u);  // recycling is not a restart
+}
+
+TEST(Pool, WorkersAreRecycledAboveAResidentSize) {
+  PoolOptions o = workers(1);
+  o.recycleAboveRss = 64u << 20;
+  WorkerPool pool(jobs(), o);
+  const int first = pool.submit("grow", {{"mib", 1}}).get().as<int>();
+  EXPECT_EQ(pool.submit("grow", {{"mib", 1}}).get().as<int>(), first);  // small: kept
+  EXPECT_EQ(pool.submit("grow", {{"mib", 100}}).get().as<int>(), first);
+  EXPECT_NE(pool.submit("grow", {{"mib", 1}}).get().as<int>(), first);  // the big one was replaced
+}
+
+TEST(Pool, OnlyItsOwnerThreadMayUseIt) {
+  WorkerPool pool(jobs(), workers(1));
+  std::string err;
+  std::thread([&] { err = test::thrown<Error>([&] { pool.submit("pid"); }); }).join();
+  EXPECT_TRUE(test::contains(err, "WorkerPool::submit: called from another thread than the one that made the pool"));
+  bool once = false;
+  pool.onResult([&](const TaskInfo&, const CallResult&) {
+    if (std::exchange(once, true)) return;
+    auto inner = pool.submit("pid");  // fine: the queue has room
+    err = test::thrown<Error>([&] { inner.get(); });
+  });
+  pool.submit("pid").get();
+  EXPECT_TRUE(test::contains(err, "loops do not nest")) << err;
+}
+
+TEST(Pool, InProcessWorkersRunTasksAndAreReplacedAfterATimeout) {
+  PoolOptions o = workers(2);
+  o.process.inProcess = true;
+  o.retries = 0;
+  FunctionPool<int(int)> pool([](int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+  }, o);
+  EXPECT_EQ(pool.pool().worker(0).pid(), ::getpid());
+  EXPECT_EQ(pool.map({1, 2, 3, 4}), (std::vector<int>{1, 2, 3, 4}));
+  auto slow = pool.submitWith(TaskOptions{100ms, std::nullopt}, 400);
+  EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { slow.get(); }), "ran longer than its timeout of 100 ms"));
+  EXPECT_EQ(pool.map({5, 6}), (std::vector<int>{5, 6}));
+  EXPECT_EQ(pool.pool().restarts(), 1u);
+  std::this_thread::sleep_for(400ms);  // the abandoned thread ends its sleep and leaves
+}
+
+TEST(Pool, StopFailsWhatIsLeftAndDoesNotWaitForABusyWorker) {
+  WorkerPool pool(jobs(), workers(2));
+  auto hung = pool.submit("hang");
+  std::vector<TaskFuture<Value>> queued;
+  for (int i = 0; i < 5; ++i) queued.push_back(pool.submit("nap", {{"ms", 1000}}));
+  pool.poll();
+  const auto t0 = Clock::now();
+  pool.stop();
+  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_EQ(test::thrown<PoolBroken>([&] { hung.get(); }), "task 1 ('hang'): the pool was stopped");
+  for (auto& f : queued) EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { f.get(); }), "the pool was stopped"));
+  EXPECT_FALSE(test::hasChildren());
+  EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { pool.submit("pid"); }), "the pool was stopped"));
+}
+
+}  // namespace
+}  // namespace forklift
