@@ -3,11 +3,16 @@
 //   forklift-soak [--seconds S] [--workers N] [--kill-every K]
 //
 // N workers (default 16) take pipelined calls, sends and array handoffs as
-// fast as one frontend thread can give them, for S seconds (default 600).
-// Every K seconds (default 3) a random worker is killed with SIGKILL; the
-// frontend sees the death on its next request and starts the worker again.
+// fast as one frontend thread can give them, for S seconds (default 600);
+// beside them a FunctionPool of 4 workers takes tasks, and a producer
+// backend streams checksummed frames through a ring (drop-oldest) that the
+// frontend drains. Every K seconds (default 3) a random worker is killed
+// with SIGKILL, every fourth time a pool worker instead; the frontend sees
+// the death on its next request and starts the worker again, the pool
+// replaces its own.
 // At the end it prints the totals and checks:
-//   - every reply came back exactly once, with the value asked for;
+//   - every reply and every pool task came back exactly once, with the value
+//     asked for; every ring frame arrived intact, in order (drops counted);
 //   - open descriptors, child processes and /dev/shm entries are back to
 //     their start values;
 //   - RSS stayed flat after the warm-up (the first fifth of the run): it
@@ -58,6 +63,34 @@ class Worker : public forklift::MessageProcess {
   std::int64_t ticks_ = 0;
 };
 
+// Streams 64 KiB frames into a ring: each frame's bytes are its number's
+// low byte, the number in user(0), a checksum in user(1).
+class Producer : public forklift::MessageProcess {
+ public:
+  explicit Producer(forklift::RingBuffer& ring) : MessageProcess("soak-producer"), ring_(ring) {
+    command("produce", &Producer::c__produce, {"n"});
+  }
+
+ protected:
+  void preRun__() override { writer_ = ring_.writer(); }
+
+ private:
+  void c__produce(int n) {
+    for (int i = 0; i < n; ++i) {
+      forklift::WriteSlot slot = writer_.reserve(1s);
+      ++frame_;
+      std::memset(slot.data(), static_cast<int>(frame_ & 0xff), slot.capacity());
+      slot.setUser(0, frame_);
+      slot.setUser(1, static_cast<std::int64_t>(slot.capacity()) * (frame_ & 0xff));
+      slot.commit();
+    }
+  }
+
+  forklift::RingBuffer& ring_;
+  forklift::RingWriter writer_;
+  std::int64_t frame_ = 0;
+};
+
 // One worker and the array it reads, made again after each kill.
 struct Slot {
   int index = 0;
@@ -76,6 +109,7 @@ struct Slot {
 
 struct Totals {
   std::uint64_t calls = 0, sends = 0, handoffs = 0, kills = 0, restarts = 0, lost = 0, wrong = 0, deaths = 0;
+  std::uint64_t tasks = 0, frames = 0, drops = 0;
 };
 
 int countFds() {
@@ -85,6 +119,19 @@ int countFds() {
     ::closedir(d);
   }
   return n - 1;  // the listing's own
+}
+
+// What the open descriptors are, for a report when their count moved.
+void listFds() {
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (const dirent* e = ::readdir(d)) {
+      if (e->d_name[0] == '.') continue;
+      char target[256] = {};
+      if (::readlink(("/proc/self/fd/" + std::string(e->d_name)).c_str(), target, sizeof target - 1) > 0)
+        std::printf("  fd %s -> %s\n", e->d_name, target);
+    }
+    ::closedir(d);
+  }
 }
 
 int countEntries(const char* dir) {
@@ -149,6 +196,14 @@ int main(int argc, char** argv) {
   if (seconds < 1 || workers < 1 || !(killEvery > 0)) return usage();
 
   forklift::formatLogger(spdlog::level::warn);
+  {
+    // libuv keeps one pipe pair for signals for the life of the process,
+    // made when a loop first watches a signal (the pool's Manager does):
+    // made here, before the start values are taken.
+    forklift::Manager first;
+    first.post([&] { first.requestStop(); });
+    first.run();
+  }
   const int fds0 = countFds(), children0 = countChildren(), shm0 = countEntries("/dev/shm");
   Totals t;
   long rssGrowth = 0;
@@ -159,6 +214,15 @@ int main(int argc, char** argv) {
       slots[static_cast<std::size_t>(i)].index = i;
       slots[static_cast<std::size_t>(i)].start();
     }
+    auto ring = forklift::RingBuffer::create("soak-ring", 16, 64 * 1024, forklift::RingPolicy::DropOldest);
+    Producer producer(ring);
+    producer.start();
+    forklift::RingReader reader = ring.reader();
+    std::int64_t lastFrame = 0;
+    forklift::PoolOptions po;
+    po.workers = 4;
+    po.restartLimit = 1000000;  // the soak kills on purpose
+    forklift::FunctionPool<std::int64_t(std::int64_t)> pool([](std::int64_t x) { return 3 * x + 1; }, po);
     const auto t0 = Clock::now();
     const auto end = t0 + std::chrono::seconds(seconds);
     const auto warm = t0 + std::chrono::seconds(seconds) / 5;
@@ -170,8 +234,11 @@ int main(int argc, char** argv) {
     while (Clock::now() < end) {
       if (rssWarm < 0 && Clock::now() >= warm) rssWarm = rssKiB();
       if (Clock::now() >= nextKill) {
-        auto& victim = slots[rng() % slots.size()];
-        victim.worker->signal(SIGKILL);
+        if (t.kills % 4 == 3) {
+          ::kill(pool.pool().worker(rng() % 4).pid(), SIGKILL);  // the pool replaces it
+        } else {
+          slots[rng() % slots.size()].worker->signal(SIGKILL);
+        }
         ++t.kills;
         nextKill += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(killEvery));
       }
@@ -206,6 +273,36 @@ int main(int argc, char** argv) {
           ++t.restarts;
         }
       }
+      // The pool: a batch of tasks, each result checked (a task whose worker
+      // was killed runs again).
+      {
+        std::vector<std::pair<std::int64_t, forklift::TaskFuture<std::int64_t>>> tasks;
+        for (int k = 0; k < 16; ++k) {
+          ++seq;
+          tasks.emplace_back(seq, pool.submit(seq));
+        }
+        for (auto& [x, f] : tasks) {
+          ++t.tasks;
+          try {
+            if (f.get() != 3 * x + 1) ++t.wrong;
+          } catch (const forklift::WorkerDied&) {
+            ++t.deaths;  // killed twice in a row: its retry is used up
+          }
+        }
+      }
+      // The ring: more frames, then everything that is there.
+      producer.send("produce", {{"n", 8}});
+      while (auto f = reader.tryNext()) {
+        const std::int64_t n = f->user(0);
+        const auto* b = reinterpret_cast<const unsigned char*>(f->data());
+        std::int64_t sum = 0;
+        for (std::size_t i = 0; i < f->bytes(); i += 4096) sum += b[i];
+        if (n <= lastFrame || !f->intact() || f->user(1) != static_cast<std::int64_t>(f->bytes()) * (n & 0xff) ||
+            sum != static_cast<std::int64_t>(f->bytes() / 4096) * (n & 0xff))
+          ++t.wrong;
+        lastFrame = n;
+        ++t.frames;
+      }
       ++round;
       if (Clock::now() - lastReport >= 10s) {
         lastReport = Clock::now();
@@ -217,10 +314,13 @@ int main(int argc, char** argv) {
       }
     }
     const long rssEnd = rssKiB();
+    t.drops = reader.stats().drops;
     std::vector<forklift::MessageProcess*> all;
     for (auto& s : slots) all.push_back(s.worker.get());
+    all.push_back(&producer);
     forklift::MessageProcess::stopAll(all, 2000ms);
     slots.clear();
+    pool.pool().stop();
 
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     std::printf(
@@ -228,6 +328,9 @@ int main(int argc, char** argv) {
         secs, workers, static_cast<unsigned long long>(t.calls), static_cast<double>(t.calls) / secs,
         static_cast<unsigned long long>(t.sends), static_cast<unsigned long long>(t.handoffs),
         static_cast<unsigned long long>(t.kills), static_cast<unsigned long long>(t.restarts));
+    std::printf("soak: pool: %llu tasks, %zu workers replaced; ring: %llu frames, %llu dropped\n",
+                static_cast<unsigned long long>(t.tasks), pool.pool().restarts(),
+                static_cast<unsigned long long>(t.frames), static_cast<unsigned long long>(t.drops));
     std::printf("soak: RSS %ld KiB after warm-up, %ld KiB at the end\n", rssWarm, rssEnd);
     rssGrowth = rssWarm > 0 ? rssEnd - rssWarm : 0;
   }
@@ -237,6 +340,7 @@ int main(int argc, char** argv) {
   const bool rssFlat = rssGrowth < 8 * 1024;
   const bool ok = t.wrong == 0 && t.lost == 0 && rssFlat && fds1 == fds0 && children1 == children0 && shm1 == shm0;
   if (!rssFlat) std::printf("FAIL: RSS grew by %ld KiB after the warm-up\n", rssGrowth);
+  if (fds1 != fds0) listFds();
   if (t.wrong) std::printf("FAIL: %llu wrong replies or sums\n", static_cast<unsigned long long>(t.wrong));
   if (t.lost) std::printf("FAIL: %llu workers lost sends\n", static_cast<unsigned long long>(t.lost));
   std::printf("%s\n", ok ? "soak: ok" : "soak: FAILED");
