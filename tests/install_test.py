@@ -18,6 +18,7 @@ Cases (each one a test case in the XML file the suite's summary counts):
 Nothing is rebuilt: the installed files are the build's own.
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +30,10 @@ from xml.sax.saxutils import escape, quoteattr
 
 class Failed(Exception):
     pass
+
+
+MESON = ["meson"]
+BUILD = "."
 
 
 def run(cmd, timeout, env=None, cwd=None):
@@ -46,6 +51,21 @@ def clean_env(**extra):
     return env
 
 
+def build_option(name):
+    out = subprocess.run(MESON + ["introspect", "--buildoptions", BUILD], stdout=subprocess.PIPE, text=True,
+                         timeout=60, check=True).stdout
+    for o in json.loads(out):
+        if o["name"] == name:
+            return o["value"]
+    return None
+
+
+def sanitizer_options():
+    # A sanitized library needs a sanitized program (its runtime comes first).
+    s = build_option("b_sanitize")
+    return [] if s in (None, "none") else ["-Db_sanitize=" + s, "-Db_lundef=false"]
+
+
 def find_one(root, name):
     hits = [os.path.join(d, name) for d, _, files in os.walk(root) if name in files]
     if len(hits) != 1:
@@ -61,6 +81,8 @@ def main():
     ap.add_argument("--results", default="")
     a = ap.parse_args()
     meson = [a.meson] if not a.meson.endswith(".py") else [sys.executable, a.meson]
+    global MESON, BUILD
+    MESON, BUILD = meson, a.build
 
     tmp = tempfile.mkdtemp(prefix="forklift-install-")
     root = os.path.join(tmp, "root")
@@ -114,7 +136,7 @@ def main():
         shutil.copytree(os.path.join(a.source, "tests", "consumer"), src)
         env = clean_env(PKG_CONFIG_PATH=os.path.dirname(state["pc"]))
         bdir = os.path.join(tmp, "consumer-build")
-        run(meson + ["setup", bdir, src], 120, env=env)
+        run(meson + ["setup", bdir, src] + sanitizer_options(), 120, env=env)
         run(["ninja", "-C", bdir], 240, env=env)
         # The consumer's own binary has no rpath to the installed library
         # (a user's /usr/local install is in ld.so.conf; this tree is not).

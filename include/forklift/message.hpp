@@ -135,6 +135,7 @@ std::ostream& operator<<(std::ostream& os, const Message& m);
 class Buffer {
  public:
   void write(const char* p, std::size_t n) {
+    if (n == 0) return;  // p may be null then (an empty string's data), which memcpy forbids
     if (size_ + n > bytes_.size()) grow(size_ + n);
     std::memcpy(bytes_.data() + size_, p, n);
     size_ += n;
