@@ -33,8 +33,9 @@ struct Syscalls {
   int (*eventfd)(unsigned initval, int flags);
   ssize_t (*sendmsg)(int fd, const msghdr* msg, int flags);
   ssize_t (*recvmsg)(int fd, msghdr* msg, int flags);
-  // Not wired yet: shm.cpp takes them when segments become memfds.
+  // Anonymous segments (shm.cpp).
   int (*memfdCreate)(const char* name, unsigned flags);
+  // Not wired: segments are mapped through Boost.Interprocess.
   void* (*mmap)(void* addr, size_t len, int prot, int flags, int fd, off_t off);
 };
 extern Syscalls syscalls;

@@ -425,7 +425,7 @@ void SharedMemory::createAnonymous(std::uint64_t total) {
   // limit: without this check a huge segment would take every free page
   // (and wake the OOM killer) before fallocate failed.
   if (const auto avail = availableMemory(); avail && total > *avail) throwNoSpace(name_, total, "memory");
-  detail::UniqueFd fd(::memfd_create(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  detail::UniqueFd fd(detail::syscalls.memfdCreate(name_.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!fd) detail::throwErrno("cannot create " + segmentWhat(name_) + " (memfd_create)");
   if (::fchmod(fd.get(), kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name_));
   reserve(fd.get(), total, "memory");

@@ -112,6 +112,10 @@ def main():
         lib = [l for l in ldd.splitlines() if "libforklift" in l]
         if len(lib) != 1 or os.path.realpath(state["libdir"]) not in os.path.realpath(lib[0].split("=>")[1].split()[0]):
             raise Failed(f"forklift-shm does not load the installed libforklift:\n{ldd}")
+        # forklift-ps too: it prints its table header with no LD_LIBRARY_PATH.
+        ps = run([find_one(root, "forklift-ps")], 30, env=clean_env())
+        if not ps.startswith("PID"):
+            raise Failed(f"the installed forklift-ps printed no table:\n{ps}")
 
     def headers_installed():
         if "pc" not in state:

@@ -18,6 +18,7 @@
 #include "child.hpp"
 #include "forklift/channel.hpp"
 #include "forklift/process.hpp"
+#include "forklift/shm.hpp"
 #include "forklift/sync.hpp"
 #include "seams.hpp"
 #include "support.hpp"
@@ -242,6 +243,23 @@ TEST(Seams, ABackendServesThroughShortWritesAndReads) {
   ASSERT_TRUE(m);
   EXPECT_EQ(m->get<std::string>("text"), big);
   EXPECT_TRUE(p.stop().ok());
+}
+
+int enomemMemfd(const char*, unsigned) {
+  errno = ENOMEM;
+  return -1;
+}
+
+TEST(Seams, MemfdCreateFailingIsAClearErrorAndLeavesNothing) {
+  const Before before;
+  {
+    ScopedSeam seam(syscalls.memfdCreate, &enomemMemfd);
+    const std::string e = test::thrown<SystemError>([] { SharedMemory(create_only, "seam", 4096); });
+    EXPECT_TRUE(contains(e, "memfd_create")) << e;
+    EXPECT_TRUE(contains(e, "anon.")) << e;
+  }
+  before.check();
+  EXPECT_NO_THROW(SharedMemory(create_only, "seam", 4096));  // and the next one works
 }
 
 }  // namespace
