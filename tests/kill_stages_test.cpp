@@ -14,6 +14,7 @@
 #include <cstring>
 #include <thread>
 
+#include "forklift/pool.hpp"
 #include "forklift/process.hpp"
 #include "forklift/shm_array.hpp"
 #include "support.hpp"
@@ -204,6 +205,41 @@ TEST_P(FrontendKilled, TheBackendFollowsWithinTwoSeconds) {
 
 INSTANTIATE_TEST_SUITE_P(EveryStage, FrontendKilled,
                          ::testing::Values(Stage::PreRun, Stage::Handler, Stage::Writing, Stage::PostRun));
+
+// A frontend killed while its pool's workers are inside tasks: every worker
+// follows within 2 s.
+TEST(FrontendKilledDuringPoolTasks, EveryPoolWorkerFollowsWithinTwoSeconds) {
+  Pipe pipe;
+  const pid_t frontend = test::forkChild([&] {
+    pipe.r.reset();
+    PoolOptions po;
+    po.workers = 3;
+    FunctionPool<int(int)> pool(
+        [](int x) {
+          std::this_thread::sleep_for(20s);  // a long task: the kill comes first
+          return x;
+        },
+        po);
+    std::vector<TaskFuture<int>> tasks;
+    for (int i = 0; i < 3; ++i) tasks.push_back(pool.submit(i));
+    pool.pool().poll();  // hand the tasks out
+    for (std::size_t i = 0; i < 3; ++i) {
+      const pid_t w = pool.pool().worker(i).pid();
+      if (::write(pipe.w.get(), &w, sizeof w) != sizeof w) return 3;
+    }
+    for (;;) ::pause();
+  });
+  pipe.w.reset();
+  std::vector<pid_t> workers;
+  pid_t w = 0;
+  pollfd p{pipe.r.get(), POLLIN, 0};
+  while (workers.size() < 3 && ::poll(&p, 1, 10000) == 1 && ::read(pipe.r.get(), &w, sizeof w) == sizeof w)
+    workers.push_back(w);
+  ::kill(frontend, SIGKILL);
+  test::waitChild(frontend, 5s);
+  ASSERT_EQ(workers.size(), 3u);
+  for (pid_t pid : workers) EXPECT_TRUE(gone(pid, 2s)) << "pool worker " << pid << " outlived its frontend";
+}
 
 // ---------------------------------------------------------------- a backend that will not stop
 
