@@ -39,6 +39,7 @@
 
 #include "forklift/process.hpp"
 #include "forklift/ring_buffer.hpp"
+#include "median.hpp"
 #include "placement.hpp"
 
 namespace {
@@ -50,18 +51,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr std::int64_t kKiB = 1 << 10;
 
-class Median {
- public:
-  void add(double seconds) { s_.push_back(seconds); }
-  void report(benchmark::State& state, std::int64_t bytes) {
-    if (s_.empty()) return;
-    std::nth_element(s_.begin(), s_.begin() + static_cast<std::ptrdiff_t>(s_.size() / 2), s_.end());
-    state.counters["GBps_p50"] = static_cast<double>(bytes) / s_[s_.size() / 2] / 1e9;
-  }
-
- private:
-  std::vector<double> s_;
-};
+using forklift::bench::Median;
 
 enum class Kind { Frames, Doubles };
 
@@ -237,21 +227,7 @@ BENCHMARK(BM_RingPingPong)->Arg(0)->Arg(50)->Unit(benchmark::kMicrosecond)->UseR
 
 void BM_RingMemcpy(benchmark::State& state) {
   pinTo(placement().frontend);
-  const auto size = static_cast<std::size_t>(state.range(0) * kKiB);
-  auto src = std::make_unique<char[]>(size);
-  auto dst = std::make_unique<char[]>(size);
-  std::memset(src.get(), 1, size);
-  std::memset(dst.get(), 2, size);
-  Median median;
-  for (auto _ : state) {
-    const auto t0 = Clock::now();
-    std::memcpy(dst.get(), src.get(), size);
-    benchmark::ClobberMemory();
-    median.add(std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  benchmark::DoNotOptimize(dst[size - 1]);
-  median.report(state, static_cast<std::int64_t>(size));
-  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(size));
+  forklift::bench::memcpyBench(state, state.range(0) * kKiB);
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_RingMemcpy)->Arg(64)->Arg(1024)->Arg(6144)->UseRealTime()->Unit(benchmark::kMicrosecond);

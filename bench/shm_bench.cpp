@@ -32,25 +32,12 @@
 
 #include "forklift/process.hpp"
 #include "forklift/shm_array.hpp"
+#include "median.hpp"
 #include "placement.hpp"
 
 namespace {
 
-// Google Benchmark reports the mean time of an iteration; a handoff's tail
-// (a wake-up that comes late) would dominate it. The peers report the median
-// iteration, so these benchmarks do too, as a counter: GB/s at the median.
-class Median {
- public:
-  void add(double seconds) { s_.push_back(seconds); }
-  void report(benchmark::State& state, std::int64_t bytes) {
-    if (s_.empty()) return;
-    std::nth_element(s_.begin(), s_.begin() + static_cast<std::ptrdiff_t>(s_.size() / 2), s_.end());
-    state.counters["GBps_p50"] = static_cast<double>(bytes) / s_[s_.size() / 2] / 1e9;
-  }
-
- private:
-  std::vector<double> s_;
-};
+using forklift::bench::Median;
 
 using forklift::bench::pinTo;
 using forklift::bench::placement;
@@ -142,22 +129,7 @@ BENCHMARK(BM_ShmHandoff4)->Arg(64)->Arg(1024)->Arg(16384)->Arg(131072)->UseManua
 
 void BM_Memcpy(benchmark::State& state) {
   pinTo(placement().frontend);
-  const std::int64_t bytes = state.range(0) * kKiB;
-  const auto size = static_cast<std::size_t>(bytes);
-  auto src = std::make_unique<char[]>(size);
-  auto dst = std::make_unique<char[]>(size);
-  std::memset(src.get(), 1, size);
-  std::memset(dst.get(), 2, size);
-  Median median;
-  for (auto _ : state) {
-    const auto t0 = Clock::now();
-    std::memcpy(dst.get(), src.get(), size);
-    benchmark::ClobberMemory();
-    median.add(std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  benchmark::DoNotOptimize(dst[size - 1]);
-  median.report(state, bytes);
-  state.SetBytesProcessed(state.iterations() * bytes);
+  forklift::bench::memcpyBench(state, state.range(0) * kKiB);
 }
 BENCHMARK(BM_Memcpy)->Arg(64)->Arg(1024)->Arg(16384)->Arg(131072)->UseRealTime()->Unit(benchmark::kMillisecond);
 
