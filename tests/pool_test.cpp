@@ -341,6 +341,13 @@ TEST(Pool, WorkersAreRecycledAfterKTasks) {
 }
 
 TEST(Pool, WorkersAreRecycledAboveAResidentSize) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "a sanitizer's shadow memory puts every worker above any small resident size";
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+  GTEST_SKIP() << "a sanitizer's shadow memory puts every worker above any small resident size";
+#endif
+#endif
   PoolOptions o = workers(1);
   o.recycleAboveRss = 64u << 20;
   WorkerPool pool(jobs(), o);
