@@ -728,7 +728,9 @@ std::int64_t ReadSlot::user(std::size_t i) const {
 
 bool ReadSlot::intact() const noexcept {
   if (!valid()) return false;
+  FORKLIFT_FENCE_BEGIN
   std::atomic_thread_fence(std::memory_order_acquire);
+  FORKLIFT_FENCE_END
   detail::RingCore& c = *r_->core;
   if (c.meta[index_].seq.load(std::memory_order_relaxed) == 2 * info_.sequence) return true;
   c.h->torn.fetch_add(1, std::memory_order_relaxed);
