@@ -71,7 +71,14 @@ Backend::Backend(BackendConfig config, Channel cmd, Channel out)
   outWriter_.ch = &out_;
   check(uv_loop_init(&loop_), "initialise the backend loop");
   check(uv_poll_init(&loop_, &cmdPoll_, cmd_.fd()), "watch the command channel");
-  check(uv_poll_init(&loop_, &outPoll_, out_.fd()), "watch the output channel");
+  // Over shared memory the command channel's writer waits on a doorbell of
+  // its own; over a socket one handle watches both ways.
+  if (cmd_.writeFd() != cmd_.fd()) {
+    check(uv_poll_init(&loop_, &cmdWritePoll_, cmd_.writeFd()), "watch the command channel");
+    cmdWritePoll_.data = this;
+    cmdWritePolled_ = true;
+  }
+  check(uv_poll_init(&loop_, &outPoll_, out_.writeFd()), "watch the output channel");
   // uv_poll_init made both descriptors non-blocking; tell the channels.
   cmd_.assumeNonBlocking();
   out_.assumeNonBlocking();
@@ -97,6 +104,8 @@ Backend::~Backend() {
 void Backend::closeAll() {
   sources_.closeAll();
   if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&cmdPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&cmdPoll_), nullptr);
+  if (cmdWritePolled_ && !uv_is_closing(reinterpret_cast<uv_handle_t*>(&cmdWritePoll_)))
+    uv_close(reinterpret_cast<uv_handle_t*>(&cmdWritePoll_), nullptr);
   if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&outPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&outPoll_), nullptr);
   if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&stopPoll_))) uv_close(reinterpret_cast<uv_handle_t*>(&stopPoll_), nullptr);
 }
@@ -173,7 +182,7 @@ void Backend::enqueue(Writer& w, const Message& m) {
     // Full: wait (bounded) for the frontend to read, writing as it does.
     const Deadline d(config_.outWait);
     while (w.queued() + n > config_.outQueueBytes) {
-      const bool writable = waitFor(w.ch->fd(), POLLOUT, d);
+      const bool writable = w.ch->waitWritable(d);
       if (writable) drain(w);
       if (!writable || d.expired()) {
         if (w.queued() + n <= config_.outQueueBytes) break;
@@ -237,25 +246,32 @@ bool Backend::drain(Writer& w) {
   return false;
 }
 
+namespace {
+int uvEvents(short pollEvents) { return pollEvents == POLLOUT ? UV_WRITABLE : UV_READABLE; }
+}  // namespace
+
 void Backend::updatePoll(Writer& w) {
   const bool want = w.queued() > 0;
-  if (&w == &cmdWriter_) {
+  if (&w == &cmdWriter_ && !cmdWritePolled_) {
     if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&cmdPoll_)))
       uv_poll_start(&cmdPoll_, UV_READABLE | (want ? UV_WRITABLE : 0), &Backend::onCmdPoll);
-  } else if (want != outPolling_) {
-    outPolling_ = want;
-    if (want)
-      uv_poll_start(&outPoll_, UV_WRITABLE, &Backend::onOutPoll);
-    else
-      uv_poll_stop(&outPoll_);
+    return;
   }
+  uv_poll_t& h = &w == &cmdWriter_ ? cmdWritePoll_ : outPoll_;
+  bool& polling = &w == &cmdWriter_ ? cmdWritePolling_ : outPolling_;
+  if (want == polling || uv_is_closing(reinterpret_cast<uv_handle_t*>(&h))) return;
+  polling = want;
+  if (want)
+    uv_poll_start(&h, uvEvents(w.ch->writeEvents()), &w == &cmdWriter_ ? &Backend::onCmdWritable : &Backend::onOutPoll);
+  else
+    uv_poll_stop(&h);
 }
 
 void Backend::flush(Timeout bound) {
   const Deadline d(bound);
   for (Writer* w : {&cmdWriter_, &outWriter_}) {
     try {
-      while (!drain(*w) && waitFor(w->ch->fd(), POLLOUT, d)) {
+      while (!drain(*w) && w->ch->waitWritable(d)) {
       }
       if (w->queued() > 0)
         log().warn("dropping {} queued bytes at exit: the frontend did not read them within {} ms", w->queued(),
@@ -293,6 +309,16 @@ void Backend::onCmdPoll(uv_poll_t* h, int status, int events) {
   }
 }
 
+void Backend::onCmdWritable(uv_poll_t* h, int status, int) {
+  auto* self = static_cast<Backend*>(h->data);
+  try {
+    if (status < 0 || self->drain(self->cmdWriter_)) self->updatePoll(self->cmdWriter_);
+  } catch (const PeerClosed&) {
+    self->frontendGone_ = true;
+    self->requestStop();
+  }
+}
+
 void Backend::onOutPoll(uv_poll_t* h, int status, int) {
   auto* self = static_cast<Backend*>(h->data);
   try {
@@ -313,8 +339,7 @@ void Backend::onStopBell(uv_poll_t* h, int, int) {
     // A cut frame at the end waits for nobody. Bounded, against a frontend
     // that keeps sending.
     for (int round = 0; round < 1000 && !self->stopping_; ++round) {
-      pollfd p{self->cmd_.fd(), POLLIN, 0};
-      if (!self->cmd_.buffered() && ::poll(&p, 1, 0) <= 0) break;
+      if (!self->cmd_.pending()) break;
       self->onCommandReadable();
     }
   } catch (const std::exception& e) {
@@ -410,7 +435,9 @@ void Backend::requestStop() {
 // ---------------------------------------------------------------- user handles
 
 void Backend::watch(int fd, std::function<void(int)> fn, bool writable) {
-  if (fd == cmd_.fd() || fd == out_.fd())
+  auto ours = cmd_.descriptors();
+  for (int d : out_.descriptors()) ours.push_back(d);
+  if (std::find(ours.begin(), ours.end(), fd) != ours.end())
     throw Error(config_.who + ": watch__: descriptor " + std::to_string(fd) + " is forklift's own channel");
   sources_.watch(fd, [this, fn = std::move(fn)](int events) {
     if (!userGone()) fn(events);

@@ -115,6 +115,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void refuse(const Error& e, const std::string& command, std::uint64_t id);
   static void onCmdPoll(uv_poll_t* h, int status, int events);
   static void onOutPoll(uv_poll_t* h, int status, int events);
+  static void onCmdWritable(uv_poll_t* h, int status, int events);
   static void onStopBell(uv_poll_t* h, int status, int events);
   void closeAll();
 
@@ -126,8 +127,11 @@ class Backend : public std::enable_shared_from_this<Backend> {
   Writer outWriter_;
   uv_loop_t loop_{};  // declared before every handle that lives on it
   uv_poll_t cmdPoll_{};
+  uv_poll_t cmdWritePoll_{};  // shared memory: the command queue's space doorbell
   uv_poll_t outPoll_{};
   uv_poll_t stopPoll_{};
+  bool cmdWritePolled_ = false;
+  bool cmdWritePolling_ = false;
   bool outPolling_ = false;
   bool stopping_ = false;
   bool frontendGone_ = false;

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -12,6 +13,7 @@
 #include "metrics.hpp"
 #include "posix.hpp"
 #include "seams.hpp"
+#include "shm_pipe.hpp"
 
 namespace forklift {
 
@@ -59,17 +61,114 @@ std::pair<Channel, Channel> Channel::makePair(const Limits& limits) {
 
 Channel::Channel(int fd, const Limits& limits) : fd_(fd), limits_(limits) {}
 
+std::pair<Channel, Channel> Channel::makeSharedPair(const Limits& limits, std::size_t toSecond, std::size_t toFirst) {
+  auto pair = makePair(limits);
+  auto link = detail::ShmLink::make(toSecond, toFirst);
+  Channel* ends[2] = {&pair.first, &pair.second};
+  for (int side = 0; side < 2; ++side) {
+    Channel& c = *ends[side];
+    c.link_ = link;
+    c.out_ = link->pipe(side);
+    c.in_ = link->pipe(1 - side);
+    if (!c.in_) continue;
+    // One descriptor to poll for "a message or the end", as a socket is.
+    c.readSet_.reset(::epoll_create1(EPOLL_CLOEXEC));
+    if (!c.readSet_) detail::throwErrno("cannot create the channel's epoll set");
+    epoll_event bell{};
+    bell.events = EPOLLIN;
+    bell.data.fd = c.in_->dataBell.get();
+    epoll_event hangUp{};
+    hangUp.events = EPOLLRDHUP;
+    hangUp.data.fd = c.fd_.get();
+    if (::epoll_ctl(c.readSet_.get(), EPOLL_CTL_ADD, bell.data.fd, &bell) != 0 ||
+        ::epoll_ctl(c.readSet_.get(), EPOLL_CTL_ADD, hangUp.data.fd, &hangUp) != 0)
+      detail::throwErrno("cannot fill the channel's epoll set");
+  }
+  return pair;
+}
+
+void Channel::close() noexcept {
+  readSet_.reset();
+  in_ = out_ = nullptr;
+  link_.reset();
+  fd_.reset();
+}
+
+int Channel::writeFd() const noexcept { return out_ ? out_->spaceBell.get() : fd_.get(); }
+short Channel::writeEvents() const noexcept { return out_ ? POLLIN : POLLOUT; }
+
+std::vector<int> Channel::descriptors() const {
+  std::vector<int> fds;
+  if (fd_) fds.push_back(fd_.get());
+  if (readSet_) fds.push_back(readSet_.get());
+  for (detail::Pipe* p : {in_, out_})
+    if (p) {
+      fds.push_back(p->dataBell.get());
+      fds.push_back(p->spaceBell.get());
+    }
+  return fds;
+}
+
+void Channel::hideFromLaterForks() noexcept {
+  if (link_) link_->hideFromLaterForks();
+}
+
+bool Channel::pending() const {
+  if (buffered()) return true;
+  if (in_) return in_->readable() > 0;
+  return detail::waitFor(fd(), POLLIN, Deadline(Timeout::zero()));
+}
+
+bool Channel::waitWritable(const Deadline& d) {
+  if (!out_) {
+    switch (waitReady(POLLOUT, d)) {
+      case Ready::Timeout: return false;
+      case Ready::PeerDied: peerEnded();
+      case Ready::Fd: return true;
+    }
+  }
+  if (out_->writerArm()) return true;
+  switch (waitShared(out_->spaceBell.get(), d)) {
+    case Ready::Timeout: return false;
+    case Ready::PeerDied: peerEnded();
+    case Ready::Fd: return true;
+  }
+  return true;
+}
+
+Channel::Ready Channel::waitShared(int bell, const Deadline& d) const {
+  for (;;) {
+    // The socket only for its hang-up: descriptors on it come with frames.
+    pollfd p[3] = {{bell, POLLIN, 0}, {fd_.get(), POLLRDHUP, 0}, {deathFd_, POLLIN, 0}};
+    const int n = deathFd_ >= 0 ? 3 : 2;
+    const int r = ::poll(p, static_cast<nfds_t>(n), d.pollMillis());
+    if (r > 0) {
+      if (p[0].revents) return Ready::Fd;
+      if (n == 3 && (p[2].revents & POLLNVAL))
+        throw Error("channel: the watched death descriptor " + std::to_string(deathFd_) + " is not open");
+      return Ready::PeerDied;
+    }
+    if (r == 0) return Ready::Timeout;
+    if (errno != EINTR) detail::throwErrno("cannot poll the channel's doorbell");
+  }
+}
+
+bool Channel::socketHungUp() const {
+  pollfd p{fd_.get(), POLLRDHUP, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
 void Channel::setNonBlocking(bool on) {
-  const int flags = ::fcntl(fd(), F_GETFL);
-  if (flags < 0 || ::fcntl(fd(), F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK) < 0)
+  const int flags = ::fcntl(fd_.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd_.get(), F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK) < 0)
     detail::throwErrno("cannot set channel blocking mode");
   nonBlocking_ = on;
 }
 
 Channel::Ready Channel::waitReady(short events, const Deadline& d) const {
-  if (deathFd_ < 0) return detail::waitFor(fd(), events, d) ? Ready::Fd : Ready::Timeout;
+  if (deathFd_ < 0) return detail::waitFor(fd_.get(), events, d) ? Ready::Fd : Ready::Timeout;
   for (;;) {
-    pollfd p[2] = {{fd(), events, 0}, {deathFd_, POLLIN, 0}};
+    pollfd p[2] = {{fd_.get(), events, 0}, {deathFd_, POLLIN, 0}};
     const int r = ::poll(p, 2, d.pollMillis());
     if (r > 0) {
       if (p[0].revents) return Ready::Fd;
@@ -78,7 +177,7 @@ Channel::Ready Channel::waitReady(short events, const Deadline& d) const {
       return Ready::PeerDied;
     }
     if (r == 0) return Ready::Timeout;
-    if (errno != EINTR) detail::throwErrno("cannot poll channel descriptor " + std::to_string(fd()));
+    if (errno != EINTR) detail::throwErrno("cannot poll channel descriptor " + std::to_string(fd_.get()));
   }
 }
 
@@ -119,6 +218,22 @@ void Channel::encodeFrame(const Message& m, Buffer& out, const Limits& limits, s
 void Channel::encodeFrame(const Message& m, Buffer& out, const Limits& limits) { frame(m, out, limits, nullptr); }
 
 std::size_t Channel::writeSome(const char* p, std::size_t n, std::span<const int> fds) {
+  if (!link_) return sendFds(p, n, fds);
+  if (!out_) throw Error("channel: this end of the channel only receives");
+  if (n == 0) return 0;
+  if (out_->writable() == 0 && !out_->writerArm()) return 0;
+  if (!fds.empty()) {
+    // Before the frame's first byte is published: the reader finds them
+    // on the socket when it meets the frame. They carry its stream offset.
+    char at[8];
+    const std::uint64_t tail = out_->h->tail.load(std::memory_order_relaxed);
+    for (int i = 0; i < 8; ++i) at[i] = static_cast<char>((tail >> (8 * i)) & 0xff);
+    if (sendFds(at, sizeof at, fds) != sizeof at) return 0;  // the socket is full: try again later
+  }
+  return out_->write(p, n);
+}
+
+std::size_t Channel::sendFds(const char* p, std::size_t n, std::span<const int> fds) {
   msghdr msg{};
   iovec iov{const_cast<char*>(p), n};
   msg.msg_iov = &iov;
@@ -142,7 +257,7 @@ std::size_t Channel::writeSome(const char* p, std::size_t n, std::span<const int
     std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
   }
   for (;;) {
-    const ssize_t r = detail::syscalls.sendmsg(fd(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    const ssize_t r = detail::syscalls.sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r >= 0) return static_cast<std::size_t>(r);
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
@@ -175,7 +290,8 @@ bool Channel::pushOut(const Deadline& d) {
     if (sendOff_ == n) break;
     if (sendOff_ == end) continue;  // reached the descriptors' frame: go on at once
     if (peerDied) peerEnded();  // nothing more fits, and nobody will read
-    switch (waitReady(POLLOUT, d)) {
+    if (out_ && out_->writerArm()) continue;  // space came meanwhile
+    switch (out_ ? waitShared(out_->spaceBell.get(), d) : waitReady(POLLOUT, d)) {
       case Ready::Timeout: return false;
       case Ready::PeerDied: peerDied = true; break;  // one last try
       case Ready::Fd: break;
@@ -186,6 +302,9 @@ bool Channel::pushOut(const Deadline& d) {
 
 void Channel::send(const Message& m, Timeout timeout) {
   if (!valid()) throw Error("channel: send on a closed channel");
+  // A queue takes bytes whether or not anyone will read them, where a
+  // socket refuses them once the peer is gone.
+  if (link_ && deathFd_ >= 0 && detail::waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()))) peerEnded();
   const Deadline d(timeout);
   const std::size_t rest = unsentBytes();
   if (rest == 0) {
@@ -257,6 +376,7 @@ std::vector<detail::UniqueFd> Channel::frameFds(std::uint64_t at, unsigned nfds,
     corrupt(std::to_string(fdBatches_.front().fds.size()) +
             " descriptors came with stream bytes that no frame declaring descriptors started in");
   if (nfds == 0) return {};
+  if (link_ && (fdBatches_.empty() || fdBatches_.front().from > at)) pullFdBatches();
   if (fdBatches_.empty() || fdBatches_.front().from > at)
     corrupt("a frame declares " + std::to_string(nfds) + " descriptors, but none came with its first byte");
   FdBatch b = std::move(fdBatches_.front());
@@ -349,7 +469,7 @@ void Channel::setRecvTimeout(Timeout t) {
   timeval tv{};
   tv.tv_sec = static_cast<time_t>(t.count() / 1000);
   tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
-  if (::setsockopt(fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0)
+  if (::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0)
     detail::throwErrno("cannot set channel receive timeout");
   rcvTimeout_ = t;
 }
@@ -376,6 +496,7 @@ bool Channel::fill(const Deadline& d) {
       rbuf_.resize(std::max(kInitialRecvBuffer, std::min(rend_ + want, 2 * rbuf_.size())));
     want = std::min(wantBytes(), rbuf_.size() - rend_);
   }
+  if (link_) return fillShared(d, want);
   // A blocking descriptor waits in recv itself, bounded by SO_RCVTIMEO: one
   // system call per message on the request/reply path. A watched peer needs
   // a poll that also sees its death descriptor, so then (and for a
@@ -405,7 +526,7 @@ bool Channel::fill(const Deadline& d) {
     msg.msg_iovlen = 1;
     msg.msg_control = control_.data();
     msg.msg_controllen = control_.size() * sizeof(std::uint64_t);
-    const ssize_t r = detail::syscalls.recvmsg(fd(), &msg, MSG_CMSG_CLOEXEC | (waitInRecv ? 0 : MSG_DONTWAIT));
+    const ssize_t r = detail::syscalls.recvmsg(fd_.get(), &msg, MSG_CMSG_CLOEXEC | (waitInRecv ? 0 : MSG_DONTWAIT));
     if (r >= 0 && (msg.msg_controllen > 0 || (msg.msg_flags & MSG_CTRUNC))) {
       const std::uint64_t from = rstream_ + (rend_ - rpos_);
       keepFds(msg, from, from + static_cast<std::uint64_t>(r));
@@ -424,11 +545,68 @@ bool Channel::fill(const Deadline& d) {
         pollFirst = true;
         continue;
       }
-      if (!detail::waitFor(fd(), POLLIN, d)) return false;
+      if (!detail::waitFor(fd_.get(), POLLIN, d)) return false;
       continue;
     }
     if (peerGone(errno)) throw PeerClosed("channel: peer closed");
     detail::throwErrno("cannot read from channel");
+  }
+}
+
+bool Channel::fillShared(const Deadline& d, std::size_t want) {
+  if (!in_) throw Error("channel: this end of the channel only sends");
+  bool peerDied = false;
+  for (;;) {
+    if (in_->readable() > 0) {
+      rend_ += in_->read(rbuf_.data() + rend_, want);
+      // Leave the bell true for pollers: readable while bytes wait, clear
+      // and armed when none do.
+      if (in_->readable() > 0 || (in_->readerArm(), in_->readable() > 0)) in_->readerKeepBell();
+      return true;
+    }
+    const bool rung = in_->readerArm();
+    if (in_->readable() > 0) continue;
+    // Nothing came with the wake-up (if any): it may be the peer's end,
+    // which the bytes it left have been read before.
+    if (!rung || peerDied) {
+      if (socketHungUp() || peerDied) {
+        if (in_->readable() > 0) continue;
+        peerEnded();
+      }
+    }
+    if (d.pollMillis() == 0) return false;
+    switch (waitShared(in_->dataBell.get(), d)) {
+      case Ready::Timeout: return false;
+      case Ready::PeerDied: peerDied = true; break;
+      case Ready::Fd: break;
+    }
+  }
+}
+
+void Channel::pullFdBatches() {
+  if (control_.empty()) {
+    const std::size_t bytes = CMSG_SPACE(sizeof(int) * std::min(limits_.maxFds, kMaxFdsPerMessage));
+    control_.resize((bytes + sizeof(std::uint64_t) - 1) / sizeof(std::uint64_t));
+  }
+  for (;;) {
+    char at[8];
+    msghdr msg{};
+    iovec iov{at, sizeof at};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control_.data();
+    msg.msg_controllen = control_.size() * sizeof(std::uint64_t);
+    const ssize_t r = detail::syscalls.recvmsg(fd_.get(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return;  // none waiting, or the end (seen by the next wait)
+    std::uint64_t from = 0;
+    for (int i = 0; i < 8; ++i) from |= static_cast<std::uint64_t>(static_cast<std::uint8_t>(at[i])) << (8 * i);
+    if (r != sizeof at) {
+      keepFds(msg, 0, 1);
+      fdBatches_.clear();
+      corrupt("a cut descriptor marker on the socket beside the shared-memory queue");
+    }
+    keepFds(msg, from, from + 1);
   }
 }
 

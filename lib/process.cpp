@@ -5,6 +5,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <typeindex>
 #include <typeinfo>
@@ -28,6 +29,35 @@ bool envInProcess() {
   if (!v) return false;
   const std::string s = v;
   return s == "1" || s == "true" || s == "yes" || s == "on";
+}
+
+// FORKLIFT_TRANSPORT=shm|socket overrides ProcessOptions::transport (to run
+// a program, or the whole test suite, over the other one).
+Transport transportFor(const ProcessOptions& o) {
+  const char* v = std::getenv("FORKLIFT_TRANSPORT");
+  if (!v) return o.transport;
+  const std::string s = v;
+  if (s == "shm" || s == "shared" || s == "sharedmemory") return Transport::SharedMemory;
+  if (s == "socket") return Transport::Socket;
+  return o.transport;
+}
+
+void registerFds(const std::vector<int>& fds) {
+  for (int fd : fds) detail::frontend_fds::add({fd});
+}
+
+void unregisterFds(const std::vector<int>& fds) {
+  for (int fd : fds) detail::frontend_fds::remove({fd});
+}
+
+// The descriptors of `mine` that `theirs` does not share (a shared-memory
+// pair's doorbells are one descriptor in both ends).
+std::vector<int> ownFds(const Channel& mine, const Channel& theirs) {
+  std::vector<int> own;
+  const std::vector<int> other = theirs.descriptors();
+  for (int fd : mine.descriptors())
+    if (std::find(other.begin(), other.end(), fd) == other.end()) own.push_back(fd);
+  return own;
 }
 
 // "MyProcess" for any MyProcess, whatever its namespace. Demangling costs
@@ -65,7 +95,7 @@ MessageProcess::MessageProcess(std::string name, ProcessOptions options)
 
 MessageProcess::~MessageProcess() {
   if (onBackendSide()) return;  // the backend side never stops itself from here
-  detail::frontend_fds::remove({out_.fd()});
+  unregisterFds(out_.descriptors());
   if (state_.load() != State::Running) return;
   if (child_ && !child_->forked() && !child_->ended()) {
     // In-process: the subclass is gone already, and its handlers with it.
@@ -130,12 +160,12 @@ void MessageProcess::start() {
     state_ = State::Idle;
   }
   if (!state_.compare_exchange_strong(idle, State::Starting)) throw Error(fullName_ + ": already started");
-  int cmdFd = -1;
+  std::vector<int> cmdFds;
   int bellFd = -1;
   try {
     if (requests_) requests_->close({true, "restarted", nullptr});
     requests_.reset();
-    detail::frontend_fds::remove({out_.fd()});
+    unregisterFds(out_.descriptors());
     out_ = Channel();
     child_.reset();
     stopRequested_ = false;
@@ -149,14 +179,30 @@ void MessageProcess::start() {
     if (envInProcess()) options_.inProcess = true;
     if (!options_.logFile.empty()) checkLogFile(options_.logFile);
 
-    auto [cmdFront, cmdBack] = Channel::makePair(options_.limits);
-    auto [outFront, outBack] = Channel::makePair(options_.limits);
+    const bool shared = transportFor(options_) == Transport::SharedMemory;
+    const std::size_t q = options_.queueBytes;
+    auto [cmdFront, cmdBack] =
+        shared ? Channel::makeSharedPair(options_.limits, q, q) : Channel::makePair(options_.limits);
+    auto [outFront, outBack] =
+        shared ? Channel::makeSharedPair(options_.limits, 0, q) : Channel::makePair(options_.limits);
     // fd() readable means "a message is waiting": read one frame at a time.
     outFront.setReadMode(ReadMode::OneFrame);
     // Backends forked later must not hold these (see frontend_fds); the
-    // Requests and out_ remove them when they close them.
-    detail::frontend_fds::add({cmdFront.fd(), outFront.fd()});
-    cmdFd = cmdFront.fd();  // a failure from here on must remove it from the registry
+    // Requests and out_ remove them when they close them. What both ends
+    // share (doorbells) is registered once this backend has its copy.
+    registerFds(ownFds(cmdFront, cmdBack));
+    registerFds(ownFds(outFront, outBack));
+    const std::vector<int> sharedFds = [&] {
+      std::vector<int> v;
+      for (const Channel* c : {&cmdFront, &outFront})
+        for (int fd : c->descriptors()) v.push_back(fd);
+      auto own = ownFds(cmdFront, cmdBack);
+      auto ownOut = ownFds(outFront, outBack);
+      own.insert(own.end(), ownOut.begin(), ownOut.end());
+      std::erase_if(v, [&](int fd) { return std::find(own.begin(), own.end(), fd) != own.end(); });
+      return v;
+    }();
+    cmdFds = cmdFront.descriptors();  // a failure from here on must remove them from the registry
     out_ = std::move(outFront);
     // The stop bell is one object on both sides; later backends close it.
     detail::UniqueFd stopBell(detail::syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -178,6 +224,11 @@ void MessageProcess::start() {
         &logger());
     back.reset();  // forked: the child has its ends; in-process: the thread does
     detail::frontend_fds::add({bell});
+    registerFds(sharedFds);
+    if (child_->forked()) {
+      cmdFront.hideFromLaterForks();
+      out_.hideFromLaterForks();
+    }
     pid_ = child_->forked() ? child_->pid() : ::getpid();
     if (lifecycleLogged()) logger().debug("started, pid {}{}", pid_, child_->forked() ? "" : " (in-process thread)");
 
@@ -200,9 +251,12 @@ void MessageProcess::start() {
       child_->wait(Timeout(5000));
     }
     if (child_ && child_->ended()) child_.reset();  // its status is in the error
-    detail::frontend_fds::remove({out_.fd()});
+    unregisterFds(out_.descriptors());
     out_ = Channel();
-    if (!requests_) detail::frontend_fds::remove({cmdFd, bellFd});  // closed with their owners here
+    if (!requests_) {  // closed with their owners here
+      unregisterFds(cmdFds);
+      detail::frontend_fds::remove({bellFd});
+    }
     state_ = State::Idle;
     throw;
   }

@@ -88,7 +88,10 @@ Requests::Requests(Channel cmd, UniqueFd stopBell, int deathFd, Hooks hooks)
   cmd_.watchPeer(deathFd_);
 }
 
-Requests::~Requests() { frontend_fds::remove({cmd_.fd(), stopBell_.get()}); }
+Requests::~Requests() {
+  for (int fd : cmd_.descriptors()) frontend_fds::remove({fd});
+  frontend_fds::remove({stopBell_.get()});
+}
 
 void Requests::setDispatcher(std::function<void(std::function<void()>)> dispatch) {
   std::lock_guard lock(mutex_);

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "doorbell.hpp"
+
 namespace forklift::detail {
 
 // pidfd_open(pid, 0), through a pointer that tests swap to make pidfds
@@ -101,50 +103,6 @@ inline std::uint64_t recordPos(std::uint64_t r) noexcept { return r >> 18; }
 
 inline std::uint64_t tailPos(std::uint64_t t) noexcept { return t >> 1; }
 inline bool tailByWriter(std::uint64_t t) noexcept { return (t & 1) != 0; }
-
-// ---- the doorbell protocol, one function per step
-
-// GCC's ThreadSanitizer build warns that it does not model fences
-// (-Wtsan). The fences below only order atomics against atomics (and the
-// seqlock re-check in ReadSlot::intact); the slot data is ordered by the
-// release/acquire cursors, which TSan does see. So the warning is off here.
-#if defined(__GNUC__) && !defined(__clang__)
-#define FORKLIFT_FENCE_BEGIN _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wtsan\"")
-#define FORKLIFT_FENCE_END _Pragma("GCC diagnostic pop")
-#else
-#define FORKLIFT_FENCE_BEGIN
-#define FORKLIFT_FENCE_END
-#endif
-
-// Producer side of a queue: makes `n` published (the slots before it are
-// filled). Release: the consumer that loads it sees them.
-inline void bellPublish(std::atomic<std::uint64_t>& cursor, std::uint64_t n) noexcept {
-  cursor.store(n, std::memory_order_release);
-}
-// Producer, after publishing: true when the consumer armed itself and
-// `available` (what it may take now) reaches the count it armed for; the
-// call then disarms it (so one arming gets one ring). The full fence orders
-// the publish before the load of `armed`.
-inline bool bellMustRing(std::atomic<std::uint32_t>& armed, std::uint64_t available) noexcept {
-  FORKLIFT_FENCE_BEGIN
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  FORKLIFT_FENCE_END
-  const std::uint32_t want = armed.load(std::memory_order_relaxed);
-  if (want == 0 || available < want) return false;
-  return armed.exchange(0, std::memory_order_relaxed) != 0;
-}
-// Consumer, before it sleeps: arms for `want` (>= 1) items, and the full
-// fence orders the arming before the re-check of the queue that must
-// follow. The re-check looks for one item: a consumer that finds one does
-// not sleep. Arming for more than one is safe only when that many are
-// bound to come (see RingWriter::reserve).
-inline void bellArm(std::atomic<std::uint32_t>& armed, std::uint32_t want = 1) noexcept {
-  armed.store(want, std::memory_order_relaxed);
-  FORKLIFT_FENCE_BEGIN
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  FORKLIFT_FENCE_END
-}
-inline void bellDisarm(std::atomic<std::uint32_t>& armed) noexcept { armed.store(0, std::memory_order_relaxed); }
 
 // The re-checks: something to take?
 inline bool deliverReady(const RingHeader& h) noexcept {

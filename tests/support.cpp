@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -121,4 +122,9 @@ class NoLeftoversEnvironment : public ::testing::Environment {
     ::testing::AddGlobalTestEnvironment(new NoLeftoversEnvironment);
 
 }  // namespace
+bool overSharedMemory() {
+  const char* v = std::getenv("FORKLIFT_TRANSPORT");
+  return v && std::string(v) == "shm";
+}
+
 }  // namespace forklift::test

@@ -35,6 +35,10 @@ bool hasChildren();
 // The whole file (a /proc file too), or "" when it cannot be read.
 std::string readFile(const std::string& path);
 
+// True when this run sends every message over shared-memory queues
+// (FORKLIFT_TRANSPORT=shm, as the *_shm test runs set).
+bool overSharedMemory();
+
 // Names in /dev/shm that forklift created (prefix "fk.").
 std::vector<std::string> forkliftSegments();
 

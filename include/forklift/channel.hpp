@@ -53,6 +53,14 @@
 // control message and closed the rest) is refused with LimitError naming
 // its command and id, its descriptors closed; the next message still comes.
 //
+// Transport: `makePair` gives a socket pair; `makeSharedPair` gives the
+// same framed stream over shared-memory byte queues with eventfd doorbells
+// (lib/shm_pipe.hpp), one per direction, beside a socket that still carries
+// descriptors and the peer's hang-up. Everything above holds for both; the
+// differences are what `fd()` is (below) and that a send into a queue does
+// not wait for the peer to be scheduled. Make a shared pair before the fork
+// that separates its ends (its memory is inherited, never named).
+//
 // Reading: in `ReadMode::Greedy` (the default) `recv` reads as many bytes as
 // the kernel has, and may keep whole frames buffered: drain with `tryRecv()`
 // until it returns nothing, or check `buffered()`, before polling again. In
@@ -70,6 +78,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -85,6 +94,12 @@ struct msghdr;
 namespace forklift {
 
 enum class ReadMode : std::uint8_t { Greedy, OneFrame };
+enum class Transport : std::uint8_t { Socket, SharedMemory };
+
+namespace detail {
+class ShmLink;
+struct Pipe;
+}  // namespace detail
 
 class Channel {
  public:
@@ -92,6 +107,12 @@ class Channel {
 
   // Throws SystemError when the socketpair cannot be made.
   static std::pair<Channel, Channel> makePair(const Limits& limits = {});
+
+  // Shared-memory queues of `toSecond` bytes (first -> second) and
+  // `toFirst` bytes (second -> first); 0 means that end never writes.
+  // Throws SystemError when the memory or a descriptor cannot be had.
+  static std::pair<Channel, Channel> makeSharedPair(const Limits& limits, std::size_t toSecond,
+                                                    std::size_t toFirst);
 
   Channel() = default;  // an empty channel: fd() == -1
   // Adopts a connected stream socket.
@@ -101,10 +122,27 @@ class Channel {
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
-  int fd() const noexcept { return fd_.get(); }
+  // Readable when a message (or the peer's end) waits: the socket, or for
+  // shared memory an epoll set of the data doorbell and the socket's
+  // hang-up. Poll it; do not read it.
+  int fd() const noexcept { return readSet_ ? readSet_.get() : fd_.get(); }
+  // Ready (for `writeEvents()`, POLLOUT or POLLIN) when a blocked writer
+  // may go on: the socket, or the queue's space doorbell.
+  int writeFd() const noexcept;
+  short writeEvents() const noexcept;
   bool valid() const noexcept { return fd_.valid(); }
-  void close() noexcept { fd_.reset(); }
+  void close() noexcept;
   const Limits& limits() const noexcept { return limits_; }
+  Transport transport() const noexcept { return link_ ? Transport::SharedMemory : Transport::Socket; }
+  // Every descriptor this end holds (for registries of open descriptors).
+  std::vector<int> descriptors() const;
+  // Shared memory: processes forked from now on do not inherit the queues.
+  void hideFromLaterForks() noexcept;
+  // True when recv would find bytes without waiting (buffered or queued).
+  bool pending() const;
+  // Waits until a blocked send may go on; false on timeout. Throws
+  // PeerClosed when the peer is gone.
+  bool waitWritable(const Deadline& d);
 
   // O_NONBLOCK on the descriptor. Every call below works in both modes.
   void setNonBlocking(bool on);
@@ -174,6 +212,11 @@ class Channel {
   [[noreturn]] void refuseFds(const char* body, std::size_t len, unsigned nfds, std::size_t got, bool truncated);
   [[noreturn]] void corrupt(const std::string& why);
   bool fill(const Deadline& d);         // one read; false on timeout
+  bool fillShared(const Deadline& d, std::size_t want);
+  Ready waitShared(int bell, const Deadline& d) const;
+  bool socketHungUp() const;
+  void pullFdBatches();                 // shared memory: the descriptors waiting on the socket
+  std::size_t sendFds(const char* p, std::size_t n, std::span<const int> fds);
   // Keeps the descriptors a recvmsg brought with stream bytes [from, to).
   void keepFds(msghdr& msg, std::uint64_t from, std::uint64_t to);
   std::size_t wantBytes() const;        // how much the next read may take
@@ -181,6 +224,10 @@ class Channel {
 
   // Set up before use; read, never written, by send and recv.
   detail::UniqueFd fd_;
+  std::shared_ptr<detail::ShmLink> link_;  // shared memory only
+  detail::Pipe* in_ = nullptr;             // the queue this end reads
+  detail::Pipe* out_ = nullptr;            // the queue this end writes
+  detail::UniqueFd readSet_;               // epoll: in_'s data bell + the socket's hang-up
   Limits limits_;
   ReadMode readMode_ = ReadMode::Greedy;
   bool nonBlocking_ = false;

@@ -122,6 +122,13 @@ struct ProcessOptions {
   // throws TimeoutError (the message is not sent).
   std::size_t outQueueBytes = 16u << 20;
   Timeout outWait = std::chrono::seconds(5);
+  // How messages travel: a socket pair, or shared-memory queues with
+  // eventfd doorbells (the socket stays for descriptors and the peer's
+  // end). The environment variable FORKLIFT_TRANSPORT=shm|socket overrides
+  // it. `queueBytes` is each shared-memory queue's size (per direction);
+  // a message larger than it streams through in pieces.
+  Transport transport = Transport::Socket;
+  std::size_t queueBytes = 256u << 10;
   bool inProcess = false;     // run the backend in a thread (see above)
   bool allowThreads = false;  // fork although other threads run (logs a warning)
   bool ignoreSigint = false;  // the backend ignores SIGINT (Ctrl-C goes to the frontend)

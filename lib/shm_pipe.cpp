@@ -1,0 +1,149 @@
+#include "shm_pipe.hpp"
+
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "doorbell.hpp"
+#include "posix.hpp"
+#include "seams.hpp"
+
+namespace forklift::detail {
+
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+              "the queues' cursors must be lock-free to be shared between processes");
+
+namespace {
+
+constexpr std::size_t kHeaderBytes = 128;
+static_assert(sizeof(PipeHeader) == kHeaderBytes);
+
+std::size_t roundUp(std::size_t n) {
+  std::size_t c = 4096;
+  while (c < n) c <<= 1;
+  return c;
+}
+
+}  // namespace
+
+std::uint64_t clearBell(int fd) noexcept {
+  std::uint64_t n = 0;
+  for (;;) {
+    const ssize_t r = ::read(fd, &n, sizeof n);
+    if (r == sizeof n) return n;
+    if (r < 0 && errno == EINTR) continue;
+    return 0;  // EAGAIN: it was clear
+  }
+}
+
+void ringBell(int fd) noexcept {
+  const std::uint64_t one = 1;
+  while (::write(fd, &one, sizeof one) < 0 && errno == EINTR) {
+  }
+}
+
+std::size_t Pipe::readable() const noexcept {
+  return h->tail.load(std::memory_order_acquire) - h->head.load(std::memory_order_relaxed);
+}
+
+std::size_t Pipe::writable() const noexcept {
+  return capacity - (h->tail.load(std::memory_order_relaxed) - h->head.load(std::memory_order_acquire));
+}
+
+std::size_t Pipe::write(const char* p, std::size_t n) {
+  std::size_t done = 0;
+  for (;;) {
+    const std::uint64_t tail = h->tail.load(std::memory_order_relaxed);
+    const std::size_t room = capacity - (tail - h->head.load(std::memory_order_acquire));
+    const std::size_t take = std::min(room, n - done);
+    if (take > 0) {
+      const std::size_t at = tail & (capacity - 1);
+      const std::size_t first = std::min(take, capacity - at);
+      std::memcpy(data + at, p + done, first);
+      std::memcpy(data, p + done + first, take - first);
+      done += take;
+      bellPublish(h->tail, tail + take);
+      if (bellMustRing(h->readerArmed, 1)) ringBell(dataBell.get());
+    }
+    if (done == n) return done;
+    // Full: arm for space, then look again (the reader may have freed some
+    // before it could see the arming).
+    if (!writerArm()) return done;
+  }
+}
+
+std::size_t Pipe::read(char* out, std::size_t max) {
+  const std::uint64_t head = h->head.load(std::memory_order_relaxed);
+  const std::size_t take = std::min<std::size_t>(max, h->tail.load(std::memory_order_acquire) - head);
+  if (take == 0) return 0;
+  const std::size_t at = head & (capacity - 1);
+  const std::size_t first = std::min(take, capacity - at);
+  std::memcpy(out, data + at, first);
+  std::memcpy(out + first, data, take - first);
+  bellPublish(h->head, head + take);
+  if (bellMustRing(h->writerArmed, 1)) ringBell(spaceBell.get());
+  return take;
+}
+
+bool Pipe::readerArm() {
+  const bool rung = clearBell(dataBell.get()) > 0;
+  bellArm(h->readerArmed);
+  return rung;
+}
+
+void Pipe::readerKeepBell() {
+  // Whoever takes the arming rings: the writer after its next publish, or
+  // this reader now. Disarmed means the writer took it and rang (or is
+  // about to): the bell reads readable either way.
+  if (h->readerArmed.exchange(0, std::memory_order_relaxed) != 0) ringBell(dataBell.get());
+}
+
+bool Pipe::writerArm() {
+  clearBell(spaceBell.get());
+  bellArm(h->writerArmed);
+  if (writable() == 0) return false;
+  bellDisarm(h->writerArmed);
+  return true;
+}
+
+std::shared_ptr<ShmLink> ShmLink::make(std::size_t ab, std::size_t ba) {
+  std::shared_ptr<ShmLink> link(new ShmLink);
+  const std::size_t caps[2] = {ab ? roundUp(ab) : 0, ba ? roundUp(ba) : 0};
+  // One page-aligned block per queue: its header page, then its data.
+  std::size_t bytes = 0;
+  for (std::size_t c : caps)
+    if (c) bytes += 4096 + c;
+  void* base = syscalls.mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) throwErrno("cannot map the channel's shared-memory queues (" + std::to_string(bytes) + " bytes)");
+  link->base_ = base;
+  link->bytes_ = bytes;
+  char* at = static_cast<char*>(base);
+  for (int dir = 0; dir < 2; ++dir) {
+    if (!caps[dir]) continue;
+    Pipe& p = link->pipes_[dir];
+    p.h = new (at) PipeHeader{};  // the mapping is zeroed: cursors start at 0
+    p.data = at + 4096;
+    p.capacity = caps[dir];
+    at += 4096 + caps[dir];
+    p.dataBell.reset(syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    p.spaceBell.reset(syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!p.dataBell || !p.spaceBell) throwErrno("cannot create the doorbells of the channel's shared-memory queues");
+    // A reader starts armed: the first message rings.
+    p.h->readerArmed.store(1, std::memory_order_relaxed);
+  }
+  return link;
+}
+
+void ShmLink::hideFromLaterForks() noexcept {
+  if (base_) ::madvise(base_, bytes_, MADV_DONTFORK);
+}
+
+ShmLink::~ShmLink() {
+  if (base_) ::munmap(base_, bytes_);
+}
+
+}  // namespace forklift::detail

@@ -1,0 +1,100 @@
+// forklift - shared-memory byte queues under a Channel (internal)
+//
+// A `ShmLink` is the shared-memory transport of one Channel pair: up to two
+// single-producer single-consumer byte queues (one per direction) in one
+// shared anonymous mapping, made before the fork and inherited by it, each
+// with two doorbells (eventfds): "data" (rung by the writer for a reader
+// that armed itself) and "space" (rung by the reader for a writer that
+// found the queue full and armed itself). The protocol is lib/doorbell.hpp:
+// a busy reader costs its writer no system call, and a message costs no
+// copy through the kernel.
+//
+// The queues carry the same frames as the socket would, so framing,
+// limits and errors stay the Channel's. The socket stays beside them for
+// two things only: its hang-up is the peer's end, and descriptors travel
+// on it (SCM_RIGHTS, with the stream offset of their frame's first byte),
+// sent before that byte is published, so they are in the socket by the
+// time the reader sees the frame.
+//
+// Memory order: `tail` (bytes published, writer) is stored with release
+// after the bytes, and loaded with acquire by the reader before it copies
+// them; `head` (bytes taken, reader) likewise the other way, so the writer
+// never overwrites bytes not yet copied out.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "forklift/detail/fd.hpp"
+
+namespace forklift::detail {
+
+struct alignas(64) PipeHeader {
+  // the writer's line
+  std::atomic<std::uint64_t> tail;
+  std::atomic<std::uint32_t> readerArmed;  // set by the reader, taken by the writer
+  // the reader's line
+  alignas(64) std::atomic<std::uint64_t> head;
+  std::atomic<std::uint32_t> writerArmed;  // set by the writer, taken by the reader
+};
+
+// One direction. The data area is `capacity` bytes (a power of two).
+struct Pipe {
+  PipeHeader* h = nullptr;
+  char* data = nullptr;
+  std::size_t capacity = 0;
+  UniqueFd dataBell;   // the reader waits on it
+  UniqueFd spaceBell;  // the writer waits on it
+
+  std::size_t readable() const noexcept;
+  std::size_t writable() const noexcept;
+
+  // Writer: copies what fits of [p, p+n), publishes it and rings the reader
+  // if it armed. When not all of it fits, the writer arms itself for space
+  // (and copies on if space came meanwhile): a short write is always
+  // followed by a ring of `spaceBell` once the reader frees space.
+  std::size_t write(const char* p, std::size_t n);
+  // Reader: copies up to `max` bytes out, frees them and rings the writer
+  // if it armed for space.
+  std::size_t read(char* out, std::size_t max);
+
+  // Reader, queue found empty: clears the data bell, arms, and re-checks.
+  // Returns true when the bell had rung (data came since the last clear).
+  bool readerArm();
+  // Reader, leaving bytes in the queue: makes sure the data bell reads
+  // readable, so a caller that polls it does not sleep on waiting bytes.
+  void readerKeepBell();
+  // Writer about to wait for space: arms and re-checks; true when there is
+  // space (do not wait). Clears the space bell first.
+  bool writerArm();
+};
+
+// Reads an eventfd to zero; returns what it held (0 when nothing).
+std::uint64_t clearBell(int fd) noexcept;
+void ringBell(int fd) noexcept;
+
+class ShmLink {
+ public:
+  // `ab` and `ba` are the capacities of the two directions (rounded up to
+  // a power of two, at least 4 KiB; 0 for no queue). Throws SystemError.
+  static std::shared_ptr<ShmLink> make(std::size_t ab, std::size_t ba);
+  ~ShmLink();
+  ShmLink(const ShmLink&) = delete;
+  ShmLink& operator=(const ShmLink&) = delete;
+
+  // dir 0: end A writes, end B reads; dir 1 the other way. Null when absent.
+  Pipe* pipe(int dir) noexcept { return pipes_[dir].capacity ? &pipes_[dir] : nullptr; }
+  // Processes forked from now on do not inherit the mapping (the backend
+  // that uses it is forked already).
+  void hideFromLaterForks() noexcept;
+
+ private:
+  ShmLink() = default;
+  void* base_ = nullptr;
+  std::size_t bytes_ = 0;
+  Pipe pipes_[2];
+};
+
+}  // namespace forklift::detail
