@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <thread>
+#include <unordered_set>
 #include <vector>
 
 #include "forklift/error.hpp"
@@ -294,12 +295,17 @@ struct Global {
   std::mutex mu;
   std::shared_ptr<ForkServerConn> conn;
   int handles = 0;
+  Global* parent = nullptr;  // a forked child keeps its parent's, untouched (and reachable)
 };
 
 Global*& global() {
   static Global* g = [] {
     // A forked child has no server: its parent's is not its own.
-    ::pthread_atfork(nullptr, nullptr, [] { global() = new Global; });  // the old one is the parent's
+    ::pthread_atfork(nullptr, nullptr, [] {
+      auto* fresh = new Global;
+      fresh->parent = global();
+      global() = fresh;
+    });
     return new Global;
   }();
   return g;
@@ -360,14 +366,28 @@ ForkServerConn::ForkServerConn(pid_t pid, UniqueFd sock, std::uint64_t firstUnkn
     : pid_(pid), sock_(std::move(sock)), firstUnknown_(firstUnknownKey) {}
 
 ForkServerConn::~ForkServerConn() {
+  std::lock_guard lock(mu_);
+  shutDown();
+}
+
+void ForkServerConn::shutDown() {
+  if (!sock_) return;
   frontend_fds::remove({sock_.get()});
   sock_.reset();  // EOF: the server leaves
-  std::lock_guard lock(mu_);
   reapServer(Timeout(2000));
   if (!reaped_) {
     ::kill(pid_, SIGKILL);
     reapServer(Timeout(2000));
   }
+  if (!lost_) lost_ = "the fork server (pid " + std::to_string(pid_) + ") was stopped (its last ForkServer was released)";
+}
+
+void ForkServerConn::retire() {
+  std::lock_guard lock(mu_);
+  retiring_ = true;
+  while (!lost_ && readOne(Deadline(Timeout::zero()), nullptr, nullptr, nullptr) == Read::Status) {
+  }
+  if (live_.empty()) shutDown();
 }
 
 void ForkServerConn::reapServer(Timeout timeout) {
@@ -397,7 +417,7 @@ void ForkServerConn::markLost(const std::string& why) {
 }
 
 ForkServerConn::Read ForkServerConn::readOne(const Deadline& d, Spawned* reply, int* err, std::string* what) {
-  if (lost_) return Read::Lost;
+  if (lost_ || !sock_) return Read::Lost;
   if (!waitFor(sock_.get(), POLLIN, d)) return Read::Timeout;
   Wire w;
   std::vector<UniqueFd> fds;
@@ -409,6 +429,8 @@ ForkServerConn::Read ForkServerConn::readOne(const Deadline& d, Spawned* reply, 
   if (r < 0) return Read::Timeout;
   if (w.type == 'X') {
     statuses_[w.id] = statusOf(w.a, w.b);
+    live_.erase(w.id);
+    if (retiring_ && live_.empty()) shutDown();  // its last child is gone
     return Read::Status;
   }
   if (w.type != 'P' || !reply) return Read::Status;  // nothing else comes; a reply nobody asked for is dropped
@@ -469,6 +491,7 @@ ForkServerConn::Spawned ForkServerConn::spawn(const ChildSetup& setup, const Ser
           throw Error(who + "the fork server has no recipe for it (it was made after the server started)");
         if (err != 0)
           throw SystemError(err, who + "the fork server cannot start the backend (" + what + ")");
+        live_.insert(out.id);
         return out;
     }
   }
@@ -532,8 +555,9 @@ ForkServer::~ForkServer() {
     std::lock_guard lock(g->mu);
     if (g->handles > 0 && --g->handles == 0) last = std::move(g->conn);
   }
-  // `last` goes here, outside the lock: the server ends once the backends
-  // it forked are gone too (they hold the connection).
+  // Outside the lock: the server ends now, or once the last backend it
+  // forked has ended (its status relayed).
+  if (last) last->retire();
 }
 
 bool ForkServer::running() {

@@ -16,6 +16,8 @@
 // reap the child (or its death pipe); exit statuses come on the same socket,
 // by spawn id, and are kept until their child asks (`takeStatus`). One
 // thread talks to the server at a time (a mutex); no wait is unbounded.
+// Served children hold the connection (shared_ptr); once no ForkServer
+// handle does (`retire`), the server ends when its last child's status came.
 #pragma once
 
 #include <sys/types.h>
@@ -27,6 +29,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "child.hpp"
 #include "forklift/detail/fd.hpp"
@@ -97,12 +100,16 @@ class ForkServerConn {
   // For children watched without a pidfd: the server signals its child.
   void signal(std::uint64_t id, int sig);
   void forget(std::uint64_t id);
+  // No handle wants it any more: it ends now, or when the last child it
+  // forked has ended and its status came.
+  void retire();
 
  private:
   enum class Read : std::uint8_t { Status, Spawned, Timeout, Lost };
   Read readOne(const Deadline& d, Spawned* reply, int* err, std::string* what);  // mu_ held
   void markLost(const std::string& why);                                        // mu_ held
   void reapServer(Timeout timeout);                                              // mu_ held
+  void shutDown();                                                               // mu_ held
 
   const pid_t pid_;
   UniqueFd sock_;
@@ -110,6 +117,8 @@ class ForkServerConn {
   std::mutex mu_;
   std::unordered_map<std::uint64_t, ExitStatus> statuses_;
   std::optional<std::string> lost_;
+  std::unordered_set<std::uint64_t> live_;  // spawned, no status yet
+  bool retiring_ = false;
   bool reaped_ = false;
 };
 

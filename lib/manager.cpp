@@ -651,6 +651,7 @@ int Manager::stopThread() {
   if (!thread_.joinable()) return threadResult_;
   requestStop();
   thread_.join();
+  forkServer_.reset();  // its workers have ended: the server goes now
   return threadResult_;
 }
 

@@ -22,6 +22,7 @@
 #include "forklift/pool.hpp"
 #include "forklift/process.hpp"
 #include "forklift/detail/fd.hpp"
+#include "child.hpp"
 #include "support.hpp"
 #include "threads.hpp"
 
@@ -204,6 +205,29 @@ TEST(ForkServer, RelaysExitStatuses) {
   s = p.waitStop(5000ms);
   EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
   EXPECT_EQ(s.signal, SIGTERM);
+}
+
+// Where pidfds are missing, the server hands the read end of the child's
+// death pipe instead, and signals its child itself.
+TEST(ForkServer, WithoutPidfdsTheServerHandsADeathPipe) {
+  FdCheck check;
+  detail::useDeathPipeForTests(true);
+  {
+    Echo p;
+    ForkServer server;
+    BusyThread other;
+    p.start();
+    EXPECT_EQ(p.call("ppid").as<int>(), ForkServer::pid());
+    p.signal(SIGUSR2);
+    ExitStatus s = p.waitStop(5000ms);
+    EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
+    EXPECT_EQ(s.signal, SIGUSR2);
+    p.start();
+    EXPECT_EQ(p.call("echo", {{"x", 3}}).as<int>(), 3);
+    s = p.stop();
+    EXPECT_TRUE(s.ok()) << s.describe();
+  }
+  detail::useDeathPipeForTests(false);
 }
 
 TEST(ForkServer, ManagerRestartsUnderRunAsThread) {

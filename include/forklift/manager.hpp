@@ -106,8 +106,8 @@ class Manager {
   struct Options {
     Timeout stopTimeout = std::chrono::seconds(5);
     bool handleSignals = true;  // SIGINT/SIGTERM end the loop in order
-    // runAsThread() first starts a fork server (kept until the manager is
-    // destroyed) unless one runs; where it cannot (other threads run
+    // runAsThread() first starts a fork server (kept until stopThread())
+    // unless one runs; where it cannot (other threads run
     // already), restarts need allowThreads, as the warning logged says.
     bool forkServer = true;
   };
