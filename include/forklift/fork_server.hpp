@@ -23,9 +23,9 @@
 // How to turn it on: make a `ForkServer` after the objects and pools and
 // before the first thread, and keep it while backends may start.
 // `Manager::runAsThread` does that itself before its thread exists (see
-// Manager::Options::forkServer). The handles share one server per process;
-// the server ends when the last handle and the last backend it forked are
-// gone. Its backends are watched, signalled and stopped as any other (their
+// Manager::Options::forkServer; it keeps it until stopThread). The handles
+// share one server per process; once the last is released, the server ends
+// as soon as every backend it forked has ended (at once when none runs). Its backends are watched, signalled and stopped as any other (their
 // pidfds come from the server, their exit statuses are relayed by it).
 //
 // Deaths: the server dies with this process (PR_SET_PDEATHSIG and EOF on
