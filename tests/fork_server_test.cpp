@@ -349,6 +349,41 @@ TEST(ForkServer, AKilledServerIsReportedNotHung) {
   EXPECT_TRUE(a.stop().ok());
 }
 
+TEST(ForkServer, AManagerSeesItsWorkersDieWithTheServer) {
+  FdCheck check;
+  Manager m;
+  Echo& w = m.emplace<Echo>("w");
+  m.emplace<Echo>("v");
+  std::mutex mu;
+  std::vector<ExitStatus> exits;
+  m.onExit([&](MessageProcess&, const ExitStatus& s) {
+    std::lock_guard lock(mu);
+    exits.push_back(s);
+  });
+  m.runAsThread();
+  const pid_t server = ForkServer::pid();
+  ASSERT_GT(server, 0);
+  ::kill(server, SIGKILL);
+  EXPECT_TRUE(test::eventually(
+      [&] {
+        std::lock_guard lock(mu);
+        return exits.size() == 2;
+      },
+      3000ms))
+      << "the workers' deaths were not reported";
+  {
+    std::lock_guard lock(mu);
+    for (const ExitStatus& s : exits) EXPECT_TRUE(s.serverLost) << s.describe();
+  }
+  std::promise<std::string> restarted;
+  m.post([&] { restarted.set_value(test::thrown<Error>([&] { m.restart(w); })); });
+  auto f = restarted.get_future();
+  ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+  const std::string e = f.get();
+  EXPECT_TRUE(test::contains(e, "fork server (pid " + std::to_string(server) + ") killed by SIGKILL")) << e;
+  EXPECT_EQ(m.stopThread(), 0);
+}
+
 TEST(ForkServer, CannotStartWhileThreadsRun) {
   FdCheck check;
   BusyThread other;
