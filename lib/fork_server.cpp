@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <unordered_set>
 #include <vector>
@@ -135,7 +136,7 @@ void copyTo(char* dst, std::size_t size, const std::string& s) {
   dst[n] = '\0';
 }
 
-ssize_t sendWire(int sock, const Wire& w, const std::string& tail, const int* fds, int nfds) {
+ssize_t sendWire(int sock, const Wire& w, const std::string& tail, const int* fds, int nfds, int flags = 0) {
   iovec iov[2] = {{const_cast<Wire*>(&w), sizeof w}, {const_cast<char*>(tail.data()), tail.size()}};
   msghdr msg{};
   msg.msg_iov = iov;
@@ -150,7 +151,7 @@ ssize_t sendWire(int sock, const Wire& w, const std::string& tail, const int* fd
     c->cmsg_len = CMSG_LEN(static_cast<std::size_t>(nfds) * sizeof(int));
     std::memcpy(CMSG_DATA(c), fds, static_cast<std::size_t>(nfds) * sizeof(int));
   }
-  return retryEintr([&] { return ::sendmsg(sock, &msg, MSG_NOSIGNAL); });
+  return retryEintr([&] { return ::sendmsg(sock, &msg, MSG_NOSIGNAL | flags); });
 }
 
 // Reads one message; received descriptors go to `fds` (owned, close-on-exec).
@@ -175,7 +176,10 @@ ssize_t recvWire(int sock, Wire& w, std::string* tail, std::vector<UniqueFd>& fd
       fds.emplace_back(fd);
     }
   }
-  if (static_cast<std::size_t>(r) < sizeof w) return -1;
+  if (static_cast<std::size_t>(r) < sizeof w) {
+    errno = EPROTO;  // every message starts with a whole record
+    return -1;
+  }
   if (tail) tail->assign(buf, static_cast<std::size_t>(r) - sizeof w);
   return r;
 }
@@ -233,7 +237,9 @@ void serveSpawn(int sock, const Wire& req, const std::string& title, std::vector
   sendWire(sock, reply, {}, &fd, 1);
 }
 
-// The server's life: requests in, exit statuses out, until EOF.
+// The server's life: requests in, exit statuses out, until EOF. Statuses
+// are sent without blocking and queued while the frontend does not read
+// (it may be blocked sending a request): the server always reads requests.
 int serveForever(int sock) {
   sigset_t chld;
   sigemptyset(&chld);
@@ -244,9 +250,19 @@ int serveForever(int sock) {
   // Its children close both (they are set up as every backend is).
   frontend_fds::add({sock, sfd.get()});
   std::unordered_map<pid_t, std::uint64_t> children;
+  std::deque<Wire> statuses;  // not sent yet
   std::uint64_t nextId = 1;
+  auto flush = [&] {
+    while (!statuses.empty()) {
+      if (sendWire(sock, statuses.front(), {}, nullptr, 0, MSG_DONTWAIT) < 0)
+        return errno == EAGAIN || errno == EWOULDBLOCK;
+      statuses.pop_front();
+    }
+    return true;
+  };
   for (;;) {
-    pollfd p[2] = {{sock, POLLIN, 0}, {sfd.get(), POLLIN, 0}};
+    const short out = statuses.empty() ? 0 : POLLOUT;
+    pollfd p[2] = {{sock, static_cast<short>(POLLIN | out), 0}, {sfd.get(), POLLIN, 0}};
     if (::poll(p, 2, -1) < 0) {
       if (errno == EINTR) continue;
       return 1;
@@ -266,10 +282,11 @@ int serveForever(int sock) {
         x.a = info.si_code;
         x.b = info.si_status;
         children.erase(it);
-        if (sendWire(sock, x, {}, nullptr, 0) < 0) return 1;
+        statuses.push_back(x);
       }
     }
-    if (p[0].revents) {
+    if (!flush()) return 1;
+    if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       Wire req;
       std::string title;
       std::vector<UniqueFd> fds;
