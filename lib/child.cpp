@@ -319,7 +319,6 @@ void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   ::_exit(code);
 }
 
-
 // Forks on behalf of threads other than the main one (see startForked). Its
 // thread waits, holding no lock, with every signal blocked; it is left out
 // of the thread count, so forks from the main thread are not refused
