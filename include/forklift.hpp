@@ -3,6 +3,7 @@
 
 #include "forklift/channel.hpp"
 #include "forklift/error.hpp"
+#include "forklift/fork_server.hpp"
 #include "forklift/log.hpp"
 #include "forklift/manager.hpp"
 #include "forklift/message.hpp"

@@ -24,6 +24,7 @@
 #include <spdlog/logger.h>
 
 #include "forklift/error.hpp"
+#include "fork_server.hpp"
 #include "metrics.hpp"
 #include "posix.hpp"
 #include "proc_title.hpp"
@@ -60,7 +61,9 @@ std::string ExitStatus::describe() const {
     case How::NotStarted: return "not started";
     case How::Abandoned: return "stuck in-process backend thread abandoned";
     case How::Unknown:
-      s = "ended with an unknown status (reaped elsewhere: is SIGCHLD ignored?)";
+      s = serverLost ? "ended with an unknown status (its fork server died first, and its death kills every "
+                       "backend it forked)"
+                     : "ended with an unknown status (reaped elsewhere: is SIGCHLD ignored?)";
       break;
     case How::Exited:
       s = "exited with code " + std::to_string(code);
@@ -172,14 +175,8 @@ void Child::abandon() {
 // ---------------------------------------------------------------- fork
 
 namespace {
-
-// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system call
-// is as simple (pidfd_open is in seams.cpp).
-int pidfdSignal(int pidfd, int sig) {
-  return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
-}
-
 std::atomic<bool> g_forceDeathPipe{false};
+}  // namespace
 
 // Whether this kernel (or sandbox, or valgrind) gives pidfds. Asked at
 // every fork (one cheap system call), so a seam a test swaps acts at once.
@@ -187,6 +184,25 @@ bool pidfdsWork() {
   if (g_forceDeathPipe.load(std::memory_order_relaxed)) return false;
   UniqueFd self(syscalls.pidfdOpen(::getpid(), 0));
   return self.valid() || (errno != ENOSYS && errno != EPERM);
+}
+
+// Threads besides the caller. A thread that was just joined can stay listed
+// for a moment while the kernel finishes its exit: look again briefly.
+int otherThreads() {
+  int n = countUserThreads() - 1;
+  for (int i = 0; n > 0 && i < 20; ++i) {
+    ::usleep(500);
+    n = countUserThreads() - 1;
+  }
+  return n;
+}
+
+namespace {
+
+// glibc 2.36's <sys/pidfd.h> lacks C linkage for C++; the raw system call
+// is as simple (pidfd_open is in seams.cpp).
+int pidfdSignal(int pidfd, int sig) {
+  return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
 }
 
 // glibc 2.36's idtype_t has no P_PIDFD yet (and <linux/wait.h> clashes
@@ -303,17 +319,6 @@ void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   ::_exit(code);
 }
 
-// Threads besides the caller. A thread that was just joined can stay listed
-// for a moment while the kernel finishes its exit: look again briefly.
-int otherThreads() {
-  int n = countUserThreads() - 1;
-  for (int i = 0; n > 0 && i < 20; ++i) {
-    ::usleep(500);
-    n = countUserThreads() - 1;
-  }
-  return n;
-}
-
 // Forks on behalf of threads other than the main one (see startForked). Its
 // thread waits, holding no lock, with every signal blocked; it is left out
 // of the thread count, so forks from the main thread are not refused
@@ -390,31 +395,11 @@ class Forker {
   int err_ = 0;
 };
 
-std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
-  const int threads = otherThreads();
-  if (threads > 0) {
-    if (!setup.allowThreads)
-      throw Error(setup.title + ": cannot fork: this process already runs " + std::to_string(threads + 1) +
-                  " threads, and a forked child gets only the calling one (locks held by the others stay "
-                  "locked forever). Start forklift processes before starting threads, or set "
-                  "ProcessOptions::allowThreads if you know every thread is fork-safe.");
-    if (log)
-      log->warn("forking while {} other threads run (allowThreads is set): the child gets only this thread; "
-                "any lock another thread held at fork stays locked in the child",
-                threads);
-  }
+}  // namespace
+
+pid_t forkBackend(const ChildSetup& setup, const std::function<int()>& body, int deathWrite, int closeInChild) {
   std::fflush(nullptr);  // or the child would flush the frontend's buffered output a second time
   std::cout.flush();
-  // Without pidfds, the death pipe: made before the fork, so the child
-  // holds the only write end once this side closes its copy.
-  UniqueFd deathRead, deathWrite;
-  if (!pidfdsWork()) {
-    int p[2];
-    if (::pipe2(p, O_CLOEXEC) != 0)
-      throwErrno(setup.title + ": cannot make the pipe that watches the backend's death (pipe2)");
-    deathRead.reset(p[0]);
-    deathWrite.reset(p[1]);
-  }
   const pid_t parent = ::getpid();
   // Never returns in the child; in the parent, the pid (or -1 and errno).
   auto forkHere = [&]() -> pid_t {
@@ -431,8 +416,8 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
       std::lock_guard lock(g_fdsMutex);
       pid = syscalls.fork();
       if (pid == 0) {
-        deathRead.reset();
-        setUpChild(setup, parent, deathWrite.release());
+        if (closeInChild >= 0) ::close(closeInChild);
+        setUpChild(setup, parent, deathWrite);
       }
     }
     if (pid == 0) runChildBody(body, setup.title);
@@ -444,7 +429,38 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
   // PR_SET_PDEATHSIG fires when the forking *thread* ends: a thread other
   // than the main one hands the fork to forklift's forking thread, which
   // lives as long as the process.
-  const pid_t pid = ::gettid() == parent ? forkHere() : Forker::instance().run(forkHere);
+  return ::gettid() == parent ? forkHere() : Forker::instance().run(forkHere);
+}
+
+namespace {
+
+std::unique_ptr<Child> startForked(const ChildSetup& setup, const std::function<int()>& body, spdlog::logger* log,
+                                   const std::string& whyNotServed) {
+  const int threads = otherThreads();
+  if (threads > 0) {
+    if (!setup.allowThreads)
+      throw Error(setup.title + ": cannot fork: this process already runs " + std::to_string(threads + 1) +
+                  " threads, and a forked child gets only the calling one (locks held by the others stay "
+                  "locked forever). The fork server cannot start it either: " + whyNotServed +
+                  ". Make the object (or the pool) before a forklift::ForkServer starts (Manager::runAsThread "
+                  "starts one) and start that before any thread; or start forklift processes before starting "
+                  "threads, or set ProcessOptions::allowThreads if you know every thread is fork-safe.");
+    if (log)
+      log->warn("forking while {} other threads run (allowThreads is set): the child gets only this thread; "
+                "any lock another thread held at fork stays locked in the child",
+                threads);
+  }
+  // Without pidfds, the death pipe: made before the fork, so the child
+  // holds the only write end once this side closes its copy.
+  UniqueFd deathRead, deathWrite;
+  if (!pidfdsWork()) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0)
+      throwErrno(setup.title + ": cannot make the pipe that watches the backend's death (pipe2)");
+    deathRead.reset(p[0]);
+    deathWrite.reset(p[1]);
+  }
+  const pid_t pid = forkBackend(setup, body, deathWrite.get(), deathRead.get());
   if (pid < 0) throwErrno(setup.title + ": cannot fork the backend (fork)");
   if (deathRead) {
     deathWrite.reset();
@@ -463,6 +479,37 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, std::function<int()>
   }
   return std::make_unique<ForkedChild>(pid, std::move(pidfd), true);
 }
+
+// ---------------------------------------------------------------- served
+
+// A child the fork server forked: not ours to reap. Its death is the pidfd
+// the server opened before it could reap it (or its death pipe); its status
+// is the one the server relays.
+class ServedChild final : public Child {
+ public:
+  ServedChild(std::shared_ptr<ForkServerConn> server, ForkServerConn::Spawned s)
+      : server_(std::move(server)), s_(std::move(s)) {
+    frontend_fds::add({s_.deathFd.get()});
+  }
+  ~ServedChild() override {
+    frontend_fds::remove({s_.deathFd.get()});
+    poll();
+    server_->forget(s_.id);
+  }
+  pid_t pid() const noexcept override { return s_.pid; }
+  int deathFd() const noexcept override { return s_.deathFd.get(); }
+
+ private:
+  ExitStatus reapEnded() override { return server_->takeStatus(s_.id, Timeout(5000)); }
+  // By the server without a pidfd: the pid is its child until it reaps it.
+  void sendSignal(int sig) override {
+    if (s_.isPidfd) pidfdSignal(s_.deathFd.get(), sig);
+    else server_->signal(s_.id, sig);
+  }
+
+  std::shared_ptr<ForkServerConn> server_;
+  ForkServerConn::Spawned s_;
+};
 
 // ---------------------------------------------------------------- thread
 
@@ -512,7 +559,22 @@ class ThreadChild final : public Child {
 
 std::unique_ptr<Child> Child::start(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
   if (setup.inProcess) return std::make_unique<ThreadChild>(std::move(body));
-  return startForked(setup, std::move(body), log);
+  std::string whyNotServed = "the start names no recipe";
+  if (setup.served) {
+    std::shared_ptr<ForkServerConn> server = currentForkServer();
+    if (!server) {
+      whyNotServed = "no fork server runs in this process";
+    } else if (auto lost = server->lost()) {
+      whyNotServed = *lost;
+    } else if (!server->knows(setup.served->recipe)) {
+      whyNotServed = "the fork server (pid " + std::to_string(server->pid()) +
+                     ") started before this object (or its pool's factory) was made or changed, so it has no "
+                     "copy of it to run";
+    } else {
+      return std::make_unique<ServedChild>(server, server->spawn(setup, *setup.served));
+    }
+  }
+  return startForked(setup, body, log, whyNotServed);
 }
 
 void useDeathPipeForTests(bool on) noexcept { g_forceDeathPipe = on; }

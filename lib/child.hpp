@@ -5,6 +5,12 @@
 // in-process debug mode). The strategy is chosen once, in `Child::start`;
 // nothing outside this unit asks which one runs.
 //
+// A third strategy serves the start from the fork server (fork_server.hpp):
+// when the process runs one that holds a copy of the recipe (`served`), the
+// server forks the child and relays its status; the frontend holds the
+// pidfd the server opened (or its death pipe), so waits, signals and the
+// ladder work on it unchanged.
+//
 // Forked children are set up here and nowhere else: signals stay blocked
 // across the fork (so no handler of the frontend runs in the child before
 // its dispositions are reset, as libuv does), dispositions go back to their
@@ -27,6 +33,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -67,13 +74,41 @@ pid_t currentPid() noexcept;
 // when it dies. Tests force that way here (set it while no backend starts).
 void useDeathPipeForTests(bool on) noexcept;
 
+// What the fork server needs to start a backend instead of a fork of this
+// process: the recipe it runs (fork_server.hpp) and the child's ends of its
+// descriptors (they travel with SCM_RIGHTS; the caller still owns them).
+struct ServedStart {
+  std::uint64_t recipe = 0;
+  std::uint64_t arg = 0;
+  int cmdFd = -1;
+  int outFd = -1;
+  int bellFd = -1;
+};
+
 struct ChildSetup {
   std::string comm;          // 15 characters of /proc/pid/comm
   std::string title;         // what ps -o args shows
   bool ignoreSigint = false;
   bool inProcess = false;    // run the body in a thread instead
   bool allowThreads = false; // fork although other threads run
+  // Served by the fork server when one runs that knows the recipe; else
+  // `body` runs in a fork of this process.
+  std::optional<ServedStart> served;
 };
+
+// Threads of this process besides the caller (and forklift's forking thread).
+int otherThreads();
+
+// Whether pidfds work here (false where they are missing, or forced off).
+bool pidfdsWork();
+
+// Forks a child that is set up as every backend is, then leaves with
+// _exit(body()). `deathWrite` is the write end of its death pipe (-1 with
+// pidfds; the child keeps it, the caller closes its copy); the child closes
+// `closeInChild` (the pipe's read end, or -1) first. Returns the pid,
+// or -1 and errno. Forks on forklift's forking thread when called from
+// another thread than the main one. No thread check: the caller's.
+pid_t forkBackend(const ChildSetup& setup, const std::function<int()>& body, int deathWrite, int closeInChild = -1);
 
 class Child {
  public:

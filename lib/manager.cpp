@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <span>
 
+#include "forklift/fork_server.hpp"
 #include "forklift/log.hpp"
 #include "loop_sources.hpp"
 #include "metrics.hpp"
@@ -632,6 +633,16 @@ int Manager::shutdown() {
 
 void Manager::runAsThread() {
   if (thread_.joinable()) throw Error("Manager::runAsThread: already running");
+  if (options_.forkServer && !forkServer_) {
+    // Restarts from the loop's thread are forked by the server's copies of
+    // the workers, made now, before any thread.
+    try {
+      forkServer_ = std::make_unique<ForkServer>();
+    } catch (const Error& e) {
+      managerLog()->warn("no fork server ({}): restarting a worker from the manager's thread needs allowThreads",
+                         e.what());
+    }
+  }
   startProcesses();  // fork before the thread exists
   thread_ = std::thread([this] { threadResult_ = run(); });
 }
@@ -640,6 +651,7 @@ int Manager::stopThread() {
   if (!thread_.joinable()) return threadResult_;
   requestStop();
   thread_.join();
+  forkServer_.reset();  // its workers have ended: the server goes now
   return threadResult_;
 }
 

@@ -11,6 +11,7 @@
 
 #include "forklift/log.hpp"
 #include "forklift/manager.hpp"
+#include "fork_server.hpp"
 
 namespace forklift {
 namespace detail {
@@ -79,6 +80,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   void finalize();
   void callAll(const std::string& command, const Map& args);
   void restartAll();
+  void factoryChanged();
   bool taskDone(const TaskState& s) const { return s.done; }
   bool taskQueued(std::uint64_t id) const;
 
@@ -96,6 +98,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   };
 
   WorkerPool::Factory factory_;
+  std::uint64_t recipe_ = 0;  // the factory, for a fork server (fork_server.hpp)
   PoolOptions options_;
   std::thread::id owner_;
   Loop loop_;
@@ -155,6 +158,7 @@ PoolCore::PoolCore(WorkerPool::Factory factory, PoolOptions options)
       owner_(std::this_thread::get_id()),
       loop_(*this, loopOptions(options_)) {
   if (!factory_) throw Error("WorkerPool: no factory");
+  factoryChanged();
   if (options_.workers == 0) throw Error("WorkerPool: PoolOptions::workers is 0; a pool needs a worker");
   if (options_.queueDepth == 0) throw Error("WorkerPool: PoolOptions::queueDepth is 0; a worker must take a task");
   if (options_.maxQueued == 0) throw Error("WorkerPool: PoolOptions::maxQueued is 0; the queue must hold a task");
@@ -162,6 +166,7 @@ PoolCore::PoolCore(WorkerPool::Factory factory, PoolOptions options)
 }
 
 PoolCore::~PoolCore() {
+  recipes::remove(recipe_);
   try {
     stopAll("the pool was destroyed");
   } catch (const std::exception& e) {
@@ -172,7 +177,21 @@ PoolCore::~PoolCore() {
 std::unique_ptr<MessageProcess> PoolCore::make(std::size_t index) {
   auto p = factory_(index);
   if (!p) throw Error("WorkerPool: the factory made no worker (null) for place " + std::to_string(index));
+  recipes::bind(p.get(), recipe_, index);  // a fork server makes it with its copy of the factory
   return p;
+}
+
+// A fork server started before this holds the old factory; a new key is
+// one it does not know, so later workers are forked from here.
+void PoolCore::factoryChanged() {
+  if (recipe_) recipes::remove(recipe_);
+  recipe_ = recipes::add([f = factory_](ServedCall& c) {
+    // Never destroyed: the backend leaves with _exit, and a frontend
+    // destructor must not run on this side.
+    MessageProcess* p = f(c.arg).release();
+    if (!p) throw Error("WorkerPool: the factory made no worker (null) for place " + std::to_string(c.arg));
+    return runServed(*p, c);
+  });
 }
 
 void PoolCore::start() {
@@ -694,5 +713,6 @@ MessageProcess& WorkerPool::worker(std::size_t index) {
 
 void WorkerPool::callAll(const std::string& command, Map args) { core_->callAll(command, args); }
 void WorkerPool::restartAll() { core_->restartAll(); }
+void WorkerPool::factoryChanged() { core_->factoryChanged(); }
 
 }  // namespace forklift

@@ -15,6 +15,7 @@
 #include "backend.hpp"
 #include "child.hpp"
 #include "control.hpp"
+#include "fork_server.hpp"
 #include "forklift/log.hpp"
 #include "posix.hpp"
 #include "requests.hpp"
@@ -91,9 +92,13 @@ bool lifecycleLogged() { return spdlog::default_logger_raw()->should_log(spdlog:
 // ---------------------------------------------------------------- construction
 
 MessageProcess::MessageProcess(std::string name, ProcessOptions options)
-    : name_(std::move(name)), fullName_(name_), options_(std::move(options)) {}
+    : name_(std::move(name)), fullName_(name_), options_(std::move(options)) {
+  // What a fork server started from now on runs to start this object.
+  detail::recipes::bindOwn(this, [this](detail::ServedCall& c) { return detail::runServed(*this, c); });
+}
 
 MessageProcess::~MessageProcess() {
+  detail::recipes::forget(this);
   if (onBackendSide()) return;  // the backend side never stops itself from here
   unregisterFds(out_.descriptors());
   if (state_.load() != State::Running) return;
@@ -217,6 +222,8 @@ void MessageProcess::start() {
     setup.inProcess = options_.inProcess;
     setup.allowThreads = options_.allowThreads;
     auto back = std::make_shared<std::pair<Channel, Channel>>(std::move(cmdBack), std::move(outBack));
+    if (auto recipe = detail::recipes::bound(this))
+      setup.served = detail::ServedStart{recipe->key, recipe->arg, back->first.fd(), back->second.fd(), bell};
     // Until the Requests own them, a failed start removes these itself.
     bellFd = bell;
     child_ = detail::Child::start(
@@ -338,6 +345,14 @@ int MessageProcess::runBackend(Channel cmd, Channel out, int stopBell) {
   b.log().debug("leaving with code {}", code);
   backend_.reset();
   return code;
+}
+
+// The served child's copy of the object is the one the fork server holds;
+// it learns here what start() sets up before an ordinary fork.
+int detail::runServed(MessageProcess& p, ServedCall& c) {
+  p.frontendPid_ = c.frontendPid;
+  p.fullName_ = className(typeid(p)) + "." + p.name_;
+  return p.runBackend(Channel(c.cmdFd, p.options_.limits), Channel(c.outFd, p.options_.limits), c.bellFd);
 }
 
 // ---------------------------------------------------------------- frontend commands

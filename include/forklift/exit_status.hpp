@@ -29,6 +29,9 @@ struct ExitStatus {
   int signal = 0;
   // The frontend had to send SIGTERM (1) or SIGKILL (2) to end it.
   int escalation = 0;
+  // Unknown because the fork server that forked it died before relaying
+  // its status (see forklift/fork_server.hpp).
+  bool serverLost = false;
 
   bool ok() const noexcept { return how == How::Exited && code == 0; }
   bool ended() const noexcept { return how != How::Running && how != How::NotStarted; }

@@ -59,11 +59,18 @@
 // the operation is deferred until that callback returned; failures of a
 // deferred start are logged. A reference to a removed or replaced worker is
 // dangling once the operation ran. Indices of the workers after a removed
-// one shift down by one. A restart or replacement forks from the loop's
-// thread: under runAsThread() other threads run then, and start() refuses
-// unless the worker's ProcessOptions::allowThreads is set (there is no fork
-// server yet); a loop run with run() or runUntil() in a program without
-// other threads forks safely.
+// one shift down by one. A restart or replacement forks while other
+// threads may run (runAsThread's, the program's own): it is forked safely
+// by a fork server (forklift/fork_server.hpp) that holds a copy of the
+// worker, i.e. one started after the worker was made. runAsThread() starts
+// one itself, before its thread exists (Options::forkServer); a program
+// with threads of its own that drives the loop with run() or runUntil()
+// makes a forklift::ForkServer after adding its workers and before its
+// threads. A restart runs the server's copy of the worker: it starts from
+// the state the object had when the server started. A worker the server
+// has no copy of (made later, e.g. by replace) is forked from this process,
+// which start() refuses while other threads run (the error says why)
+// unless its ProcessOptions::allowThreads is set.
 //
 // Per-worker data without casts: `worker<P>(i)` and `as<P>(w)` return the
 // worker as its own class (Error when it is not one), `data<T>(w)` is a T
@@ -88,6 +95,8 @@
 
 namespace forklift {
 
+class ForkServer;
+
 namespace detail {
 class LoopSources;
 }
@@ -97,6 +106,10 @@ class Manager {
   struct Options {
     Timeout stopTimeout = std::chrono::seconds(5);
     bool handleSignals = true;  // SIGINT/SIGTERM end the loop in order
+    // runAsThread() first starts a fork server (kept until stopThread())
+    // unless one runs; where it cannot (other threads run
+    // already), restarts need allowThreads, as the warning logged says.
+    bool forkServer = true;
   };
 
   Manager();
@@ -260,6 +273,7 @@ class Manager {
   static void onWorkerDeath(uv_poll_t* h, int status, int events);
 
   Options options_;
+  std::unique_ptr<ForkServer> forkServer_;  // runAsThread's, released last
   uv_loop_t loop_{};
   uv_async_t wake_{};
   uv_signal_t sigint_{};

@@ -39,9 +39,12 @@
 // the thread that made it: its loop runs inside the pool's waits (submit on
 // a full queue, wait, map, finalize, TaskFuture::get/wait/ready, poll), and
 // all callbacks run there too. So a replacement is forked by the owner's
-// thread, and a program without other threads forks safely without
-// ProcessOptions::allowThreads (a program that runs threads of its own sets
-// it, knowing what its threads do). Calling the pool from another thread,
+// thread, and a program without other threads forks safely. A program that
+// runs threads of its own makes a forklift::ForkServer after the pool and
+// before its threads: replacements are then made by the server's copy of the
+// factory (forklift/fork_server.hpp; FunctionPool::setFunction and setFixed
+// change the factory, so later replacements fork from this process again),
+// or it sets ProcessOptions::allowThreads, knowing what its threads do. Calling the pool from another thread,
 // or waiting on it from one of its own callbacks, throws Error. Between
 // waits nothing happens: tasks sent run in the workers, but results,
 // deaths and timeouts are seen at the next wait (call poll() to look).
@@ -273,6 +276,10 @@ class WorkerPool {
   // Replaces every worker by a fresh one from the factory, between batches
   // (waits until finished first). Not counted as restarts.
   void restartAll();
+  // The factory now makes other workers (something it captured changed).
+  // A fork server started before holds the old factory: from now on the
+  // pool's workers are forked from this process (forklift/fork_server.hpp).
+  void factoryChanged();
 
  private:
   std::shared_ptr<detail::PoolCore> core_;
@@ -392,6 +399,7 @@ class FunctionPool<R(A...)> {
   // Between batches (waits until finished): the workers keep running.
   void setFixed(Value fixed) {
     shared_->fixed = fixed;  // first: a worker replaced meanwhile is forked with it
+    pool_.factoryChanged();  // a fork server's copy has the old value
     pool_.callAll("fixed", {{"value", std::move(fixed)}});
   }
 
@@ -421,6 +429,7 @@ class FunctionPool<R(A...)> {
     pool_.wait();
     shared_->fn = std::make_shared<const detail::PoolInvoker>(std::move(fn));
     if (fixed) shared_->fixed = std::move(*fixed);
+    pool_.factoryChanged();  // a fork server's copy has the old function
     pool_.restartAll();
   }
   static auto collect(std::vector<TaskFuture<R>>& fs) {

@@ -27,7 +27,9 @@
 // Order matters (the tutorial's first rule): create IPC resources (events,
 // shared memory) in the constructor, then start(), and only then start
 // threads. `start()` refuses to fork a process that already runs other
-// threads unless `ProcessOptions::allowThreads` is set. Heavy libraries and
+// threads unless `ProcessOptions::allowThreads` is set, or a fork server
+// that has a copy of the object runs (forklift/fork_server.hpp): then the
+// server forks it, from the state the object had when the server started. Heavy libraries and
 // threads of the backend belong in `preRun__`, which runs after the fork.
 //
 // Lifetime: `stop()` asks the backend to finish the handler in progress, run
@@ -106,10 +108,14 @@ class logger;
 
 namespace forklift {
 
+class MessageProcess;
+
 namespace detail {
 class Backend;
 class Child;
 class Requests;
+struct ServedCall;
+int runServed(MessageProcess& p, ServedCall& c);  // the fork server's child (fork_server.hpp)
 }  // namespace detail
 
 struct ProcessOptions {
@@ -286,6 +292,7 @@ class MessageProcess {
 
  private:
   using Handler = std::function<Value(MessageProcess&, const Message&, Reply&)>;
+  friend int detail::runServed(MessageProcess& p, detail::ServedCall& c);
   enum class State : std::uint8_t { Idle, Starting, Running };
 
   template <class C, class R, class... A, std::size_t N>
