@@ -94,7 +94,13 @@ def forklift_figures(reps, env):
         add("rtt_small", "forklift", stat, median_of(proc, "BM_CallRoundTrip", key), "us")
         add("rtt_small", "limit:socketpair", stat, median_of(proc, "BM_RawSocketpairRoundTrip", key), "us")
         add("rtt_small", "limit:eventfd", stat, median_of(proc, "BM_RawEventfdRoundTrip", key), "us")
+        # ProcessOptions::transport = SharedMemory
+        add("rtt_small_shm", "forklift", stat, median_of(proc, "BM_CallRoundTripShm", key), "us")
+        add("rtt_small_shm", "limit:eventfd", stat, median_of(proc, "BM_RawEventfdRoundTrip", key), "us")
     add("send_rate", "forklift", "median", median_of(proc, "BM_SendRate", "items_per_second"), "msg/s")
+    add("send_rate_shm", "forklift", "median", median_of(proc, "BM_SendRateShm", "items_per_second"), "msg/s")
+    add("send_rate_shm", "limit:socketpair", "median", median_of(proc, "BM_RawSocketpairOneWay", "items_per_second"),
+        "msg/s")
     add("send_rate", "limit:socketpair", "median", median_of(proc, "BM_RawSocketpairOneWay", "items_per_second"),
         "msg/s")
     # Calls from 1 and 4 frontend threads to one backend. The limit of calls
@@ -224,7 +230,8 @@ def pool_table(results):
 
 
 LOWER_IS_BETTER = {"us"}
-ROWS = ["rtt_small:median", "rtt_small:p99", "send_rate:median", "call_threads_1:median", "call_threads_4:median",
+ROWS = ["rtt_small:median", "rtt_small:p99", "rtt_small_shm:median", "rtt_small_shm:p99", "send_rate:median",
+        "send_rate_shm:median", "call_threads_1:median", "call_threads_4:median",
         "start_ready:median", "stop:median", "metrics_per_msg:median"] + \
        [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + \
        [f"handoff_{SIZE_NAMES[k]}:median:4arrays" for k in SIZES_KIB] + \
@@ -240,10 +247,13 @@ LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "c
             **{f"handoff_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in SIZES_KIB},
             **{f"handoff_pipelined_{SIZE_NAMES[k]}": "limit:fill-then-read" for k in PIPELINE_KIB},
             **{f"ring_frames_{RING_NAMES[k]}{r}": "limit:memcpy" for k in RING_FRAME_KIB for r in ("", "_rate")},
-            "ring_rtt": "limit:eventfd", "ring_rtt_spin": "limit:eventfd"}
+            "ring_rtt": "limit:eventfd", "ring_rtt_spin": "limit:eventfd",
+            # The shared-memory transport against what it replaces and what it uses.
+            "rtt_small_shm": "limit:eventfd", "send_rate_shm": "limit:socketpair"}
 # Figures the peers measure under another name: the pipelined handoff is
 # set beside their (synchronous, loaned-sample) handoff of the same size.
 PEER_FIGURE_OF = {f"handoff_pipelined_{SIZE_NAMES[k]}": f"handoff_{SIZE_NAMES[k]}" for k in PIPELINE_KIB}
+PEER_FIGURE_OF.update({"rtt_small_shm": "rtt_small", "send_rate_shm": "send_rate"})
 
 
 def speed_ratio(fk, other, unit):

@@ -34,7 +34,8 @@ class BenchProcess : public forklift::MessageProcess {
  public:
   // `pin`: move the backend to its CPU in preRun__. The start benchmark
   // leaves it where fork put it, as the bare fork reference does.
-  explicit BenchProcess(bool pin = true) : MessageProcess("bench"), pin_(pin) {
+  explicit BenchProcess(bool pin = true, forklift::Transport transport = forklift::Transport::Socket)
+      : MessageProcess("bench", options(transport)), pin_(pin) {
     command("ping", &BenchProcess::c__ping, {"parameter"});
     command("count", &BenchProcess::c__count, {"parameter"});
     command("total", &BenchProcess::c__total);
@@ -42,6 +43,11 @@ class BenchProcess : public forklift::MessageProcess {
   }
 
  private:
+  static forklift::ProcessOptions options(forklift::Transport transport) {
+    forklift::ProcessOptions o;
+    o.transport = transport;
+    return o;
+  }
   void preRun__() override {
     if (pin_) pinTo(placement().backend);
   }
@@ -70,9 +76,9 @@ void percentiles(benchmark::State& state, std::vector<double>& us) {
   state.counters["p99_us"] = us[std::min(us.size() - 1, us.size() * 99 / 100)];
 }
 
-void BM_CallRoundTrip(benchmark::State& state) {
+void callRoundTrip(benchmark::State& state, forklift::Transport transport) {
   pinTo(placement().frontend);
-  BenchProcess p;
+  BenchProcess p(true, transport);
   p.start();
   std::vector<double> us;
   us.reserve(1 << 20);
@@ -85,7 +91,11 @@ void BM_CallRoundTrip(benchmark::State& state) {
   state.SetLabel(placement().describe());
   p.stop();
 }
+// Over the socket pair, and over the shared-memory queues.
+void BM_CallRoundTrip(benchmark::State& state) { callRoundTrip(state, forklift::Transport::Socket); }
+void BM_CallRoundTripShm(benchmark::State& state) { callRoundTrip(state, forklift::Transport::SharedMemory); }
 BENCHMARK(BM_CallRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_CallRoundTripShm)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // What the live counters (lib/metrics.hpp) add to one message: the counts a
 // Channel makes when it encodes and decodes one frame. Beside the call round
@@ -98,9 +108,9 @@ void BM_MetricsPerMessage(benchmark::State& state) {
 }
 BENCHMARK(BM_MetricsPerMessage)->Unit(benchmark::kNanosecond)->UseRealTime();
 
-void BM_SendRate(benchmark::State& state) {
+void sendRate(benchmark::State& state, forklift::Transport transport) {
   pinTo(placement().frontend);
-  BenchProcess p;
+  BenchProcess p(true, transport);
   p.start();
   std::int64_t sent = 0;
   for (auto _ : state) {
@@ -114,7 +124,10 @@ void BM_SendRate(benchmark::State& state) {
   state.SetLabel(placement().describe());
   p.stop();
 }
+void BM_SendRate(benchmark::State& state) { sendRate(state, forklift::Transport::Socket); }
+void BM_SendRateShm(benchmark::State& state) { sendRate(state, forklift::Transport::SharedMemory); }
 BENCHMARK(BM_SendRate)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_SendRateShm)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // N frontend threads call one backend as fast as they can. start() refuses
 // to fork once other threads run, so the threads are made here, after

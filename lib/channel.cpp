@@ -303,8 +303,16 @@ bool Channel::pushOut(const Deadline& d) {
 void Channel::send(const Message& m, Timeout timeout) {
   if (!valid()) throw Error("channel: send on a closed channel");
   // A queue takes bytes whether or not anyone will read them, where a
-  // socket refuses them once the peer is gone.
-  if (link_ && deathFd_ >= 0 && detail::waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()))) peerEnded();
+  // socket refuses them once the peer is gone. The death descriptor is
+  // asked at most once per 100 µs: a send that close to the death is one
+  // the peer could as well have died right after.
+  if (link_ && deathFd_ >= 0) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - lastDeathCheck_ > std::chrono::microseconds(100)) {
+      lastDeathCheck_ = now;
+      if (detail::waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()))) peerEnded();
+    }
+  }
   const Deadline d(timeout);
   const std::size_t rest = unsentBytes();
   if (rest == 0) {

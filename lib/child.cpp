@@ -577,6 +577,11 @@ std::unique_ptr<Child> Child::start(const ChildSetup& setup, std::function<int()
   return startForked(setup, body, log, whyNotServed);
 }
 
+bool Child::wouldServe(std::uint64_t recipe) {
+  std::shared_ptr<ForkServerConn> server = currentForkServer();
+  return server && !server->lost() && server->knows(recipe);
+}
+
 void useDeathPipeForTests(bool on) noexcept { g_forceDeathPipe = on; }
 
 // ---------------------------------------------------------------- the ladder

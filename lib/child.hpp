@@ -118,6 +118,9 @@ class Child {
   // `log` receives the warning of a fork with allowThreads.
   static std::unique_ptr<Child> start(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log);
 
+  // True when a start naming `recipe` would go through the fork server now.
+  static bool wouldServe(std::uint64_t recipe);
+
   virtual ~Child() = default;
   Child(const Child&) = delete;
   Child& operator=(const Child&) = delete;

@@ -184,7 +184,11 @@ void MessageProcess::start() {
     if (envInProcess()) options_.inProcess = true;
     if (!options_.logFile.empty()) checkLogFile(options_.logFile);
 
-    const bool shared = transportFor(options_) == Transport::SharedMemory;
+    // A backend forked by the fork server talks over the socket: the queues'
+    // memory reaches a child only through a fork of this process.
+    const auto recipe = detail::recipes::bound(this);
+    const bool served = !options_.inProcess && recipe && detail::Child::wouldServe(recipe->key);
+    const bool shared = transportFor(options_) == Transport::SharedMemory && !served;
     const std::size_t q = options_.queueBytes;
     auto [cmdFront, cmdBack] =
         shared ? Channel::makeSharedPair(options_.limits, q, q) : Channel::makePair(options_.limits);
@@ -222,7 +226,7 @@ void MessageProcess::start() {
     setup.inProcess = options_.inProcess;
     setup.allowThreads = options_.allowThreads;
     auto back = std::make_shared<std::pair<Channel, Channel>>(std::move(cmdBack), std::move(outBack));
-    if (auto recipe = detail::recipes::bound(this))
+    if (recipe)
       setup.served = detail::ServedStart{recipe->key, recipe->arg, back->first.fd(), back->second.fd(), bell};
     // Until the Requests own them, a failed start removes these itself.
     bellFd = bell;

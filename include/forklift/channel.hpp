@@ -233,6 +233,7 @@ class Channel {
   bool nonBlocking_ = false;
   int deathFd_ = -1;
   // Send side only.
+  std::chrono::steady_clock::time_point lastDeathCheck_{};
   Buffer sendBuf_;
   std::size_t sendOff_ = 0;   // sendBuf_ bytes already written
   std::vector<int> sendFds_;  // descriptors still to go with sendBuf_[sendFdsAt_]

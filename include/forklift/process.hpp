@@ -132,7 +132,8 @@ struct ProcessOptions {
   // eventfd doorbells (the socket stays for descriptors and the peer's
   // end). The environment variable FORKLIFT_TRANSPORT=shm|socket overrides
   // it. `queueBytes` is each shared-memory queue's size (per direction);
-  // a message larger than it streams through in pieces.
+  // a message larger than it streams through in pieces. A backend started
+  // by the fork server (forklift/fork_server.hpp) uses the socket.
   Transport transport = Transport::Socket;
   std::size_t queueBytes = 256u << 10;
   bool inProcess = false;     // run the backend in a thread (see above)
