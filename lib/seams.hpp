@@ -37,6 +37,7 @@ struct Syscalls {
   // segment, anonymous or named, created or opened (rings included), is
   // mapped through this mmap (MAP_FAILED and errno on failure).
   int (*memfdCreate)(const char* name, unsigned flags);
+  int (*shmOpen)(const char* name, int oflag, mode_t mode);  // named segments
   void* (*mmap)(void* addr, size_t len, int prot, int flags, int fd, off_t off);
 };
 extern Syscalls syscalls;

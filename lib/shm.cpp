@@ -21,16 +21,12 @@
 #include <memory>
 #include <mutex>
 
-#include <boost/interprocess/exceptions.hpp>
-#include <boost/interprocess/shared_memory_object.hpp>
-
 #include "forklift/detail/fd.hpp"
 #include "posix.hpp"
 #include "seams.hpp"
 
 namespace forklift {
 
-namespace ipc = boost::interprocess;
 using detail::ShmHeader;
 
 namespace detail {
@@ -73,12 +69,6 @@ std::string humanBytes(std::uint64_t n) {
 }
 
 // Boost reports OS failures with the errno in get_native_error(); keep it.
-[[noreturn]] void throwBoost(const ipc::interprocess_exception& e, const std::string& what) {
-  const int native = e.get_native_error();
-  if (native != 0) throw SystemError(native, what);
-  throw Error(what + ": " + e.what());
-}
-
 std::optional<std::uint64_t> availableMemory();
 
 // `where` is kShmDir for a named segment, "memory" for an anonymous one.
@@ -437,21 +427,19 @@ void SharedMemory::createNamed(const ShmName& hintOrName, std::uint64_t total) {
       total > static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize)
     throwNoSpace(name_, total, kShmDir);
 
-  ipc::shared_memory_object shm;
+  detail::UniqueFd fd;
   for (int attempt = 0;; ++attempt) {
-    try {
-      shm = ipc::shared_memory_object(ipc::create_only, name.c_str(), ipc::read_write, ipc::permissions(kShmMode));
-      break;
-    } catch (const ipc::interprocess_exception& e) {
-      // A generated name is taken only by a dead process that had our pid:
-      // a stale segment for `forklift-shm clean`. Take the next number.
-      if (!hintOrName.isExact() && e.get_native_error() == EEXIST && attempt < 100) {
-        name = makeShmName(hintOrName.text());
-        name_ = name;
-        continue;
-      }
-      throwBoost(e, "cannot create " + segmentWhat(name));
+    fd = detail::UniqueFd(
+        detail::syscalls.shmOpen(("/" + name).c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, kShmMode));
+    if (fd) break;
+    // A generated name is taken only by a dead process that had our pid:
+    // a stale segment for `forklift-shm clean`. Take the next number.
+    if (!hintOrName.isExact() && errno == EEXIST && attempt < 100) {
+      name = makeShmName(hintOrName.text());
+      name_ = name;
+      continue;
     }
+    detail::throwErrno("cannot create " + segmentWhat(name));
   }
 
   // From here on a failure must not leave the name behind.
@@ -463,12 +451,10 @@ void SharedMemory::createNamed(const ShmName& hintOrName, std::uint64_t total) {
     }
   } guard{name};
 
-  const int fd = shm.get_mapping_handle().handle;
-  // Boost fchmods after shm_open too (to undo the umask) but ignores a
-  // failure; mode 0600 is part of our contract, so check it.
-  if (::fchmod(fd, kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name));
-  reserve(fd, total, kShmDir);
-  mapFd(fd, total, name);
+  // shm_open applied the umask; mode 0600 is part of our contract.
+  if (::fchmod(fd.get(), kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name));
+  reserve(fd.get(), total, kShmDir);
+  mapFd(fd.get(), total, name);
   guard.done = true;
 }
 
@@ -483,17 +469,14 @@ SharedMemory::SharedMemory(open_only_t, const std::string& name) {
                                   ": it is anonymous, and this process does not hold it (only processes forked "
                                   "from its creator after it was made do); send its descriptor() or describe() in "
                                   "a message instead, or create it with ShmName::named for processes outside the tree");
-  ipc::shared_memory_object shm;
-  try {
-    shm = ipc::shared_memory_object(ipc::open_only, name.c_str(), ipc::read_write);
-  } catch (const ipc::interprocess_exception& e) {
-    throwBoost(e, "cannot open " + segmentWhat(name));
-  }
-  ipc::offset_t size = 0;
-  if (!shm.get_size(size)) detail::throwErrno("cannot read the size of " + segmentWhat(name));
-  checkSize(static_cast<std::uint64_t>(size), name);
-  mapFd(shm.get_mapping_handle().handle, static_cast<std::uint64_t>(size), name);
-  adoptMapping(static_cast<std::uint64_t>(size), name);
+  const detail::UniqueFd fd(detail::syscalls.shmOpen(("/" + name).c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd) detail::throwErrno("cannot open " + segmentWhat(name));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) detail::throwErrno("cannot read the size of " + segmentWhat(name));
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+  checkSize(size, name);
+  mapFd(fd.get(), size, name);
+  adoptMapping(size, name);
 }
 
 SharedMemory::SharedMemory(open_only_t, const Value& descriptor) {
@@ -672,7 +655,7 @@ bool SharedMemory::remove(const std::string& name) noexcept {
     errno = EINVAL;
     return false;
   }
-  return ipc::shared_memory_object::remove(name.c_str());
+  return ::shm_unlink(("/" + name).c_str()) == 0;
 }
 
 // ---------------------------------------------------------------- listing

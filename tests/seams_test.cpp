@@ -265,6 +265,32 @@ TEST(Seams, MemfdCreateFailingIsAClearErrorAndLeavesNothing) {
   EXPECT_NO_THROW(SharedMemory(create_only, "seam", 4096));  // and the next one works
 }
 
+// ---------------------------------------------------------------- shm_open
+
+int eaccesShmOpen(const char*, int, mode_t) {
+  errno = EACCES;
+  return -1;
+}
+
+TEST(Seams, ShmOpenFailingIsAClearErrorAndLeavesNothing) {
+  SharedMemory existing(create_only, ShmName::named("seam-shm-open"), 4096);
+  const Before before;
+  const auto shmBefore = test::forkliftSegments();
+  {
+    ScopedSeam seam(syscalls.shmOpen, &eaccesShmOpen);
+    const std::string c =
+        test::thrown<SystemError>([] { SharedMemory(create_only, ShmName::named("seam-shm-open"), 4096); });
+    EXPECT_TRUE(contains(c, "cannot create shared memory segment 'fk.")) << c;
+    EXPECT_TRUE(contains(c, std::strerror(EACCES))) << c;
+    const std::string o = test::thrown<SystemError>([&] { SharedMemory(open_only, existing.name()); });
+    EXPECT_TRUE(contains(o, "cannot open shared memory segment '" + existing.name() + "'")) << o;
+    EXPECT_TRUE(contains(o, std::strerror(EACCES))) << o;
+  }
+  EXPECT_EQ(test::forkliftSegments(), shmBefore);
+  before.check();
+  EXPECT_TRUE(SharedMemory(open_only, existing.name()).valid());  // and the next one works
+}
+
 // ---------------------------------------------------------------- mmap
 
 std::atomic<int> g_maps{0};
