@@ -17,7 +17,7 @@ int memfdCreateReal(const char* name, unsigned flags) { return ::memfd_create(na
 }  // namespace
 
 Syscalls syscalls = {
-    &::fork, &pidfdOpenReal, &::socketpair, &eventfdReal, &::sendmsg, &::recvmsg, &memfdCreateReal, &::mmap,
+    &::fork, &pidfdOpenReal, &::socketpair, &eventfdReal, &::sendmsg, &::recvmsg, &memfdCreateReal, &::shm_open, &::mmap,
 };
 
 }  // namespace forklift::detail

@@ -33,9 +33,11 @@ struct Syscalls {
   int (*eventfd)(unsigned initval, int flags);
   ssize_t (*sendmsg)(int fd, const msghdr* msg, int flags);
   ssize_t (*recvmsg)(int fd, msghdr* msg, int flags);
-  // Anonymous segments (shm.cpp).
+  // Shared memory (shm.cpp): memfd_create makes an anonymous segment; every
+  // segment, anonymous or named, created or opened (rings included), is
+  // mapped through this mmap (MAP_FAILED and errno on failure).
   int (*memfdCreate)(const char* name, unsigned flags);
-  // Not wired: segments are mapped through Boost.Interprocess.
+  int (*shmOpen)(const char* name, int oflag, mode_t mode);  // named segments
   void* (*mmap)(void* addr, size_t len, int prot, int flags, int fd, off_t off);
 };
 extern Syscalls syscalls;

@@ -21,16 +21,12 @@
 #include <memory>
 #include <mutex>
 
-#include <boost/interprocess/exceptions.hpp>
-#include <boost/interprocess/shared_memory_object.hpp>
-
 #include "forklift/detail/fd.hpp"
 #include "posix.hpp"
 #include "seams.hpp"
 
 namespace forklift {
 
-namespace ipc = boost::interprocess;
 using detail::ShmHeader;
 
 namespace detail {
@@ -73,12 +69,6 @@ std::string humanBytes(std::uint64_t n) {
 }
 
 // Boost reports OS failures with the errno in get_native_error(); keep it.
-[[noreturn]] void throwBoost(const ipc::interprocess_exception& e, const std::string& what) {
-  const int native = e.get_native_error();
-  if (native != 0) throw SystemError(native, what);
-  throw Error(what + ": " + e.what());
-}
-
 std::optional<std::uint64_t> availableMemory();
 
 // `where` is kShmDir for a named segment, "memory" for an anonymous one.
@@ -272,17 +262,6 @@ class AnonymousSegments {
 
 constexpr int kSizeSeals = F_SEAL_SHRINK | F_SEAL_GROW;
 
-// Boost maps anything that hands out a mapping handle; a memfd is one.
-struct FdMappable {
-  int fd;
-  ipc::mapping_handle_t get_mapping_handle() const noexcept {
-    ipc::mapping_handle_t h;
-    h.handle = fd;
-    h.is_xsi = false;
-    return h;
-  }
-};
-
 // MemAvailable from /proc/meminfo, in bytes; nullopt if it cannot be read.
 std::optional<std::uint64_t> availableMemory() {
   std::ifstream in("/proc/meminfo");
@@ -396,7 +375,7 @@ void SharedMemory::create(const ShmName& hintOrName, ShmKind kind, std::uint8_t 
   std::copy(shape.begin(), shape.end(), h.shape);
   contiguousStrides(h.shape, h.rank, layout, h.strides);
 
-  base_ = region_.get_address();
+  base_ = map_.get();
   auto* mapped = static_cast<ShmHeader*>(base_);
   std::memcpy(reinterpret_cast<char*>(mapped) + sizeof h.magic, reinterpret_cast<const char*>(&h) + sizeof h.magic,
               sizeof h - sizeof h.magic);
@@ -432,11 +411,7 @@ void SharedMemory::createAnonymous(std::uint64_t total) {
   // Sealed before anyone else can see it, so no holder can ever resize it.
   if (::fcntl(fd.get(), F_ADD_SEALS, kSizeSeals | F_SEAL_SEAL) != 0)
     detail::throwErrno("cannot seal " + segmentWhat(name_));
-  try {
-    region_ = ipc::mapped_region(FdMappable{fd.get()}, ipc::read_write, 0, static_cast<std::size_t>(total));
-  } catch (const ipc::interprocess_exception& e) {
-    throwBoost(e, "cannot map " + segmentWhat(name_));
-  }
+  mapFd(fd.get(), total, name_);
   fd_ = std::move(fd);
 }
 
@@ -452,21 +427,19 @@ void SharedMemory::createNamed(const ShmName& hintOrName, std::uint64_t total) {
       total > static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize)
     throwNoSpace(name_, total, kShmDir);
 
-  ipc::shared_memory_object shm;
+  detail::UniqueFd fd;
   for (int attempt = 0;; ++attempt) {
-    try {
-      shm = ipc::shared_memory_object(ipc::create_only, name.c_str(), ipc::read_write, ipc::permissions(kShmMode));
-      break;
-    } catch (const ipc::interprocess_exception& e) {
-      // A generated name is taken only by a dead process that had our pid:
-      // a stale segment for `forklift-shm clean`. Take the next number.
-      if (!hintOrName.isExact() && e.get_native_error() == EEXIST && attempt < 100) {
-        name = makeShmName(hintOrName.text());
-        name_ = name;
-        continue;
-      }
-      throwBoost(e, "cannot create " + segmentWhat(name));
+    fd = detail::UniqueFd(
+        detail::syscalls.shmOpen(("/" + name).c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, kShmMode));
+    if (fd) break;
+    // A generated name is taken only by a dead process that had our pid:
+    // a stale segment for `forklift-shm clean`. Take the next number.
+    if (!hintOrName.isExact() && errno == EEXIST && attempt < 100) {
+      name = makeShmName(hintOrName.text());
+      name_ = name;
+      continue;
     }
+    detail::throwErrno("cannot create " + segmentWhat(name));
   }
 
   // From here on a failure must not leave the name behind.
@@ -478,16 +451,10 @@ void SharedMemory::createNamed(const ShmName& hintOrName, std::uint64_t total) {
     }
   } guard{name};
 
-  const int fd = shm.get_mapping_handle().handle;
-  // Boost fchmods after shm_open too (to undo the umask) but ignores a
-  // failure; mode 0600 is part of our contract, so check it.
-  if (::fchmod(fd, kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name));
-  reserve(fd, total, kShmDir);
-  try {
-    region_ = ipc::mapped_region(shm, ipc::read_write, 0, static_cast<std::size_t>(total));
-  } catch (const ipc::interprocess_exception& e) {
-    throwBoost(e, "cannot map " + segmentWhat(name));
-  }
+  // shm_open applied the umask; mode 0600 is part of our contract.
+  if (::fchmod(fd.get(), kShmMode) != 0) detail::throwErrno("cannot set the mode of " + segmentWhat(name));
+  reserve(fd.get(), total, kShmDir);
+  mapFd(fd.get(), total, name);
   guard.done = true;
 }
 
@@ -502,21 +469,14 @@ SharedMemory::SharedMemory(open_only_t, const std::string& name) {
                                   ": it is anonymous, and this process does not hold it (only processes forked "
                                   "from its creator after it was made do); send its descriptor() or describe() in "
                                   "a message instead, or create it with ShmName::named for processes outside the tree");
-  ipc::shared_memory_object shm;
-  try {
-    shm = ipc::shared_memory_object(ipc::open_only, name.c_str(), ipc::read_write);
-  } catch (const ipc::interprocess_exception& e) {
-    throwBoost(e, "cannot open " + segmentWhat(name));
-  }
-  ipc::offset_t size = 0;
-  if (!shm.get_size(size)) detail::throwErrno("cannot read the size of " + segmentWhat(name));
-  checkSize(static_cast<std::uint64_t>(size), name);
-  try {
-    region_ = ipc::mapped_region(shm, ipc::read_write, 0, static_cast<std::size_t>(size));
-  } catch (const ipc::interprocess_exception& e) {
-    throwBoost(e, "cannot map " + segmentWhat(name));
-  }
-  adoptMapping(static_cast<std::uint64_t>(size), name);
+  const detail::UniqueFd fd(detail::syscalls.shmOpen(("/" + name).c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd) detail::throwErrno("cannot open " + segmentWhat(name));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) detail::throwErrno("cannot read the size of " + segmentWhat(name));
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+  checkSize(size, name);
+  mapFd(fd.get(), size, name);
+  adoptMapping(size, name);
 }
 
 SharedMemory::SharedMemory(open_only_t, const Value& descriptor) {
@@ -571,14 +531,23 @@ void SharedMemory::openFd(detail::UniqueFd fd, const std::string& name) {
                          "and turn a read into SIGBUS");
   const auto size = static_cast<std::uint64_t>(st.st_size);
   checkSize(size, name);
-  try {
-    region_ = ipc::mapped_region(FdMappable{fd.get()}, ipc::read_write, 0, static_cast<std::size_t>(size));
-  } catch (const ipc::interprocess_exception& e) {
-    throwBoost(e, "cannot map " + segmentWhat(name));
-  }
+  mapFd(fd.get(), size, name);
   adoptMapping(size, name);
   fd_ = std::move(fd);
   AnonymousSegments::instance().add(name_, fd_.get());
+}
+
+void SharedMemory::mapFd(int fd, std::uint64_t len, const std::string& name) {
+  void* p = detail::syscalls.mmap(nullptr, static_cast<std::size_t>(len), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED)
+    detail::throwErrno("cannot map " + segmentWhat(name) + " (mmap of " + std::to_string(len) + " bytes)");
+  map_ = detail::Mapping(p, static_cast<std::size_t>(len));
+}
+
+void detail::Mapping::reset() noexcept {
+  if (addr_) ::munmap(addr_, bytes_);
+  addr_ = nullptr;
+  bytes_ = 0;
 }
 
 void SharedMemory::checkSize(std::uint64_t size, const std::string& name) {
@@ -588,9 +557,9 @@ void SharedMemory::checkSize(std::uint64_t size, const std::string& name) {
                          " bytes)");
 }
 
-// Validates the header of the segment just mapped into region_.
+// Validates the header of the segment just mapped into map_.
 void SharedMemory::adoptMapping(std::uint64_t size, const std::string& name) {
-  auto* mapped = static_cast<ShmHeader*>(region_.get_address());
+  auto* mapped = static_cast<ShmHeader*>(map_.get());
   const std::uint64_t magic = std::atomic_ref<std::uint64_t>(mapped->magic).load(std::memory_order_acquire);
   // Validate a private copy: the peer could scribble on the mapped header
   // later, and every size we derive must stay the one we checked.
@@ -613,11 +582,11 @@ Value SharedMemory::descriptor() const {
 SharedMemory::SharedMemory(SharedMemory&& o) noexcept
     : name_(std::move(o.name_)),
       fd_(std::move(o.fd_)),
+      map_(std::move(o.map_)),
       header_(o.header_),
       base_(std::exchange(o.base_, nullptr)),
       payload_(std::exchange(o.payload_, nullptr)),
       owner_(std::exchange(o.owner_, 0)) {
-  region_.swap(o.region_);
   o.name_.clear();
   o.header_ = ShmHeader{};
 }
@@ -629,7 +598,7 @@ SharedMemory& SharedMemory::operator=(SharedMemory&& o) noexcept {
     o.name_.clear();
     fd_ = std::move(o.fd_);
     header_ = std::exchange(o.header_, ShmHeader{});
-    region_.swap(o.region_);
+    map_ = std::move(o.map_);
     base_ = std::exchange(o.base_, nullptr);
     payload_ = std::exchange(o.payload_, nullptr);
     owner_ = std::exchange(o.owner_, 0);
@@ -648,7 +617,7 @@ void SharedMemory::reset() noexcept {
   } else if (owns()) {
     remove(name_);
   }
-  ipc::mapped_region().swap(region_);
+  map_.reset();
   name_.clear();
   header_ = ShmHeader{};
   base_ = nullptr;
@@ -686,7 +655,7 @@ bool SharedMemory::remove(const std::string& name) noexcept {
     errno = EINVAL;
     return false;
   }
-  return ipc::shared_memory_object::remove(name.c_str());
+  return ::shm_unlink(("/" + name).c_str()) == 0;
 }
 
 // ---------------------------------------------------------------- listing

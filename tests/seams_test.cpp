@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -13,11 +14,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstring>
 #include <string>
 
 #include "child.hpp"
 #include "forklift/channel.hpp"
 #include "forklift/process.hpp"
+#include "forklift/ring_buffer.hpp"
 #include "forklift/shm.hpp"
 #include "forklift/sync.hpp"
 #include "seams.hpp"
@@ -260,6 +263,176 @@ TEST(Seams, MemfdCreateFailingIsAClearErrorAndLeavesNothing) {
   }
   before.check();
   EXPECT_NO_THROW(SharedMemory(create_only, "seam", 4096));  // and the next one works
+}
+
+// ---------------------------------------------------------------- shm_open
+
+int eaccesShmOpen(const char*, int, mode_t) {
+  errno = EACCES;
+  return -1;
+}
+
+TEST(Seams, ShmOpenFailingIsAClearErrorAndLeavesNothing) {
+  SharedMemory existing(create_only, ShmName::named("seam-shm-open"), 4096);
+  const Before before;
+  const auto shmBefore = test::forkliftSegments();
+  {
+    ScopedSeam seam(syscalls.shmOpen, &eaccesShmOpen);
+    const std::string c =
+        test::thrown<SystemError>([] { SharedMemory(create_only, ShmName::named("seam-shm-open"), 4096); });
+    EXPECT_TRUE(contains(c, "cannot create shared memory segment 'fk.")) << c;
+    EXPECT_TRUE(contains(c, std::strerror(EACCES))) << c;
+    const std::string o = test::thrown<SystemError>([&] { SharedMemory(open_only, existing.name()); });
+    EXPECT_TRUE(contains(o, "cannot open shared memory segment '" + existing.name() + "'")) << o;
+    EXPECT_TRUE(contains(o, std::strerror(EACCES))) << o;
+  }
+  EXPECT_EQ(test::forkliftSegments(), shmBefore);
+  before.check();
+  EXPECT_TRUE(SharedMemory(open_only, existing.name()).valid());  // and the next one works
+}
+
+// ---------------------------------------------------------------- mmap
+
+std::atomic<int> g_maps{0};
+
+void* enomemMmap(void*, size_t, int, int, int, off_t) {
+  ++g_maps;
+  errno = ENOMEM;
+  return MAP_FAILED;
+}
+
+// The label an error message names ("... 'anon.<pid>.<n>.<hint>' ..."), or "".
+std::string quotedLabel(const std::string& e) {
+  const auto from = e.find("'anon.");
+  if (from == std::string::npos) return "";
+  const auto to = e.find('\'', from + 1);
+  return to == std::string::npos ? "" : e.substr(from + 1, to - from - 1);
+}
+
+// Every segment is mapped through the seam: a failed mapping names mmap and
+// the segment, and leaves no descriptor, no registry entry and no name.
+TEST(Seams, MmapFailingOnCreateIsAClearErrorAndLeavesNothing) {
+  const Before before;
+  const auto shmBefore = test::forkliftSegments();
+  g_maps = 0;
+  std::string anon;
+  std::string named;
+  {
+    ScopedSeam seam(syscalls.mmap, &enomemMmap);
+    anon = test::thrown<SystemError>([] { SharedMemory(create_only, "seam", 4096); });
+    named = test::thrown<SystemError>([] { SharedMemory(create_only, ShmName::named("seam"), 4096); });
+  }
+  EXPECT_EQ(g_maps.load(), 2) << "both segments went through the seam";
+  for (const std::string& e : {anon, named}) {
+    EXPECT_TRUE(contains(e, "cannot map shared memory segment")) << e;
+    EXPECT_TRUE(contains(e, "mmap of ")) << e;
+    EXPECT_TRUE(contains(e, std::strerror(ENOMEM))) << e;
+  }
+  EXPECT_TRUE(contains(named, "'fk.")) << named;
+  // The anonymous segment's label is not held any more (no registry entry).
+  const std::string label = quotedLabel(anon);
+  ASSERT_FALSE(label.empty()) << anon;
+  EXPECT_TRUE(contains(test::thrown<SystemError>([&] { SharedMemory(open_only, label); }), "does not hold it"));
+  EXPECT_EQ(test::forkliftSegments(), shmBefore) << "a named segment was left in /dev/shm";
+  before.check();
+  EXPECT_NO_THROW(SharedMemory(create_only, "seam", 4096));  // and the next one works
+}
+
+TEST(Seams, MmapFailingOnOpenIsAClearErrorAndLeavesTheSegmentUsable) {
+  SharedMemory anon(create_only, "seam-open", 4096);
+  SharedMemory named(create_only, ShmName::named("seam-open"), 4096);
+  static_cast<char*>(anon.data())[0] = 'a';
+  static_cast<char*>(named.data())[0] = 'n';
+  const Value byFd = anon.descriptor();
+  const Before before;
+  {
+    ScopedSeam seam(syscalls.mmap, &enomemMmap);
+    const std::string byLabel = test::thrown<SystemError>([&] { SharedMemory(open_only, anon.name()); });
+    const std::string byDescriptor = test::thrown<SystemError>([&] { SharedMemory(open_only, byFd); });
+    const std::string byName = test::thrown<SystemError>([&] { SharedMemory(open_only, named.name()); });
+    for (const std::string& e : {byLabel, byDescriptor, byName}) {
+      EXPECT_TRUE(contains(e, "cannot map shared memory segment")) << e;
+      EXPECT_TRUE(contains(e, "mmap")) << e;
+    }
+    EXPECT_TRUE(contains(byName, named.name())) << byName;
+    EXPECT_TRUE(contains(byLabel, anon.name())) << byLabel;
+  }
+  before.check();
+  EXPECT_EQ(static_cast<const char*>(SharedMemory(open_only, anon.name()).data())[0], 'a');
+  EXPECT_EQ(static_cast<const char*>(SharedMemory(open_only, named.name()).data())[0], 'n');
+}
+
+// A ring is a segment and two eventfds: a failed mapping leaves neither.
+TEST(Seams, MmapFailingForARingIsAClearErrorAndLeavesNothing) {
+  const Before before;
+  const auto shmBefore = test::forkliftSegments();
+  {
+    ScopedSeam seam(syscalls.mmap, &enomemMmap);
+    const std::string e = test::thrown<SystemError>([] { RingBuffer::create("seam-ring", 4, 1024); });
+    EXPECT_TRUE(contains(e, "cannot map shared memory segment")) << e;
+    EXPECT_TRUE(contains(e, "mmap")) << e;
+    const std::string n =
+        test::thrown<SystemError>([] { RingBuffer::create(ShmName::named("seam-ring"), 4, 1024); });
+    EXPECT_TRUE(contains(n, "mmap")) << n;
+  }
+  EXPECT_EQ(test::forkliftSegments(), shmBefore) << "a named ring was left in /dev/shm";
+  before.check();
+  EXPECT_NO_THROW(RingBuffer::create("seam-ring", 4, 1024));
+}
+
+// ---------------------------------------------------------------- sendmsg, recvmsg failing
+
+ssize_t enobufsSendmsg(int, const msghdr*, int) {
+  errno = ENOBUFS;
+  return -1;
+}
+
+ssize_t eioRecvmsg(int, msghdr*, int) {
+  errno = EIO;
+  return -1;
+}
+
+// Set after start(), so only the frontend's calls fail (the backend forked
+// with the real ones). Nothing was written: the stream stays whole, and the
+// next call is served.
+TEST(Seams, SendmsgFailingIsAClearErrorAndTheChannelStaysUsable) {
+  const Before before;
+  {
+    Squarer p;
+    p.start();
+    {
+      ScopedSeam seam(syscalls.sendmsg, &enobufsSendmsg);
+      const std::string e = test::thrown<SystemError>([&] { p.call("square", {{"x", 3.0}}, 5s); });
+      EXPECT_TRUE(contains(e, "cannot write to channel")) << e;
+      EXPECT_TRUE(contains(e, std::strerror(ENOBUFS))) << e;
+      const std::string s = test::thrown<SystemError>([&] { p.send("echoOut", {{"text", "x"}}); });
+      EXPECT_TRUE(contains(s, "cannot write to channel")) << s;
+    }
+    EXPECT_EQ(p.call("square", {{"x", 4.0}}, 5s).as<double>(), 16.0);
+    EXPECT_TRUE(p.stop().ok());
+  }
+  before.check();
+}
+
+TEST(Seams, RecvmsgFailingIsAClearErrorAndLeavesNothing) {
+  const Before before;
+  {
+    Squarer p;
+    p.start();
+    p.send("echoOut", {{"text", "waiting"}});
+    {
+      ScopedSeam seam(syscalls.recvmsg, &eioRecvmsg);
+      const std::string e = test::thrown<SystemError>([&] { p.recv(5s); });
+      EXPECT_TRUE(contains(e, "cannot read from channel")) << e;
+      EXPECT_TRUE(contains(e, std::strerror(EIO))) << e;
+    }
+    // The message was never taken from the socket: it is still there.
+    const auto m = p.recv(5s);
+    ASSERT_TRUE(m);
+    EXPECT_EQ(m->get<std::string>("text"), "waiting");
+    EXPECT_TRUE(p.stop().ok());
+  }
+  before.check();
 }
 
 }  // namespace

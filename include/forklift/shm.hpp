@@ -66,14 +66,39 @@
 #include <utility>
 #include <vector>
 
-#include <boost/interprocess/mapped_region.hpp>
-
 #include "forklift/detail/fd.hpp"
 #include "forklift/detail/shm_header.hpp"
 #include "forklift/error.hpp"
 #include "forklift/value.hpp"
 
 namespace forklift {
+
+namespace detail {
+// One shared mapping, unmapped when destroyed or reset (shm.cpp).
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(void* addr, std::size_t bytes) noexcept : addr_(addr), bytes_(bytes) {}
+  Mapping(Mapping&& o) noexcept : addr_(std::exchange(o.addr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  Mapping& operator=(Mapping&& o) noexcept {
+    if (this != &o) {
+      reset();
+      addr_ = std::exchange(o.addr_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() { reset(); }
+  void reset() noexcept;
+  void* get() const noexcept { return addr_; }
+
+ private:
+  void* addr_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+}  // namespace detail
 
 // Creation intent, spelled at the call site as in Boost.Interprocess.
 //   create_only: the name must not exist yet (else SystemError, EEXIST).
@@ -235,9 +260,13 @@ class SharedMemory {
   void adoptMapping(std::uint64_t size, const std::string& name);
   static pid_t currentPid() noexcept;
 
+  // Maps `len` bytes of `fd` shared, read-write, into map_ (through the
+  // mmap seam, lib/seams.hpp); SystemError naming `name` on failure.
+  void mapFd(int fd, std::uint64_t len, const std::string& name);
+
   std::string name_;
   detail::UniqueFd fd_;  // anonymous segments only
-  boost::interprocess::mapped_region region_;
+  detail::Mapping map_;  // the whole segment, header included
   detail::ShmHeader header_{};  // validated copy; accessors read this, not the mapping
   void* base_ = nullptr;        // the mapped header
   void* payload_ = nullptr;  // base_ + headerBytes

@@ -44,6 +44,7 @@
 // A ShmArray is used from one thread at a time, like the Eigen map it gives.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -69,6 +70,32 @@ template <class T>
 inline constexpr bool kShmElement =
     (std::is_arithmetic_v<T> && !std::is_same_v<T, bool> && !std::is_const_v<T>) || std::is_same_v<T, Eigen::half>;
 
+// What ShmArray and ShmTensor share: one segment of T elements and the
+// accessors that only read it. Each view adds its shape.
+template <class T>
+class ShmView {
+ public:
+  T* data() noexcept { return static_cast<T*>(shm_.data()); }
+  const T* data() const noexcept { return static_cast<const T*>(shm_.data()); }
+  std::size_t bytes() const noexcept { return shm_.bytes(); }  // payload bytes
+  const std::string& name() const noexcept { return shm_.name(); }
+  bool valid() const noexcept { return shm_.valid(); }
+  explicit operator bool() const noexcept { return valid(); }
+
+  // The segment underneath: owns(), release(), creatorPid(), ...
+  SharedMemory& segment() noexcept { return shm_; }
+  const SharedMemory& segment() const noexcept { return shm_; }
+
+ protected:
+  ShmView() noexcept = default;
+  explicit ShmView(SharedMemory shm) noexcept : shm_(std::move(shm)) {}
+  ShmView(ShmView&&) noexcept = default;
+  ShmView& operator=(ShmView&&) noexcept = default;
+  ~ShmView() = default;
+
+  SharedMemory shm_;
+};
+
 struct ArrayShape {
   std::int64_t rows = 0;
   std::int64_t cols = 0;
@@ -86,8 +113,10 @@ Value describeArray(const SharedMemory& shm);
 }  // namespace detail
 
 template <class T, Layout L = Layout::RowMajor>
-class ShmArray {
+class ShmArray : public detail::ShmView<T> {
   static_assert(detail::kShmElement<T>, "ShmArray holds int8..uint64, float, double or Eigen::half");
+  using Base = detail::ShmView<T>;
+  using Base::shm_;
 
  public:
   using Scalar = T;
@@ -106,11 +135,10 @@ class ShmArray {
                                                          : kEigenOrder>;
 
   ShmArray() noexcept = default;  // empty
-  ShmArray(ShmArray&& o) noexcept
-      : shm_(std::move(o.shm_)), shape_(std::exchange(o.shape_, detail::ArrayShape{})) {}
+  ShmArray(ShmArray&& o) noexcept : Base(std::move(o)), shape_(std::exchange(o.shape_, detail::ArrayShape{})) {}
   ShmArray& operator=(ShmArray&& o) noexcept {
     if (this != &o) {
-      shm_ = std::move(o.shm_);
+      Base::operator=(std::move(o));
       shape_ = std::exchange(o.shape_, detail::ArrayShape{});
     }
     return *this;
@@ -161,36 +189,26 @@ class ShmArray {
   // fd, a duplicate of its descriptor}.
   Value describe() const { return detail::describeArray(shm_); }
 
-  MatrixMap matrix() noexcept { return MatrixMap(data(), shape_.rows, shape_.cols); }
-  ConstMatrixMap matrix() const noexcept { return ConstMatrixMap(data(), shape_.rows, shape_.cols); }
+  MatrixMap matrix() noexcept { return MatrixMap(this->data(), shape_.rows, shape_.cols); }
+  ConstMatrixMap matrix() const noexcept { return ConstMatrixMap(this->data(), shape_.rows, shape_.cols); }
 
   // A fixed-size view, e.g. fixed<3, 4>(). Throws ShmFormatError when the
   // array is not R x C.
   template <int R, int C>
   Eigen::Map<FixedMatrix<R, C>, Eigen::Aligned64> fixed() {
     if (shape_.rows != R || shape_.cols != C)
-      detail::throwShapeMismatch(name(), shape_, {R, C}, "the fixed-size view wants");
-    return Eigen::Map<FixedMatrix<R, C>, Eigen::Aligned64>(data());
+      detail::throwShapeMismatch(this->name(), shape_, {R, C}, "the fixed-size view wants");
+    return Eigen::Map<FixedMatrix<R, C>, Eigen::Aligned64>(this->data());
   }
 
-  T* data() noexcept { return static_cast<T*>(shm_.data()); }
-  const T* data() const noexcept { return static_cast<const T*>(shm_.data()); }
+  // data(), bytes(), name(), valid(), segment(): from detail::ShmView.
   Index rows() const noexcept { return static_cast<Index>(shape_.rows); }
   Index cols() const noexcept { return static_cast<Index>(shape_.cols); }
-  Index size() const noexcept { return rows() * cols(); }          // elements
-  std::size_t bytes() const noexcept { return shm_.bytes(); }      // payload bytes
-  const std::string& name() const noexcept { return shm_.name(); }
-  bool valid() const noexcept { return shm_.valid(); }
-  explicit operator bool() const noexcept { return valid(); }
-
-  // The segment underneath: owns(), release(), creatorPid(), ...
-  SharedMemory& segment() noexcept { return shm_; }
-  const SharedMemory& segment() const noexcept { return shm_; }
+  Index size() const noexcept { return rows() * cols(); }  // elements
 
  private:
-  ShmArray(SharedMemory shm, detail::ArrayShape shape) noexcept : shm_(std::move(shm)), shape_(shape) {}
+  ShmArray(SharedMemory shm, detail::ArrayShape shape) noexcept : Base(std::move(shm)), shape_(shape) {}
 
-  SharedMemory shm_;
   detail::ArrayShape shape_;
 };
 

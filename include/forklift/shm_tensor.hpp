@@ -72,9 +72,11 @@ Value describeTensor(const SharedMemory& shm);
 }  // namespace detail
 
 template <class T, int Rank, Layout L = Layout::RowMajor>
-class ShmTensor {
+class ShmTensor : public detail::ShmView<T> {
   static_assert(detail::kShmElement<T>, "ShmTensor holds int8..uint64, float, double or Eigen::half");
   static_assert(Rank >= 1 && Rank <= static_cast<int>(detail::kShmMaxRank), "a ShmTensor has rank 1 to 8");
+  using Base = detail::ShmView<T>;
+  using Base::shm_;
 
  public:
   using Scalar = T;
@@ -100,11 +102,11 @@ class ShmTensor {
 
   ShmTensor() noexcept = default;  // empty
   ShmTensor(ShmTensor&& o) noexcept
-      : shm_(std::move(o.shm_)), dims_(std::exchange(o.dims_, Dimensions{})),
+      : Base(std::move(o)), dims_(std::exchange(o.dims_, Dimensions{})),
         strides_(std::exchange(o.strides_, Dimensions{})) {}
   ShmTensor& operator=(ShmTensor&& o) noexcept {
     if (this != &o) {
-      shm_ = std::move(o.shm_);
+      Base::operator=(std::move(o));
       dims_ = std::exchange(o.dims_, Dimensions{});
       strides_ = std::exchange(o.strides_, Dimensions{});
     }
@@ -156,67 +158,57 @@ class ShmTensor {
   // a duplicate of its descriptor.
   Value describe() const { return detail::describeTensor(shm_); }
 
-  TensorMap tensor() noexcept { return TensorMap(data(), dims_); }
-  ConstTensorMap tensor() const noexcept { return ConstTensorMap(data(), dims_); }
+  TensorMap tensor() noexcept { return TensorMap(this->data(), dims_); }
+  ConstTensorMap tensor() const noexcept { return ConstTensorMap(this->data(), dims_); }
 
   MatrixMap matrix() noexcept
     requires(Rank <= 2)
   {
-    return MatrixMap(data(), dims_[0], Rank == 2 ? dims_[Rank - 1] : 1);
+    return MatrixMap(this->data(), dims_[0], Rank == 2 ? dims_[Rank - 1] : 1);
   }
   ConstMatrixMap matrix() const noexcept
     requires(Rank <= 2)
   {
-    return ConstMatrixMap(data(), dims_[0], Rank == 2 ? dims_[Rank - 1] : 1);
+    return ConstMatrixMap(this->data(), dims_[0], Rank == 2 ? dims_[Rank - 1] : 1);
   }
 
   // The matrix over the last two axes at the given leading indices.
   template <class... I>
     requires(Rank >= 2 && sizeof...(I) == Rank - 2 && (std::is_integral_v<I> && ...))
   PlaneMap plane(I... leading) {
-    return view<PlaneMap>(data(), {static_cast<Index>(leading)...}, false, "plane");
+    return view<PlaneMap>(this->data(), {static_cast<Index>(leading)...}, false, "plane");
   }
   template <class... I>
     requires(Rank >= 2 && sizeof...(I) == Rank - 2 && (std::is_integral_v<I> && ...))
   ConstPlaneMap plane(I... leading) const {
-    return view<ConstPlaneMap>(data(), {static_cast<Index>(leading)...}, false, "plane");
+    return view<ConstPlaneMap>(this->data(), {static_cast<Index>(leading)...}, false, "plane");
   }
   // The matrix over axes Rank-3 and Rank-2 at the given leading indices and
   // last index c.
   template <class... I>
     requires(Rank >= 3 && sizeof...(I) == Rank - 2 && (std::is_integral_v<I> && ...))
   PlaneMap channel(I... indices) {
-    return view<PlaneMap>(data(), {static_cast<Index>(indices)...}, true, "channel");
+    return view<PlaneMap>(this->data(), {static_cast<Index>(indices)...}, true, "channel");
   }
   template <class... I>
     requires(Rank >= 3 && sizeof...(I) == Rank - 2 && (std::is_integral_v<I> && ...))
   ConstPlaneMap channel(I... indices) const {
-    return view<ConstPlaneMap>(data(), {static_cast<Index>(indices)...}, true, "channel");
+    return view<ConstPlaneMap>(this->data(), {static_cast<Index>(indices)...}, true, "channel");
   }
 
-  T* data() noexcept { return static_cast<T*>(shm_.data()); }
-  const T* data() const noexcept { return static_cast<const T*>(shm_.data()); }
+  // data(), bytes(), name(), valid(), segment(): from detail::ShmView.
   const Dimensions& dimensions() const noexcept { return dims_; }
   // In elements, per axis: the dense strides of L.
   const Dimensions& strides() const noexcept { return strides_; }
   Index size() const noexcept {  // elements
-    Index n = valid() ? 1 : 0;
+    Index n = this->valid() ? 1 : 0;
     for (Index d : dims_) n *= d;
     return n;
   }
-  std::size_t bytes() const noexcept { return shm_.bytes(); }  // payload bytes
-  const std::string& name() const noexcept { return shm_.name(); }
-  bool valid() const noexcept { return shm_.valid(); }
-  explicit operator bool() const noexcept { return valid(); }
-
-  // The segment underneath: owns(), release(), creatorPid(), ...
-  SharedMemory& segment() noexcept { return shm_; }
-  const SharedMemory& segment() const noexcept { return shm_; }
-
  private:
   static constexpr std::size_t kFixed = Rank >= 2 ? Rank - 2 : 0;  // indices plane() and channel() take
 
-  explicit ShmTensor(SharedMemory shm) : shm_(std::move(shm)) {
+  explicit ShmTensor(SharedMemory shm) : Base(std::move(shm)) {
     const auto shape = shm_.shape();
     const auto strides = shm_.strides();
     for (int a = 0; a < Rank; ++a) {
@@ -234,7 +226,7 @@ class ShmTensor {
     for (std::size_t k = 0; k < kFixed; ++k) {
       const std::size_t axis = lastFixed && k + 1 == kFixed ? Rank - 1 : k;
       if (index[k] < 0 || index[k] >= dims_[axis])
-        detail::throwIndexOutOfRange(name(), what, axis, index[k], dims_[axis]);
+        detail::throwIndexOutOfRange(this->name(), what, axis, index[k], dims_[axis]);
       offset += index[k] * strides_[axis];
     }
     const int row = lastFixed ? Rank - 3 : Rank - 2;
@@ -244,7 +236,6 @@ class ShmTensor {
     return M(base + offset, dims_[row], dims_[col], L == Layout::RowMajor ? PlaneStride(rs, cs) : PlaneStride(cs, rs));
   }
 
-  SharedMemory shm_;
   Dimensions dims_{};
   Dimensions strides_{};
 };
