@@ -309,24 +309,23 @@ void Backend::onCmdPoll(uv_poll_t* h, int status, int events) {
   }
 }
 
+void Backend::onWritable(Writer& w, int status) {
+  try {
+    if (status < 0 || drain(w)) updatePoll(w);
+  } catch (const PeerClosed&) {
+    frontendGone_ = true;
+    requestStop();
+  }
+}
+
 void Backend::onCmdWritable(uv_poll_t* h, int status, int) {
   auto* self = static_cast<Backend*>(h->data);
-  try {
-    if (status < 0 || self->drain(self->cmdWriter_)) self->updatePoll(self->cmdWriter_);
-  } catch (const PeerClosed&) {
-    self->frontendGone_ = true;
-    self->requestStop();
-  }
+  self->onWritable(self->cmdWriter_, status);
 }
 
 void Backend::onOutPoll(uv_poll_t* h, int status, int) {
   auto* self = static_cast<Backend*>(h->data);
-  try {
-    if (status < 0 || self->drain(self->outWriter_)) self->updatePoll(self->outWriter_);
-  } catch (const PeerClosed&) {
-    self->frontendGone_ = true;
-    self->requestStop();
-  }
+  self->onWritable(self->outWriter_, status);
 }
 
 void Backend::onStopBell(uv_poll_t* h, int, int) {

@@ -110,6 +110,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void enqueue(Writer& w, const Message& m);
   bool drain(Writer& w);  // true when empty
   void updatePoll(Writer& w);
+  void onWritable(Writer& w, int status);  // its socket or doorbell says it may write
   void onCommandReadable();
   void dispatch(Message& m);
   void refuse(const Error& e, const std::string& command, std::uint64_t id);

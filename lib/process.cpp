@@ -199,18 +199,14 @@ void MessageProcess::start() {
     // Backends forked later must not hold these (see frontend_fds); the
     // Requests and out_ remove them when they close them. What both ends
     // share (doorbells) is registered once this backend has its copy.
-    registerFds(ownFds(cmdFront, cmdBack));
-    registerFds(ownFds(outFront, outBack));
-    const std::vector<int> sharedFds = [&] {
-      std::vector<int> v;
-      for (const Channel* c : {&cmdFront, &outFront})
-        for (int fd : c->descriptors()) v.push_back(fd);
-      auto own = ownFds(cmdFront, cmdBack);
-      auto ownOut = ownFds(outFront, outBack);
-      own.insert(own.end(), ownOut.begin(), ownOut.end());
-      std::erase_if(v, [&](int fd) { return std::find(own.begin(), own.end(), fd) != own.end(); });
-      return v;
-    }();
+    std::vector<int> own = ownFds(cmdFront, cmdBack);
+    const std::vector<int> ownOut = ownFds(outFront, outBack);
+    own.insert(own.end(), ownOut.begin(), ownOut.end());
+    registerFds(own);
+    std::vector<int> sharedFds = cmdFront.descriptors();
+    const std::vector<int> outFds = outFront.descriptors();
+    sharedFds.insert(sharedFds.end(), outFds.begin(), outFds.end());
+    std::erase_if(sharedFds, [&own](int fd) { return std::find(own.begin(), own.end(), fd) != own.end(); });
     cmdFds = cmdFront.descriptors();  // a failure from here on must remove them from the registry
     out_ = std::move(outFront);
     // The stop bell is one object on both sides; later backends close it.

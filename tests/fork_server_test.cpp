@@ -87,6 +87,30 @@ bool endsWithin(pid_t pid, std::chrono::milliseconds t) {
 }
 
 // Leaves no process and no descriptor: checked when the test's scope ends.
+// The exit statuses a Manager reports on its loop's thread. The record is
+// shared with the callback, which may outlive this object (the Manager's
+// destructor still reports).
+class ExitLog {
+ public:
+  explicit ExitLog(Manager& m) : state_(std::make_shared<State>()) {
+    m.onExit([st = state_](MessageProcess&, const ExitStatus& s) {
+      std::lock_guard lock(st->mu);
+      st->exits.push_back(s);
+    });
+  }
+  std::vector<ExitStatus> all() const {
+    std::lock_guard lock(state_->mu);
+    return state_->exits;
+  }
+
+ private:
+  struct State {
+    std::mutex mu;
+    std::vector<ExitStatus> exits;
+  };
+  std::shared_ptr<State> state_;
+};
+
 class FdCheck {
  public:
   FdCheck() {
@@ -235,12 +259,7 @@ TEST(ForkServer, ManagerRestartsUnderRunAsThread) {
   {
     Manager m;
     Echo& w = m.emplace<Echo>("w");
-    std::mutex mu;
-    std::vector<ExitStatus> exits;
-    m.onExit([&](MessageProcess&, const ExitStatus& s) {
-      std::lock_guard lock(mu);
-      exits.push_back(s);
-    });
+    ExitLog log(m);
     m.runAsThread();
     ASSERT_TRUE(ForkServer::running()) << "runAsThread starts a fork server";
     const pid_t first = w.pid();
@@ -262,7 +281,7 @@ TEST(ForkServer, ManagerRestartsUnderRunAsThread) {
       EXPECT_EQ(f.get(), std::to_string(40 + i) + " from 1");
     }
     EXPECT_EQ(m.stopThread(), 0);
-    std::lock_guard lock(mu);
+    const auto exits = log.all();
     ASSERT_EQ(exits.size(), 3u);
     for (const ExitStatus& s : exits) EXPECT_TRUE(s.ok()) << s.describe();
   }
@@ -354,27 +373,14 @@ TEST(ForkServer, AManagerSeesItsWorkersDieWithTheServer) {
   Manager m;
   Echo& w = m.emplace<Echo>("w");
   m.emplace<Echo>("v");
-  std::mutex mu;
-  std::vector<ExitStatus> exits;
-  m.onExit([&](MessageProcess&, const ExitStatus& s) {
-    std::lock_guard lock(mu);
-    exits.push_back(s);
-  });
+  ExitLog log(m);
   m.runAsThread();
   const pid_t server = ForkServer::pid();
   ASSERT_GT(server, 0);
   ::kill(server, SIGKILL);
-  EXPECT_TRUE(test::eventually(
-      [&] {
-        std::lock_guard lock(mu);
-        return exits.size() == 2;
-      },
-      3000ms))
+  EXPECT_TRUE(test::eventually([&] { return log.all().size() == 2; }, 3000ms))
       << "the workers' deaths were not reported";
-  {
-    std::lock_guard lock(mu);
-    for (const ExitStatus& s : exits) EXPECT_TRUE(s.serverLost) << s.describe();
-  }
+  for (const ExitStatus& s : log.all()) EXPECT_TRUE(s.serverLost) << s.describe();
   std::promise<std::string> restarted;
   m.post([&] { restarted.set_value(test::thrown<Error>([&] { m.restart(w); })); });
   auto f = restarted.get_future();

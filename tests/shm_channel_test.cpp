@@ -47,7 +47,7 @@ TEST(ShmChannel, SendAndReceiveBothWaysInOneProcess) {
 
 TEST(ShmChannel, FramesLargerThanTheQueueStreamThroughWholeAndInOrderAcrossFork) {
   auto [parent, child] = Channel::makeSharedPair({}, kQueue, kQueue);
-  const pid_t pid = test::forkChild([&, &child = child] {
+  const pid_t pid = test::forkChild([&parent = parent, &child = child] {
     parent.close();
     for (int i = 0; i < 50; ++i) {
       auto m = child.recv(5s);
@@ -153,7 +153,7 @@ TEST(ShmChannel, GarbageInTheQueueIsAFinalStreamCorruption) {
 
 TEST(ShmChannel, ThePeersEndIsPeerClosedAfterWhatItLeft) {
   auto [parent, child] = Channel::makeSharedPair({}, kQueue, kQueue);
-  const pid_t pid = test::forkChild([&, &child = child] {
+  const pid_t pid = test::forkChild([&parent = parent, &child = child] {
     parent.close();
     child.send(Message("last words"));
     return 0;  // exits: its end of the socket closes
