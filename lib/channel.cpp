@@ -120,20 +120,11 @@ bool Channel::pending() const {
 }
 
 bool Channel::waitWritable(const Deadline& d) {
-  if (!out_) {
-    switch (waitReady(POLLOUT, d)) {
-      case Ready::Timeout: return false;
-      case Ready::PeerDied: peerEnded();
-      case Ready::Fd: return true;
-    }
-  }
-  if (out_->writerArm()) return true;
-  switch (waitShared(out_->spaceBell.get(), d)) {
-    case Ready::Timeout: return false;
-    case Ready::PeerDied: peerEnded();
-    case Ready::Fd: return true;
-  }
-  return true;
+  const Ready r = !out_                ? waitReady(POLLOUT, d)
+                  : out_->writerArm() ? Ready::Fd  // space came meanwhile
+                                      : waitShared(out_->spaceBell.get(), d);
+  if (r == Ready::PeerDied) peerEnded();
+  return r == Ready::Fd;
 }
 
 Channel::Ready Channel::waitShared(int bell, const Deadline& d) const {
