@@ -673,7 +673,10 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
     c->start();
     c->send("later");
     EXPECT_EQ(c->call("count", {}, 5s).as<std::int64_t>(), 0);
-    c->send("block", {{"ms", 200}});
+    // Long enough that the 100 sends below are queued behind it before the
+    // destruction starts, even under a sanitizer on a busy machine: once it
+    // ends, a queued add would race the subclass's destructor (the user's race).
+    c->send("block", {{"ms", 1000}});
     for (int i = 0; i < 100; ++i) c->send("add", {{"x", i}});
     const auto t0 = Clock::now();
     c.reset();  // ASan, TSan: nothing touches the destroyed subclass
