@@ -87,7 +87,14 @@ def forklift_figures(reps, env):
     R = []
 
     def add(figure, contender, stat, value, unit):
-        R.append({"figure": figure, "contender": contender, "stat": stat, "value": value, "unit": unit})
+        if value is not None:  # None: a benchmark that does not run in this placement
+            R.append({"figure": figure, "contender": contender, "stat": stat, "value": value, "unit": unit})
+
+    def maybe(fn):
+        try:
+            return fn()
+        except KeyError:
+            return None
 
     proc, ctx = run_gbench("process_bench", reps, env)
     for stat, key in (("median", "p50_us"), ("p99", "p99_us")):
@@ -97,6 +104,10 @@ def forklift_figures(reps, env):
         # ProcessOptions::transport = SharedMemory
         add("rtt_small_shm", "forklift", stat, median_of(proc, "BM_CallRoundTripShm", key), "us")
         add("rtt_small_shm", "limit:eventfd", stat, median_of(proc, "BM_RawEventfdRoundTrip", key), "us")
+        # ... with ProcessOptions::spin (50 us), beside a raw spinning round
+        # trip on one shared cache line (run only with a CPU per side).
+        add("rtt_small_spin", "forklift", stat, median_of(proc, "BM_CallRoundTripShmSpin", key), "us")
+        add("rtt_small_spin", "limit:spin", stat, maybe(lambda: median_of(proc, "BM_RawSpinRoundTrip", key)), "us")
     add("send_rate", "forklift", "median", median_of(proc, "BM_SendRate", "items_per_second"), "msg/s")
     add("send_rate_shm", "forklift", "median", median_of(proc, "BM_SendRateShm", "items_per_second"), "msg/s")
     add("send_rate_shm", "limit:socketpair", "median", median_of(proc, "BM_RawSocketpairOneWay", "items_per_second"),
@@ -230,7 +241,8 @@ def pool_table(results):
 
 
 LOWER_IS_BETTER = {"us"}
-ROWS = ["rtt_small:median", "rtt_small:p99", "rtt_small_shm:median", "rtt_small_shm:p99", "send_rate:median",
+ROWS = ["rtt_small:median", "rtt_small:p99", "rtt_small_shm:median", "rtt_small_shm:p99", "rtt_small_spin:median",
+        "rtt_small_spin:p99", "send_rate:median",
         "send_rate_shm:median", "call_threads_1:median", "call_threads_4:median",
         "start_ready:median", "stop:median", "metrics_per_msg:median"] + \
        [f"handoff_{SIZE_NAMES[k]}:median" for k in SIZES_KIB] + \
@@ -249,11 +261,11 @@ LIMIT_OF = {"rtt_small": "limit:socketpair", "send_rate": "limit:socketpair", "c
             **{f"ring_frames_{RING_NAMES[k]}{r}": "limit:memcpy" for k in RING_FRAME_KIB for r in ("", "_rate")},
             "ring_rtt": "limit:eventfd", "ring_rtt_spin": "limit:eventfd",
             # The shared-memory transport against what it replaces and what it uses.
-            "rtt_small_shm": "limit:eventfd", "send_rate_shm": "limit:socketpair"}
+            "rtt_small_shm": "limit:eventfd", "send_rate_shm": "limit:socketpair", "rtt_small_spin": "limit:spin"}
 # Figures the peers measure under another name: the pipelined handoff is
 # set beside their (synchronous, loaned-sample) handoff of the same size.
 PEER_FIGURE_OF = {f"handoff_pipelined_{SIZE_NAMES[k]}": f"handoff_{SIZE_NAMES[k]}" for k in PIPELINE_KIB}
-PEER_FIGURE_OF.update({"rtt_small_shm": "rtt_small", "send_rate_shm": "send_rate"})
+PEER_FIGURE_OF.update({"rtt_small_shm": "rtt_small", "send_rate_shm": "send_rate", "rtt_small_spin": "rtt_small_busy"})
 
 
 def speed_ratio(fk, other, unit):

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -34,8 +35,9 @@ class BenchProcess : public forklift::MessageProcess {
  public:
   // `pin`: move the backend to its CPU in preRun__. The start benchmark
   // leaves it where fork put it, as the bare fork reference does.
-  explicit BenchProcess(bool pin = true, forklift::Transport transport = forklift::Transport::Socket)
-      : MessageProcess("bench", options(transport)), pin_(pin) {
+  explicit BenchProcess(bool pin = true, forklift::Transport transport = forklift::Transport::Socket,
+                        std::chrono::microseconds spin = {})
+      : MessageProcess("bench", options(transport, spin)), pin_(pin) {
     command("ping", &BenchProcess::c__ping, {"parameter"});
     command("count", &BenchProcess::c__count, {"parameter"});
     command("total", &BenchProcess::c__total);
@@ -43,9 +45,10 @@ class BenchProcess : public forklift::MessageProcess {
   }
 
  private:
-  static forklift::ProcessOptions options(forklift::Transport transport) {
+  static forklift::ProcessOptions options(forklift::Transport transport, std::chrono::microseconds spin) {
     forklift::ProcessOptions o;
     o.transport = transport;
+    o.spin = spin;
     return o;
   }
   void preRun__() override {
@@ -76,9 +79,9 @@ void percentiles(benchmark::State& state, std::vector<double>& us) {
   state.counters["p99_us"] = us[std::min(us.size() - 1, us.size() * 99 / 100)];
 }
 
-void callRoundTrip(benchmark::State& state, forklift::Transport transport) {
+void callRoundTrip(benchmark::State& state, forklift::Transport transport, std::chrono::microseconds spin = {}) {
   pinTo(placement().frontend);
-  BenchProcess p(true, transport);
+  BenchProcess p(true, transport, spin);
   p.start();
   std::vector<double> us;
   us.reserve(1 << 20);
@@ -94,8 +97,15 @@ void callRoundTrip(benchmark::State& state, forklift::Transport transport) {
 // Over the socket pair, and over the shared-memory queues.
 void BM_CallRoundTrip(benchmark::State& state) { callRoundTrip(state, forklift::Transport::Socket); }
 void BM_CallRoundTripShm(benchmark::State& state) { callRoundTrip(state, forklift::Transport::SharedMemory); }
+// ... and with both sides spinning up to 50 us before they sleep
+// (ProcessOptions::spin), beside BM_RawSpinRoundTrip. Meant for one CPU
+// each; on one shared CPU it shows what spinning costs there.
+void BM_CallRoundTripShmSpin(benchmark::State& state) {
+  callRoundTrip(state, forklift::Transport::SharedMemory, std::chrono::microseconds(50));
+}
 BENCHMARK(BM_CallRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_CallRoundTripShm)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_CallRoundTripShmSpin)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // What the live counters (lib/metrics.hpp) add to one message: the counts a
 // Channel makes when it encodes and decodes one frame. Beside the call round
@@ -209,12 +219,14 @@ struct RawChild {
     }
   }
   pid_t pid = -1;
-  ~RawChild() {
+  void join() {
     if (pid > 0) {
       int st;
       ::waitpid(pid, &st, 0);
     }
+    pid = -1;
   }
+  ~RawChild() { join(); }
 };
 
 void BM_RawSocketpairRoundTrip(benchmark::State& state) {
@@ -274,6 +286,49 @@ void BM_RawEventfdRoundTrip(benchmark::State& state) {
   ::close(pong);
 }
 BENCHMARK(BM_RawEventfdRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// The limit of a spinning round trip: one shared cache line each way, both
+// sides polling it. Only with a CPU per side (on one CPU each side would
+// spin through its whole time slice).
+void BM_RawSpinRoundTrip(benchmark::State& state) {
+  if (placement().frontend == placement().backend) {
+    state.SkipWithError("spinning needs a CPU per side");
+    return;
+  }
+  pinTo(placement().frontend);
+  void* page = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (page == MAP_FAILED) {
+    state.SkipWithError("mmap");
+    return;
+  }
+  auto* ping = new (page) std::atomic<std::uint64_t>(0);
+  auto* pong = new (static_cast<char*>(page) + 64) std::atomic<std::uint64_t>(0);
+  constexpr std::uint64_t kEnd = ~std::uint64_t{0};
+  RawChild child([&] {
+    for (std::uint64_t seen = 0;;) {
+      std::uint64_t v;
+      while ((v = ping->load(std::memory_order_acquire)) == seen) __builtin_ia32_pause();
+      if (v == kEnd) return 0;
+      seen = v;
+      pong->store(v, std::memory_order_release);
+    }
+  });
+  std::vector<double> us;
+  us.reserve(1 << 20);
+  std::uint64_t i = 0;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    ping->store(++i, std::memory_order_release);
+    while (pong->load(std::memory_order_acquire) != i) __builtin_ia32_pause();
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  ping->store(kEnd, std::memory_order_release);
+  percentiles(state, us);
+  state.SetLabel(placement().describe());
+  child.join();  // before the page goes
+  ::munmap(page, 4096);
+}
+BENCHMARK(BM_RawSpinRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 void BM_RawSocketpairOneWay(benchmark::State& state) {
   pinTo(placement().frontend);

@@ -2,12 +2,15 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <span>
 
 #include "control.hpp"
+#include "doorbell.hpp"
 #include "metrics.hpp"
 #include "posix.hpp"
 
@@ -60,6 +63,11 @@ void check(int r, const char* what) {
   if (r < 0) throw Error(std::string("cannot ") + what + ": " + uv_strerror(r));
 }
 
+// What an event of the shared-memory loop's epoll set stands for.
+constexpr std::uint64_t kCmdInput = 1;  // the command queue's doorbell
+constexpr std::uint64_t kCmdEnd = 2;    // the command channel's end
+constexpr std::uint64_t kLibuv = 3;     // libuv's descriptor: its handles have work
+
 }  // namespace
 
 Backend::Backend(BackendConfig config, Channel cmd, Channel out)
@@ -84,7 +92,18 @@ Backend::Backend(BackendConfig config, Channel cmd, Channel out)
   out_.assumeNonBlocking();
   cmdPoll_.data = this;
   outPoll_.data = this;
-  check(uv_poll_start(&cmdPoll_, UV_READABLE, &Backend::onCmdPoll), "watch the command channel");
+  if (cmd_.transport() == Transport::SharedMemory) {
+    loopSet_.reset(::epoll_create1(EPOLL_CLOEXEC));
+    if (!loopSet_) throwErrno(config_.who + ": cannot create the backend loop's epoll set");
+    cmd_.watchInputIn(loopSet_.get(), kCmdInput, kCmdEnd);
+    epoll_event uv{};
+    uv.events = EPOLLIN;
+    uv.data.u64 = kLibuv;
+    if (::epoll_ctl(loopSet_.get(), EPOLL_CTL_ADD, uv_backend_fd(&loop_), &uv) != 0)
+      throwErrno(config_.who + ": cannot watch the backend loop");
+  } else {
+    check(uv_poll_start(&cmdPoll_, UV_READABLE, &Backend::onCmdPoll), "watch the command channel");
+  }
   check(uv_poll_init(&loop_, &stopPoll_, config_.stopBell), "watch the stop bell");
   stopPoll_.data = this;
   check(uv_poll_start(&stopPoll_, UV_READABLE, &Backend::onStopBell), "watch the stop bell");
@@ -298,14 +317,28 @@ void Backend::onCmdPoll(uv_poll_t* h, int status, int events) {
       self->drain(self->cmdWriter_);
       self->updatePoll(self->cmdWriter_);
     }
-    if (events & (UV_READABLE | UV_DISCONNECT)) self->onCommandReadable();
   } catch (const PeerClosed&) {
     self->frontendGone_ = true;
     self->requestStop();
+    return;
   } catch (const std::exception& e) {
     self->log().error("backend loop: {}", e.what());
   } catch (...) {
     self->log().error("backend loop: a non-standard exception");
+  }
+  if (events & (UV_READABLE | UV_DISCONNECT)) self->onCommandInput(false);
+}
+
+void Backend::onCommandInput(bool waited) {
+  try {
+    onCommandReadable(waited);
+  } catch (const PeerClosed&) {
+    frontendGone_ = true;
+    requestStop();
+  } catch (const std::exception& e) {
+    log().error("backend loop: {}", e.what());
+  } catch (...) {
+    log().error("backend loop: a non-standard exception");
   }
 }
 
@@ -347,13 +380,13 @@ void Backend::onStopBell(uv_poll_t* h, int, int) {
   self->requestStop();
 }
 
-void Backend::onCommandReadable() {
+void Backend::onCommandReadable(bool waited) {
   // Read once, then handle every whole frame already buffered; the loop
   // wakes us again for the rest, so one burst costs one read.
   for (;;) {
     std::optional<Message> m;
     try {
-      m = cmd_.tryRecv();
+      m = waited ? cmd_.tryRecvWaited() : cmd_.tryRecv();
     } catch (const StreamCorrupt& e) {
       // Nothing after this can be trusted to be a frame: end, and say why.
       const std::string why = config_.who + ": the command stream is corrupt: " + e.what();
@@ -423,7 +456,43 @@ void Backend::dispatch(Message& m) {
 }
 
 void Backend::run() {
-  if (!stopping_) uv_run(&loop_, UV_RUN_DEFAULT);
+  if (loopSet_)
+    runShared();
+  else if (!stopping_)
+    uv_run(&loop_, UV_RUN_DEFAULT);
+}
+
+void Backend::runShared() {
+  epoll_event ev[4];
+  while (!stopping_) {
+    // 0 when libuv has work due now (pending callbacks, idle handles,
+    // closing handles), -1 when it waits for nothing but descriptors.
+    const int timeout = uv_backend_timeout(&loop_);
+    if (timeout != 0 && cmd_.spin().count() > 0) {
+      // Poll the queue for a while, the frontend not ringing meanwhile.
+      cmd_.holdRings();
+      if (detail::spinFor(cmd_.spin(), [this] { return cmd_.pending(); })) {
+        onCommandInput(true);  // reading to the end arms again
+        continue;
+      }
+      cmd_.resumeRings();  // armed again (and rung by us if bytes came after all)
+    }
+    const int n = ::epoll_wait(loopSet_.get(), ev, 4, timeout);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      log().error("backend loop: cannot wait: {}; stopping", std::strerror(errno));
+      requestStop();
+      break;
+    }
+    bool libuv = n == 0 || timeout == 0;  // a timer is due, or work was
+    for (int i = 0; i < n && !stopping_; ++i) {
+      if (ev[i].data.u64 == kLibuv)
+        libuv = true;
+      else
+        onCommandInput(ev[i].data.u64 == kCmdInput);
+    }
+    if (libuv && !stopping_) uv_run(&loop_, UV_RUN_NOWAIT);
+  }
 }
 
 void Backend::requestStop() {

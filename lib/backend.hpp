@@ -111,7 +111,10 @@ class Backend : public std::enable_shared_from_this<Backend> {
   bool drain(Writer& w);  // true when empty
   void updatePoll(Writer& w);
   void onWritable(Writer& w, int status);  // its socket or doorbell says it may write
-  void onCommandReadable();
+  // `waited`: the loop's own epoll_wait took the doorbell's edge.
+  void onCommandReadable(bool waited = false);
+  void onCommandInput(bool waited);  // onCommandReadable, its errors handled
+  void runShared();                  // run() over shared memory
   void dispatch(Message& m);
   void refuse(const Error& e, const std::string& command, std::uint64_t id);
   static void onCmdPoll(uv_poll_t* h, int status, int events);
@@ -131,6 +134,11 @@ class Backend : public std::enable_shared_from_this<Backend> {
   uv_poll_t cmdWritePoll_{};  // shared memory: the command queue's space doorbell
   uv_poll_t outPoll_{};
   uv_poll_t stopPoll_{};
+  // Shared memory: the loop waits here, on the command queue's doorbell
+  // (edge-triggered, never read), the channel's end and libuv's own epoll
+  // descriptor; libuv runs one non-blocking turn when its descriptor or
+  // its next timer says so. A message then costs the loop one system call.
+  UniqueFd loopSet_;
   bool cmdWritePolled_ = false;
   bool cmdWritePolling_ = false;
   bool outPolling_ = false;

@@ -13,11 +13,16 @@
 #include "metrics.hpp"
 #include "posix.hpp"
 #include "seams.hpp"
+#include "doorbell.hpp"
 #include "shm_pipe.hpp"
 
 namespace forklift {
 
 namespace {
+
+// What an epoll event of a shared-memory channel's input stands for.
+constexpr std::uint64_t kBellTag = 0;
+constexpr std::uint64_t kEndTag = 1;  // the socket's hang-up or the watched death
 
 // Version 2: the body is [command, id, args] (version 1 had [command, args, id]).
 constexpr char kVersion = 2;
@@ -74,17 +79,106 @@ std::pair<Channel, Channel> Channel::makeSharedPair(const Limits& limits, std::s
     // One descriptor to poll for "a message or the end", as a socket is.
     c.readSet_.reset(::epoll_create1(EPOLL_CLOEXEC));
     if (!c.readSet_) detail::throwErrno("cannot create the channel's epoll set");
-    epoll_event bell{};
-    bell.events = EPOLLIN;
-    bell.data.fd = c.in_->dataBell.get();
-    epoll_event hangUp{};
-    hangUp.events = EPOLLRDHUP;
-    hangUp.data.fd = c.fd_.get();
-    if (::epoll_ctl(c.readSet_.get(), EPOLL_CTL_ADD, bell.data.fd, &bell) != 0 ||
-        ::epoll_ctl(c.readSet_.get(), EPOLL_CTL_ADD, hangUp.data.fd, &hangUp) != 0)
-      detail::throwErrno("cannot fill the channel's epoll set");
+    c.watchInputIn(c.readSet_.get(), kBellTag, kEndTag);
   }
   return pair;
+}
+
+void Channel::watchInputIn(int epollFd, std::uint64_t tag, std::uint64_t endTag) const {
+  // The doorbell edge-triggered: an eventfd write is an edge even when its
+  // count is not zero, so the count is never read back to zero.
+  epoll_event input{};
+  input.events = in_ ? EPOLLIN | EPOLLET : EPOLLIN;
+  input.data.u64 = tag;
+  if (::epoll_ctl(epollFd, EPOLL_CTL_ADD, in_ ? in_->dataBell.get() : fd_.get(), &input) != 0)
+    detail::throwErrno("cannot watch the channel's input");
+  if (!in_) return;
+  epoll_event hangUp{};
+  hangUp.events = EPOLLRDHUP;
+  hangUp.data.u64 = endTag;
+  if (::epoll_ctl(epollFd, EPOLL_CTL_ADD, fd_.get(), &hangUp) != 0) detail::throwErrno("cannot watch the channel's end");
+}
+
+void Channel::watchPeer(int deathFd) {
+  if (readSet_ && deathFd_ != deathFd) {
+    if (deathFd_ >= 0) ::epoll_ctl(readSet_.get(), EPOLL_CTL_DEL, deathFd_, nullptr);
+    if (deathFd >= 0) {
+      epoll_event death{};
+      death.events = EPOLLIN;
+      death.data.u64 = kEndTag;
+      if (::epoll_ctl(readSet_.get(), EPOLL_CTL_ADD, deathFd, &death) != 0) {
+        deathFd_ = -1;
+        if (errno == EBADF) throw Error("channel: the death descriptor " + std::to_string(deathFd) + " is not open");
+        detail::throwErrno("cannot watch the death descriptor " + std::to_string(deathFd));
+      }
+    }
+  }
+  deathFd_ = deathFd;
+}
+
+bool Channel::harvest() {
+  epoll_event ev[3];
+  for (;;) {
+    const int n = ::epoll_wait(readSet_.get(), ev, 3, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) detail::throwErrno("cannot read the channel's epoll set");
+    for (int i = 0; i < n; ++i)
+      if (ev[i].data.u64 == kEndTag) return true;
+    return false;
+  }
+}
+
+Channel::Wake Channel::waitInput(const Deadline& d) {
+  if (!readSet_) {
+    switch (waitReady(POLLIN, d)) {
+      case Ready::Timeout: return Wake::Timeout;
+      case Ready::PeerDied: return Wake::PeerEnd;
+      case Ready::Fd: return Wake::Input;
+    }
+  }
+  if (spin_.count() > 0 && d.pollMillis() != 0) {
+    holdRings();  // a writer need not ring a reader that is looking
+    const auto bound = d.forever() ? spin_ : std::min<std::chrono::nanoseconds>(spin_, d.remaining());
+    if (detail::spinFor(bound, [this] { return in_->readable() > 0; })) return Wake::Input;
+  }
+  // Armed before sleeping (holdRings may have left it disarmed), then one
+  // more look: a message published before the arming rang nobody.
+  in_->readerArm();
+  if (in_->readable() > 0 || buffered()) return Wake::Input;
+  epoll_event ev[3];
+  for (;;) {
+    const int n = ::epoll_wait(readSet_.get(), ev, 3, d.pollMillis());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) detail::throwErrno("cannot wait on the channel's epoll set");
+    if (n == 0) return Wake::Timeout;
+    for (int i = 0; i < n; ++i)
+      if (ev[i].data.u64 == kEndTag) return Wake::PeerEnd;
+    return Wake::Input;
+  }
+}
+
+void Channel::holdRings() const noexcept {
+  if (in_) detail::bellDisarm(in_->h->readerArmed);
+}
+
+void Channel::resumeRings() const noexcept {
+  if (!in_) return;
+  in_->readerArm();
+  if (in_->readable() > 0) in_->readerKeepBell();
+}
+
+void Channel::wakeReader() const noexcept {
+  if (in_) detail::ringBell(in_->dataBell.get());
+}
+
+std::optional<Message> Channel::tryRecvWaited() {
+  if (!in_) return tryRecv();
+  struct Flag {
+    bool& f;
+    explicit Flag(bool& x) : f(x) { f = true; }
+    ~Flag() { f = false; }
+  } flag(waited_);
+  return tryRecv();
 }
 
 void Channel::close() noexcept {
@@ -142,11 +236,6 @@ Channel::Ready Channel::waitShared(int bell, const Deadline& d) const {
     if (r == 0) return Ready::Timeout;
     if (errno != EINTR) detail::throwErrno("cannot poll the channel's doorbell");
   }
-}
-
-bool Channel::socketHungUp() const {
-  pollfd p{fd_.get(), POLLRDHUP, 0};
-  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
 }
 
 void Channel::setNonBlocking(bool on) {
@@ -554,30 +643,33 @@ bool Channel::fill(const Deadline& d) {
 
 bool Channel::fillShared(const Deadline& d, std::size_t want) {
   if (!in_) throw Error("channel: this end of the channel only sends");
+  // Before arming, take the doorbell's edge out of fd() (unless the
+  // caller's own wait took it): then arm, then look again. In that order a
+  // ring after the arming stays in fd() for pollers, and bytes that came
+  // before it are seen by the second look (readerKeepBell rings for them).
+  const auto arm = [this] {
+    const bool ended = !waited_ && harvest();
+    in_->readerArm();
+    return ended;
+  };
   bool peerDied = false;
   for (;;) {
     if (in_->readable() > 0) {
       rend_ += in_->read(rbuf_.data() + rend_, want);
-      // Leave the bell true for pollers: readable while bytes wait, clear
-      // and armed when none do.
-      if (in_->readable() > 0 || (in_->readerArm(), in_->readable() > 0)) in_->readerKeepBell();
+      // Leave fd() true for pollers: readable while bytes wait, clear and
+      // armed when none do.
+      if (in_->readable() > 0 || (arm(), in_->readable() > 0)) in_->readerKeepBell();
       return true;
     }
-    const bool rung = in_->readerArm();
+    if (arm()) peerDied = true;
     if (in_->readable() > 0) continue;
-    // Nothing came with the wake-up (if any): it may be the peer's end,
-    // which the bytes it left have been read before.
-    if (!rung || peerDied) {
-      if (socketHungUp() || peerDied) {
-        if (in_->readable() > 0) continue;
-        peerEnded();
-      }
-    }
+    // The end: the bytes the peer left have been read before.
+    if (peerDied) peerEnded();
     if (d.pollMillis() == 0) return false;
-    switch (waitShared(in_->dataBell.get(), d)) {
-      case Ready::Timeout: return false;
-      case Ready::PeerDied: peerDied = true; break;
-      case Ready::Fd: break;
+    switch (waitInput(d)) {
+      case Wake::Timeout: return false;
+      case Wake::PeerEnd: peerDied = true; break;
+      case Wake::Input: break;
     }
   }
 }

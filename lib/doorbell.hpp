@@ -13,6 +13,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 
 namespace forklift::detail {
@@ -58,5 +59,28 @@ inline void bellArm(std::atomic<std::uint32_t>& armed, std::uint32_t want = 1) n
   FORKLIFT_FENCE_END
 }
 inline void bellDisarm(std::atomic<std::uint32_t>& armed) noexcept { armed.store(0, std::memory_order_relaxed); }
+
+// The bounded spin a waiter may make before it arms and sleeps (the
+// ring's and the message queues' `spin` options): polls `ready()` with a
+// pause between looks, reading the clock every 64th look.
+inline void cpuRelax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins up to `d` until `ready()`; true when it became ready.
+template <class F>
+bool spinFor(std::chrono::nanoseconds d, F&& ready) {
+  if (d.count() <= 0) return false;
+  const auto end = std::chrono::steady_clock::now() + d;
+  for (int i = 0;; ++i) {
+    if (ready()) return true;
+    cpuRelax();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= end) return false;
+  }
+}
 
 }  // namespace forklift::detail

@@ -194,6 +194,7 @@ void MessageProcess::start() {
         shared ? Channel::makeSharedPair(options_.limits, q, q) : Channel::makePair(options_.limits);
     auto [outFront, outBack] =
         shared ? Channel::makeSharedPair(options_.limits, 0, q) : Channel::makePair(options_.limits);
+    for (Channel* c : {&cmdFront, &cmdBack, &outFront}) c->setSpin(options_.spin);
     // fd() readable means "a message is waiting": read one frame at a time.
     outFront.setReadMode(ReadMode::OneFrame);
     // Backends forked later must not hold these (see frontend_fds); the
@@ -377,7 +378,7 @@ Value MessageProcess::call(const std::string& command, Map args) {
 Value MessageProcess::call(const std::string& command, Map args, Timeout timeout) {
   detail::Requests& r = requests("call", command);
   Message m(command, std::move(args));
-  auto slot = r.call(m, timeout);
+  auto slot = r.call(m, timeout, {}, true);
   r.wait(*slot, slot->deadline);
   return slot->result.get();
 }

@@ -152,7 +152,8 @@ void Requests::send(Message& m, Timeout timeout) {
   }
 }
 
-std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::function<void(CallResult)> callback) {
+std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::function<void(CallResult)> callback,
+                                         bool callerWaits) {
   auto s = std::make_shared<CallSlot>();
   s->command = m.command();
   s->deadline = Deadline(timeout);
@@ -165,6 +166,7 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
   s->id = ++nextId_;
   m.setId(s->id);
   countCall();
+  bool held = false;
   {
     // Checked under the lock that close() takes: a call registered after
     // the close would never complete.
@@ -175,14 +177,19 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
     }
     pending_.emplace(s->id, s);  // before sending: the reply may beat us back
     if (s->callback) ++callbacks_;
+    // No reader now: this thread will be the one, and looks before it sleeps.
+    held = callerWaits && !reading_;
+    if (held) cmd_.holdRings();
   }
   try {
     cmd_.send(m, s->deadline.forever() ? kForever : std::chrono::ceil<Timeout>(s->deadline.remaining()));
   } catch (const PeerClosed&) {
+    if (held) cmd_.resumeRings();
     forget(*s);
     turn.release();
     std::rethrow_exception(endError(endOfPeer(), "call", m.command(), true));
   } catch (...) {
+    if (held) cmd_.resumeRings();
     forget(*s);
     throw;
   }
@@ -238,6 +245,7 @@ void Requests::close(End end) {
   }
   const std::uint64_t one = 1;
   [[maybe_unused]] auto r = ::write(wake_.get(), &one, sizeof one);
+  cmd_.wakeReader();
   run(ready);
 }
 
@@ -279,7 +287,22 @@ Requests::End Requests::endOfPeer() {
 void Requests::readTurn(const Deadline& d, Read how) {
   std::vector<std::function<void()>> ready;
   bool peerEnded = false;
-  if (how == Read::Wait) {
+  // Over shared memory the wait is the channel's epoll set (its doorbell,
+  // hang-up and our death descriptor; close() rings the doorbell), and it
+  // consumes the doorbell's edge, so the reads after it need no system
+  // call of their own.
+  bool waited = false;
+  if (how == Read::Wait && cmd_.transport() == Transport::SharedMemory) {
+    switch (cmd_.waitInput(d)) {  // returns at once when a message is there
+      case Channel::Wake::Timeout: {
+        std::lock_guard lock(mutex_);
+        expire(ready);
+        break;
+      }
+      case Channel::Wake::PeerEnd: peerEnded = true; break;
+      case Channel::Wake::Input: waited = true; break;
+    }
+  } else if (how == Read::Wait) {
     pollfd fds[3] = {{cmd_.fd(), POLLIN, 0}, {deathFd_, POLLIN, 0}, {wake_.get(), POLLIN, 0}};
     const int r = ::poll(fds, 3, d.pollMillis());
     if (r < 0 && errno != EINTR) throwErrno(hooks_.who + ": cannot wait for replies");
@@ -309,7 +332,7 @@ void Requests::readTurn(const Deadline& d, Read how) {
       std::optional<Message> m;
       std::exception_ptr failure;
       try {
-        m = cmd_.tryRecv();
+        m = waited && !peerEnded ? cmd_.tryRecvWaited() : cmd_.tryRecv();
       } catch (const StreamCorrupt&) {
         failure = std::current_exception();
       } catch (const PeerClosed&) {

@@ -7,8 +7,10 @@
 //
 // Reading replies needs no thread of its own (a frontend must stay free of
 // threads to fork): one waiting thread at a time is the reader. It polls the
-// channel, the backend's death descriptor and a wake-up event, reads every
-// reply there is and completes their calls; the others sleep on a condition
+// channel, the backend's death descriptor and a wake-up event (over shared
+// memory: the channel's epoll set, which holds the death descriptor, and
+// close() rings the channel's doorbell), reads every reply there is and
+// completes their calls; the others sleep on a condition
 // variable until their call is complete or the reader leaves, and then one
 // of them reads. A loop (the Manager) reads with `pump()` when the channel
 // is readable.
@@ -69,7 +71,11 @@ class Requests : public std::enable_shared_from_this<Requests> {
   // Sends a command without reply (id 0). Throws like MessageProcess::send.
   void send(Message& m, Timeout timeout);
   // Sends a call; the slot completes with the reply or an error.
-  std::shared_ptr<CallSlot> call(Message& m, Timeout timeout, std::function<void(CallResult)> callback = {});
+  // `callerWaits`: the caller waits for the reply at once (a blocking
+  // call), so when no other thread reads, the reply may come without a
+  // doorbell ring (Channel::holdRings).
+  std::shared_ptr<CallSlot> call(Message& m, Timeout timeout, std::function<void(CallResult)> callback = {},
+                                 bool callerWaits = false);
   // Rings the backend's stop bell: it handles the commands already in the
   // channel, then ends its loop. A bell, not a message: it cannot wait
   // behind a stuck send nor be swallowed by a cut or corrupt frame.

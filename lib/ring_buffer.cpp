@@ -67,26 +67,6 @@ void drainBell(int fd) noexcept {
   (void)retryEintr([&] { return ::read(fd, &v, sizeof v); });
 }
 
-inline void cpuRelax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-// Spins up to `d` until `ready()`; true when it became ready.
-template <class F>
-bool spinFor(std::chrono::nanoseconds d, F&& ready) {
-  if (d.count() <= 0) return false;
-  const auto end = std::chrono::steady_clock::now() + d;
-  for (int i = 0;; ++i) {
-    if (ready()) return true;
-    cpuRelax();
-    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= end) return false;
-  }
-}
-
 // Without pidfds, a waiting side looks at its peer this often.
 constexpr int kPeerCheckMillis = 50;
 

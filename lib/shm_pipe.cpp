@@ -89,17 +89,14 @@ std::size_t Pipe::read(char* out, std::size_t max) {
   return take;
 }
 
-bool Pipe::readerArm() {
-  const bool rung = clearBell(dataBell.get()) > 0;
-  bellArm(h->readerArmed);
-  return rung;
-}
+void Pipe::readerArm() noexcept { bellArm(h->readerArmed); }
 
 void Pipe::readerKeepBell() {
-  // Whoever takes the arming rings: the writer after its next publish, or
-  // this reader now. Disarmed means the writer took it and rang (or is
-  // about to): the bell reads readable either way.
-  if (h->readerArmed.exchange(0, std::memory_order_relaxed) != 0) ringBell(dataBell.get());
+  // Always a ring of our own: the writer's ring (if it took the arming) may
+  // be an edge that the reader's wait consumed already. Disarmed, so the
+  // writer does not ring again for bytes the reader is bound to see.
+  bellDisarm(h->readerArmed);
+  ringBell(dataBell.get());
 }
 
 bool Pipe::writerArm() {

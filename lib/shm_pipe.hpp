@@ -4,7 +4,8 @@
 // single-producer single-consumer byte queues (one per direction) in one
 // shared anonymous mapping, made before the fork and inherited by it, each
 // with two doorbells (eventfds): "data" (rung by the writer for a reader
-// that armed itself) and "space" (rung by the reader for a writer that
+// that armed itself; it only counts rings, and its readers wait on it
+// edge-triggered, so it is never read back to zero) and "space" (rung by the reader for a writer that
 // found the queue full and armed itself). The protocol is lib/doorbell.hpp:
 // a busy reader costs its writer no system call, and a message costs no
 // copy through the kernel.
@@ -60,11 +61,11 @@ struct Pipe {
   // if it armed for space.
   std::size_t read(char* out, std::size_t max);
 
-  // Reader, queue found empty: clears the data bell, arms, and re-checks.
-  // Returns true when the bell had rung (data came since the last clear).
-  bool readerArm();
-  // Reader, leaving bytes in the queue: makes sure the data bell reads
-  // readable, so a caller that polls it does not sleep on waiting bytes.
+  // Reader, queue found empty: arms (the caller then looks again). The
+  // data bell is never cleared: its readers wait on it edge-triggered.
+  void readerArm() noexcept;
+  // Reader, leaving bytes in the queue: rings the data bell itself, so a
+  // reader that waits on it does not sleep on waiting bytes.
   void readerKeepBell();
   // Writer about to wait for space: arms and re-checks; true when there is
   // space (do not wait). Clears the space bell first.

@@ -133,6 +133,30 @@ TEST(Process, SendRunsTheHandlerInTheBackend) {
   EXPECT_FALSE(p.isAlive());
 }
 
+// ProcessOptions::spin: both sides poll the queue before they sleep. Calls,
+// output, timers and stop must all still work (a spinning backend that
+// forgot libuv's timers or the stop bell would hang here); over a socket
+// the option does nothing.
+TEST(Process, SpinningSidesServeCallsOutputTimersAndStopPromptly) {
+  for (Transport t : {Transport::SharedMemory, Transport::Socket}) {
+    ProcessOptions o;
+    o.transport = t;
+    o.spin = std::chrono::microseconds(200);
+    EchoProcess p("spinner", o);
+    p.start();
+    for (int i = 0; i < 2000; ++i) ASSERT_EQ(p.call("square", {{"x", i}}).as<double>(), double(i) * i);
+    EXPECT_EQ(p.call("later", {{"ms", 30}, {"value", "timer"}}).as<std::string>(), "timer");
+    p.send("chatter", {{"n", 50}});
+    for (int i = 0; i < 50; ++i) ASSERT_EQ(p.recv(5s)->get<int>("i"), i);
+    std::this_thread::sleep_for(20ms);  // both sides past their spin, asleep
+    EXPECT_EQ(p.call("square", {{"x", 3}}).as<double>(), 9.0);
+    const auto t0 = std::chrono::steady_clock::now();
+    const ExitStatus s = p.stop(5s);
+    EXPECT_TRUE(s.ok()) << s.describe();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 1s);
+  }
+}
+
 TEST(Process, CallReturnsWhatTheHandlerReturns) {
   EchoProcess p;
   p.start();

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -231,6 +232,133 @@ TEST(ShmChannel, ClosingBothEndsReleasesEveryDescriptor) {
     EXPECT_GT(test::openFdCount(), before + 4);
   }
   EXPECT_EQ(test::openFdCount(), before);
+}
+
+// --- waiting on the doorbell directly (watchInputIn, waitInput, holdRings)
+
+int epollWaitMs(int ep, int ms) {
+  epoll_event ev[4];
+  return ::epoll_wait(ep, ev, 4, ms);
+}
+
+TEST(ShmChannel, AnEpollSetOfTheCallerGetsOneEdgePerRingAndNoBusyReadiness) {
+  auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
+  detail::UniqueFd ep(::epoll_create1(EPOLL_CLOEXEC));
+  b.watchInputIn(ep.get(), 7, 8);
+  EXPECT_EQ(epollWaitMs(ep.get(), 0), 0);  // nothing yet
+  a.send(Message("one"));
+  epoll_event ev{};
+  ASSERT_EQ(::epoll_wait(ep.get(), &ev, 1, 1000), 1);
+  EXPECT_EQ(ev.data.u64, 7u);
+  auto m = b.tryRecvWaited();
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->command(), "one");
+  // The edge was taken by the wait and the queue is drained: no readiness
+  // left (a level-triggered eventfd never read would stay readable forever).
+  EXPECT_EQ(epollWaitMs(ep.get(), 0), 0);
+  EXPECT_FALSE(b.tryRecvWaited());
+  // The next message rings again.
+  a.send(Message("two"));
+  ASSERT_EQ(epollWaitMs(ep.get(), 1000), 1);
+  EXPECT_EQ(b.tryRecvWaited()->command(), "two");
+  // The peer's end is the other tag, and stays readable.
+  a.close();
+  ASSERT_EQ(::epoll_wait(ep.get(), &ev, 1, 1000), 1);
+  EXPECT_EQ(ev.data.u64, 8u);
+  EXPECT_THROW(b.tryRecv(), PeerClosed);
+}
+
+TEST(ShmChannel, WaitInputSaysInputTimeoutAndTheEnd) {
+  auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
+  EXPECT_EQ(b.waitInput(Deadline(Timeout(20))), Channel::Wake::Timeout);
+  a.send(Message("x"));
+  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::Input);
+  EXPECT_EQ(b.tryRecvWaited()->command(), "x");
+  // That waitInput found the message without taking the ring's edge: a
+  // stale edge costs at most one spurious wake-up, then it sleeps.
+  int spurious = 0;
+  while (b.waitInput(Deadline(Timeout(20))) == Channel::Wake::Input) {
+    ASSERT_FALSE(b.tryRecvWaited());
+    ASSERT_LE(++spurious, 1);
+  }
+  // wakeReader (another thread's way in) wakes it with nothing there.
+  std::thread waker([&b = b] {
+    std::this_thread::sleep_for(50ms);
+    b.wakeReader();
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(b.waitInput(Deadline(10s)), Channel::Wake::Input);
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, 40ms);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  waker.join();
+  EXPECT_FALSE(b.tryRecvWaited());
+  EXPECT_EQ(b.waitInput(Deadline(Timeout(20))), Channel::Wake::Timeout);
+  a.close();
+  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::PeerEnd);
+}
+
+TEST(ShmChannel, MessagesSentWhileRingsAreHeldAreFoundWithoutARing) {
+  auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
+  b.holdRings();
+  a.send(Message("quiet"));
+  // No ring: fd() is not readable although a message waits ...
+  EXPECT_FALSE(readable(b.fd()));
+  // ... and the reader that held the rings finds it by looking, or by
+  // waiting (waitInput arms and looks before it sleeps).
+  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::Input);
+  EXPECT_EQ(b.tryRecvWaited()->command(), "quiet");
+  // Drained: armed again, so the next message makes fd() readable.
+  a.send(Message("loud"));
+  EXPECT_TRUE(readable(b.fd()));
+  EXPECT_EQ(b.tryRecv()->command(), "loud");
+  EXPECT_FALSE(readable(b.fd()));
+  // resumeRings gives a reader that will not read after all its rings
+  // back, and a message that came meanwhile makes fd() readable at once.
+  b.holdRings();
+  a.send(Message("meanwhile"));
+  EXPECT_FALSE(readable(b.fd()));
+  b.resumeRings();
+  EXPECT_TRUE(readable(b.fd()));
+  EXPECT_EQ(b.tryRecv()->command(), "meanwhile");
+}
+
+// Two threads ping-pong over both queues, every reader waiting on the
+// doorbell directly, holding rings before each send and (in the second
+// round) spinning before it sleeps: a lost wake-up would leave one side
+// in waitInput until its 5 s deadline and fail the test.
+TEST(ShmChannel, APingPongThatHoldsRingsAndSpinsLosesNoWakeUp) {
+  for (auto spin : {std::chrono::nanoseconds(0), std::chrono::nanoseconds(std::chrono::microseconds(20))}) {
+    auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
+    a.setSpin(spin);
+    b.setSpin(spin);
+    constexpr int kN = 20000;
+    std::atomic<int> echoed{0};
+    auto take = [](Channel& c) -> std::optional<Message> {
+      for (;;) {
+        if (auto m = c.tryRecvWaited()) return m;
+        if (c.waitInput(Deadline(5s)) != Channel::Wake::Input) return std::nullopt;
+      }
+    };
+    std::thread echo([&, &b = b] {
+      for (int i = 0; i < kN; ++i) {
+        auto m = take(b);
+        if (!m || m->get<int>("i") != i) return;
+        b.send(*m, 5s);
+        ++echoed;
+      }
+    });
+    int got = 0;
+    for (int i = 0; i < kN; ++i) {
+      if (i % 3 != 0) a.holdRings();  // as a blocking call does
+      a.send(Message("ping", {{"i", i}}), 5s);
+      auto m = take(a);
+      if (!m || m->get<int>("i") != i) break;
+      ++got;
+    }
+    echo.join();
+    EXPECT_EQ(got, kN) << "spin " << spin.count() << " ns";
+    EXPECT_EQ(echoed.load(), kN);
+  }
 }
 
 }  // namespace

@@ -222,6 +222,11 @@ def run_iceoryx(args, exe, roudi, front, back):
 
     roudi.start()
     jobs = [("rtt_small", ["rtt", "--warmup", scaled(1000, 10), "--iters", scaled(20000, 100)])]
+    # Busy-polling needs a CPU per side: on a shared one each side spins
+    # through its whole time slice, so it runs only when they differ.
+    if front != back:
+        jobs.append(("rtt_small_busy", ["rtt", "--busy", "--warmup", scaled(1000, 10), "--iters",
+                                        scaled(20000, 100)]))
     for label, nbytes, warm, iters in IOX_HANDOFFS:
         jobs.append(("handoff_" + label, ["handoff", "--bytes", str(nbytes), "--warmup", scaled(warm, 3),
                                           "--iters", scaled(iters, 3)]))

@@ -76,6 +76,7 @@
 // with anything else on the Channel.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -123,8 +124,10 @@ class Channel {
   Channel& operator=(const Channel&) = delete;
 
   // Readable when a message (or the peer's end) waits: the socket, or for
-  // shared memory an epoll set of the data doorbell and the socket's
-  // hang-up. Poll it; do not read it.
+  // shared memory an epoll set of the data doorbell (edge-triggered), the
+  // socket's hang-up and the watched death descriptor. Poll it; do not read
+  // it. (After a ring whose message another path already took, it may read
+  // readable once with nothing there: recv then finds nothing and clears it.)
   int fd() const noexcept { return readSet_ ? readSet_.get() : fd_.get(); }
   // Ready (for `writeEvents()`, POLLOUT or POLLIN) when a blocked writer
   // may go on: the socket, or the queue's space doorbell.
@@ -144,6 +147,48 @@ class Channel {
   // PeerClosed when the peer is gone.
   bool waitWritable(const Deadline& d);
 
+  // --- Shared memory: waiting on the doorbell directly ---------------------
+  // The data doorbell is an eventfd that only counts rings: it is in fd()
+  // edge-triggered and is never read, so a ring costs its reader no reset.
+  // A reader that waits in an epoll set of its own registers the channel's
+  // input there with `watchInputIn` (the doorbell edge-triggered as `tag`,
+  // the peer's hang-up level-triggered as `endTag`), and after a wake-up
+  // takes messages with `tryRecvWaited()`: tryRecv without the system call
+  // that keeps fd()'s readiness exact for pollers (the epoll_wait that woke
+  // the reader consumed the edge already). On `endTag`, use tryRecv(),
+  // which reads what the peer left and then throws PeerClosed. A stale edge
+  // (a ring whose message was taken before the wait) costs one spurious
+  // wake-up, never a lost one. Socket channels: watchInputIn registers the
+  // socket as `tag`, and tryRecvWaited is tryRecv.
+  void watchInputIn(int epollFd, std::uint64_t tag, std::uint64_t endTag) const;
+  std::optional<Message> tryRecvWaited();
+  // Shared memory: waits in fd() until input may be there (Input), the
+  // peer's end or the watched death descriptor (PeerEnd), or `d` passes;
+  // consumes the doorbell's edge. Take messages with tryRecvWaited() after
+  // Input, tryRecv() after PeerEnd. Socket channels poll like recv.
+  enum class Wake : std::uint8_t { Timeout, Input, PeerEnd };
+  Wake waitInput(const Deadline& d);
+  // Shared memory (no-ops on a socket): `holdRings` tells the writer that
+  // this end's reader is awake and looks at the queue before it sleeps, so
+  // a message sent back meanwhile costs no ring (and, on one CPU, no wait:
+  // it is there when the reader looks). For a caller about to send a
+  // request and read the reply itself. Every recv and waitInput arms again
+  // before it sleeps or returns empty-handed; a caller that will not read
+  // after all calls `resumeRings`.
+  void holdRings() const noexcept;
+  void resumeRings() const noexcept;
+  // Shared memory: a waiter (waitInput, recv) first polls the queue this
+  // long, the writer not ringing meanwhile, before it arms and sleeps. For
+  // the lowest latency when both ends have a CPU of their own; where they
+  // share one, spinning only delays the peer it waits for. 0 (the
+  // default): no spin. No effect on a socket.
+  void setSpin(std::chrono::nanoseconds d) noexcept { spin_ = d; }
+  std::chrono::nanoseconds spin() const noexcept { return spin_; }
+  // Rings this end's own data doorbell (shared memory; a no-op on a socket):
+  // a reader in waitInput or polling fd() wakes up and finds no message. For
+  // another thread to interrupt a reader.
+  void wakeReader() const noexcept;
+
   // O_NONBLOCK on the descriptor. Every call below works in both modes.
   void setNonBlocking(bool on);
   // Records that someone else (libuv) already set O_NONBLOCK.
@@ -154,8 +199,11 @@ class Channel {
   // owned; -1 to stop). Then recv polls before it reads, so a blocking
   // descriptor never sits in a recv(2) that cannot see the death. A
   // zero-timeout call does not wait, so it does not look at deathFd either.
-  // A wait on a deathFd that is not open throws Error.
-  void watchPeer(int deathFd) noexcept { deathFd_ = deathFd; }
+  // A wait on a deathFd that is not open throws Error. Shared memory: the
+  // descriptor joins fd()'s epoll set (so fd() is also readable on the
+  // death), and one that is not open throws Error here; it must stay open
+  // while it is watched.
+  void watchPeer(int deathFd);
 
   // Sends one message, waiting for socket space up to `timeout`. First
   // completes the unsent rest of an earlier frame, if any. Throws
@@ -213,8 +261,10 @@ class Channel {
   [[noreturn]] void corrupt(const std::string& why);
   bool fill(const Deadline& d);         // one read; false on timeout
   bool fillShared(const Deadline& d, std::size_t want);
+  // Shared memory: takes the doorbell's edge (and the level events) out of
+  // fd(), without waiting; true when they say the peer ended.
+  bool harvest();
   Ready waitShared(int bell, const Deadline& d) const;
-  bool socketHungUp() const;
   void pullFdBatches();                 // shared memory: the descriptors waiting on the socket
   std::size_t sendFds(const char* p, std::size_t n, std::span<const int> fds);
   // Keeps the descriptors a recvmsg brought with stream bytes [from, to).
@@ -232,6 +282,8 @@ class Channel {
   ReadMode readMode_ = ReadMode::Greedy;
   bool nonBlocking_ = false;
   int deathFd_ = -1;
+  bool waited_ = false;
+  std::chrono::nanoseconds spin_{0};  // in tryRecvWaited: the caller's epoll_wait took the edge
   // Send side only.
   std::chrono::steady_clock::time_point lastDeathCheck_{};
   Buffer sendBuf_;

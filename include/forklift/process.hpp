@@ -136,6 +136,12 @@ struct ProcessOptions {
   // by the fork server (forklift/fork_server.hpp) uses the socket.
   Transport transport = Transport::Socket;
   std::size_t queueBytes = 256u << 10;
+  // Shared-memory transport: how long a side that waits for a message (the
+  // frontend for a reply, the backend for a command) polls the queue before
+  // it sleeps. A call then costs no system call when the answer comes
+  // within it. Worth it only when frontend and backend have a CPU each: on
+  // a shared CPU the spinner holds the CPU its peer needs. 0: never spin.
+  std::chrono::microseconds spin{0};
   bool inProcess = false;     // run the backend in a thread (see above)
   bool allowThreads = false;  // fork although other threads run (logs a warning)
   bool ignoreSigint = false;  // the backend ignores SIGINT (Ctrl-C goes to the frontend)

@@ -4,12 +4,14 @@
 // frontend CPU, forks the backend (which pins itself to the backend CPU), and
 // only then does each side register with RouDi under its own runtime name.
 //
-//   iox_peer rtt     [--iters N] [--warmup W] [--cpus A,B]
+//   iox_peer rtt     [--busy] [--iters N] [--warmup W] [--cpus A,B]
 //   iox_peer handoff --bytes B [--iters N] [--warmup W] [--cpus A,B]
 //
 // rtt:     frontend publishes a small Ping (seq + "gotcha!"), backend waits on a
 //          WaitSet, takes it and publishes a Pong; the frontend waits on its
 //          own WaitSet for the Pong. Per-iteration latency, median and p99 (us).
+//          With --busy each side busy-polls its subscriber instead
+//          (figure rtt_small_busy; meant for one CPU per side).
 // handoff: frontend loans a chunk of B bytes, fills it in place with a new
 //          float64 value, publishes it; the backend reads every element (sum),
 //          releases the chunk and answers with the sum in a Pong; the frontend
@@ -67,6 +69,7 @@ struct Options {
     int warmup = -1;
     int cpu_front = 0;
     int cpu_back = 1;
+    bool busy = false;  // rtt: busy-poll the subscriber instead of a WaitSet
 };
 
 [[noreturn]] void die(const char* what) {
@@ -101,6 +104,8 @@ Options parse(int argc, char** argv) {
             o.iters = std::atoi(next());
         } else if (a == "--warmup") {
             o.warmup = std::atoi(next());
+        } else if (a == "--busy") {
+            o.busy = true;
         } else if (a == "--cpus") {
             const char* v = next();
             if (std::sscanf(v, "%d,%d", &o.cpu_front, &o.cpu_back) != 2) die("--cpus wants A,B");
@@ -154,6 +159,20 @@ void wait_for(WS& ws, pid_t peer) {
     }
 }
 
+// Busy-polling: spin on the subscriber until it has data (iceoryx's
+// lowest-latency mode, one CPU per side), looking at the peer and the
+// clock now and then.
+template <typename Sub>
+void spin_for(Sub& sub, pid_t peer) {
+    const auto deadline = Clock::now() + std::chrono::seconds(20);
+    for (std::uint64_t n = 1; !sub.hasData(); ++n) {
+        if ((n & 0xffff) != 0) continue;
+        if (peer > 0 && kill(peer, 0) != 0) die("peer process is gone");
+        if (peer == 0 && getppid() == 1) die("parent is gone");
+        if (Clock::now() > deadline) die("no answer from peer within the timeout");
+    }
+}
+
 // Topics carry the frontend's pid, so two runs never see each other's ports.
 pid_t g_frontend_pid = 0;
 
@@ -184,7 +203,7 @@ void init_runtime(const char* role) {
 }
 
 // ---------------------------------------------------------------- rtt
-int rtt_backend() {
+int rtt_backend(const Options& o) {
     init_runtime("pong");
     iox::popo::Subscriber<Ping> sub(topic("ping"), sub_options());
     iox::popo::Publisher<Pong> pub(topic("pong"), pub_options());
@@ -192,7 +211,10 @@ int rtt_backend() {
     ws.attachState(sub, iox::popo::SubscriberState::HAS_DATA).or_else([](auto) { die("attachState failed"); });
     await_peer(pub, sub);
     for (;;) {
-        wait_for(ws, 0);
+        if (o.busy)
+            spin_for(sub, 0);
+        else
+            wait_for(ws, 0);
         bool stop = false;
         while (sub.hasData()) {
             std::uint64_t seq = 0;
@@ -242,7 +264,10 @@ int rtt_frontend(const Options& o, pid_t child) {
         send(static_cast<std::uint64_t>(i));
         bool got = false;
         while (!got) {
-            wait_for(ws, child);
+            if (o.busy)
+                spin_for(sub, child);
+            else
+                wait_for(ws, child);
             sub.take().and_then([&](auto& sample) {
                 if (sample->seq != static_cast<std::uint64_t>(i)) die("pong out of order");
                 got = true;
@@ -252,8 +277,9 @@ int rtt_frontend(const Options& o, pid_t child) {
         if (i >= o.warmup) us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
     }
     send(kStop);
-    emit("rtt_small", "median", percentile(us, 0.5), "us");
-    emit("rtt_small", "p99", percentile(us, 0.99), "us");
+    const char* figure = o.busy ? "rtt_small_busy" : "rtt_small";
+    emit(figure, "median", percentile(us, 0.5), "us");
+    emit(figure, "p99", percentile(us, 0.99), "us");
     return 0;
 }
 
@@ -372,7 +398,7 @@ int main(int argc, char** argv) {
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent) _exit(2);
         pin(o.cpu_back);
-        const int rc = o.mode == "rtt" ? rtt_backend() : handoff_backend(o);
+        const int rc = o.mode == "rtt" ? rtt_backend(o) : handoff_backend(o);
         // exit(), not _exit(): the runtime's destructor unregisters from RouDi.
         // Nothing else is pending: stdio was flushed before fork.
         std::exit(rc);
