@@ -34,9 +34,18 @@ using detail::ScopedSeam;
 using detail::syscalls;
 using test::contains;
 
+// The socket transport unless told otherwise: most seams here (sendmsg,
+// recvmsg, the order of the eventfds made at start) are the socket's path;
+// the shared-memory queues have their own cases below.
+ProcessOptions over(Transport t) {
+  ProcessOptions o;
+  o.transport = t;
+  return o;
+}
+
 class Squarer : public MessageProcess {
  public:
-  Squarer() : MessageProcess("seams") {
+  explicit Squarer(Transport t = Transport::Socket) : MessageProcess("seams", over(t)) {
     command("square", &Squarer::c__square, {"x"});
     command("echoOut", &Squarer::c__echoOut, {"text"});
   }
@@ -174,6 +183,17 @@ TEST(Seams, EventfdFailingIsAClearErrorAndLeavesNoStaleRegistryEntry) {
     EXPECT_TRUE(contains(test::thrown<SystemError>([] { Event e; }), "cannot create event (eventfd)"));
   }
   before.check();
+  // Over shared memory the first eventfd is a queue's doorbell.
+  Squarer q(Transport::SharedMemory);
+  {
+    ScopedSeam seam(syscalls.eventfd, &enfileEventfd);
+    const std::string e = test::thrown<SystemError>([&] { q.start(); });
+    EXPECT_TRUE(contains(e, "cannot create the doorbells of the channel's shared-memory queues")) << e;
+    EXPECT_TRUE(contains(e, "Too many open files in system"));
+  }
+  before.check();
+  q.start();  // and a start after it works
+  EXPECT_EQ(q.call("square", {{"x", 3.0}}).as<double>(), 9.0);
 }
 
 // ---- short writes and reads in the middle of frames ----------------------

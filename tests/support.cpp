@@ -1,5 +1,7 @@
 #include "support.hpp"
 
+#include "forklift/process.hpp"
+
 #include <dirent.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -124,7 +126,8 @@ class NoLeftoversEnvironment : public ::testing::Environment {
 }  // namespace
 bool overSharedMemory() {
   const char* v = std::getenv("FORKLIFT_TRANSPORT");
-  return v && std::string(v) == "shm";
+  if (!v) return ProcessOptions{}.transport == Transport::SharedMemory;
+  return std::string(v) == "shm";
 }
 
 }  // namespace forklift::test

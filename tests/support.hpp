@@ -35,8 +35,9 @@ bool hasChildren();
 // The whole file (a /proc file too), or "" when it cannot be read.
 std::string readFile(const std::string& path);
 
-// True when this run sends every message over shared-memory queues
-// (FORKLIFT_TRANSPORT=shm, as the *_shm test runs set).
+// True when this run sends every message over shared-memory queues: the
+// default transport, unless FORKLIFT_TRANSPORT=socket (as the *_socket test
+// runs set) says otherwise.
 bool overSharedMemory();
 
 // Names in /dev/shm that forklift created (prefix "fk.").

@@ -128,13 +128,17 @@ struct ProcessOptions {
   // throws TimeoutError (the message is not sent).
   std::size_t outQueueBytes = 16u << 20;
   Timeout outWait = std::chrono::seconds(5);
-  // How messages travel: a socket pair, or shared-memory queues with
-  // eventfd doorbells (the socket stays for descriptors and the peer's
-  // end). The environment variable FORKLIFT_TRANSPORT=shm|socket overrides
-  // it. `queueBytes` is each shared-memory queue's size (per direction);
-  // a message larger than it streams through in pieces. A backend started
+  // How messages travel: shared-memory queues with eventfd doorbells (the
+  // default: faster both when the two processes share a CPU and when each
+  // has its own; bench/compare), or a socket pair. The socket pair is
+  // there either way, for descriptors and the peer's end; the queues cost
+  // about ten descriptors per backend on each side instead of two, which
+  // matters only with hundreds of workers under a low RLIMIT_NOFILE. The
+  // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it.
+  // `queueBytes` is each shared-memory queue's size (per direction); a
+  // message larger than it streams through in pieces. A backend started
   // by the fork server (forklift/fork_server.hpp) uses the socket.
-  Transport transport = Transport::Socket;
+  Transport transport = Transport::SharedMemory;
   std::size_t queueBytes = 256u << 10;
   // Shared-memory transport: how long a side that waits for a message (the
   // frontend for a reply, the backend for a command) polls the queue before
