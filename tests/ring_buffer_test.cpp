@@ -658,27 +658,14 @@ std::unique_ptr<Model> replay(Direction d, Protocol p, int commits, std::uint32_
   return m;
 }
 
-void explore(Direction d, Protocol p, int commits, std::uint32_t want, std::vector<bool>& schedule, Outcome& out) {
-  bool extended = false;
-  for (const bool consumer : {true, false}) {
-    schedule.push_back(consumer);
-    if (replay(d, p, commits, want, schedule)) {
-      extended = true;
-      explore(d, p, commits, want, schedule, out);
-    }
-    schedule.pop_back();
-  }
-  if (extended) return;
-  const auto m = replay(d, p, commits, want, schedule);
-  ++out.schedules;
-  out.maxRings = std::max(out.maxRings, m->rang);
-  if (!m->cdone && m->ready()) ++out.lostWakeups;
-}
-
 Outcome exploreAll(Direction d, Protocol p, int commits, std::uint32_t want = 1) {
   Outcome out;
-  std::vector<bool> schedule;
-  explore(d, p, commits, want, schedule, out);
+  test::everySchedule([&](const std::vector<bool>& s) { return replay(d, p, commits, want, s); },
+                      [&](Model& m) {
+                        ++out.schedules;
+                        out.maxRings = std::max(out.maxRings, m.rang);
+                        if (!m.cdone && m.ready()) ++out.lostWakeups;
+                      });
   return out;
 }
 

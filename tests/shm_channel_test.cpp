@@ -479,27 +479,14 @@ std::unique_ptr<QueueModel> replayQueue(Reader r, KeepBell k, int n, bool held, 
   return m;
 }
 
-void exploreQueue(Reader r, KeepBell k, int n, bool held, std::vector<bool>& schedule, QueueOutcome& out) {
-  bool extended = false;
-  for (const bool reader : {true, false}) {
-    schedule.push_back(reader);
-    if (replayQueue(r, k, n, held, schedule)) {
-      extended = true;
-      exploreQueue(r, k, n, held, schedule, out);
-    }
-    schedule.pop_back();
-  }
-  if (extended) return;
-  const auto m = replayQueue(r, k, n, held, schedule);
-  ++out.schedules;
-  out.maxRings = std::max(out.maxRings, m->rings);
-  if (!m->done()) ++out.lost;
-}
-
 QueueOutcome exploreQueueAll(Reader r, KeepBell k, int n, bool held) {
   QueueOutcome out;
-  std::vector<bool> schedule;
-  exploreQueue(r, k, n, held, schedule, out);
+  test::everySchedule([&](const std::vector<bool>& s) { return replayQueue(r, k, n, held, s); },
+                      [&](QueueModel& m) {
+                        ++out.schedules;
+                        out.maxRings = std::max(out.maxRings, m.rings);
+                        if (!m.done()) ++out.lost;
+                      });
   return out;
 }
 

@@ -40,6 +40,30 @@ std::string readFile(const std::string& path);
 // runs set) says otherwise.
 bool overSharedMemory();
 
+// Every interleaving of two parties' steps, for the doorbell models: a
+// deterministic scheduler. `replay(schedule)` builds a fresh model and runs
+// the schedule (true: the first party's step), returning nullptr when one
+// of its steps could not run; `visit(model)` sees the model of every
+// complete schedule, one that neither party can extend.
+template <class Replay, class Visit>
+void everySchedule(const Replay& replay, const Visit& visit, std::vector<bool>& schedule) {
+  bool extended = false;
+  for (const bool first : {true, false}) {
+    schedule.push_back(first);
+    if (replay(schedule)) {
+      extended = true;
+      everySchedule(replay, visit, schedule);
+    }
+    schedule.pop_back();
+  }
+  if (!extended) visit(*replay(schedule));
+}
+template <class Replay, class Visit>
+void everySchedule(const Replay& replay, const Visit& visit) {
+  std::vector<bool> schedule;
+  everySchedule(replay, visit, schedule);
+}
+
 // Names in /dev/shm that forklift created (prefix "fk.").
 std::vector<std::string> forkliftSegments();
 
