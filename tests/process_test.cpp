@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -155,6 +156,51 @@ TEST(Process, SpinningSidesServeCallsOutputTimersAndStopPromptly) {
     EXPECT_TRUE(s.ok()) << s.describe();
     EXPECT_LT(std::chrono::steady_clock::now() - t0, 1s);
   }
+}
+
+// process.hpp: a start past the open-file limit fails with EMFILE saying
+// so, leaves nothing open, and the backends already running keep serving.
+// In a child, whose limit the test may lower.
+TEST(Process, StartingPastTheDescriptorLimitIsAClearErrorAndLeaksNothing) {
+  const pid_t pid = test::forkChild([] {
+    rlimit lim{};
+    ::getrlimit(RLIMIT_NOFILE, &lim);
+    lim.rlim_cur = 96;
+    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) return 10;
+    std::vector<std::unique_ptr<EchoProcess>> running;
+    std::string error;
+    for (int i = 0; i < 96 && error.empty(); ++i) {
+      std::unique_ptr<EchoProcess> p;
+      try {
+        p = std::make_unique<EchoProcess>("fd" + std::to_string(i));  // its Events take descriptors too
+      } catch (const Error& e) {
+        error = e.what();
+        break;
+      }
+      const int before = test::openFdCount();
+      try {
+        p->start();
+        running.push_back(std::move(p));
+      } catch (const Error& e) {
+        error = e.what();
+        if (test::openFdCount() != before) return 11;  // the failed start left descriptors open
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "unexpected: %s\n", e.what());
+        return 16;
+      }
+    }
+    if (error.find("Too many open files") == std::string::npos) {
+      std::fprintf(stderr, "the error: %s\n", error.c_str());
+      return 12;
+    }
+    if (running.size() < 3) return 13;
+    for (auto& p : running)
+      if (p->call("square", {{"x", 2}}, 5s).as<double>() != 4.0) return 14;
+    for (auto& p : running)
+      if (!p->stop(5s).ok()) return 15;
+    return 0;
+  });
+  EXPECT_EQ(test::exitCodeOf(test::waitChild(pid, 60s)), 0);
 }
 
 TEST(Process, CallReturnsWhatTheHandlerReturns) {

@@ -131,9 +131,11 @@ struct ProcessOptions {
   // How messages travel: shared-memory queues with eventfd doorbells (the
   // default: faster both when the two processes share a CPU and when each
   // has its own; bench/compare), or a socket pair. The socket pair is
-  // there either way, for descriptors and the peer's end; the queues cost
-  // about ten descriptors per backend on each side instead of two, which
-  // matters only with hundreds of workers under a low RLIMIT_NOFILE. The
+  // there either way, for descriptors and the peer's end. The queues'
+  // doorbells cost descriptors: a running backend holds 13 in the frontend
+  // instead of 5, so under the usual limit of 1024 open files about 75
+  // backends run at once (a start past it fails with EMFILE, saying so);
+  // for more, raise the limit (ulimit -n) or choose the socket. The
   // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it.
   // `queueBytes` is each shared-memory queue's size (per direction); a
   // message larger than it streams through in pieces. A backend started
