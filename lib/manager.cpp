@@ -536,16 +536,22 @@ bool Manager::runUntil(const std::function<bool()>& done, Timeout timeout) {
   if (ended_) return done();
   if (!ran_) begin();
   const Deadline d(timeout);
-  while (!stopRequested_) {
+  // A zero timeout is one turn that does not wait: a Deadline of zero has
+  // passed before the first turn, so it is not asked.
+  const bool once = timeout <= Timeout::zero();
+  for (bool turned = false; !stopRequested_; turned = true) {
     if (done()) return true;
-    if (d.expired()) return false;
-    if (!d.forever()) {
+    if (once ? turned : d.expired()) return false;
+    if (!once && !d.forever()) {
       uv_update_time(&loop_);
       const auto ms = std::chrono::ceil<std::chrono::milliseconds>(d.remaining()).count();
       uv_timer_start(&stepTimer_, [](uv_timer_t*) {}, static_cast<std::uint64_t>(ms), 0);
     }
     inLoop_ = true;
-    uv_run(&loop_, UV_RUN_ONCE);
+    uv_run(&loop_, once ? UV_RUN_NOWAIT : UV_RUN_ONCE);
+    // Work the turn posted (an exit handler's follow-up, say) runs in it
+    // too, not one wake-up later: a poll sees it. (Posted work is guarded.)
+    if (once) runPosted();
     inLoop_ = false;
     uv_timer_stop(&stepTimer_);
   }
