@@ -389,6 +389,46 @@ TEST(Pool, InProcessWorkersRunTasksAndAreReplacedAfterATimeout) {
   std::this_thread::sleep_for(400ms);  // the abandoned thread ends its sleep and leaves
 }
 
+// poll() is one turn of the pool's loop that does not wait: results,
+// deaths and timeouts are handled there and their callbacks run.
+TEST(Pool, PollHandlesResultsDeathsAndTimeoutsWithoutWaiting) {
+  PoolOptions o = workers(2);
+  o.retries = 0;
+  WorkerPool pool(jobs(), o);
+  int results = 0;
+  std::vector<WorkerEvent::Kind> events;
+  pool.onResult([&](const TaskInfo&, const CallResult&) { ++results; });
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e.kind); });
+  auto seen = [&](WorkerEvent::Kind k) { return std::count(events.begin(), events.end(), k); };
+  const auto t0 = Clock::now();
+  pool.poll();  // nothing is ready: it does not wait
+  EXPECT_LT(Clock::now() - t0, 1s);
+
+  pool.submit("square", {{"x", 3}});
+  EXPECT_TRUE(test::eventually([&] {
+    pool.poll();
+    return pool.completed() == 1;
+  }, 10s));
+  EXPECT_EQ(results, 1);
+
+  ::kill(pool.worker(1).pid(), SIGKILL);
+  EXPECT_TRUE(test::eventually([&] {
+    pool.poll();
+    return seen(WorkerEvent::Kind::Restarted) == 1;
+  }, 10s));
+  EXPECT_EQ(seen(WorkerEvent::Kind::Died), 1);
+  EXPECT_EQ(pool.restarts(), 1u);
+
+  pool.submit("hang", {}, TaskOptions{100ms, std::nullopt});
+  EXPECT_TRUE(test::eventually([&] {
+    pool.poll();
+    return pool.completed() == 1 && pool.failedTasks() == 1;  // a new batch began with it
+  }, 10s));
+  EXPECT_EQ(seen(WorkerEvent::Kind::TimedOut), 1);
+  EXPECT_EQ(results, 2);
+  EXPECT_TRUE(pool.finished());
+}
+
 TEST(Pool, StopFailsWhatIsLeftAndDoesNotWaitForABusyWorker) {
   WorkerPool pool(jobs(), workers(2));
   auto hung = pool.submit("hang");

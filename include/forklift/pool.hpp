@@ -47,7 +47,8 @@
 // or it sets ProcessOptions::allowThreads, knowing what its threads do. Calling the pool from another thread,
 // or waiting on it from one of its own callbacks, throws Error. Between
 // waits nothing happens: tasks sent run in the workers, but results,
-// deaths and timeouts are seen at the next wait (call poll() to look).
+// deaths and timeouts are seen at the next wait (poll() handles what is
+// ready without waiting).
 //
 // In-process mode (ProcessOptions::inProcess, FORKLIFT_IN_PROCESS=1) works
 // too: a timed-out worker thread cannot be killed; it is abandoned (its
@@ -256,7 +257,8 @@ class WorkerPool {
   // Waits until finished() (driving the pool); false when `timeout` passed
   // first. Error while suspended with tasks queued (they would never run).
   bool wait(Timeout timeout = kForever);
-  // Handles what is ready without waiting.
+  // One turn of the pool's loop without waiting: replies, deaths and
+  // timeouts that are ready are handled and their callbacks run.
   void poll();
   void suspend();
   void resume();
