@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <span>
+#include <utility>
 
 #include "forklift/fork_server.hpp"
 #include "forklift/log.hpp"
@@ -54,6 +55,22 @@ std::string demangle(const std::type_info& t) {
   std::free(d);
   return out;
 }
+
+// The manager whose loop thread is reading replies: work it posts meanwhile
+// runs when the reading ends, without ringing the loop's wake-up. A
+// thread_local: a post from any other thread still rings.
+thread_local const Manager* collectingPosts = nullptr;
+
+class CollectPosts {
+ public:
+  explicit CollectPosts(const Manager* m) : before_(std::exchange(collectingPosts, m)) {}
+  ~CollectPosts() { collectingPosts = before_; }
+  CollectPosts(const CollectPosts&) = delete;
+  CollectPosts& operator=(const CollectPosts&) = delete;
+
+ private:
+  const Manager* before_;
+};
 
 // Marks a worker's callback on the stack: what it asks for itself waits.
 class InCallback {
@@ -431,7 +448,16 @@ void Manager::onWorkerReadable(uv_poll_t* h, int, int) {
 
 void Manager::onWorkerReplies(uv_poll_t* h, int, int) {
   auto* w = static_cast<Worker*>(h->data);
-  w->manager->guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
+  Manager& self = *w->manager;
+  {
+    // The callbacks of these replies are kept for below, not rung through
+    // the wake-up eventfd: that would cost a write, a read and a second
+    // turn of the loop per wake-up.
+    const CollectPosts collect(&self);
+    self.guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
+  }
+  // Off the worker's stack (it may be replaced by them); w is not used after.
+  self.runPosted();
 }
 
 void Manager::reapWorker(Worker& w) {
@@ -572,7 +598,7 @@ void Manager::post(std::function<void()> fn) {
     std::lock_guard lock(postMutex_);
     posted_.push_back(std::move(fn));
   }
-  uv_async_send(&wake_);
+  if (collectingPosts != this) uv_async_send(&wake_);
 }
 
 void Manager::runPosted() {
