@@ -429,6 +429,52 @@ TEST(Pool, PollHandlesResultsDeathsAndTimeoutsWithoutWaiting) {
   EXPECT_TRUE(pool.finished());
 }
 
+// With several tasks on a worker (the default depth), a task's timeout
+// counts from when it reaches the front: time spent queued behind a slow
+// task on its worker is not held against it.
+TEST(Pool, ATimeoutCountsFromTheFrontOfTheWorkersQueue) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  ASSERT_GT(o.queueDepth, 1u);
+  WorkerPool pool(jobs(), o);
+  auto slow = pool.submit("nap", {{"ms", 400}});
+  auto quick = pool.submit("square", {{"x", 5}}, TaskOptions{200ms, std::nullopt});
+  auto hung = pool.submit("hang", {}, TaskOptions{200ms, std::nullopt});
+  EXPECT_EQ(slow.get().as<int>(), 400);
+  EXPECT_EQ(quick.get().as<double>(), 25.0);  // queued for 400 ms, not timed out
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { hung.get(); }), "ran longer than its timeout of 200 ms"));
+  EXPECT_LT(Clock::now() - t0, 5s);
+  EXPECT_EQ(pool.restarts(), 1u);
+}
+
+// The tasks queued behind the one that was running when a worker died go
+// back to the pool's queue untouched: they run once, on the replacement,
+// their attempts not counted, their retries not spent.
+TEST(Pool, TasksQueuedBehindADeadWorkersTaskRunOnceOnTheReplacement) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  ASSERT_GE(o.queueDepth, 4u);
+  WorkerPool pool(jobs(), o);
+  std::map<std::uint64_t, int> attempts;
+  pool.onResult([&](const TaskInfo& t, const CallResult&) { attempts[t.id] = t.attempts; });
+  const pid_t first = pool.worker(0).pid();
+  auto crash = pool.submit("crash");
+  std::vector<TaskFuture<Value>> behind;
+  for (int i = 0; i < 3; ++i) behind.push_back(pool.submit("pid"));
+  EXPECT_EQ(pool.submitted(), 4u);
+  EXPECT_TRUE(test::contains(test::thrown<WorkerDied>([&] { crash.get(); }), "died (killed by SIGKILL)"));
+  for (auto& f : behind) {
+    const int pid = f.get().as<int>();
+    EXPECT_NE(pid, first);
+    EXPECT_EQ(pid, pool.worker(0).pid());
+  }
+  EXPECT_EQ(attempts.size(), 4u);
+  for (std::uint64_t id = 2; id <= 4; ++id) EXPECT_EQ(attempts[id], 1) << "task " << id;
+  EXPECT_EQ(pool.failedTasks(), 1u);
+  EXPECT_EQ(pool.restarts(), 1u);
+}
+
 TEST(Pool, StopFailsWhatIsLeftAndDoesNotWaitForABusyWorker) {
   WorkerPool pool(jobs(), workers(2));
   auto hung = pool.submit("hang");

@@ -13,9 +13,16 @@
 //   std::vector<double> r = pool.map({1.0, 2.0, 3.0});
 //   pool.finalize();
 //
-// Scheduling: a task goes to the least busy worker that has room; each
-// worker holds at most `queueDepth` tasks sent and not answered (1: a task
-// goes only to an idle worker). Tasks wait in the pool's queue, at most
+// Scheduling: a task goes to the least busy worker that has room (an idle
+// one first); each worker holds at most `queueDepth` tasks sent and not
+// answered. The default (32) pipelines: a worker finds its next tasks
+// waiting when it ends one, instead of idling for a round trip each (a
+// cross-CPU wake-up costs more than a short task), and the pool handles
+// replies and sends in batches. A task sent to a worker waits behind the
+// ones sent before it there, even if another worker becomes idle: for long
+// or uneven tasks set `queueDepth` to 1 (a task goes only to an idle
+// worker) or 2 (the next task waits in the worker while one runs).
+// Tasks wait in the pool's queue, at most
 // `maxQueued` of them: submit() on a full queue waits for room
 // (backpressure). suspend() stops sending tasks (those sent run on);
 // resume() goes on. finalize() takes no more tasks, waits for all, stops
@@ -34,6 +41,13 @@
 // be recycled (replaced by fresh ones) after `recycleAfter` tasks or above a
 // resident memory size (`recycleAboveRss`). The pool
 // never hangs on a dead worker: every wait also watches every worker's death.
+//
+// Transport: FunctionPool's workers use the shared-memory message transport
+// by default (`PoolOptions::process.transport`, see forklift/process.hpp;
+// a worker started by a fork server uses the socket). A WorkerPool's
+// workers use the ProcessOptions their factory gives them: the socket
+// unless the factory's class sets `ProcessOptions::transport =
+// Transport::SharedMemory`, which makes each task cheaper.
 //
 // Threads: the pool has no thread of its own. It is driven by its owner,
 // the thread that made it: its loop runs inside the pool's waits (submit on
@@ -78,9 +92,18 @@
 
 namespace forklift {
 
+namespace detail {
+// FunctionPool's workers: shared-memory queues instead of the socket.
+inline ProcessOptions poolProcessOptions() {
+  ProcessOptions o;
+  o.transport = Transport::SharedMemory;
+  return o;
+}
+}  // namespace detail
+
 struct PoolOptions {
   std::size_t workers = 4;
-  std::size_t queueDepth = 1;     // tasks on one worker at once (sent, not answered)
+  std::size_t queueDepth = 32;     // tasks on one worker at once (sent, not answered); see above
   std::size_t maxQueued = 4096;   // tasks waiting for a worker; submit() waits beyond
   Timeout taskTimeout = kForever; // per task, from when it runs; TaskOptions override it
   int retries = 1;                // runs again after a worker's death or a timeout
@@ -91,7 +114,8 @@ struct PoolOptions {
   // never; forked workers only; costs a read of /proc/<pid>/statm per task).
   std::size_t recycleAboveRss = 0;
   Timeout stopTimeout = std::chrono::seconds(5);
-  ProcessOptions process;         // of FunctionPool's workers
+  // Of FunctionPool's workers (a WorkerPool's factory sets its own).
+  ProcessOptions process = detail::poolProcessOptions();
 };
 
 struct TaskOptions {
