@@ -53,7 +53,8 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     Timeout timeout{kForever};
     int retriesLeft = 0;
     int attempts = 0;
-    std::uint64_t token = 0;  // the dispatch a reply must match
+    std::uint64_t token = 0;  // the dispatch a reply must match (see send)
+    std::uint64_t sends = 0;  // dispatches so far
     std::size_t slot = kNoSlot;
     std::size_t lastSlot = 0;
     std::shared_ptr<TaskState> state;
@@ -108,7 +109,6 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   std::deque<Task*> queue_;
   std::deque<Deadline::Clock::time_point> restartTimes_;
   std::uint64_t nextId_ = 0;
-  std::uint64_t nextToken_ = 0;
   std::size_t submitted_ = 0;  // this batch
   std::size_t completed_ = 0;  // this batch
   std::size_t failed_ = 0;
@@ -127,7 +127,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   std::unique_ptr<MessageProcess> make(std::size_t index);
   void pump();
   void send(Slot& s, Task& t);
-  void onReply(std::uint64_t id, std::uint64_t token, CallResult r);
+  void onReply(std::uint64_t token, CallResult r);
   void finishTask(Task& t, CallResult r);
   void detachTask(Slot& s, Task& t);
   void armTimer(Slot& s);
@@ -293,7 +293,10 @@ void PoolCore::pump() {
 void PoolCore::send(Slot& s, Task& t) {
   t.slot = s.index;
   t.lastSlot = s.index;
-  t.token = ++nextToken_;
+  // The task's id and its dispatch count: a reply finds its task from the
+  // token alone, and the callback ({this, token}) fits std::function's
+  // inline storage, so no allocation per task. Ids stay below 2^48.
+  t.token = (t.id << 16) | (++t.sends & 0xffff);
   ++t.attempts;
   s.inFlight.push_back(&t);
   if (s.inFlight.size() == 1) armTimer(s);
@@ -302,10 +305,9 @@ void PoolCore::send(Slot& s, Task& t) {
   const Timeout backstop = t.timeout == kForever ? kForever
                                                  : t.timeout * static_cast<int>(options_.queueDepth + 1) +
                                                        std::chrono::seconds(5);
-  const std::uint64_t id = t.id, token = t.token;
+  const std::uint64_t token = t.token;
   try {
-    s.process->callAsync(t.command, t.args, backstop,
-                         [this, id, token](CallResult r) { onReply(id, token, std::move(r)); });
+    s.process->callAsync(t.command, t.args, backstop, [this, token](CallResult r) { onReply(token, std::move(r)); });
   } catch (const PeerClosed&) {
     // The worker is gone: its exit puts the task back in the queue.
   } catch (const std::exception& e) {
@@ -322,8 +324,8 @@ void PoolCore::detachTask(Slot& s, Task& t) {
   if (front) armTimer(s);
 }
 
-void PoolCore::onReply(std::uint64_t id, std::uint64_t token, CallResult r) {
-  auto it = tasks_.find(id);
+void PoolCore::onReply(std::uint64_t token, CallResult r) {
+  auto it = tasks_.find(token >> 16);
   if (it == tasks_.end()) return;
   Task& t = *it->second;
   if (t.token != token || t.slot == kNoSlot) return;  // a dispatch that was taken back
@@ -360,10 +362,10 @@ void PoolCore::finishTask(Task& t, CallResult r) {
   if (!r.ok()) ++failed_;
   ++completed_;
   owned->state->done = true;
-  owned->state->result = r;
+  owned->state->result = std::move(r);
   if (onResult_) {
     const TaskInfo info{owned->id, owned->command, owned->args, owned->attempts, owned->lastSlot};
-    user("result", [&] { onResult_(info, r); });
+    user("result", [&] { onResult_(info, owned->state->result); });
   }
   if (onProgress_) {
     const double p = submitted_ ? static_cast<double>(completed_) / static_cast<double>(submitted_) : 1.0;
@@ -622,7 +624,12 @@ void throwResultType(std::uint64_t id, const std::exception& e) {
 FunctionWorker::FunctionWorker(std::string name, std::shared_ptr<const PoolInvoker> fn, Value fixed,
                                ProcessOptions options)
     : MessageProcess(std::move(name), std::move(options)), fn_(std::move(fn)), fixed_(std::move(fixed)) {
-  commandRaw("call", [this](const Message& m) { return (*fn_)(fixed_, m.get<List>("a")); });
+  commandRaw("call", [this](const Message& m) {
+    // The arguments in place, not copied; get() says what is wrong otherwise.
+    const Value* a = m.find("a");
+    if (const List* l = a ? a->getIf<List>() : nullptr) return (*fn_)(fixed_, *l);
+    return (*fn_)(fixed_, m.get<List>("a"));
+  });
   commandRaw("fixed", [this](const Message& m) {
     fixed_ = m.get<Value>("value");
     return Value();

@@ -394,7 +394,10 @@ class FunctionPool<R(A...)> {
     List a;
     a.reserve(sizeof...(A));
     (a.emplace_back(Value(std::move(args))), ...);
-    return pool_.submit("call", {{"a", Value(std::move(a))}}, options).template as<R>();
+    Map m;  // not an initializer list: that would copy the arguments
+    m.reserve(1);
+    m.emplace_back("a", Value(std::move(a)));
+    return pool_.submit("call", std::move(m), options).template as<R>();
   }
 
   // Results in input order; throws the first failed task's error (in input
