@@ -67,6 +67,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     bool ready = false;          // takes tasks
     bool recycle = false;        // replace once idle
     bool replacing = false;      // its exit is ours: not a death
+    bool refilling = false;      // takes tasks up to queueDepth (see hasRoom)
     std::uint64_t timedOut = 0;  // killed for this task's timeout (its id)
     std::size_t tasksDone = 0;
   };
@@ -125,6 +126,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   std::function<void(std::size_t, Message&)> onMessage_;
 
   std::unique_ptr<MessageProcess> make(std::size_t index);
+  bool hasRoom(const Slot& s) const;
   void pump();
   void send(Slot& s, Task& t);
   void onReply(std::uint64_t token, CallResult r);
@@ -275,14 +277,21 @@ bool PoolCore::taskQueued(std::uint64_t id) const {
   return it != tasks_.end() && it->second->slot == kNoSlot;
 }
 
+// A worker whose queue was full takes tasks again once half of them are
+// answered, and then up to full: it is sent tasks in batches, so it wakes
+// once for many of them instead of once for each task that trickles in as
+// replies come (with a queue depth of 1 or 2 this is every free place).
+bool PoolCore::hasRoom(const Slot& s) const {
+  const std::size_t n = s.inFlight.size();
+  return s.ready && !s.recycle && n < options_.queueDepth && (s.refilling || n <= options_.queueDepth / 2);
+}
+
 void PoolCore::pump() {
   if (suspended_ || !broken_.empty() || stopping_) return;
   while (!queue_.empty()) {
-    Slot* best = nullptr;
+    Slot* best = nullptr;  // the least busy worker with room: an idle one first
     for (auto& s : slots_)
-      if (s.ready && !s.recycle && s.inFlight.size() < options_.queueDepth &&
-          (!best || s.inFlight.size() < best->inFlight.size()))
-        best = &s;
+      if (hasRoom(s) && (!best || s.inFlight.size() < best->inFlight.size())) best = &s;
     if (!best) return;
     Task* t = queue_.front();
     queue_.pop_front();
@@ -299,6 +308,7 @@ void PoolCore::send(Slot& s, Task& t) {
   t.token = (t.id << 16) | (++t.sends & 0xffff);
   ++t.attempts;
   s.inFlight.push_back(&t);
+  s.refilling = s.inFlight.size() < options_.queueDepth;
   if (s.inFlight.size() == 1) armTimer(s);
   // The pool's own timer ends a task that runs too long; the call's deadline
   // is only a backstop for one that never reached the front.

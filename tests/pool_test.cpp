@@ -448,6 +448,28 @@ TEST(Pool, ATimeoutCountsFromTheFrontOfTheWorkersQueue) {
   EXPECT_EQ(pool.restarts(), 1u);
 }
 
+// Pipelining does not pile tasks on a busy worker while another is idle: a
+// task goes to the least busy worker with room.
+TEST(Pool, ATaskGoesToAnIdleWorkerBeforeQueueingBehindABusyOne) {
+  WorkerPool pool(jobs(), workers(2));
+  std::map<std::uint64_t, std::size_t> workerOf;
+  pool.onResult([&](const TaskInfo& t, const CallResult&) { workerOf[t.id] = t.worker; });
+  auto slow = pool.submit("nap", {{"ms", 1000}});
+  auto quick = pool.submit("pid");
+  EXPECT_EQ(quick.get().as<int>(), pool.worker(1).pid());
+  EXPECT_FALSE(slow.ready());  // quick did not wait behind it
+  EXPECT_EQ(slow.get().as<int>(), 1000);
+  EXPECT_EQ(workerOf[1], 0u);
+  EXPECT_EQ(workerOf[2], 1u);
+  // Both busy: the next tasks spread over both, not all on the first.
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 4; ++i) fs.push_back(pool.submit("nap", {{"ms", 20}}));
+  for (auto& f : fs) f.get();
+  std::set<std::size_t> used;
+  for (std::uint64_t id = 3; id <= 6; ++id) used.insert(workerOf[id]);
+  EXPECT_EQ(used.size(), 2u);
+}
+
 // The tasks queued behind the one that was running when a worker died go
 // back to the pool's queue untouched: they run once, on the replacement,
 // their attempts not counted, their retries not spent.

@@ -18,7 +18,9 @@
 // answered. The default (32) pipelines: a worker finds its next tasks
 // waiting when it ends one, instead of idling for a round trip each (a
 // cross-CPU wake-up costs more than a short task), and the pool handles
-// replies and sends in batches. A task sent to a worker waits behind the
+// replies and sends in batches (a worker whose queue filled up is sent
+// tasks again once half of them are answered, so it wakes once for many
+// tasks, not once for each). A task sent to a worker waits behind the
 // ones sent before it there, even if another worker becomes idle: for long
 // or uneven tasks set `queueDepth` to 1 (a task goes only to an idle
 // worker) or 2 (the next task waits in the worker while one runs).
