@@ -283,6 +283,8 @@ bool PoolCore::taskQueued(std::uint64_t id) const {
 // replies come (with a queue depth of 1 or 2 this is every free place).
 bool PoolCore::hasRoom(const Slot& s) const {
   const std::size_t n = s.inFlight.size();
+  // A worker runs recycleAfter tasks, not the ones queued on it beyond.
+  if (options_.recycleAfter && s.tasksDone + n >= options_.recycleAfter) return false;
   return s.ready && !s.recycle && n < options_.queueDepth && (s.refilling || n <= options_.queueDepth / 2);
 }
 

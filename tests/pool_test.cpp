@@ -338,6 +338,14 @@ TEST(Pool, WorkersAreRecycledAfterKTasks) {
   for (int i = 0; i < 9; ++i) pids.insert(pool.submit("pid").get().as<int>());
   EXPECT_EQ(pids.size(), 3u);
   EXPECT_EQ(pool.restarts(), 0u);  // recycling is not a restart
+  // Submitted at once, with room for all of them on the worker: still 3
+  // tasks per worker, none queued on one beyond its last.
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 9; ++i) fs.push_back(pool.submit("pid"));
+  std::map<int, int> tasksOf;
+  for (auto& f : fs) ++tasksOf[f.get().as<int>()];
+  EXPECT_EQ(tasksOf.size(), 3u);
+  for (const auto& [pid, n] : tasksOf) EXPECT_EQ(n, 3) << "worker " << pid;
 }
 
 TEST(Pool, WorkersAreRecycledAboveAResidentSize) {
