@@ -114,6 +114,8 @@ struct PoolOptions {
   std::size_t recycleAfter = 0;   // replace a worker after this many tasks (0: never)
   // Replace a worker whose resident memory is above this after a task (0:
   // never; forked workers only; costs a read of /proc/<pid>/statm per task).
+  // The tasks already queued on it run first; recycleAfter sends a worker
+  // no more tasks than it has left.
   std::size_t recycleAboveRss = 0;
   Timeout stopTimeout = std::chrono::seconds(5);
   // Of FunctionPool's workers (a WorkerPool's factory sets its own).
