@@ -1,10 +1,13 @@
 #include "forklift/pool.hpp"
 
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <thread>
 #include <unordered_map>
@@ -634,8 +637,8 @@ void throwResultType(std::uint64_t id, const std::exception& e) {
 // ---------------------------------------------------------------- FunctionWorker
 
 FunctionWorker::FunctionWorker(std::string name, std::shared_ptr<const PoolInvoker> fn, Value fixed,
-                               ProcessOptions options)
-    : MessageProcess(std::move(name), std::move(options)), fn_(std::move(fn)), fixed_(std::move(fixed)) {
+                               ProcessOptions options, bool batch)
+    : MessageProcess(std::move(name), std::move(options)), fn_(std::move(fn)), fixed_(std::move(fixed)), batch_(batch) {
   commandRaw("call", [this](const Message& m) {
     // The arguments in place, not copied; get() says what is wrong otherwise.
     const Value* a = m.find("a");
@@ -649,6 +652,14 @@ FunctionWorker::FunctionWorker(std::string name, std::shared_ptr<const PoolInvok
 }
 
 FunctionWorker::~FunctionWorker() { stop(); }  // in-process: before the members go
+
+// Backend side. In-process it sets the backend thread's policy only.
+void FunctionWorker::preRun__() {
+  if (!batch_) return;
+  const sched_param none{};
+  if (::sched_setscheduler(0, SCHED_BATCH, &none) != 0)
+    poolLog()->warn("{}: cannot run under SCHED_BATCH: {}", fullName(), std::strerror(errno));
+}
 
 }  // namespace detail
 

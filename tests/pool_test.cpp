@@ -1,6 +1,7 @@
 #include "forklift/pool.hpp"
 
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -476,6 +477,16 @@ TEST(Pool, ATaskGoesToAnIdleWorkerBeforeQueueingBehindABusyOne) {
   std::set<std::size_t> used;
   for (std::uint64_t id = 3; id <= 6; ++id) used.insert(workerOf[id]);
   EXPECT_EQ(used.size(), 2u);
+}
+
+// FunctionPool's workers run under SCHED_BATCH unless told otherwise.
+TEST(Pool, FunctionPoolWorkersRunUnderBatchScheduling) {
+  FunctionPool<int()> batch([] { return ::sched_getscheduler(0); }, workers(1));
+  EXPECT_EQ(batch.submit().get(), SCHED_BATCH);
+  PoolOptions o = workers(1);
+  o.batchScheduling = false;
+  FunctionPool<int()> normal([] { return ::sched_getscheduler(0); }, o);
+  EXPECT_EQ(normal.submit().get(), SCHED_OTHER);
 }
 
 // The tasks queued behind the one that was running when a worker died go

@@ -44,12 +44,17 @@
 // resident memory size (`recycleAboveRss`). The pool
 // never hangs on a dead worker: every wait also watches every worker's death.
 //
-// Transport: FunctionPool's workers use the shared-memory message transport
-// by default (`PoolOptions::process.transport`, see forklift/process.hpp;
-// a worker started by a fork server uses the socket). A WorkerPool's
-// workers use the ProcessOptions their factory gives them: the socket
-// unless the factory's class sets `ProcessOptions::transport =
-// Transport::SharedMemory`, which makes each task cheaper.
+// Transport and scheduling: FunctionPool's workers use the shared-memory
+// message transport by default (`PoolOptions::process.transport`, see
+// forklift/process.hpp; a worker started by a fork server uses the socket),
+// and run under the SCHED_BATCH policy (sched(7); `batchScheduling`): a
+// worker woken by its first task does not preempt the owner that is still
+// sending it the rest of the batch (on a CPU they share, every task would
+// otherwise cost two context switches); the nice value stays. A
+// WorkerPool's workers use the ProcessOptions their factory gives them:
+// the socket unless the factory's class sets `ProcessOptions::transport =
+// Transport::SharedMemory`, which makes each task cheaper; its preRun__
+// may call sched_setscheduler(0, SCHED_BATCH, ...) likewise.
 //
 // Threads: the pool has no thread of its own. It is driven by its owner,
 // the thread that made it: its loop runs inside the pool's waits (submit on
@@ -120,6 +125,9 @@ struct PoolOptions {
   Timeout stopTimeout = std::chrono::seconds(5);
   // Of FunctionPool's workers (a WorkerPool's factory sets its own).
   ProcessOptions process = detail::poolProcessOptions();
+  // FunctionPool's workers run under SCHED_BATCH (see "Transport and
+  // scheduling" above).
+  bool batchScheduling = true;
 };
 
 struct TaskOptions {
@@ -323,12 +331,18 @@ using PoolInvoker = std::function<Value(const Value& fixed, const List& args)>;
 // "call", keeps the fixed arguments set by "fixed".
 class FunctionWorker final : public MessageProcess {
  public:
-  FunctionWorker(std::string name, std::shared_ptr<const PoolInvoker> fn, Value fixed, ProcessOptions options);
+  // `batch`: the backend runs under SCHED_BATCH (PoolOptions::batchScheduling).
+  FunctionWorker(std::string name, std::shared_ptr<const PoolInvoker> fn, Value fixed, ProcessOptions options,
+                 bool batch = false);
   ~FunctionWorker() override;
+
+ protected:
+  void preRun__() override;
 
  private:
   std::shared_ptr<const PoolInvoker> fn_;
   Value fixed_;
+  bool batch_;
 };
 
 // The type of a function's only argument (map's one-argument form).
@@ -387,10 +401,11 @@ class FunctionPool<R(A...)> {
   using FnFixed = std::function<R(const Value& fixed, A...)>;
 
   explicit FunctionPool(Fn fn, PoolOptions options = {})
-      : shared_(std::make_shared<Shared>(wrap(std::move(fn)), Value(), options.process)),
+      : shared_(std::make_shared<Shared>(wrap(std::move(fn)), Value(), options.process, options.batchScheduling)),
         pool_(factory(shared_), options) {}
   FunctionPool(FnFixed fn, Value fixed, PoolOptions options = {})
-      : shared_(std::make_shared<Shared>(invoker(std::move(fn)), std::move(fixed), options.process)),
+      : shared_(std::make_shared<Shared>(invoker(std::move(fn)), std::move(fixed), options.process,
+                                         options.batchScheduling)),
         pool_(factory(shared_), options) {}
 
   TaskFuture<R> submit(A... args) { return submitWith(TaskOptions{}, std::move(args)...); }
@@ -442,11 +457,15 @@ class FunctionPool<R(A...)> {
 
  private:
   struct Shared {
-    Shared(detail::PoolInvoker f, Value x, ProcessOptions o)
-        : fn(std::make_shared<const detail::PoolInvoker>(std::move(f))), fixed(std::move(x)), options(std::move(o)) {}
+    Shared(detail::PoolInvoker f, Value x, ProcessOptions o, bool b)
+        : fn(std::make_shared<const detail::PoolInvoker>(std::move(f))),
+          fixed(std::move(x)),
+          options(std::move(o)),
+          batch(b) {}
     std::shared_ptr<const detail::PoolInvoker> fn;
     Value fixed;
     ProcessOptions options;
+    bool batch;
   };
   static detail::PoolInvoker invoker(FnFixed fn) { return detail::makeInvoker<R, A...>(std::move(fn)); }
   static detail::PoolInvoker wrap(Fn fn) {
@@ -455,7 +474,7 @@ class FunctionPool<R(A...)> {
   static WorkerPool::Factory factory(std::shared_ptr<Shared> sh) {
     return [sh](std::size_t index) -> std::unique_ptr<MessageProcess> {
       return std::make_unique<detail::FunctionWorker>("pool-" + std::to_string(index), sh->fn, sh->fixed,
-                                                      sh->options);
+                                                      sh->options, sh->batch);
     };
   }
   void setInvoker(detail::PoolInvoker fn, std::optional<Value> fixed) {
