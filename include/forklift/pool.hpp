@@ -50,7 +50,8 @@
 // and run under the SCHED_BATCH policy (sched(7); `batchScheduling`): a
 // worker woken by its first task does not preempt the owner that is still
 // sending it the rest of the batch (on a CPU they share, every task would
-// otherwise cost two context switches); the nice value stays. A
+// otherwise cost two context switches); the nice value stays, and
+// processes a worker forks inherit the policy. A
 // WorkerPool's workers use the ProcessOptions their factory gives them:
 // the socket unless the factory's class sets `ProcessOptions::transport =
 // Transport::SharedMemory`, which makes each task cheaper; its preRun__
