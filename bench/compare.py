@@ -204,13 +204,17 @@ def pool_figures(reps):
         R.append({"figure": figure, "contender": contender, "stat": "median", "value": value, "unit": unit})
 
     pool, _ = run_gbench("pool_bench", reps, dict(os.environ))
+    # The pool as a user gets it: PoolOptions' defaults (queue depth, transport).
     for n in POOL_WORKERS:
-        add(f"pool_tasks_{n}", "forklift", median_of(pool, f"BM_PoolEmptyTasks/{n}/1", "items_per_second"), "task/s")
-    add("pool_tasks_4_depth16", "forklift", median_of(pool, "BM_PoolEmptyTasks/4/16", "items_per_second"), "task/s")
+        add(f"pool_tasks_{n}", "forklift", median_of(pool, f"BM_PoolEmptyTasks/{n}", "items_per_second"), "task/s")
+    add("pool_tasks_4_depth16", "forklift", median_of(pool, "BM_PoolEmptyTasksAtDepth/4/16", "items_per_second"),
+        "task/s")
+    one = median_of(pool, "BM_PoolEmptyTasksAtDepth/1/1", "items_per_second")
+    add("pool_tasks_1_depth1", "forklift", one, "task/s")
     bare = median_of(pool, "BM_BareCallEmpty", "items_per_second")
     add("bare_call", "forklift", bare, "task/s")
-    one = median_of(pool, "BM_PoolEmptyTasks/1/1", "items_per_second")
-    # What the pool adds to a call: one worker's time per task minus a bare call's.
+    # What the pool adds to a call: one worker's time per task at depth 1
+    # (each task a round trip) minus a bare call's, over the same transport.
     add("pool_overhead", "forklift", (1e6 / one) - (1e6 / bare), "us")
     log("bench/peers/pool_peer.py ...")
     r = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "bench", "peers", "pool_peer.py"),
@@ -231,12 +235,15 @@ def pool_table(results):
         lines.append(f"| {n} | {fmt(fk, 'msg/s')} | {fmt(mp, 'msg/s')} | {fmt_ratio(speed_ratio(fk, mp, 'task/s'))} | "
                      f"{fmt(fu, 'msg/s')} | {fmt_ratio(speed_ratio(fk, fu, 'task/s'))} |")
     d16 = by.get(("pool_tasks_4_depth16", "forklift"))
+    d1 = by.get(("pool_tasks_1_depth1", "forklift"))
     over = by.get(("pool_overhead", "forklift"))
     bare = by.get(("bare_call", "forklift"))
     lines.append("")
-    lines.append(f"4 workers with queue depth 16: {fmt(d16, 'msg/s')} tasks/s. A bare call() of the same empty "
-                 f"command: {fmt(bare, 'msg/s')} calls/s; the pool's own cost per task (1 worker): "
-                 f"{fmt(over, 'us')} µs.")
+    lines.append(f"forklift with PoolOptions' defaults (queue depth 32, shared-memory transport, SCHED_BATCH workers). 4 workers with "
+                 f"queue depth 16: {fmt(d16, 'msg/s')} tasks/s; 1 worker with queue depth 1 (every task a round "
+                 f"trip): {fmt(d1, 'msg/s')} tasks/s. A bare call() of the same empty command (same transport): "
+                 f"{fmt(bare, 'msg/s')} calls/s; the pool's own cost per task (1 worker, depth 1, minus a bare "
+                 f"call): {fmt(over, 'us')} µs.")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <span>
+#include <utility>
 
 #include "forklift/fork_server.hpp"
 #include "forklift/log.hpp"
@@ -54,6 +55,22 @@ std::string demangle(const std::type_info& t) {
   std::free(d);
   return out;
 }
+
+// The manager whose loop thread is reading replies: work it posts meanwhile
+// runs when the reading ends, without ringing the loop's wake-up. A
+// thread_local: a post from any other thread still rings.
+thread_local const Manager* collectingPosts = nullptr;
+
+class CollectPosts {
+ public:
+  explicit CollectPosts(const Manager* m) : before_(std::exchange(collectingPosts, m)) {}
+  ~CollectPosts() { collectingPosts = before_; }
+  CollectPosts(const CollectPosts&) = delete;
+  CollectPosts& operator=(const CollectPosts&) = delete;
+
+ private:
+  const Manager* before_;
+};
 
 // Marks a worker's callback on the stack: what it asks for itself waits.
 class InCallback {
@@ -431,7 +448,16 @@ void Manager::onWorkerReadable(uv_poll_t* h, int, int) {
 
 void Manager::onWorkerReplies(uv_poll_t* h, int, int) {
   auto* w = static_cast<Worker*>(h->data);
-  w->manager->guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
+  Manager& self = *w->manager;
+  {
+    // The callbacks of these replies are kept for below, not rung through
+    // the wake-up eventfd: that would cost a write, a read and a second
+    // turn of the loop per wake-up.
+    const CollectPosts collect(&self);
+    self.guarded("a reply", w->process.get(), [&] { w->process->pumpReplies(); });
+  }
+  // Off the worker's stack (it may be replaced by them); w is not used after.
+  self.runPosted();
 }
 
 void Manager::reapWorker(Worker& w) {
@@ -536,16 +562,22 @@ bool Manager::runUntil(const std::function<bool()>& done, Timeout timeout) {
   if (ended_) return done();
   if (!ran_) begin();
   const Deadline d(timeout);
-  while (!stopRequested_) {
+  // A zero timeout is one turn that does not wait: a Deadline of zero has
+  // passed before the first turn, so it is not asked.
+  const bool once = timeout <= Timeout::zero();
+  for (bool turned = false; !stopRequested_; turned = true) {
     if (done()) return true;
-    if (d.expired()) return false;
-    if (!d.forever()) {
+    if (once ? turned : d.expired()) return false;
+    if (!once && !d.forever()) {
       uv_update_time(&loop_);
       const auto ms = std::chrono::ceil<std::chrono::milliseconds>(d.remaining()).count();
       uv_timer_start(&stepTimer_, [](uv_timer_t*) {}, static_cast<std::uint64_t>(ms), 0);
     }
     inLoop_ = true;
-    uv_run(&loop_, UV_RUN_ONCE);
+    uv_run(&loop_, once ? UV_RUN_NOWAIT : UV_RUN_ONCE);
+    // Work the turn posted (an exit handler's follow-up, say) runs in it
+    // too, not one wake-up later: a poll sees it. (Posted work is guarded.)
+    if (once) runPosted();
     inLoop_ = false;
     uv_timer_stop(&stepTimer_);
   }
@@ -566,7 +598,7 @@ void Manager::post(std::function<void()> fn) {
     std::lock_guard lock(postMutex_);
     posted_.push_back(std::move(fn));
   }
-  uv_async_send(&wake_);
+  if (collectingPosts != this) uv_async_send(&wake_);
 }
 
 void Manager::runPosted() {

@@ -1,10 +1,13 @@
 #include "forklift/pool.hpp"
 
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <thread>
 #include <unordered_map>
@@ -53,7 +56,8 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     Timeout timeout{kForever};
     int retriesLeft = 0;
     int attempts = 0;
-    std::uint64_t token = 0;  // the dispatch a reply must match
+    std::uint64_t token = 0;  // the dispatch a reply must match (see send)
+    std::uint64_t sends = 0;  // dispatches so far
     std::size_t slot = kNoSlot;
     std::size_t lastSlot = 0;
     std::shared_ptr<TaskState> state;
@@ -66,6 +70,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     bool ready = false;          // takes tasks
     bool recycle = false;        // replace once idle
     bool replacing = false;      // its exit is ours: not a death
+    bool refilling = false;      // takes tasks up to queueDepth (see hasRoom)
     std::uint64_t timedOut = 0;  // killed for this task's timeout (its id)
     std::size_t tasksDone = 0;
   };
@@ -108,7 +113,6 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   std::deque<Task*> queue_;
   std::deque<Deadline::Clock::time_point> restartTimes_;
   std::uint64_t nextId_ = 0;
-  std::uint64_t nextToken_ = 0;
   std::size_t submitted_ = 0;  // this batch
   std::size_t completed_ = 0;  // this batch
   std::size_t failed_ = 0;
@@ -125,9 +129,10 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   std::function<void(std::size_t, Message&)> onMessage_;
 
   std::unique_ptr<MessageProcess> make(std::size_t index);
+  bool hasRoom(const Slot& s) const;
   void pump();
   void send(Slot& s, Task& t);
-  void onReply(std::uint64_t id, std::uint64_t token, CallResult r);
+  void onReply(std::uint64_t token, CallResult r);
   void finishTask(Task& t, CallResult r);
   void detachTask(Slot& s, Task& t);
   void armTimer(Slot& s);
@@ -275,14 +280,23 @@ bool PoolCore::taskQueued(std::uint64_t id) const {
   return it != tasks_.end() && it->second->slot == kNoSlot;
 }
 
+// A worker whose queue was full takes tasks again once half of them are
+// answered, and then up to full: it is sent tasks in batches, so it wakes
+// once for many of them instead of once for each task that trickles in as
+// replies come (with a queue depth of 1 or 2 this is every free place).
+bool PoolCore::hasRoom(const Slot& s) const {
+  const std::size_t n = s.inFlight.size();
+  // A worker runs recycleAfter tasks, not the ones queued on it beyond.
+  if (options_.recycleAfter && s.tasksDone + n >= options_.recycleAfter) return false;
+  return s.ready && !s.recycle && n < options_.queueDepth && (s.refilling || n <= options_.queueDepth / 2);
+}
+
 void PoolCore::pump() {
   if (suspended_ || !broken_.empty() || stopping_) return;
   while (!queue_.empty()) {
-    Slot* best = nullptr;
+    Slot* best = nullptr;  // the least busy worker with room: an idle one first
     for (auto& s : slots_)
-      if (s.ready && !s.recycle && s.inFlight.size() < options_.queueDepth &&
-          (!best || s.inFlight.size() < best->inFlight.size()))
-        best = &s;
+      if (hasRoom(s) && (!best || s.inFlight.size() < best->inFlight.size())) best = &s;
     if (!best) return;
     Task* t = queue_.front();
     queue_.pop_front();
@@ -293,19 +307,22 @@ void PoolCore::pump() {
 void PoolCore::send(Slot& s, Task& t) {
   t.slot = s.index;
   t.lastSlot = s.index;
-  t.token = ++nextToken_;
+  // The task's id and its dispatch count: a reply finds its task from the
+  // token alone, and the callback ({this, token}) fits std::function's
+  // inline storage, so no allocation per task. Ids stay below 2^48.
+  t.token = (t.id << 16) | (++t.sends & 0xffff);
   ++t.attempts;
   s.inFlight.push_back(&t);
+  s.refilling = s.inFlight.size() < options_.queueDepth;
   if (s.inFlight.size() == 1) armTimer(s);
   // The pool's own timer ends a task that runs too long; the call's deadline
   // is only a backstop for one that never reached the front.
   const Timeout backstop = t.timeout == kForever ? kForever
                                                  : t.timeout * static_cast<int>(options_.queueDepth + 1) +
                                                        std::chrono::seconds(5);
-  const std::uint64_t id = t.id, token = t.token;
+  const std::uint64_t token = t.token;
   try {
-    s.process->callAsync(t.command, t.args, backstop,
-                         [this, id, token](CallResult r) { onReply(id, token, std::move(r)); });
+    s.process->callAsync(t.command, t.args, backstop, [this, token](CallResult r) { onReply(token, std::move(r)); });
   } catch (const PeerClosed&) {
     // The worker is gone: its exit puts the task back in the queue.
   } catch (const std::exception& e) {
@@ -322,8 +339,8 @@ void PoolCore::detachTask(Slot& s, Task& t) {
   if (front) armTimer(s);
 }
 
-void PoolCore::onReply(std::uint64_t id, std::uint64_t token, CallResult r) {
-  auto it = tasks_.find(id);
+void PoolCore::onReply(std::uint64_t token, CallResult r) {
+  auto it = tasks_.find(token >> 16);
   if (it == tasks_.end()) return;
   Task& t = *it->second;
   if (t.token != token || t.slot == kNoSlot) return;  // a dispatch that was taken back
@@ -360,10 +377,10 @@ void PoolCore::finishTask(Task& t, CallResult r) {
   if (!r.ok()) ++failed_;
   ++completed_;
   owned->state->done = true;
-  owned->state->result = r;
+  owned->state->result = std::move(r);
   if (onResult_) {
     const TaskInfo info{owned->id, owned->command, owned->args, owned->attempts, owned->lastSlot};
-    user("result", [&] { onResult_(info, r); });
+    user("result", [&] { onResult_(info, owned->state->result); });
   }
   if (onProgress_) {
     const double p = submitted_ ? static_cast<double>(completed_) / static_cast<double>(submitted_) : 1.0;
@@ -620,9 +637,14 @@ void throwResultType(std::uint64_t id, const std::exception& e) {
 // ---------------------------------------------------------------- FunctionWorker
 
 FunctionWorker::FunctionWorker(std::string name, std::shared_ptr<const PoolInvoker> fn, Value fixed,
-                               ProcessOptions options)
-    : MessageProcess(std::move(name), std::move(options)), fn_(std::move(fn)), fixed_(std::move(fixed)) {
-  commandRaw("call", [this](const Message& m) { return (*fn_)(fixed_, m.get<List>("a")); });
+                               ProcessOptions options, bool batch)
+    : MessageProcess(std::move(name), std::move(options)), fn_(std::move(fn)), fixed_(std::move(fixed)), batch_(batch) {
+  commandRaw("call", [this](const Message& m) {
+    // The arguments in place, not copied; get() says what is wrong otherwise.
+    const Value* a = m.find("a");
+    if (const List* l = a ? a->getIf<List>() : nullptr) return (*fn_)(fixed_, *l);
+    return (*fn_)(fixed_, m.get<List>("a"));
+  });
   commandRaw("fixed", [this](const Message& m) {
     fixed_ = m.get<Value>("value");
     return Value();
@@ -630,6 +652,14 @@ FunctionWorker::FunctionWorker(std::string name, std::shared_ptr<const PoolInvok
 }
 
 FunctionWorker::~FunctionWorker() { stop(); }  // in-process: before the members go
+
+// Backend side. In-process it sets the backend thread's policy only.
+void FunctionWorker::preRun__() {
+  if (!batch_) return;
+  const sched_param none{};
+  if (::sched_setscheduler(0, SCHED_BATCH, &none) != 0)
+    poolLog()->warn("{}: cannot run under SCHED_BATCH: {}", fullName(), std::strerror(errno));
+}
 
 }  // namespace detail
 

@@ -544,6 +544,43 @@ TEST(Manager, RunUntilDrivesTheLoopFromTheCaller) {
   EXPECT_FALSE(test::hasChildren());
 }
 
+// A zero timeout is one turn that does not wait (UV_RUN_NOWAIT): an owner
+// with a loop of its own polls the manager so, and what is ready is handled.
+TEST(Manager, RunUntilWithAZeroTimeoutRunsOneTurnWithoutWaiting) {
+  Manager::Options o;
+  o.handleSignals = false;
+  Manager m(o);
+  auto& w = m.emplace<Blaster>("w");
+  int messages = 0;
+  m.onMessage([&](MessageProcess&, Message&) { ++messages; });
+  EXPECT_TRUE(m.runUntil([] { return true; }, 0ms));  // starts the workers
+  // Nothing is ready: the turn does not wait.
+  const auto t0 = Clock::now();
+  EXPECT_FALSE(m.runUntil([] { return false; }, 0ms));
+  EXPECT_LT(Clock::now() - t0, 1s);
+  // A timer due now and posted work each run in one turn.
+  bool timer = false, posted = false;
+  m.after(0ms, [&] { timer = true; });
+  m.post([&] { posted = true; });
+  EXPECT_FALSE(m.runUntil([] { return false; }, 0ms));
+  EXPECT_TRUE(timer);
+  EXPECT_TRUE(posted);
+  // Messages and a call's callback arrive through polls alone.
+  w.send("blast", {{"n", 9}});
+  double square = 0;
+  w.callAsync("square_later", {{"x", 3.0}, {"ms", 1}}, 5s, [&](CallResult r) { square = r.get().as<double>(); });
+  EXPECT_TRUE(test::eventually([&] { return m.runUntil([&] { return messages == 10 && square == 9.0; }, 0ms); }, 10s));
+  EXPECT_EQ(messages, 10);
+  EXPECT_EQ(square, 9.0);
+  // A death too: the exit handler runs inside a poll.
+  bool exited = false;
+  m.onExit([&](MessageProcess&, const ExitStatus& s) { exited = s.how == ExitStatus::How::Signaled; });
+  ::kill(w.pid(), SIGKILL);
+  EXPECT_TRUE(test::eventually([&] { return m.runUntil([&] { return exited; }, 0ms); }, 10s));
+  EXPECT_EQ(m.finish(), 0);
+  EXPECT_FALSE(test::hasChildren());
+}
+
 // A worker that owns a shared-memory segment: replacing it removes the
 // segment with the object.
 class Owner : public MessageProcess {

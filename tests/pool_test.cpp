@@ -1,6 +1,7 @@
 #include "forklift/pool.hpp"
 
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -338,6 +339,14 @@ TEST(Pool, WorkersAreRecycledAfterKTasks) {
   for (int i = 0; i < 9; ++i) pids.insert(pool.submit("pid").get().as<int>());
   EXPECT_EQ(pids.size(), 3u);
   EXPECT_EQ(pool.restarts(), 0u);  // recycling is not a restart
+  // Submitted at once, with room for all of them on the worker: still 3
+  // tasks per worker, none queued on one beyond its last.
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 9; ++i) fs.push_back(pool.submit("pid"));
+  std::map<int, int> tasksOf;
+  for (auto& f : fs) ++tasksOf[f.get().as<int>()];
+  EXPECT_EQ(tasksOf.size(), 3u);
+  for (const auto& [pid, n] : tasksOf) EXPECT_EQ(n, 3) << "worker " << pid;
 }
 
 TEST(Pool, WorkersAreRecycledAboveAResidentSize) {
@@ -387,6 +396,124 @@ TEST(Pool, InProcessWorkersRunTasksAndAreReplacedAfterATimeout) {
   EXPECT_EQ(pool.map({5, 6}), (std::vector<int>{5, 6}));
   EXPECT_EQ(pool.pool().restarts(), 1u);
   std::this_thread::sleep_for(400ms);  // the abandoned thread ends its sleep and leaves
+}
+
+// poll() is one turn of the pool's loop that does not wait: results,
+// deaths and timeouts are handled there and their callbacks run.
+TEST(Pool, PollHandlesResultsDeathsAndTimeoutsWithoutWaiting) {
+  PoolOptions o = workers(2);
+  o.retries = 0;
+  WorkerPool pool(jobs(), o);
+  int results = 0;
+  std::vector<WorkerEvent::Kind> events;
+  pool.onResult([&](const TaskInfo&, const CallResult&) { ++results; });
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e.kind); });
+  auto seen = [&](WorkerEvent::Kind k) { return std::count(events.begin(), events.end(), k); };
+  const auto t0 = Clock::now();
+  pool.poll();  // nothing is ready: it does not wait
+  EXPECT_LT(Clock::now() - t0, 1s);
+
+  pool.submit("square", {{"x", 3}});
+  EXPECT_TRUE(test::eventually([&] {
+    pool.poll();
+    return pool.completed() == 1;
+  }, 10s));
+  EXPECT_EQ(results, 1);
+
+  ::kill(pool.worker(1).pid(), SIGKILL);
+  EXPECT_TRUE(test::eventually([&] {
+    pool.poll();
+    return seen(WorkerEvent::Kind::Restarted) == 1;
+  }, 10s));
+  EXPECT_EQ(seen(WorkerEvent::Kind::Died), 1);
+  EXPECT_EQ(pool.restarts(), 1u);
+
+  pool.submit("hang", {}, TaskOptions{100ms, std::nullopt});
+  EXPECT_TRUE(test::eventually([&] {
+    pool.poll();
+    return pool.completed() == 1 && pool.failedTasks() == 1;  // a new batch began with it
+  }, 10s));
+  EXPECT_EQ(seen(WorkerEvent::Kind::TimedOut), 1);
+  EXPECT_EQ(results, 2);
+  EXPECT_TRUE(pool.finished());
+}
+
+// With several tasks on a worker (the default depth), a task's timeout
+// counts from when it reaches the front: time spent queued behind a slow
+// task on its worker is not held against it.
+TEST(Pool, ATimeoutCountsFromTheFrontOfTheWorkersQueue) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  ASSERT_GT(o.queueDepth, 1u);
+  WorkerPool pool(jobs(), o);
+  auto slow = pool.submit("nap", {{"ms", 400}});
+  auto quick = pool.submit("square", {{"x", 5}}, TaskOptions{200ms, std::nullopt});
+  auto hung = pool.submit("hang", {}, TaskOptions{200ms, std::nullopt});
+  EXPECT_EQ(slow.get().as<int>(), 400);
+  EXPECT_EQ(quick.get().as<double>(), 25.0);  // queued for 400 ms, not timed out
+  const auto t0 = Clock::now();
+  EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { hung.get(); }), "ran longer than its timeout of 200 ms"));
+  EXPECT_LT(Clock::now() - t0, 5s);
+  EXPECT_EQ(pool.restarts(), 1u);
+}
+
+// Pipelining does not pile tasks on a busy worker while another is idle: a
+// task goes to the least busy worker with room.
+TEST(Pool, ATaskGoesToAnIdleWorkerBeforeQueueingBehindABusyOne) {
+  WorkerPool pool(jobs(), workers(2));
+  std::map<std::uint64_t, std::size_t> workerOf;
+  pool.onResult([&](const TaskInfo& t, const CallResult&) { workerOf[t.id] = t.worker; });
+  auto slow = pool.submit("nap", {{"ms", 1000}});
+  auto quick = pool.submit("pid");
+  EXPECT_EQ(quick.get().as<int>(), pool.worker(1).pid());
+  EXPECT_FALSE(slow.ready());  // quick did not wait behind it
+  EXPECT_EQ(slow.get().as<int>(), 1000);
+  EXPECT_EQ(workerOf[1], 0u);
+  EXPECT_EQ(workerOf[2], 1u);
+  // Both busy: the next tasks spread over both, not all on the first.
+  std::vector<TaskFuture<Value>> fs;
+  for (int i = 0; i < 4; ++i) fs.push_back(pool.submit("nap", {{"ms", 20}}));
+  for (auto& f : fs) f.get();
+  std::set<std::size_t> used;
+  for (std::uint64_t id = 3; id <= 6; ++id) used.insert(workerOf[id]);
+  EXPECT_EQ(used.size(), 2u);
+}
+
+// FunctionPool's workers run under SCHED_BATCH unless told otherwise.
+TEST(Pool, FunctionPoolWorkersRunUnderBatchScheduling) {
+  FunctionPool<int()> batch([] { return ::sched_getscheduler(0); }, workers(1));
+  EXPECT_EQ(batch.submit().get(), SCHED_BATCH);
+  PoolOptions o = workers(1);
+  o.batchScheduling = false;
+  FunctionPool<int()> normal([] { return ::sched_getscheduler(0); }, o);
+  EXPECT_EQ(normal.submit().get(), SCHED_OTHER);
+}
+
+// The tasks queued behind the one that was running when a worker died go
+// back to the pool's queue untouched: they run once, on the replacement,
+// their attempts not counted, their retries not spent.
+TEST(Pool, TasksQueuedBehindADeadWorkersTaskRunOnceOnTheReplacement) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  ASSERT_GE(o.queueDepth, 4u);
+  WorkerPool pool(jobs(), o);
+  std::map<std::uint64_t, int> attempts;
+  pool.onResult([&](const TaskInfo& t, const CallResult&) { attempts[t.id] = t.attempts; });
+  const pid_t first = pool.worker(0).pid();
+  auto crash = pool.submit("crash");
+  std::vector<TaskFuture<Value>> behind;
+  for (int i = 0; i < 3; ++i) behind.push_back(pool.submit("pid"));
+  EXPECT_EQ(pool.submitted(), 4u);
+  EXPECT_TRUE(test::contains(test::thrown<WorkerDied>([&] { crash.get(); }), "died (killed by SIGKILL)"));
+  for (auto& f : behind) {
+    const int pid = f.get().as<int>();
+    EXPECT_NE(pid, first);
+    EXPECT_EQ(pid, pool.worker(0).pid());
+  }
+  EXPECT_EQ(attempts.size(), 4u);
+  for (std::uint64_t id = 2; id <= 4; ++id) EXPECT_EQ(attempts[id], 1) << "task " << id;
+  EXPECT_EQ(pool.failedTasks(), 1u);
+  EXPECT_EQ(pool.restarts(), 1u);
 }
 
 TEST(Pool, StopFailsWhatIsLeftAndDoesNotWaitForABusyWorker) {

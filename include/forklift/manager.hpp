@@ -215,6 +215,9 @@ class Manager {
   // Drives the loop on the calling thread until `done()` holds, `timeout`
   // passes or a stop is requested; the first call starts the workers and
   // calls startThreads(). `done` is checked before each turn of the loop.
+  // A zero timeout runs one turn that does not wait (UV_RUN_NOWAIT: what is
+  // ready is handled, posted work and its callbacks run) unless done()
+  // already holds: an owner with a loop of its own polls the manager so.
   // Returns done(). Once a stop was requested, the manager shuts down as
   // run() does (finish()) and further calls return at once. Error when
   // called from a callback of this loop (libuv loops do not nest) or while

@@ -13,9 +13,18 @@
 //   std::vector<double> r = pool.map({1.0, 2.0, 3.0});
 //   pool.finalize();
 //
-// Scheduling: a task goes to the least busy worker that has room; each
-// worker holds at most `queueDepth` tasks sent and not answered (1: a task
-// goes only to an idle worker). Tasks wait in the pool's queue, at most
+// Scheduling: a task goes to the least busy worker that has room (an idle
+// one first); each worker holds at most `queueDepth` tasks sent and not
+// answered. The default (32) pipelines: a worker finds its next tasks
+// waiting when it ends one, instead of idling for a round trip each (a
+// cross-CPU wake-up costs more than a short task), and the pool handles
+// replies and sends in batches (a worker whose queue filled up is sent
+// tasks again once half of them are answered, so it wakes once for many
+// tasks, not once for each). A task sent to a worker waits behind the
+// ones sent before it there, even if another worker becomes idle: for long
+// or uneven tasks set `queueDepth` to 1 (a task goes only to an idle
+// worker) or 2 (the next task waits in the worker while one runs).
+// Tasks wait in the pool's queue, at most
 // `maxQueued` of them: submit() on a full queue waits for room
 // (backpressure). suspend() stops sending tasks (those sent run on);
 // resume() goes on. finalize() takes no more tasks, waits for all, stops
@@ -35,6 +44,19 @@
 // resident memory size (`recycleAboveRss`). The pool
 // never hangs on a dead worker: every wait also watches every worker's death.
 //
+// Transport and scheduling: FunctionPool's workers use the shared-memory
+// message transport by default (`PoolOptions::process.transport`, see
+// forklift/process.hpp; a worker started by a fork server uses the socket),
+// and run under the SCHED_BATCH policy (sched(7); `batchScheduling`): a
+// worker woken by its first task does not preempt the owner that is still
+// sending it the rest of the batch (on a CPU they share, every task would
+// otherwise cost two context switches); the nice value stays, and
+// processes a worker forks inherit the policy. A
+// WorkerPool's workers use the ProcessOptions their factory gives them:
+// the socket unless the factory's class sets `ProcessOptions::transport =
+// Transport::SharedMemory`, which makes each task cheaper; its preRun__
+// may call sched_setscheduler(0, SCHED_BATCH, ...) likewise.
+//
 // Threads: the pool has no thread of its own. It is driven by its owner,
 // the thread that made it: its loop runs inside the pool's waits (submit on
 // a full queue, wait, map, finalize, TaskFuture::get/wait/ready, poll), and
@@ -47,7 +69,8 @@
 // or it sets ProcessOptions::allowThreads, knowing what its threads do. Calling the pool from another thread,
 // or waiting on it from one of its own callbacks, throws Error. Between
 // waits nothing happens: tasks sent run in the workers, but results,
-// deaths and timeouts are seen at the next wait (call poll() to look).
+// deaths and timeouts are seen at the next wait (poll() handles what is
+// ready without waiting).
 //
 // In-process mode (ProcessOptions::inProcess, FORKLIFT_IN_PROCESS=1) works
 // too: a timed-out worker thread cannot be killed; it is abandoned (its
@@ -77,9 +100,18 @@
 
 namespace forklift {
 
+namespace detail {
+// FunctionPool's workers: shared-memory queues instead of the socket.
+inline ProcessOptions poolProcessOptions() {
+  ProcessOptions o;
+  o.transport = Transport::SharedMemory;
+  return o;
+}
+}  // namespace detail
+
 struct PoolOptions {
   std::size_t workers = 4;
-  std::size_t queueDepth = 1;     // tasks on one worker at once (sent, not answered)
+  std::size_t queueDepth = 32;     // tasks on one worker at once (sent, not answered); see above
   std::size_t maxQueued = 4096;   // tasks waiting for a worker; submit() waits beyond
   Timeout taskTimeout = kForever; // per task, from when it runs; TaskOptions override it
   int retries = 1;                // runs again after a worker's death or a timeout
@@ -88,9 +120,15 @@ struct PoolOptions {
   std::size_t recycleAfter = 0;   // replace a worker after this many tasks (0: never)
   // Replace a worker whose resident memory is above this after a task (0:
   // never; forked workers only; costs a read of /proc/<pid>/statm per task).
+  // The tasks already queued on it run first; recycleAfter sends a worker
+  // no more tasks than it has left.
   std::size_t recycleAboveRss = 0;
   Timeout stopTimeout = std::chrono::seconds(5);
-  ProcessOptions process;         // of FunctionPool's workers
+  // Of FunctionPool's workers (a WorkerPool's factory sets its own).
+  ProcessOptions process = detail::poolProcessOptions();
+  // FunctionPool's workers run under SCHED_BATCH (see "Transport and
+  // scheduling" above).
+  bool batchScheduling = true;
 };
 
 struct TaskOptions {
@@ -256,7 +294,8 @@ class WorkerPool {
   // Waits until finished() (driving the pool); false when `timeout` passed
   // first. Error while suspended with tasks queued (they would never run).
   bool wait(Timeout timeout = kForever);
-  // Handles what is ready without waiting.
+  // One turn of the pool's loop without waiting: replies, deaths and
+  // timeouts that are ready are handled and their callbacks run.
   void poll();
   void suspend();
   void resume();
@@ -293,12 +332,18 @@ using PoolInvoker = std::function<Value(const Value& fixed, const List& args)>;
 // "call", keeps the fixed arguments set by "fixed".
 class FunctionWorker final : public MessageProcess {
  public:
-  FunctionWorker(std::string name, std::shared_ptr<const PoolInvoker> fn, Value fixed, ProcessOptions options);
+  // `batch`: the backend runs under SCHED_BATCH (PoolOptions::batchScheduling).
+  FunctionWorker(std::string name, std::shared_ptr<const PoolInvoker> fn, Value fixed, ProcessOptions options,
+                 bool batch = false);
   ~FunctionWorker() override;
+
+ protected:
+  void preRun__() override;
 
  private:
   std::shared_ptr<const PoolInvoker> fn_;
   Value fixed_;
+  bool batch_;
 };
 
 // The type of a function's only argument (map's one-argument form).
@@ -357,10 +402,11 @@ class FunctionPool<R(A...)> {
   using FnFixed = std::function<R(const Value& fixed, A...)>;
 
   explicit FunctionPool(Fn fn, PoolOptions options = {})
-      : shared_(std::make_shared<Shared>(wrap(std::move(fn)), Value(), options.process)),
+      : shared_(std::make_shared<Shared>(wrap(std::move(fn)), Value(), options.process, options.batchScheduling)),
         pool_(factory(shared_), options) {}
   FunctionPool(FnFixed fn, Value fixed, PoolOptions options = {})
-      : shared_(std::make_shared<Shared>(invoker(std::move(fn)), std::move(fixed), options.process)),
+      : shared_(std::make_shared<Shared>(invoker(std::move(fn)), std::move(fixed), options.process,
+                                         options.batchScheduling)),
         pool_(factory(shared_), options) {}
 
   TaskFuture<R> submit(A... args) { return submitWith(TaskOptions{}, std::move(args)...); }
@@ -368,7 +414,10 @@ class FunctionPool<R(A...)> {
     List a;
     a.reserve(sizeof...(A));
     (a.emplace_back(Value(std::move(args))), ...);
-    return pool_.submit("call", {{"a", Value(std::move(a))}}, options).template as<R>();
+    Map m;  // not an initializer list: that would copy the arguments
+    m.reserve(1);
+    m.emplace_back("a", Value(std::move(a)));
+    return pool_.submit("call", std::move(m), options).template as<R>();
   }
 
   // Results in input order; throws the first failed task's error (in input
@@ -409,11 +458,15 @@ class FunctionPool<R(A...)> {
 
  private:
   struct Shared {
-    Shared(detail::PoolInvoker f, Value x, ProcessOptions o)
-        : fn(std::make_shared<const detail::PoolInvoker>(std::move(f))), fixed(std::move(x)), options(std::move(o)) {}
+    Shared(detail::PoolInvoker f, Value x, ProcessOptions o, bool b)
+        : fn(std::make_shared<const detail::PoolInvoker>(std::move(f))),
+          fixed(std::move(x)),
+          options(std::move(o)),
+          batch(b) {}
     std::shared_ptr<const detail::PoolInvoker> fn;
     Value fixed;
     ProcessOptions options;
+    bool batch;
   };
   static detail::PoolInvoker invoker(FnFixed fn) { return detail::makeInvoker<R, A...>(std::move(fn)); }
   static detail::PoolInvoker wrap(Fn fn) {
@@ -422,7 +475,7 @@ class FunctionPool<R(A...)> {
   static WorkerPool::Factory factory(std::shared_ptr<Shared> sh) {
     return [sh](std::size_t index) -> std::unique_ptr<MessageProcess> {
       return std::make_unique<detail::FunctionWorker>("pool-" + std::to_string(index), sh->fn, sh->fixed,
-                                                      sh->options);
+                                                      sh->options, sh->batch);
     };
   }
   void setInvoker(detail::PoolInvoker fn, std::optional<Value> fixed) {
