@@ -420,7 +420,7 @@ PLACEMENTS = {"same": ("0,0", "both processes pinned to CPU 0"),
               "split": ("0,1", "frontend pinned to CPU 0, backend to CPU 1")}
 
 
-def update_readme(sections, date, mach):
+def update_readme(sections, date, mach, pool_md=None):
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
@@ -435,6 +435,8 @@ def update_readme(sections, date, mach):
     for key, label, md, stem_rel in sections:
         block.append(f"\n**{label}**\n\n{md}\n\n![handoff throughput, {label}]({stem_rel}-handoff.png)\n"
                      f"![round trip, {label}]({stem_rel}-rtt.png)")
+    if pool_md:
+        block.append(f"\n**pools, empty tasks (not pinned)**\n\n{pool_md}\n")
     block.append(end)
     pre, rest = text.split(begin, 1)
     _, post = rest.split(end, 1)
@@ -491,7 +493,7 @@ def main():
         if "pool" in doc:
             f.write(f"\n## Pools, empty tasks (unpinned)\n\n{pool_table(doc['pool']['results'])}\n")
     if not a.no_readme:
-        update_readme(sections, date, mach)
+        update_readme(sections, date, mach, pool_table(doc["pool"]["results"]) if "pool" in doc else None)
     log(f"wrote bench/results/{date}.json, {date}.md and the plots")
     for key, _, _, _ in sections:
         errs = doc["placements"][key]["peer_errors"]

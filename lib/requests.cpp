@@ -313,7 +313,10 @@ void Requests::readTurn(const Deadline& d, Read how) {
       peerEnded = (fds[1].revents & (POLLIN | POLLHUP)) != 0;  // a death pipe hangs up
     }
   } else {
-    peerEnded = waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()));
+    // Over shared memory the read below sees the death itself (the death
+    // descriptor is in the channel's epoll set, which an empty read looks
+    // at): no poll of our own per pump.
+    peerEnded = cmd_.transport() == Transport::Socket && waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()));
   }
   if (ready.empty()) {
     // A reply that arrived whole but does not decode still completes its call.
