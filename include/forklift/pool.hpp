@@ -52,10 +52,10 @@
 // sending it the rest of the batch (on a CPU they share, every task would
 // otherwise cost two context switches); the nice value stays, and
 // processes a worker forks inherit the policy. A
-// WorkerPool's workers use the ProcessOptions their factory gives them:
-// the socket unless the factory's class sets `ProcessOptions::transport =
-// Transport::SharedMemory`, which makes each task cheaper; its preRun__
-// may call sched_setscheduler(0, SCHED_BATCH, ...) likewise.
+// WorkerPool's workers use the ProcessOptions their factory gives them
+// (the shared-memory transport unless the factory's class chooses the
+// socket); their preRun__ may call sched_setscheduler(0, SCHED_BATCH, ...)
+// likewise.
 //
 // Threads: the pool has no thread of its own. It is driven by its owner,
 // the thread that made it: its loop runs inside the pool's waits (submit on
