@@ -465,8 +465,12 @@ void Backend::run() {
 void Backend::runShared() {
   epoll_event ev[4];
   while (!stopping_) {
-    // 0 when libuv has work due now (pending callbacks, idle handles,
-    // closing handles), -1 when it waits for nothing but descriptors.
+    // 0 when libuv has work due now (a timer whose time came, pending
+    // callbacks, idle or closing handles), -1 when it waits for nothing but
+    // descriptors. Its clock is brought up to now first: commands that keep
+    // coming must not starve the timers (libuv's clock moves only in
+    // uv_run, which this loop skips while only commands come).
+    uv_update_time(&loop_);
     const int timeout = uv_backend_timeout(&loop_);
     if (timeout != 0 && cmd_.spin().count() > 0) {
       // Poll the queue for a while, the frontend not ringing meanwhile.

@@ -203,6 +203,23 @@ TEST(Process, StartingPastTheDescriptorLimitIsAClearErrorAndLeaksNothing) {
   EXPECT_EQ(test::exitCodeOf(test::waitChild(pid, 60s)), 0);
 }
 
+// A backend that never runs out of commands still runs its timers: ticks
+// every 10 ms arrive while the frontend keeps sending (a loop that ran
+// libuv only when idle would deliver them after the flood).
+TEST(Process, TimersRunWhileCommandsKeepComing) {
+  EchoProcess p("busy");
+  p.start();
+  p.send("tick", {{"period_ms", 10}, {"count", 5}});
+  const auto t0 = std::chrono::steady_clock::now();
+  int ticks = 0;
+  while (std::chrono::steady_clock::now() - t0 < 400ms) {
+    for (int i = 0; i < 50; ++i) p.send("nothing", {});
+    while (auto m = p.recv(Timeout::zero())) ticks += m->command() == "tick";
+  }
+  EXPECT_EQ(ticks, 5) << "ticks seen during 400 ms of commands";
+  EXPECT_TRUE(p.stop(5s).ok());
+}
+
 TEST(Process, CallReturnsWhatTheHandlerReturns) {
   EchoProcess p;
   p.start();
