@@ -639,6 +639,11 @@ TEST(Lifecycle, AnUnusableLogFileFailsStartWithAClearError) {
 
 // ---------------------------------------------------------------- 14. in-process without stop()
 
+// Set when a Collector's destructor starts: its blocking handler waits for
+// it (not for a time), so the queued commands are still queued when the
+// destruction reaches MessageProcess, however slow the machine.
+std::atomic<bool> gCollectorDying{false};
+
 class Collector : public MessageProcess {
  public:
   explicit Collector(ProcessOptions o) : MessageProcess("collector", std::move(o)) {
@@ -648,6 +653,7 @@ class Collector : public MessageProcess {
     command("block", &Collector::c__block, {"ms"});
   }
   // No stop() here: the base class's destructor is left to do it.
+  ~Collector() override { gCollectorDying = true; }
 
  private:
   void c__add(int x) { items_.push_back(std::to_string(x)); }
@@ -655,8 +661,14 @@ class Collector : public MessageProcess {
   void c__later() {
     after__(300ms, [this] { items_.push_back("timer"); });
   }
-  // Busy without touching the object, while the frontend destroys it.
-  void c__block(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+  // Busy without touching the object until its destruction has started
+  // (at most 5 s), then `ms` more: the destructor of the base class has
+  // long said "no more handlers" by then.
+  void c__block(int ms) {
+    const auto end = Clock::now() + 5s;
+    while (!gCollectorDying && Clock::now() < end) std::this_thread::sleep_for(1ms);
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  }
   void postRun__() override { items_.push_back("postRun"); }
   std::vector<std::string> items_;
 };
@@ -669,14 +681,15 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
   for (int round = 0; round < 5; ++round) {
     ProcessOptions o;
     o.inProcess = true;
+    gCollectorDying = false;
     auto c = std::make_unique<Collector>(o);
     c->start();
     c->send("later");
     EXPECT_EQ(c->call("count", {}, 5s).as<std::int64_t>(), 0);
-    // Long enough that the 100 sends below are queued behind it before the
-    // destruction starts, even under a sanitizer on a busy machine: once it
-    // ends, a queued add would race the subclass's destructor (the user's race).
-    c->send("block", {{"ms", 1000}});
+    // Blocks until the destruction starts, so the 100 sends below are queued
+    // behind it: had it ended earlier, a queued add would race the subclass's
+    // destructor (the user's race, which this test does not mean to try).
+    c->send("block", {{"ms", 200}});
     for (int i = 0; i < 100; ++i) c->send("add", {{"x", i}});
     const auto t0 = Clock::now();
     c.reset();  // ASan, TSan: nothing touches the destroyed subclass
