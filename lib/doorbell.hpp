@@ -12,7 +12,10 @@
 // and by the message queues (lib/shm_pipe.cpp).
 #pragma once
 
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 
@@ -59,6 +62,22 @@ inline void bellArm(std::atomic<std::uint32_t>& armed, std::uint32_t want = 1) n
   FORKLIFT_FENCE_END
 }
 inline void bellDisarm(std::atomic<std::uint32_t>& armed) noexcept { armed.store(0, std::memory_order_relaxed); }
+
+// The eventfd side of a doorbell. A ring adds one (EAGAIN, a full
+// counter, means it is rung already); a clear reads the counter back to
+// zero and returns what it held (0 when it was clear).
+inline void ringBell(int fd) noexcept {
+  const std::uint64_t one = 1;
+  while (::write(fd, &one, sizeof one) < 0 && errno == EINTR) {
+  }
+}
+inline std::uint64_t clearBell(int fd) noexcept {
+  std::uint64_t n = 0;
+  for (;;) {
+    if (::read(fd, &n, sizeof n) == sizeof n) return n;
+    if (errno != EINTR) return 0;
+  }
+}
 
 // The bounded spin a waiter may make before it arms and sleeps (the
 // ring's and the message queues' `spin` options): polls `ready()` with a

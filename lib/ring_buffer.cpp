@@ -56,17 +56,6 @@ constexpr std::uint64_t kMaxSlotBytes = std::uint64_t{1} << 40;
 
 std::uint64_t alignUp(std::uint64_t v, std::uint64_t a) { return (v + a - 1) / a * a; }
 
-void ringBell(int fd) noexcept {
-  const std::uint64_t one = 1;
-  // EAGAIN: the counter is full, the bell is rung already.
-  (void)retryEintr([&] { return ::write(fd, &one, sizeof one); });
-}
-
-void drainBell(int fd) noexcept {
-  std::uint64_t v;
-  (void)retryEintr([&] { return ::read(fd, &v, sizeof v); });
-}
-
 // Without pidfds, a waiting side looks at its peer this often.
 constexpr int kPeerCheckMillis = 50;
 
@@ -82,7 +71,7 @@ bool sleepOn(int bell, int peer, const Deadline& d, int capMillis = -1) {
       if (errno == EINTR) continue;
       throwErrno("cannot wait for the ring's doorbell");
     }
-    if (p[0].revents & POLLIN) drainBell(bell);
+    if (p[0].revents & POLLIN) clearBell(bell);
     return r > 0 || !d.expired();
   }
 }
@@ -353,7 +342,7 @@ struct RingReaderState {
     pid = ::getpid();
     recover();
     bellDisarm(h.readerArmed);
-    drainBell(core->readerBell.get());
+    clearBell(core->readerBell.get());
     h.readerEpoch.fetch_add(1, std::memory_order_acq_rel);
     ringBell(core->writerBell.get());
   }
@@ -823,7 +812,7 @@ bool RingWriter::arm() {
 }
 
 void RingWriter::drainDoorbell() noexcept {
-  if (s_) detail::drainBell(s_->core->writerBell.get());
+  if (s_) detail::clearBell(s_->core->writerBell.get());
 }
 
 int RingWriter::readerFd() { return s_ ? s_->reader.pollFd() : -1; }
@@ -915,7 +904,7 @@ bool RingReader::arm() {
 }
 
 void RingReader::drainDoorbell() noexcept {
-  if (s_) detail::drainBell(s_->core->readerBell.get());
+  if (s_) detail::clearBell(s_->core->readerBell.get());
 }
 
 int RingReader::writerFd() { return s_ ? s_->writer.pollFd() : -1; }

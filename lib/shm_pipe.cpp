@@ -30,22 +30,6 @@ std::size_t roundUp(std::size_t n) {
 
 }  // namespace
 
-std::uint64_t clearBell(int fd) noexcept {
-  std::uint64_t n = 0;
-  for (;;) {
-    const ssize_t r = ::read(fd, &n, sizeof n);
-    if (r == sizeof n) return n;
-    if (r < 0 && errno == EINTR) continue;
-    return 0;  // EAGAIN: it was clear
-  }
-}
-
-void ringBell(int fd) noexcept {
-  const std::uint64_t one = 1;
-  while (::write(fd, &one, sizeof one) < 0 && errno == EINTR) {
-  }
-}
-
 std::size_t Pipe::readable() const noexcept {
   return h->tail.load(std::memory_order_acquire) - h->head.load(std::memory_order_relaxed);
 }

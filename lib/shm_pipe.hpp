@@ -72,9 +72,6 @@ struct Pipe {
   bool writerArm();
 };
 
-// Reads an eventfd to zero; returns what it held (0 when nothing).
-std::uint64_t clearBell(int fd) noexcept;
-void ringBell(int fd) noexcept;
 
 class ShmLink {
  public:
