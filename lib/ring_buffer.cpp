@@ -1,6 +1,7 @@
 #include "forklift/ring_buffer.hpp"
 
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
@@ -9,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -91,6 +93,47 @@ std::string shapeText(const std::vector<std::int64_t>& shape) {
   std::string s;
   for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? "x" : "") + std::to_string(shape[i]);
   return s;
+}
+
+// The last-level cache one CPU reaches, for the writer's choice of slot:
+// the kernel's view in sysfs first (glibc's sysconf reports the whole
+// package's L3 on some AMD parts, ten times what one core shares), then
+// sysconf, then 8 MiB.
+std::uint64_t lastLevelCacheBytes() {
+  static const std::uint64_t bytes = [] {
+    std::uint64_t best = 0;
+    int bestLevel = 0;
+    for (int i = 0; i < 8; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      std::FILE* lf = std::fopen((dir + "level").c_str(), "r");
+      if (!lf) break;
+      int level = 0;
+      const bool gotLevel = std::fscanf(lf, "%d", &level) == 1;
+      std::fclose(lf);
+      std::FILE* sf = std::fopen((dir + "size").c_str(), "r");
+      if (!sf) continue;
+      unsigned long long kib = 0;
+      const bool gotSize = std::fscanf(sf, "%lluK", &kib) == 1;
+      std::fclose(sf);
+      if (gotLevel && gotSize && level >= bestLevel) {
+        bestLevel = level;
+        best = kib << 10;
+      }
+    }
+    if (best > 0) return best;
+    for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
+      const long v = ::sysconf(name);
+      if (v > 0) return static_cast<std::uint64_t>(v);
+    }
+    return std::uint64_t{8} << 20;
+  }();
+  return bytes;
+}
+
+// 1 + the CPU this thread runs on (0 when unknown), as readerCpu holds it.
+std::int32_t cpuTag() noexcept {
+  const int cpu = ::sched_getcpu();
+  return cpu < 0 ? 0 : cpu + 1;
 }
 
 }  // namespace
@@ -222,6 +265,7 @@ struct RingWriterState {
   explicit RingWriterState(std::shared_ptr<RingCore> c)
       : core(std::move(c)), reader(core->h->readerPid, core->h->readerEpoch) {
     spare.reserve(core->n);
+    bigRing = std::uint64_t{core->n} * core->fmt.slotBytes > lastLevelCacheBytes() / 2;
   }
   ~RingWriterState() {
     if (pid == 0 || pid != ::getpid()) return;  // not attached, or a forked copy
@@ -296,16 +340,29 @@ struct RingWriterState {
     return std::nullopt;
   }
 
+  // Which free slot: the one whose bytes are where the next fill and read
+  // are cheapest. A reader on this CPU shares our caches: the slot it
+  // released last is the warmest, so R is emptied into the spare list and
+  // the newest taken, and a ring whose reader keeps up works in one slot's
+  // worth of cache instead of N. A reader on another CPU still holds the
+  // slot it released last in its own cache, and our writes would have to
+  // take every line from there: the oldest slot (first the spare list, then
+  // R in order) has left that cache for the shared one.
   std::optional<std::uint32_t> takeFree() {
+    RingCore& c = *core;
+    RingHeader& h = *c.h;
+    const std::uint64_t rt = h.rTail.load(std::memory_order_relaxed);
+    const std::uint64_t rh = h.rHead.load(std::memory_order_acquire);
+    if (rt < rh && readerSharesCpu()) {
+      for (std::uint64_t q = rt; q < rh; ++q) spare.push_back(c.ret[q % c.n].load(std::memory_order_relaxed));
+      h.rTail.store(rh, std::memory_order_release);
+    }
     if (!spare.empty()) {
       const std::uint32_t s = spare.back();
       spare.pop_back();
       return s;
     }
-    RingCore& c = *core;
-    RingHeader& h = *c.h;
-    const std::uint64_t rt = h.rTail.load(std::memory_order_relaxed);
-    if (rt < h.rHead.load(std::memory_order_acquire)) {
+    if (rt < rh) {
       const std::uint32_t s = c.ret[rt % c.n].load(std::memory_order_relaxed);
       h.rTail.store(rt + 1, std::memory_order_release);
       return s;
@@ -313,6 +370,22 @@ struct RingWriterState {
     if (c.fmt.policy == RingPolicy::Block) return std::nullopt;
     return dropOldest();
   }
+
+  bool readerSharesCpu() const noexcept {
+    const std::int32_t r = core->h->readerCpu.load(std::memory_order_relaxed);
+    return r != 0 && r == cpuTag();
+  }
+
+  // After ringing the reader: when it sleeps on this CPU and the ring does
+  // not fit in half the cache, give it the CPU now. Run on, the writer
+  // would fill the next slots and push the one just committed out of the
+  // cache before the reader reads it; yielded, the reader reads it warm
+  // and gives it back warm. A small ring stays in cache either way, and
+  // then one wake-up for many slots is worth more.
+  void yieldToReader() const noexcept {
+    if (bigRing && readerSharesCpu()) ::sched_yield();
+  }
+  bool bigRing = false;
 
   void checkOne() const {
     if (reserved)
@@ -407,6 +480,8 @@ struct RingReaderState {
     bellPublish(h.rHead, rpos + 1);
     h.readerRecord.store(0, std::memory_order_release);
     if (consumed) h.consumed.store(h.consumed.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    if (const std::int32_t cpu = cpuTag(); h.readerCpu.load(std::memory_order_relaxed) != cpu)
+      h.readerCpu.store(cpu, std::memory_order_relaxed);
     if (bellMustRing(h.writerArmed, rpos + 1 - h.rTail.load(std::memory_order_relaxed))) ringBell(c.writerBell.get());
   }
 
@@ -651,7 +726,10 @@ void WriteSlot::commit() {
   const std::uint64_t head = h.head.load(std::memory_order_relaxed);
   c.deliver[head % c.n].store(detail::deliverEntry(info_.sequence, index_), std::memory_order_relaxed);
   detail::bellPublish(h.head, head + 1);
-  if (detail::bellMustRing(h.readerArmed, 1)) detail::ringBell(c.readerBell.get());
+  if (detail::bellMustRing(h.readerArmed, 1)) {
+    detail::ringBell(c.readerBell.get());
+    w_->yieldToReader();
+  }
   w_->reserved = false;
   data_ = nullptr;
   w_.reset();

@@ -11,6 +11,8 @@
 //   tail   D positions taken, << 1, low bit set when the writer took the
 //          last one (a drop); advanced by CAS by either side.
 //   rHead  R positions pushed; reader only.   rTail  R positions popped; writer only.
+// `readerCpu` tells the writer whether the reader shares its CPU, which
+// decides which free slot is warmest to reuse (see RingWriterState).
 // `readerRecord` is the reader's claim on one slot, so a new reader can
 // recover the slot of a dead one (see lib/ring_buffer.cpp): none, pending
 // (slot s at D position p, CAS not known to have won), held (slot s), or
@@ -76,6 +78,7 @@ struct alignas(64) RingHeader {
   std::atomic<std::uint32_t> readerArmed;
   std::atomic<std::int32_t> readerPid;
   std::atomic<std::uint32_t> readerEpoch;
+  std::atomic<std::int32_t> readerCpu;  // 1 + the CPU the reader last released a slot on; 0: not known
 };
 
 struct alignas(64) RingSlotMeta {

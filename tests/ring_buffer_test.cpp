@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -140,6 +141,59 @@ TEST(RingBuffer, AbandonedSlotGoesBackAndBlockTimesOut) {
   EXPECT_TRUE(test::contains(test::thrown<TimeoutError>([&] { w.reserve(30ms); }), "stayed full for 30 ms"));
   EXPECT_GE(Clock::now() - t0, 25ms);
   EXPECT_EQ(ring.stats().committed, 2u);
+}
+
+// Runs f on a thread pinned to `cpu`, and waits for it.
+void onCpu(int cpu, const std::function<void()>& f) {
+  std::thread t([&] {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    ASSERT_EQ(::sched_setaffinity(0, sizeof set, &set), 0);
+    f();
+  });
+  t.join();
+}
+
+// The writer's choice of free slot (ring_buffer.hpp): the one the reader
+// released last when the reader shares the writer's CPU, the oldest free one
+// when it does not.
+TEST(RingBuffer, TheWriterReusesTheWarmestSlotForWhereTheReaderRuns) {
+  if (std::thread::hardware_concurrency() < 2) GTEST_SKIP() << "needs two CPUs";
+  auto ring = RingBuffer::create("ring-warm", 4, 64);
+  auto w = ring.writer();
+  auto r = ring.reader();
+  // Fills all four slots, the reader takes the first two back; returns the
+  // data pointers in commit order and the pointer of the next reserve.
+  auto round = [&](int readerCpu) {
+    std::vector<const std::byte*> committed;
+    onCpu(0, [&] {
+      for (int i = 0; i < 4; ++i) {
+        WriteSlot s = w.reserve(1s);
+        committed.push_back(s.data());
+        s.commit();
+      }
+    });
+    onCpu(readerCpu, [&] {
+      for (int i = 0; i < 2; ++i) ASSERT_TRUE(r.next(1s));  // released at once
+    });
+    const std::byte* next = nullptr;
+    onCpu(0, [&] {
+      WriteSlot s = w.reserve(1s);
+      next = s.data();
+      s.commit();
+      for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.next(1s));  // empties the ring for the next round
+    });
+    committed.push_back(next);
+    return committed;
+  };
+  const auto same = round(0);
+  EXPECT_EQ(same[4], same[1]) << "same CPU: the slot released last";
+  const auto other = round(1);
+  // The reader released other[0] then other[1]; slots freed by the
+  // previous round may come first, but never the one released last.
+  EXPECT_NE(other[4], other[1]) << "another CPU: not the slot still in the reader's cache";
+  EXPECT_EQ(ring.stats().consumed, ring.stats().committed);
 }
 
 TEST(RingBuffer, BadSizesAndMisuseAreNamed) {
@@ -284,6 +338,30 @@ INSTANTIATE_TEST_SUITE_P(, RingPolicies,
                                                                                          : "KeepLatest";
                            return n + (info.param.slowReader ? "SlowReader" : "FastReader");
                          });
+
+// A ring larger than half the cache, both sides on one CPU: the writer
+// yields to the reader it wakes (ring_buffer.hpp). Every frame still
+// arrives, in order and whole, under each policy.
+TEST(RingBufferStress, ABigRingOnOneCpuDeliversEveryFrame) {
+  cpu_set_t saved;
+  ASSERT_EQ(::sched_getaffinity(0, sizeof saved, &saved), 0);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(::sched_getcpu(), &one);
+  ASSERT_EQ(::sched_setaffinity(0, sizeof one, &one), 0);  // the child inherits it
+  for (const RingPolicy p : {RingPolicy::Block, RingPolicy::DropOldest}) {
+    constexpr std::uint64_t kFrames = 20;
+    const RunResult r = runPolicy(p, 3, std::size_t{6} << 20, kFrames, 0us);
+    EXPECT_TRUE(r.endedClosed);
+    EXPECT_EQ(r.outOfOrder, 0u);
+    EXPECT_EQ(r.badChecksums, 0u);
+    EXPECT_EQ(r.received + r.stats.drops, kFrames);
+    if (p == RingPolicy::Block) {
+      EXPECT_EQ(r.received, kFrames);
+    }
+  }
+  ASSERT_EQ(::sched_setaffinity(0, sizeof saved, &saved), 0);
+}
 
 TEST(RingBufferStress, ChecksummedFramesAcrossAForkAreNeverTorn) {
   // Slots smaller than a page and a reader as fast as the writer: the

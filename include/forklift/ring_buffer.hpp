@@ -33,6 +33,18 @@
 // writer takes free slots from R; the reader takes slots from D by a CAS on
 // D's read cursor, and returns them to R.
 //
+// Which free slot the writer fills next is chosen for the cache (which one
+// is invisible otherwise): with the reader on the writer's CPU, the one
+// released last, still warm; with the reader on another CPU, the one
+// released first, which has left the reader's private cache. And a writer
+// that wakes a reader sleeping on its own CPU yields the CPU to it when the
+// ring is larger than half the last-level cache, so the slot is read before
+// the next fills push it out. How many slots: a pipeline needs two (one
+// filled while the other is read); more absorb the reader's jitter and the
+// wake-up latency, which matters while a fill is as short as a wake-up
+// (tens of µs across CPUs on small VMs). For arrays of several MiB, two or
+// three slots are the fastest: each slot more is memory out of the cache.
+//
 // Overflow policy, chosen at creation:
 //   Block       reserve() waits (with its timeout) until the reader returns a
 //               slot. Nothing is ever dropped.
