@@ -136,10 +136,13 @@ Channel::Wake Channel::waitInput(const Deadline& d) {
       case Ready::Fd: return Wake::Input;
     }
   }
-  if (spin_.count() > 0 && d.pollMillis() != 0) {
-    holdRings();  // a writer need not ring a reader that is looking
-    const auto bound = d.forever() ? spin_ : std::min<std::chrono::nanoseconds>(spin_, d.remaining());
-    if (detail::spinFor(bound, [this] { return in_->readable() > 0; })) return Wake::Input;
+  if (spin_.count() > 0) {
+    const auto now = Deadline::Clock::now();
+    const auto end = d.forever() || d.at() - now > spin_ ? now + spin_ : d.at();
+    if (end > now) {
+      holdRings();  // a writer need not ring a reader that is looking
+      if (detail::spinUntil(end, [this] { return in_->readable() > 0; })) return Wake::Input;
+    }
   }
   // Armed before sleeping (holdRings may have left it disarmed), then one
   // more look: a message published before the arming rang nobody.
@@ -386,14 +389,13 @@ void Channel::send(const Message& m, Timeout timeout) {
   // socket refuses them once the peer is gone. The death descriptor is
   // asked at most once per 100 µs: a send that close to the death is one
   // the peer could as well have died right after.
-  if (link_ && deathFd_ >= 0) {
-    const auto now = std::chrono::steady_clock::now();
-    if (now - lastDeathCheck_ > std::chrono::microseconds(100)) {
-      lastDeathCheck_ = now;
-      if (detail::waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()))) peerEnded();
-    }
+  const bool deathCheck = link_ && deathFd_ >= 0;
+  const auto now = deathCheck || timeout != kForever ? Deadline::Clock::now() : Deadline::Clock::time_point{};
+  if (deathCheck && now - lastDeathCheck_ > std::chrono::microseconds(100)) {
+    lastDeathCheck_ = now;
+    if (detail::waitFor(deathFd_, POLLIN, Deadline(Timeout::zero()))) peerEnded();
   }
-  const Deadline d(timeout);
+  const Deadline d(timeout, now);
   const std::size_t rest = unsentBytes();
   if (rest == 0) {
     sendBuf_.clear();

@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <utility>
 
 namespace forklift::detail {
 
@@ -90,16 +91,21 @@ inline void cpuRelax() noexcept {
 #endif
 }
 
-// Spins up to `d` until `ready()`; true when it became ready.
+// Spins until `ready()` or `end`; true when it became ready.
 template <class F>
-bool spinFor(std::chrono::nanoseconds d, F&& ready) {
-  if (d.count() <= 0) return false;
-  const auto end = std::chrono::steady_clock::now() + d;
+bool spinUntil(std::chrono::steady_clock::time_point end, F&& ready) {
   for (int i = 0;; ++i) {
     if (ready()) return true;
     cpuRelax();
     if ((i & 63) == 63 && std::chrono::steady_clock::now() >= end) return false;
   }
+}
+
+// Spins up to `d` until `ready()`; true when it became ready.
+template <class F>
+bool spinFor(std::chrono::nanoseconds d, F&& ready) {
+  if (d.count() <= 0) return false;
+  return spinUntil(std::chrono::steady_clock::now() + d, std::forward<F>(ready));
 }
 
 }  // namespace forklift::detail

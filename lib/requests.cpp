@@ -105,7 +105,7 @@ void Requests::setDispatcher(std::function<void(std::function<void()>)> dispatch
 // holder is in the middle of one send, so waits are short or hopeless.
 class Requests::SendTurn {
  public:
-  SendTurn(Requests& r, const Deadline& d) : lock_(r.sendMutex_, std::try_to_lock) {
+  SendTurn(Requests& r, const Deadline& d) : lock_(r.sendMutex_, std::try_to_lock), waited_(!lock_.owns_lock()) {
     for (auto nap = std::chrono::microseconds(20); !lock_.owns_lock() && !d.expired();
          nap = std::min(nap * 2, std::chrono::microseconds(2000))) {
       std::this_thread::sleep_for(std::min<Deadline::Clock::duration>(nap, d.remaining()));
@@ -113,12 +113,19 @@ class Requests::SendTurn {
     }
   }
   bool held() const noexcept { return lock_.owns_lock(); }
+  // What is left of `timeout` for the send itself: all of it unless the
+  // turn had to be waited for (the clock is read only then).
+  Timeout left(Timeout timeout, const Deadline& d) const {
+    if (!waited_ || d.forever()) return timeout;
+    return std::chrono::ceil<Timeout>(d.remaining());
+  }
   void release() {
     if (lock_.owns_lock()) lock_.unlock();
   }
 
  private:
   std::unique_lock<std::mutex> lock_;
+  bool waited_;
 };
 
 std::exception_ptr Requests::endError(const End& end, const char* what, const std::string& command,
@@ -145,7 +152,7 @@ void Requests::send(Message& m, Timeout timeout) {
   throwIfClosed("send", m.command());
   m.setId(0);
   try {
-    cmd_.send(m, d.forever() ? kForever : std::chrono::ceil<Timeout>(d.remaining()));
+    cmd_.send(m, turn.left(timeout, d));
   } catch (const PeerClosed&) {
     turn.release();
     std::rethrow_exception(endError(endOfPeer(), "send", m.command(), true));
@@ -182,7 +189,7 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
     if (held) cmd_.holdRings();
   }
   try {
-    cmd_.send(m, s->deadline.forever() ? kForever : std::chrono::ceil<Timeout>(s->deadline.remaining()));
+    cmd_.send(m, turn.left(timeout, s->deadline));
   } catch (const PeerClosed&) {
     if (held) cmd_.resumeRings();
     forget(*s);
@@ -390,7 +397,9 @@ bool Requests::wait(CallSlot& s, const Deadline& d) {
       run(ready);
       return true;
     }
-    if (s.deadline.expired()) {
+    // One clock read for both deadlines.
+    const auto now = s.deadline.forever() && d.forever() ? Deadline::Clock::time_point{} : Deadline::Clock::now();
+    if (!s.deadline.forever() && now >= s.deadline.at()) {
       std::vector<std::function<void()>> ready;
       expire(ready);
       lock.unlock();
@@ -398,7 +407,7 @@ bool Requests::wait(CallSlot& s, const Deadline& d) {
       lock.lock();
       continue;
     }
-    if (d.expired()) return false;
+    if (!d.forever() && now >= d.at()) return false;
     if (!reading_) {
       reading_ = true;
       lock.unlock();

@@ -30,19 +30,39 @@ std::size_t roundUp(std::size_t n) {
 
 }  // namespace
 
+// Each side keeps the last value it saw of the other side's cursor: a
+// lower bound, since cursors only grow, so "bytes wait" or "room is left"
+// read from it is always true. Only when it says none does the side load
+// the cursor itself, from the line the other side keeps writing: a
+// message then costs the writer no miss on the reader's line.
 std::size_t Pipe::readable() const noexcept {
-  return h->tail.load(std::memory_order_acquire) - h->head.load(std::memory_order_relaxed);
+  const std::uint64_t head = h->head.load(std::memory_order_relaxed);
+  std::uint64_t tail = tailSeen.load(std::memory_order_relaxed);
+  if (tail == head) {
+    tail = h->tail.load(std::memory_order_acquire);
+    tailSeen.store(tail, std::memory_order_relaxed);
+  }
+  return tail - head;
 }
 
-std::size_t Pipe::writable() const noexcept {
-  return capacity - (h->tail.load(std::memory_order_relaxed) - h->head.load(std::memory_order_acquire));
+// The head the writer last saw, loaded again when it leaves less than
+// `want` bytes of room.
+std::size_t Pipe::room(std::uint64_t tail, std::size_t want) const noexcept {
+  std::uint64_t head = headSeen.load(std::memory_order_relaxed);
+  if (capacity - (tail - head) < want) {
+    head = h->head.load(std::memory_order_acquire);
+    headSeen.store(head, std::memory_order_relaxed);
+  }
+  return capacity - (tail - head);
 }
+
+std::size_t Pipe::writable() const noexcept { return room(h->tail.load(std::memory_order_relaxed), 1); }
 
 std::size_t Pipe::write(const char* p, std::size_t n) {
   std::size_t done = 0;
   for (;;) {
     const std::uint64_t tail = h->tail.load(std::memory_order_relaxed);
-    const std::size_t room = capacity - (tail - h->head.load(std::memory_order_acquire));
+    const std::size_t room = this->room(tail, n - done);
     const std::size_t take = std::min(room, n - done);
     if (take > 0) {
       const std::size_t at = tail & (capacity - 1);
@@ -62,7 +82,7 @@ std::size_t Pipe::write(const char* p, std::size_t n) {
 
 std::size_t Pipe::read(char* out, std::size_t max) {
   const std::uint64_t head = h->head.load(std::memory_order_relaxed);
-  const std::size_t take = std::min<std::size_t>(max, h->tail.load(std::memory_order_acquire) - head);
+  const std::size_t take = std::min<std::size_t>(max, readable());
   if (take == 0) return 0;
   const std::size_t at = head & (capacity - 1);
   const std::size_t first = std::min(take, capacity - at);

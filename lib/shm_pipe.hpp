@@ -48,9 +48,15 @@ struct Pipe {
   std::size_t capacity = 0;
   UniqueFd dataBell;   // the reader waits on it
   UniqueFd spaceBell;  // the writer waits on it
+  // The other side's cursor as this side last loaded it (see shm_pipe.cpp).
+  // Atomic only because a side's queries may come from several threads;
+  // relaxed, it costs what a plain variable does.
+  mutable std::atomic<std::uint64_t> headSeen{0};  // writer's
+  mutable std::atomic<std::uint64_t> tailSeen{0};  // reader's
 
   std::size_t readable() const noexcept;
   std::size_t writable() const noexcept;
+  std::size_t room(std::uint64_t tail, std::size_t want) const noexcept;
 
   // Writer: copies what fits of [p, p+n), publishes it and rings the reader
   // if it armed. When not all of it fits, the writer arms itself for space
