@@ -321,10 +321,20 @@ namespace {
 // zone, no intermediate object. Every container size is checked against the
 // bytes left before anything is reserved, so memory stays proportional to
 // the input.
+// The stack of open containers, kept per thread from one decode to the
+// next, so a decode allocates only what the message itself holds. (A
+// decode never starts another on the same thread.)
+std::vector<Value*>& openContainers() {
+  thread_local std::vector<Value*> stack;
+  stack.clear();
+  return stack;
+}
+
 class ValueBuilder {
  public:
   ValueBuilder(std::size_t inputSize, const Limits& limits, std::vector<detail::UniqueFd>& fds)
-      : inputSize_(inputSize), limits_(limits), fds_(fds), budget_(decodedBudget(inputSize, limits)) {}
+      : inputSize_(inputSize), limits_(limits), fds_(fds), stack_(openContainers()),
+        budget_(decodedBudget(inputSize, limits)) {}
 
   Value root;
   std::string error;   // set when a callback refused the input
@@ -505,7 +515,7 @@ class ValueBuilder {
   std::size_t inputSize_;
   const Limits& limits_;
   std::vector<detail::UniqueFd>& fds_;  // taken as the body refers to them
-  std::vector<Value*> stack_;
+  std::vector<Value*>& stack_;
   Value* last_ = nullptr;
   std::string pendingKey_;
   bool haveKey_ = false;
@@ -520,6 +530,15 @@ class ValueBuilder {
       (command.empty() ? std::string("cannot decode message: ") : "cannot decode message '" + command + "': ") + why;
   if (limit) throw LimitError(text, command, id);
   throw DecodeError(text, command, id);
+}
+
+// refuse(), with the command and id the builder read, if it got that far
+// (looked up only on this path: a message that decodes pays nothing).
+[[noreturn]] void refuseNamed(const ValueBuilder& b, const std::string& why, bool limit) {
+  std::string command;
+  std::uint64_t id = 0;
+  b.header(command, id);
+  refuse(why, limit, command, id);
 }
 
 }  // namespace
@@ -544,26 +563,24 @@ Message decode(const char* data, std::size_t size, const Limits& limits, std::ve
   }
   // Whatever went wrong, name the command and id if they were read: the
   // receiver can then answer the call instead of dropping it.
-  std::string command;
-  std::uint64_t id = 0;
-  b.header(command, id);
-  if (!ok) refuse(why, b.limitHit, command, id);
-  if (off != size) refuse(std::to_string(size - off) + " trailing bytes", false, command, id);
+  auto fail = [&b](const std::string& text, bool limit) { refuseNamed(b, text, limit); };
+  if (!ok) fail(why, b.limitHit);
+  if (off != size) fail(std::to_string(size - off) + " trailing bytes", false);
   if (fds.size() > std::min(limits.maxFds, kMaxFdsPerMessage))
-    refuse("carries " + std::to_string(fds.size()) + " descriptors, over the limit of " +
-               std::to_string(std::min(limits.maxFds, kMaxFdsPerMessage)),
-           true, command, id);
+    fail("carries " + std::to_string(fds.size()) + " descriptors, over the limit of " +
+             std::to_string(std::min(limits.maxFds, kMaxFdsPerMessage)),
+         true);
   if (const std::size_t unused = b.unusedFds())
-    refuse("came with " + std::to_string(fds.size()) + " descriptors but refers to only " +
-               std::to_string(fds.size() - unused),
-           false, command, id);
+    fail("came with " + std::to_string(fds.size()) + " descriptors but refers to only " +
+             std::to_string(fds.size() - unused),
+         false);
 
   List* top = b.root.getIf<List>();
-  if (!top || top->size() != 3) refuse("not a [command, id, args] triple", false, command, id);
+  if (!top || top->size() != 3) fail("not a [command, id, args] triple", false);
   auto* cmd = (*top)[0].getIf<std::string>();
   const auto* rawId = (*top)[1].getIf<std::int64_t>();
   auto* args = (*top)[2].getIf<Map>();
-  if (!cmd || !args || !rawId || *rawId < 0) refuse("not a [command, id, args] triple", false, command, id);
+  if (!cmd || !args || !rawId || *rawId < 0) fail("not a [command, id, args] triple", false);
   Message m(std::move(*cmd), std::move(*args));
   m.setId(static_cast<std::uint64_t>(*rawId));
   return m;

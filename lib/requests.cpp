@@ -365,7 +365,14 @@ void Requests::readTurn(const Deadline& d, Read how) {
       auto it = pending_.find(m->id());
       if (it == pending_.end()) continue;  // the late reply of a forgotten call
       if (m->command() == control::kOk) {
-        complete(*it->second, CallResult(m->get<Value>("value", Value())), ready);
+        // Moved out, not copied: a reply may carry megabytes.
+        Value value;
+        for (auto& [name, v] : m->args())
+          if (name == "value") {
+            value = std::move(v);
+            break;
+          }
+        complete(*it->second, CallResult(std::move(value)), ready);
       } else {
         countError();
         complete(*it->second,

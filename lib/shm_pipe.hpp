@@ -20,7 +20,9 @@
 // Memory order: `tail` (bytes published, writer) is stored with release
 // after the bytes, and loaded with acquire by the reader before it copies
 // them; `head` (bytes taken, reader) likewise the other way, so the writer
-// never overwrites bytes not yet copied out.
+// never overwrites bytes not yet copied out. Each side caches the other's
+// cursor (`tailSeen`, `headSeen`) and reloads it only when the cached value
+// shows no bytes or no room: a lower bound is always safe to act on.
 #pragma once
 
 #include <atomic>
