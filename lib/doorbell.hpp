@@ -12,6 +12,7 @@
 // and by the message queues (lib/shm_pipe.cpp).
 #pragma once
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -78,6 +79,14 @@ inline std::uint64_t clearBell(int fd) noexcept {
     if (::read(fd, &n, sizeof n) == sizeof n) return n;
     if (errno != EINTR) return 0;
   }
+}
+
+// 1 + the CPU this thread runs on, 0 when unknown: what a consumer that
+// goes to sleep records, so its producer can tell whether the wake-up it
+// rings lands on its own CPU (and then give that CPU away at once).
+inline std::int32_t cpuTag() noexcept {
+  const int cpu = ::sched_getcpu();
+  return cpu < 0 ? 0 : cpu + 1;
 }
 
 // The bounded spin a waiter may make before it arms and sleeps (the

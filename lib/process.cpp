@@ -380,7 +380,7 @@ Value MessageProcess::call(const std::string& command, Map args, Timeout timeout
   Message m(command, std::move(args));
   auto slot = r.call(m, timeout, {}, true);
   r.wait(*slot, slot->deadline);
-  return slot->result.get();
+  return slot->result.take();  // the slot is ours alone now: no copy
 }
 
 CallFuture MessageProcess::callAsync(const std::string& command, Map args) {

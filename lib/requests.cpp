@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <thread>
+#include <utility>
 
 #include "child.hpp"
 #include "control.hpp"
@@ -20,6 +21,11 @@ namespace forklift {
 const Value& CallResult::get() const {
   if (error_) std::rethrow_exception(error_);
   return value_;
+}
+
+Value CallResult::take() {
+  if (error_) std::rethrow_exception(error_);
+  return std::exchange(value_, Value());
 }
 
 std::string CallResult::what() const {
@@ -218,7 +224,8 @@ void Requests::complete(CallSlot& s, CallResult r, std::vector<std::function<voi
     --callbacks_;
     auto fn = std::move(s.callback);
     s.callback = nullptr;
-    ready.push_back([fn = std::move(fn), res = s.result]() mutable { fn(std::move(res)); });
+    // Nobody else reads the result of a call with a callback.
+    ready.push_back([fn = std::move(fn), res = std::move(s.result)]() mutable { fn(std::move(res)); });
   }
   pending_.erase(s.id);  // last: it may hold the only reference to s
 }

@@ -130,12 +130,6 @@ std::uint64_t lastLevelCacheBytes() {
   return bytes;
 }
 
-// 1 + the CPU this thread runs on (0 when unknown), as readerCpu holds it.
-std::int32_t cpuTag() noexcept {
-  const int cpu = ::sched_getcpu();
-  return cpu < 0 ? 0 : cpu + 1;
-}
-
 }  // namespace
 
 RingPidfdOpenFn ringPidfdOpen = [](int pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); };

@@ -119,6 +119,20 @@ class EchoProcess : public MessageProcess {
   }
 };
 
+// call() hands over the reply's value with CallResult::take: moved, so a
+// reply of megabytes is not copied on its way to the caller.
+TEST(CallResult, TakeMovesTheValueOutAndRethrowsAnError) {
+  CallResult r(Value(Bytes(1 << 20, 7)));
+  const std::uint8_t* at = r.get().getIf<Bytes>()->data();
+  const Value v = r.take();
+  ASSERT_NE(v.getIf<Bytes>(), nullptr);
+  EXPECT_EQ(v.getIf<Bytes>()->data(), at);  // the same buffer: not a copy
+  EXPECT_EQ(v.getIf<Bytes>()->size(), 1u << 20);
+  EXPECT_EQ(r.get().kind(), Value::Kind::Nil);
+  CallResult failed(std::make_exception_ptr(RemoteError("it broke")));
+  EXPECT_THROW(failed.take(), RemoteError);
+}
+
 TEST(Process, SendRunsTheHandlerInTheBackend) {
   EchoProcess p;
   p.start();

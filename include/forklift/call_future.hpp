@@ -48,6 +48,9 @@ class CallResult {
   bool ok() const noexcept { return !error_; }
   // The value, or rethrows the error.
   const Value& get() const;
+  // As get(), but moves the value out (this result then holds nil): for the
+  // one who consumes it, so a large reply is not copied.
+  Value take();
   std::exception_ptr error() const noexcept { return error_; }
   // The error's message ("" when ok).
   std::string what() const;
