@@ -89,8 +89,11 @@ Requests::Requests(Channel cmd, UniqueFd stopBell, int deathFd, Hooks hooks)
       cmd_(std::move(cmd)),
       stopBell_(std::move(stopBell)),
       deathFd_(deathFd),
-      wake_(syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
-  if (!wake_) throwErrno(hooks_.who + ": cannot create the calls' wake-up event");
+      // Over shared memory close() rings the channel's own doorbell, which
+      // the reader waits on: the eventfd is for the socket's poll only.
+      wake_(cmd_.transport() == Transport::Socket ? syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1) {
+  if (cmd_.transport() == Transport::Socket && !wake_)
+    throwErrno(hooks_.who + ": cannot create the calls' wake-up event");
   cmd_.watchPeer(deathFd_);
 }
 
@@ -257,8 +260,10 @@ void Requests::close(End end) {
     std::lock_guard lock(mutex_);
     closeLocked(std::move(end), ready);
   }
-  const std::uint64_t one = 1;
-  [[maybe_unused]] auto r = ::write(wake_.get(), &one, sizeof one);
+  if (wake_) {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto r = ::write(wake_.get(), &one, sizeof one);
+  }
   cmd_.wakeReader();
   run(ready);
 }

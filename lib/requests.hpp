@@ -130,7 +130,7 @@ class Requests : public std::enable_shared_from_this<Requests> {
   Channel cmd_;
   UniqueFd stopBell_;
   int deathFd_;
-  UniqueFd wake_;  // eventfd: close() wakes the reader's poll
+  UniqueFd wake_;  // socket transport only: close() wakes the reader's poll
 
   // One sender at a time (frames stay whole), waited for with a deadline.
   // Uncontended, taking the turn is one try_lock. (Not a timed_mutex:

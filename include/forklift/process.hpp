@@ -132,8 +132,8 @@ struct ProcessOptions {
   // default: faster both when the two processes share a CPU and when each
   // has its own; bench/compare), or a socket pair. The socket pair is
   // there either way, for descriptors and the peer's end. The queues'
-  // doorbells cost descriptors: a running backend holds 13 in the frontend
-  // instead of 5, so under the usual limit of 1024 open files about 75
+  // doorbells cost descriptors: a running backend holds 12 in the frontend
+  // instead of 5, so under the usual limit of 1024 open files about 80
   // backends run at once (a start past it fails with EMFILE, saying so);
   // for more, raise the limit (ulimit -n) or choose the socket. The
   // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it.
