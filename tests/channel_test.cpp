@@ -45,6 +45,28 @@ std::string frameHeader(std::uint32_t len, char version = 2) {
   return h;
 }
 
+// timeout.hpp: a Deadline from a timeout, and from a `now` already read.
+TEST(Deadline, CountsFromNowOrFromTheMomentGiven) {
+  const auto now = Deadline::Clock::now();
+  const Deadline given(250ms, now);
+  EXPECT_EQ(given.at(), now + 250ms);
+  EXPECT_FALSE(given.forever());
+  EXPECT_GT(given.pollMillis(), 0);
+  EXPECT_LE(given.pollMillis(), 250);
+  const Deadline past(100ms, now - 1s);
+  EXPECT_TRUE(past.expired());
+  EXPECT_EQ(past.pollMillis(), 0);
+  EXPECT_EQ(past.remaining(), Deadline::Clock::duration::zero());
+  for (const Deadline& f : {Deadline(kForever), Deadline(kForever, now)}) {
+    EXPECT_TRUE(f.forever());
+    EXPECT_FALSE(f.expired());
+    EXPECT_EQ(f.pollMillis(), -1);
+    EXPECT_EQ(f.remaining(), Deadline::Clock::duration::max());
+  }
+  const Deadline fresh(Timeout::zero());
+  EXPECT_EQ(fresh.pollMillis(), 0);
+}
+
 TEST(Channel, SendAndReceiveInOneProcess) {
   auto [a, b] = Channel::makePair();
   a.send(Message("ping", {{"parameter", "gotcha!"}}));
