@@ -255,11 +255,12 @@ struct RingWriterState {
   bool reserved = false;
   std::chrono::nanoseconds spin{0};
   pid_t pid = 0;
+  bool bigRing;  // larger than half the last-level cache (see yieldToReader)
 
   explicit RingWriterState(std::shared_ptr<RingCore> c)
-      : core(std::move(c)), reader(core->h->readerPid, core->h->readerEpoch) {
+      : core(std::move(c)), reader(core->h->readerPid, core->h->readerEpoch),
+        bigRing(std::uint64_t{core->n} * core->fmt.slotBytes > lastLevelCacheBytes() / 2) {
     spare.reserve(core->n);
-    bigRing = std::uint64_t{core->n} * core->fmt.slotBytes > lastLevelCacheBytes() / 2;
   }
   ~RingWriterState() {
     if (pid == 0 || pid != ::getpid()) return;  // not attached, or a forked copy
@@ -379,7 +380,6 @@ struct RingWriterState {
   void yieldToReader() const noexcept {
     if (bigRing && readerSharesCpu()) ::sched_yield();
   }
-  bool bigRing = false;
 
   void checkOne() const {
     if (reserved)
