@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <ostream>
+#include <utility>
 
 namespace forklift {
 
@@ -46,6 +47,10 @@ const Value* Message::find(std::string_view name) const noexcept {
   for (const auto& [k, v] : args_)
     if (k == name) return &v;
   return nullptr;
+}
+
+Value* Message::find(std::string_view name) noexcept {
+  return const_cast<Value*>(std::as_const(*this).find(name));
 }
 
 Message& Message::set(std::string name, Value v) {
@@ -563,24 +568,25 @@ Message decode(const char* data, std::size_t size, const Limits& limits, std::ve
   }
   // Whatever went wrong, name the command and id if they were read: the
   // receiver can then answer the call instead of dropping it.
-  auto fail = [&b](const std::string& text, bool limit) { refuseNamed(b, text, limit); };
-  if (!ok) fail(why, b.limitHit);
-  if (off != size) fail(std::to_string(size - off) + " trailing bytes", false);
+  if (!ok) refuseNamed(b, why, b.limitHit);
+  if (off != size) refuseNamed(b, std::to_string(size - off) + " trailing bytes", false);
   if (fds.size() > std::min(limits.maxFds, kMaxFdsPerMessage))
-    fail("carries " + std::to_string(fds.size()) + " descriptors, over the limit of " +
-             std::to_string(std::min(limits.maxFds, kMaxFdsPerMessage)),
-         true);
+    refuseNamed(b,
+                "carries " + std::to_string(fds.size()) + " descriptors, over the limit of " +
+                    std::to_string(std::min(limits.maxFds, kMaxFdsPerMessage)),
+                true);
   if (const std::size_t unused = b.unusedFds())
-    fail("came with " + std::to_string(fds.size()) + " descriptors but refers to only " +
-             std::to_string(fds.size() - unused),
-         false);
+    refuseNamed(b,
+                "came with " + std::to_string(fds.size()) + " descriptors but refers to only " +
+                    std::to_string(fds.size() - unused),
+                false);
 
   List* top = b.root.getIf<List>();
-  if (!top || top->size() != 3) fail("not a [command, id, args] triple", false);
+  if (!top || top->size() != 3) refuseNamed(b, "not a [command, id, args] triple", false);
   auto* cmd = (*top)[0].getIf<std::string>();
   const auto* rawId = (*top)[1].getIf<std::int64_t>();
   auto* args = (*top)[2].getIf<Map>();
-  if (!cmd || !args || !rawId || *rawId < 0) fail("not a [command, id, args] triple", false);
+  if (!cmd || !args || !rawId || *rawId < 0) refuseNamed(b, "not a [command, id, args] triple", false);
   Message m(std::move(*cmd), std::move(*args));
   m.setId(static_cast<std::uint64_t>(*rawId));
   return m;

@@ -10,6 +10,7 @@
 
 #include "child.hpp"
 #include "control.hpp"
+#include "doorbell.hpp"
 #include "metrics.hpp"
 #include "posix.hpp"
 #include "seams.hpp"
@@ -212,10 +213,7 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
   return s;
 }
 
-void Requests::ringStop() noexcept {
-  const std::uint64_t one = 1;
-  [[maybe_unused]] auto r = ::write(stopBell_.get(), &one, sizeof one);
-}
+void Requests::ringStop() noexcept { ringBell(stopBell_.get()); }
 
 // ---------------------------------------------------------------- completing
 
@@ -260,10 +258,7 @@ void Requests::close(End end) {
     std::lock_guard lock(mutex_);
     closeLocked(std::move(end), ready);
   }
-  if (wake_) {
-    const std::uint64_t one = 1;
-    [[maybe_unused]] auto r = ::write(wake_.get(), &one, sizeof one);
-  }
+  if (wake_) ringBell(wake_.get());
   cmd_.wakeReader();
   run(ready);
 }
@@ -378,13 +373,8 @@ void Requests::readTurn(const Deadline& d, Read how) {
       if (it == pending_.end()) continue;  // the late reply of a forgotten call
       if (m->command() == control::kOk) {
         // Moved out, not copied: a reply may carry megabytes.
-        Value value;
-        for (auto& [name, v] : m->args())
-          if (name == "value") {
-            value = std::move(v);
-            break;
-          }
-        complete(*it->second, CallResult(std::move(value)), ready);
+        Value* value = m->find("value");
+        complete(*it->second, CallResult(value ? std::move(*value) : Value()), ready);
       } else {
         countError();
         complete(*it->second,

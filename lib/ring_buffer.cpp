@@ -101,26 +101,27 @@ std::string shapeText(const std::vector<std::int64_t>& shape) {
 // sysconf, then 8 MiB.
 std::uint64_t lastLevelCacheBytes() {
   static const std::uint64_t bytes = [] {
-    std::uint64_t best = 0;
-    int bestLevel = 0;
+    // The leading number of a small file ("3", "32768K"); -1 if unreadable.
+    auto number = [](const std::string& path) -> long long {
+      std::FILE* f = std::fopen(path.c_str(), "r");
+      if (!f) return -1;
+      long long v = -1;
+      if (std::fscanf(f, "%lld", &v) != 1) v = -1;
+      std::fclose(f);
+      return v;
+    };
+    long long best = -1, bestLevel = -1;
     for (int i = 0; i < 8; ++i) {
       const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-      std::FILE* lf = std::fopen((dir + "level").c_str(), "r");
-      if (!lf) break;
-      int level = 0;
-      const bool gotLevel = std::fscanf(lf, "%d", &level) == 1;
-      std::fclose(lf);
-      std::FILE* sf = std::fopen((dir + "size").c_str(), "r");
-      if (!sf) continue;
-      unsigned long long kib = 0;
-      const bool gotSize = std::fscanf(sf, "%lluK", &kib) == 1;
-      std::fclose(sf);
-      if (gotLevel && gotSize && level >= bestLevel) {
+      const long long level = number(dir + "level");
+      if (level < 0) break;
+      const long long kib = number(dir + "size");
+      if (kib > 0 && level >= bestLevel) {
         bestLevel = level;
-        best = kib << 10;
+        best = kib;
       }
     }
-    if (best > 0) return best;
+    if (best > 0) return static_cast<std::uint64_t>(best) << 10;
     for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
       const long v = ::sysconf(name);
       if (v > 0) return static_cast<std::uint64_t>(v);

@@ -80,7 +80,6 @@ struct Pipe {
   bool writerArm();
 };
 
-
 class ShmLink {
  public:
   // `ab` and `ba` are the capacities of the two directions (rounded up to

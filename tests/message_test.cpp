@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <random>
+#include <utility>
 
 #include "support.hpp"
 
@@ -29,6 +30,17 @@ Buffer encoded(const Message& m) {
 }
 
 const auto errorOf = [](auto&& fn) { return test::thrown(fn); };
+
+TEST(Message, FindOnAMutableMessageLetsAnArgumentBeMovedOut) {
+  Message m("reply", {{"value", Bytes(4096, 1)}, {"other", 2}});
+  Value* v = m.find("value");
+  ASSERT_NE(v, nullptr);
+  const std::uint8_t* at = v->getIf<Bytes>()->data();
+  const Value taken = std::move(*v);
+  EXPECT_EQ(taken.getIf<Bytes>()->data(), at);
+  EXPECT_EQ(m.find("missing"), nullptr);
+  EXPECT_EQ(std::as_const(m).find("other")->as<std::int64_t>(), 2);
+}
 
 TEST(Message, EveryValueKindRoundTrips) {
   Message m("ping", {{"nil", nullptr},

@@ -77,6 +77,7 @@ class Message {
 
   bool has(std::string_view name) const noexcept { return find(name) != nullptr; }
   const Value* find(std::string_view name) const noexcept;
+  Value* find(std::string_view name) noexcept;  // to move an argument out
 
   // Throws TypeError naming the command and argument when `name` is missing
   // or does not convert to T (see Value::as).
