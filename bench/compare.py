@@ -4,9 +4,11 @@
 Runs, one after the other on the same machine and with the same CPU
 placement:
   - forklift's Google Benchmark programs (build/bench/*_bench), which also
-    measure the references: raw socketpair and eventfd round trips and the
-    raw one-way rate (the kernel limit), one-process fill-then-read and
-    memcpy (the memory limit), bare fork until ready (the process limit);
+    measure the references: raw socketpair and eventfd round trips (the
+    eventfd one also waiting as a hang-proof end must: in epoll on the
+    eventfd and the peer's pidfd) and the raw one-way rate (the kernel
+    limit), one-process fill-then-read and memcpy (the memory limit), bare
+    fork until ready (the process limit);
   - the peers (bench/peers/run): the valkka-multiprocess mechanism in Python
     and Eclipse iceoryx;
   - the pools: build/bench/pool_bench (empty tasks through a FunctionPool of
@@ -104,6 +106,10 @@ def forklift_figures(reps, env):
         # ProcessOptions::transport = SharedMemory
         add("rtt_small_shm", "forklift", stat, median_of(proc, "BM_CallRoundTripShm", key), "us")
         add("rtt_small_shm", "limit:eventfd", stat, median_of(proc, "BM_RawEventfdRoundTrip", key), "us")
+        # ... and beside the raw round trip that, like call(), sees its peer
+        # die: each side waits in epoll_wait on its eventfd and a pidfd.
+        add("rtt_small_shm", "limit:eventfd-watched", stat,
+            median_of(proc, "BM_RawEventfdWatchedRoundTrip", key), "us")
         # ... with ProcessOptions::spin (50 us), beside a raw spinning round
         # trip on one shared cache line (run only with a CPU per side).
         add("rtt_small_spin", "forklift", stat, median_of(proc, "BM_CallRoundTripShmSpin", key), "us")
@@ -334,6 +340,11 @@ def table(results):
             if rtt and fk["value"]:
                 share = 100.0 * 2 * fk["value"] / rtt["value"]  # a call is two messages
                 lines.append(f"| metrics share of one call (rtt_small) | % | {share:.2f} % | — | — | — | — | — | — |")
+        if fig == "rtt_small_shm":
+            watched = by.get((fig, stat, "limit:eventfd-watched"))
+            lines.append(f"| {label}, limit: raw eventfd watching the peer's death (epoll + pidfd) | {unit} | "
+                         f"{fmt(v(fk), unit)} | {fmt(v(watched), unit)} | "
+                         f"{fmt_ratio(speed_ratio(v(fk), v(watched), unit))} | — | — | — | — |")
         if fig == "call_threads_4":
             one = by.get(("call_threads_1", "median", "forklift"))
             ratio = speed_ratio(v(fk), v(one), unit)

@@ -8,9 +8,11 @@
 #include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -317,6 +319,70 @@ void BM_RawEventfdRoundTrip(benchmark::State& state) {
   ::close(pong);
 }
 BENCHMARK(BM_RawEventfdRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// The same eventfd round trip, but each side waits as a hang-proof end
+// must: in epoll_wait with a deadline, on its doorbell and on a descriptor
+// that turns readable when the peer dies (a pidfd here), then drains the
+// doorbell. A blocking read() on one eventfd, as above, never returns if
+// the peer is killed; this is the least a round trip that sees the death
+// pays, and so the floor under call() over shared memory on one CPU.
+bool awaitBell(int set, int bell) {
+  epoll_event ev[2];
+  for (;;) {
+    const int n = ::epoll_wait(set, ev, 2, 10'000);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    for (int i = 0; i < n; ++i)
+      if (ev[i].data.fd != bell) return false;  // the peer died
+    std::uint64_t v;
+    return ::read(bell, &v, sizeof v) == sizeof v;
+  }
+}
+int watchSet(int bell, int death) {
+  const int set = ::epoll_create1(EPOLL_CLOEXEC);
+  for (int fd : {bell, death}) {
+    epoll_event e{};
+    e.events = EPOLLIN;
+    e.data.fd = fd;
+    ::epoll_ctl(set, EPOLL_CTL_ADD, fd, &e);
+  }
+  return set;
+}
+void BM_RawEventfdWatchedRoundTrip(benchmark::State& state) {
+  pinTo(placement().frontend);
+  const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
+  const pid_t parent = ::getpid();
+  std::atomic<bool>* stop = static_cast<std::atomic<bool>*>(
+      ::mmap(nullptr, sizeof(std::atomic<bool>), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  new (stop) std::atomic<bool>(false);
+  RawChild child([&] {
+    const int parentFd = static_cast<int>(::syscall(SYS_pidfd_open, parent, 0));
+    const int set = watchSet(ping, parentFd);
+    const std::uint64_t one = 1;
+    while (awaitBell(set, ping) && !stop->load()) {
+      if (::write(pong, &one, sizeof one) != sizeof one) return 1;
+    }
+    return 0;
+  });
+  const int childFd = static_cast<int>(::syscall(SYS_pidfd_open, child.pid, 0));
+  const int set = watchSet(pong, childFd);
+  std::vector<double> us;
+  us.reserve(1 << 20);
+  const std::uint64_t one = 1;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    if (::write(ping, &one, sizeof one) != sizeof one || !awaitBell(set, pong)) state.SkipWithError("io");
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  stop->store(true);
+  [[maybe_unused]] auto r = ::write(ping, &one, sizeof one);
+  child.join();
+  percentiles(state, us);
+  state.SetLabel(placement().describe());
+  for (int fd : {set, childFd, ping, pong}) ::close(fd);
+  ::munmap(stop, sizeof(std::atomic<bool>));
+}
+BENCHMARK(BM_RawEventfdWatchedRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The limit of a spinning round trip: one shared cache line each way, both
 // sides polling it. Only with a CPU per side (on one CPU each side would
