@@ -326,61 +326,67 @@ BENCHMARK(BM_RawEventfdRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
 // doorbell. A blocking read() on one eventfd, as above, never returns if
 // the peer is killed; this is the least a round trip that sees the death
 // pays, and so the floor under call() over shared memory on one CPU.
-bool awaitBell(int set, int bell) {
+// Returns what the doorbell held, 0 when the peer died or time ran out.
+std::uint64_t awaitBell(int set, int bell) {
   epoll_event ev[2];
-  for (;;) {
-    const int n = ::epoll_wait(set, ev, 2, 10'000);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    for (int i = 0; i < n; ++i)
-      if (ev[i].data.fd != bell) return false;  // the peer died
-    std::uint64_t v;
-    return ::read(bell, &v, sizeof v) == sizeof v;
-  }
+  int n;
+  do n = ::epoll_wait(set, ev, 2, 10'000);
+  while (n < 0 && errno == EINTR);
+  for (int i = 0; i < n; ++i)
+    if (ev[i].data.fd != bell) return 0;  // the peer died
+  std::uint64_t v = 0;
+  return n > 0 && ::read(bell, &v, sizeof v) == sizeof v ? v : 0;
 }
-int watchSet(int bell, int death) {
-  const int set = ::epoll_create1(EPOLL_CLOEXEC);
-  for (int fd : {bell, death}) {
-    epoll_event e{};
-    e.events = EPOLLIN;
-    e.data.fd = fd;
-    ::epoll_ctl(set, EPOLL_CTL_ADD, fd, &e);
+// An epoll set on a doorbell and on the peer's pidfd.
+struct WatchSet {
+  WatchSet(int bell, pid_t peer)
+      : set(::epoll_create1(EPOLL_CLOEXEC)), death(static_cast<int>(::syscall(SYS_pidfd_open, peer, 0))) {
+    for (int fd : {bell, death}) {
+      epoll_event e{};
+      e.events = EPOLLIN;
+      e.data.fd = fd;
+      ::epoll_ctl(set, EPOLL_CTL_ADD, fd, &e);
+    }
   }
-  return set;
-}
+  ~WatchSet() {
+    ::close(set);
+    ::close(death);
+  }
+  WatchSet(const WatchSet&) = delete;
+  WatchSet& operator=(const WatchSet&) = delete;
+  const int set, death;
+};
 void BM_RawEventfdWatchedRoundTrip(benchmark::State& state) {
   pinTo(placement().frontend);
   const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
   const pid_t parent = ::getpid();
-  std::atomic<bool>* stop = static_cast<std::atomic<bool>*>(
-      ::mmap(nullptr, sizeof(std::atomic<bool>), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
-  new (stop) std::atomic<bool>(false);
+  // 1 rings, 2 (as above) tells the child to leave.
   RawChild child([&] {
-    const int parentFd = static_cast<int>(::syscall(SYS_pidfd_open, parent, 0));
-    const int set = watchSet(ping, parentFd);
+    const WatchSet w(ping, parent);
     const std::uint64_t one = 1;
-    while (awaitBell(set, ping) && !stop->load()) {
+    for (;;) {
+      const std::uint64_t v = awaitBell(w.set, ping);
+      if (v != 1) return v == 2 ? 0 : 1;
       if (::write(pong, &one, sizeof one) != sizeof one) return 1;
     }
-    return 0;
   });
-  const int childFd = static_cast<int>(::syscall(SYS_pidfd_open, child.pid, 0));
-  const int set = watchSet(pong, childFd);
+  const WatchSet w(pong, child.pid);
   std::vector<double> us;
   us.reserve(1 << 20);
-  const std::uint64_t one = 1;
+  std::uint64_t v = 1;
   for (auto _ : state) {
     const auto t0 = Clock::now();
-    if (::write(ping, &one, sizeof one) != sizeof one || !awaitBell(set, pong)) state.SkipWithError("io");
+    v = 1;
+    if (::write(ping, &v, sizeof v) != sizeof v || awaitBell(w.set, pong) != 1) state.SkipWithError("io");
     us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
   }
-  stop->store(true);
-  [[maybe_unused]] auto r = ::write(ping, &one, sizeof one);
+  v = 2;
+  [[maybe_unused]] auto r = ::write(ping, &v, sizeof v);
   child.join();
   percentiles(state, us);
   state.SetLabel(placement().describe());
-  for (int fd : {set, childFd, ping, pong}) ::close(fd);
-  ::munmap(stop, sizeof(std::atomic<bool>));
+  ::close(ping);
+  ::close(pong);
 }
 BENCHMARK(BM_RawEventfdWatchedRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
