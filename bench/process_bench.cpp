@@ -22,6 +22,7 @@
 #include <functional>
 #include <forklift.hpp>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -290,53 +291,6 @@ void BM_RawSocketpairRoundTrip(benchmark::State& state) {
 }
 BENCHMARK(BM_RawSocketpairRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
-void BM_RawEventfdRoundTrip(benchmark::State& state) {
-  pinTo(placement().frontend);
-  const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
-  RawChild child([&] {
-    std::uint64_t v;
-    for (;;) {
-      if (::read(ping, &v, sizeof v) != sizeof v) return 1;
-      if (v == 2) return 0;
-      v = 1;
-      if (::write(pong, &v, sizeof v) != sizeof v) return 1;
-    }
-  });
-  std::vector<double> us;
-  us.reserve(1 << 20);
-  std::uint64_t v = 1;
-  for (auto _ : state) {
-    const auto t0 = Clock::now();
-    v = 1;
-    if (::write(ping, &v, sizeof v) != sizeof v || ::read(pong, &v, sizeof v) != sizeof v) state.SkipWithError("io");
-    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-  }
-  v = 2;
-  [[maybe_unused]] auto r = ::write(ping, &v, sizeof v);
-  percentiles(state, us);
-  state.SetLabel(placement().describe());
-  ::close(ping);
-  ::close(pong);
-}
-BENCHMARK(BM_RawEventfdRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
-
-// The same eventfd round trip, but each side waits as a hang-proof end
-// must: in epoll_wait with a deadline, on its doorbell and on a descriptor
-// that turns readable when the peer dies (a pidfd here), then drains the
-// doorbell. A blocking read() on one eventfd, as above, never returns if
-// the peer is killed; this is the least a round trip that sees the death
-// pays, and so the floor under call() over shared memory on one CPU.
-// Returns what the doorbell held, 0 when the peer died or time ran out.
-std::uint64_t awaitBell(int set, int bell) {
-  epoll_event ev[2];
-  int n;
-  do n = ::epoll_wait(set, ev, 2, 10'000);
-  while (n < 0 && errno == EINTR);
-  for (int i = 0; i < n; ++i)
-    if (ev[i].data.fd != bell) return 0;  // the peer died
-  std::uint64_t v = 0;
-  return n > 0 && ::read(bell, &v, sizeof v) == sizeof v ? v : 0;
-}
 // An epoll set on a doorbell and on the peer's pidfd.
 struct WatchSet {
   WatchSet(int bell, pid_t peer)
@@ -356,28 +310,53 @@ struct WatchSet {
   WatchSet& operator=(const WatchSet&) = delete;
   const int set, death;
 };
-void BM_RawEventfdWatchedRoundTrip(benchmark::State& state) {
+
+// Waits for the doorbell and returns what it held: 0 when the read failed
+// or, watched, when the peer died or 10 s passed.
+std::uint64_t awaitBell(int bell, const std::optional<WatchSet>& watch) {
+  if (watch) {
+    epoll_event ev[2];
+    int n;
+    do {
+      n = ::epoll_wait(watch->set, ev, 2, 10'000);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0) return 0;
+    for (int i = 0; i < n; ++i)
+      if (ev[i].data.fd != bell) return 0;  // the peer died
+  }
+  std::uint64_t v = 0;
+  return ::read(bell, &v, sizeof v) == sizeof v ? v : 0;
+}
+
+// Ping-pong over two eventfds: 1 rings, 2 tells the child to leave. Bare,
+// each side blocks in read() on its eventfd, which never returns if the
+// peer is killed. Watched, each side waits as a hang-proof end must: in
+// epoll_wait with a deadline on its eventfd and the peer's pidfd, then
+// drains the eventfd. That is the least a round trip that sees its peer's
+// death pays, and so the floor under call() over shared memory.
+void eventfdRoundTrip(benchmark::State& state, bool watched) {
   pinTo(placement().frontend);
   const int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
   const pid_t parent = ::getpid();
-  // 1 rings, 2 (as above) tells the child to leave.
   RawChild child([&] {
-    const WatchSet w(ping, parent);
+    std::optional<WatchSet> watch;
+    if (watched) watch.emplace(ping, parent);
     const std::uint64_t one = 1;
     for (;;) {
-      const std::uint64_t v = awaitBell(w.set, ping);
+      const std::uint64_t v = awaitBell(ping, watch);
       if (v != 1) return v == 2 ? 0 : 1;
       if (::write(pong, &one, sizeof one) != sizeof one) return 1;
     }
   });
-  const WatchSet w(pong, child.pid);
+  std::optional<WatchSet> watch;
+  if (watched) watch.emplace(pong, child.pid);
   std::vector<double> us;
   us.reserve(1 << 20);
   std::uint64_t v = 1;
   for (auto _ : state) {
     const auto t0 = Clock::now();
     v = 1;
-    if (::write(ping, &v, sizeof v) != sizeof v || awaitBell(w.set, pong) != 1) state.SkipWithError("io");
+    if (::write(ping, &v, sizeof v) != sizeof v || awaitBell(pong, watch) != 1) state.SkipWithError("io");
     us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
   }
   v = 2;
@@ -388,6 +367,9 @@ void BM_RawEventfdWatchedRoundTrip(benchmark::State& state) {
   ::close(ping);
   ::close(pong);
 }
+void BM_RawEventfdRoundTrip(benchmark::State& state) { eventfdRoundTrip(state, false); }
+BENCHMARK(BM_RawEventfdRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+void BM_RawEventfdWatchedRoundTrip(benchmark::State& state) { eventfdRoundTrip(state, true); }
 BENCHMARK(BM_RawEventfdWatchedRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The limit of a spinning round trip: one shared cache line each way, both
