@@ -639,10 +639,18 @@ TEST(Lifecycle, AnUnusableLogFileFailsStartWithAClearError) {
 
 // ---------------------------------------------------------------- 14. in-process without stop()
 
-// Set when a Collector's destructor starts: its blocking handler waits for
-// it (not for a time), so the queued commands are still queued when the
-// destruction reaches MessageProcess, however slow the machine.
-std::atomic<bool> gCollectorDying{false};
+// Where stderr goes while a Collector lives. MessageProcess's destructor
+// says in an error line that it runs no more user code; the blocking
+// handler below waits for that line (not for a time), so the queued
+// commands are still queued when the destruction has reached
+// MessageProcess, however slow the machine.
+std::atomic<const test::CaptureStderr*> gCollectorStderr{nullptr};
+constexpr char kNoMoreUserCode[] = "destroyed while its in-process backend runs";
+
+bool baseDestructorStarted() {
+  const test::CaptureStderr* err = gCollectorStderr.load();
+  return err && err->text().find(kNoMoreUserCode) != std::string::npos;
+}
 
 class Collector : public MessageProcess {
  public:
@@ -652,8 +660,7 @@ class Collector : public MessageProcess {
     command("later", &Collector::c__later);
     command("block", &Collector::c__block, {"ms"});
   }
-  // No stop() here: the base class's destructor is left to do it.
-  ~Collector() override { gCollectorDying = true; }
+  // No stop() in a destructor of its own: the base class's is left to do it.
 
  private:
   void c__add(int x) { items_.push_back(std::to_string(x)); }
@@ -661,12 +668,11 @@ class Collector : public MessageProcess {
   void c__later() {
     after__(300ms, [this] { items_.push_back("timer"); });
   }
-  // Busy without touching the object until its destruction has started
-  // (at most 5 s), then `ms` more: the destructor of the base class has
-  // long said "no more handlers" by then.
+  // Busy without touching the object until the destructor of the base
+  // class has said "no more user code" (at most 5 s), then `ms` more.
   void c__block(int ms) {
     const auto end = Clock::now() + 5s;
-    while (!gCollectorDying && Clock::now() < end) std::this_thread::sleep_for(1ms);
+    while (!baseDestructorStarted() && Clock::now() < end) std::this_thread::sleep_for(1ms);
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   }
   void postRun__() override { items_.push_back("postRun"); }
@@ -681,45 +687,45 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
   for (int round = 0; round < 5; ++round) {
     ProcessOptions o;
     o.inProcess = true;
-    gCollectorDying = false;
+    const test::TempDir dir;
+    const test::CaptureStderr err(dir);
+    gCollectorStderr = &err;
     auto c = std::make_unique<Collector>(o);
     c->start();
     c->send("later");
     EXPECT_EQ(c->call("count", {}, 5s).as<std::int64_t>(), 0);
-    // Blocks until the destruction starts, so the 100 sends below are queued
-    // behind it: had it ended earlier, a queued add would race the subclass's
-    // destructor (the user's race, which this test does not mean to try).
-    c->send("block", {{"ms", 200}});
+    // Blocks until the destruction has reached MessageProcess, so the 100
+    // sends below are queued behind it: had it ended earlier, a queued add
+    // would race the subclass's destructor (the user's race, which this test
+    // does not mean to try).
+    c->send("block", {{"ms", 20}});
     for (int i = 0; i < 100; ++i) c->send("add", {{"x", i}});
     const auto t0 = Clock::now();
-    c.reset();  // ASan, TSan: nothing touches the destroyed subclass
+    c.reset();  // ASan, TSan, UBSan: nothing touches the destroyed subclass
     EXPECT_LT(msSince(t0), 3000);
+    gCollectorStderr = nullptr;
+    EXPECT_TRUE(contains(err.text(), kNoMoreUserCode));
   }
 }
 
 // ---------------------------------------------------------------- 15. logs
 
 TEST(Lifecycle, TheLifecycleIsLoggedAtDebugLevelUnderTheFullName) {
-  char path[] = "/tmp/forklift-lifecycle-XXXXXX";
-  const int fd = ::mkstemp(path);
-  ASSERT_GE(fd, 0);
-  const int saved = ::dup(STDERR_FILENO);
-  ::dup2(fd, STDERR_FILENO);
-  formatLogger(spdlog::level::debug);
+  const test::TempDir dir;
+  std::string log;
   pid_t pid = 0;
   {
-    Worker p("logged");
-    p.start();
-    pid = p.pid();
-    p.stop(5s);
+    const test::CaptureStderr err(dir);
+    formatLogger(spdlog::level::debug);
+    {
+      Worker p("logged");
+      p.start();
+      pid = p.pid();
+      p.stop(5s);
+    }
+    formatLogger(spdlog::level::info);
+    log = err.text();
   }
-  formatLogger(spdlog::level::info);
-  ::dup2(saved, STDERR_FILENO);
-  ::close(saved);
-  ::close(fd);
-  std::ifstream f(path);
-  const std::string log((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  ::unlink(path);
   EXPECT_TRUE(contains(log, "[Worker.logged]"));
   EXPECT_TRUE(contains(log, "started, pid " + std::to_string(pid)));
   EXPECT_TRUE(contains(log, "ready"));

@@ -23,7 +23,9 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::contains;
+using test::CaptureStderr;
 using test::readFile;
+using test::TempDir;
 namespace fs = std::filesystem;
 
 std::size_t count(const std::string& text, const std::string& part) {
@@ -31,51 +33,6 @@ std::size_t count(const std::string& text, const std::string& part) {
   for (auto p = text.find(part); p != std::string::npos; p = text.find(part, p + 1)) ++n;
   return n;
 }
-
-// A fresh directory under /tmp, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/forklift-log-test-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
-// Sends this process's stderr (descriptor 2, so sinks and children too) to
-// a file while alive.
-class CaptureStderr {
- public:
-  explicit CaptureStderr(const TempDir& dir) : file_(dir.path() / "stderr") {
-    std::fflush(stderr);
-    saved_ = ::dup(STDERR_FILENO);
-    const int fd = ::open(file_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (saved_ < 0 || fd < 0) throw std::runtime_error("cannot capture stderr");
-    ::dup2(fd, STDERR_FILENO);
-    ::close(fd);
-  }
-  ~CaptureStderr() {
-    std::fflush(stderr);
-    ::dup2(saved_, STDERR_FILENO);
-    ::close(saved_);
-  }
-  std::string text() const {
-    std::fflush(stderr);
-    return readFile(file_);
-  }
-
- private:
-  fs::path file_;
-  int saved_ = -1;
-};
 
 // A path no one can create, root included (the check runs as root in CI,
 // where "/nonexistent-dir/x.log" would simply be created): its "directory"

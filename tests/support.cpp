@@ -3,6 +3,7 @@
 #include "forklift/process.hpp"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <stdexcept>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -128,6 +130,37 @@ bool overSharedMemory() {
   const char* v = std::getenv("FORKLIFT_TRANSPORT");
   if (!v) return ProcessOptions{}.transport == Transport::SharedMemory;
   return std::string(v) == "shm";
+}
+
+TempDir::TempDir() {
+  char tmpl[] = "/tmp/forklift-test-XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+CaptureStderr::CaptureStderr(const TempDir& dir) : file_(dir.path() / "stderr") {
+  std::fflush(stderr);
+  saved_ = ::dup(STDERR_FILENO);
+  const int fd = ::open(file_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (saved_ < 0 || fd < 0) throw std::runtime_error("cannot capture stderr");
+  ::dup2(fd, STDERR_FILENO);
+  ::close(fd);
+}
+
+CaptureStderr::~CaptureStderr() {
+  std::fflush(stderr);
+  ::dup2(saved_, STDERR_FILENO);
+  ::close(saved_);
+}
+
+std::string CaptureStderr::text() const {
+  std::fflush(stderr);
+  return readFile(file_);
 }
 
 }  // namespace forklift::test

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <optional>
 #include <string>
@@ -34,6 +35,35 @@ bool hasChildren();
 
 // The whole file (a /proc file too), or "" when it cannot be read.
 std::string readFile(const std::string& path);
+
+// A fresh directory under /tmp, removed with everything in it.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// Sends this process's stderr (descriptor 2, so sinks and children too) to
+// a file in `dir` while alive.
+class CaptureStderr {
+ public:
+  explicit CaptureStderr(const TempDir& dir);
+  ~CaptureStderr();
+  CaptureStderr(const CaptureStderr&) = delete;
+  CaptureStderr& operator=(const CaptureStderr&) = delete;
+  // What was written so far.
+  std::string text() const;
+
+ private:
+  std::filesystem::path file_;
+  int saved_ = -1;
+};
 
 // True when this run sends every message over shared-memory queues: the
 // default transport, unless FORKLIFT_TRANSPORT=socket (as the *_socket test
