@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include "backend.hpp"
+#include "forklift/detail/fd.hpp"
 #include "forklift/log.hpp"
 #include "support.hpp"
 
@@ -705,6 +708,34 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
     EXPECT_LT(msSince(t0), 3000);
     gCollectorStderr = nullptr;
     EXPECT_TRUE(contains(err.text(), kNoMoreUserCode));
+  }
+}
+
+// The backend's own guard, with no race to win: once the object is gone,
+// what arrives is read to the end of the channel, in order, and no handler
+// runs for it. (The test above shows the guard in place; this one would
+// fail without it.)
+TEST(Lifecycle, ABackendWhoseObjectIsGoneRunsNoHandler) {
+  for (const bool gone : {false, true}) {
+    auto [frontCmd, backCmd] = Channel::makePair();
+    auto [backOut, frontOut] = Channel::makePair();
+    std::atomic<bool> userGone{gone};
+    int runs = 0;
+    detail::BackendConfig config;
+    config.who = "Test.gone";
+    config.commands.emplace("add", [&runs](const Message&, Reply&) {
+      ++runs;
+      return Value();
+    });
+    config.makeLog = [] { return makeLogger("Test.gone"); };
+    config.userGone = &userGone;
+    const detail::UniqueFd stopBell(::eventfd(0, EFD_CLOEXEC));  // never rung here
+    config.stopBell = stopBell.get();
+    for (int i = 0; i < 3; ++i) frontCmd.send(Message("add"));
+    frontCmd.close();  // the backend's loop ends after what was sent
+    auto backend = std::make_shared<detail::Backend>(std::move(config), std::move(backCmd), std::move(backOut));
+    backend->run();
+    EXPECT_EQ(runs, gone ? 0 : 3) << (gone ? "object gone" : "object there");
   }
 }
 
