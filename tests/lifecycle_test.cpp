@@ -648,6 +648,9 @@ TEST(Lifecycle, AnUnusableLogFileFailsStartWithAClearError) {
 // commands are still queued when the destruction has reached
 // MessageProcess, however slow the machine.
 std::atomic<const test::CaptureStderr*> gCollectorStderr{nullptr};
+// Set once the blocking handler runs: the test destroys the object only
+// then, so no handler can begin while the subclass is being destroyed.
+std::atomic<bool> gCollectorBlocking{false};
 constexpr char kNoMoreUserCode[] = "destroyed while its in-process backend runs";
 
 bool baseDestructorStarted() {
@@ -674,6 +677,7 @@ class Collector : public MessageProcess {
   // Busy without touching the object until the destructor of the base
   // class has said "no more user code" (at most 5 s), then `ms` more.
   void c__block(int ms) {
+    gCollectorBlocking = true;
     const auto end = Clock::now() + 5s;
     while (!baseDestructorStarted() && Clock::now() < end) std::this_thread::sleep_for(1ms);
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
@@ -693,16 +697,21 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
     const test::TempDir dir;
     const test::CaptureStderr err(dir);
     gCollectorStderr = &err;
+    gCollectorBlocking = false;
     auto c = std::make_unique<Collector>(o);
     c->start();
     c->send("later");
     EXPECT_EQ(c->call("count", {}, 5s).as<std::int64_t>(), 0);
     // Blocks until the destruction has reached MessageProcess, so the 100
-    // sends below are queued behind it: had it ended earlier, a queued add
-    // would race the subclass's destructor (the user's race, which this test
-    // does not mean to try).
+    // sends below are queued behind it. Had it begun after the destruction
+    // or ended before MessageProcess's part of it, a handler would race the
+    // subclass's destructor (the user's race, which this test does not mean
+    // to try).
     c->send("block", {{"ms", 20}});
     for (int i = 0; i < 100; ++i) c->send("add", {{"x", i}});
+    const auto blockBy = Clock::now() + 5s;
+    while (!gCollectorBlocking && Clock::now() < blockBy) std::this_thread::sleep_for(1ms);
+    ASSERT_TRUE(gCollectorBlocking);
     const auto t0 = Clock::now();
     c.reset();  // ASan, TSan, UBSan: nothing touches the destroyed subclass
     EXPECT_LT(msSince(t0), 3000);
