@@ -48,8 +48,9 @@
 // thread may still be inside one of its handlers or timers, a race that no
 // base class can prevent (undefined behaviour, as ThreadSanitizer reports);
 // what forklift guarantees is that from the moment this class's destructor
-// starts, the backend runs no more user code (no queued command, timer,
-// watch or postRun__), and it logs an error saying stop() is missing.
+// starts, the backend begins no more user code (no queued command, timer,
+// watch or postRun__; one whose dispatch had begun just before may still
+// be entered, the same race), and it logs an error saying stop() is missing.
 //
 // Sides: every frontend method called on the backend side (from a handler,
 // preRun__, a timer, any thread of the backend) throws Error at once,
