@@ -70,6 +70,8 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     bool ready = false;          // takes tasks
     bool recycle = false;        // replace once idle
     bool replacing = false;      // its exit is ours: not a death
+    int startFailures = 0;       // replacements that did not start, in a row
+    bool restartCounted = false; // the replacement under way counts in restarts()
     bool refilling = false;      // takes tasks up to queueDepth (see hasRoom)
     std::uint64_t timedOut = 0;  // killed for this task's timeout (its id)
     std::size_t tasksDone = 0;
@@ -111,7 +113,9 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   std::unordered_map<const MessageProcess*, std::size_t> slotOf_;
   std::unordered_map<std::uint64_t, std::unique_ptr<Task>> tasks_;  // not done
   std::deque<Task*> queue_;
-  std::deque<Deadline::Clock::time_point> restartTimes_;
+  // Workers that died on their own (not killed by the pool), within
+  // restartWindow: when and how. The restart limit counts these.
+  std::deque<std::pair<Deadline::Clock::time_point, std::string>> deaths_;
   std::uint64_t nextId_ = 0;
   std::size_t submitted_ = 0;  // this batch
   std::size_t completed_ = 0;  // this batch
@@ -136,11 +140,15 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   void finishTask(Task& t, CallResult r);
   void detachTask(Slot& s, Task& t);
   void armTimer(Slot& s);
+  void checkTimeout(std::size_t slot, std::uint64_t id, std::uint64_t token);
   void onTimeout(std::size_t slot, std::uint64_t id, std::uint64_t token);
   void onExit(MessageProcess& w, const ExitStatus& status);
   void onMessage(MessageProcess& w, Message& m);
   void onDeath(std::size_t slot, const MessageProcess* process, ExitStatus status);
-  void replace(Slot& s, bool counted);
+  // Why a worker is replaced: the restart limit counts only deaths.
+  enum class Cause : std::uint8_t { Recycle, Timeout, Death };
+  void replace(Slot& s, Cause cause, const std::string& how = {});
+  void startReplacement(Slot& s);
   void breakPool(const std::string& why);
   void killBusy();
   void event(WorkerEvent e);
@@ -365,7 +373,7 @@ void PoolCore::onReply(std::uint64_t token, CallResult r) {
   if (s.recycle && s.inFlight.empty() && s.ready && !stopping_ && broken_.empty()) {
     event({WorkerEvent::Kind::Recycled, s.index, s.process->pid(), {},
            s.process->fullName() + " is recycled after " + std::to_string(s.tasksDone) + " tasks"});
-    replace(s, false);
+    replace(s, Cause::Recycle);
   }
   pump();
 }
@@ -403,8 +411,25 @@ void PoolCore::armTimer(Slot& s) {
   const std::uint64_t id = t.id, token = t.token;
   s.timer = loop_.after(t.timeout, [this, index, id, token] {
     slots_[index].timer = 0;
-    onTimeout(index, id, token);
+    checkTimeout(index, id, token);
   });
+}
+
+// libuv runs due timers before it reads the descriptors that became ready
+// meanwhile: an owner busy past a deadline finds the timer due and the
+// task's reply already waiting. So the replies waiting are read first (their
+// callbacks are posted), and the timeout is decided after them, in a job
+// posted behind them: a task that answered is done by then, and nothing
+// (event, kill, restart) says it timed out.
+void PoolCore::checkTimeout(std::size_t index, std::uint64_t id, std::uint64_t token) {
+  auto it = tasks_.find(id);
+  if (it == tasks_.end() || it->second->token != token || it->second->slot != index) return;
+  try {
+    slots_[index].process->pumpReplies();
+  } catch (const std::exception& e) {
+    poolLog()->debug("{}: reading replies before a timeout: {}", slots_[index].process->fullName(), e.what());
+  }
+  loop_.post([this, index, id, token] { onTimeout(index, id, token); });
 }
 
 void PoolCore::onTimeout(std::size_t index, std::uint64_t id, std::uint64_t token) {
@@ -415,6 +440,7 @@ void PoolCore::onTimeout(std::size_t index, std::uint64_t id, std::uint64_t toke
   Task& t = *it->second;
   s.timedOut = t.id;
   s.ready = false;
+  t.token = 0;  // decided: a reply that comes now is not taken (the task times out)
   MessageProcess& p = *s.process;
   event({WorkerEvent::Kind::TimedOut, index, p.pid(), {},
          p.fullName() + ": task " + std::to_string(id) + " ('" + t.command + "') ran longer than " + ms(t.timeout) +
@@ -437,7 +463,7 @@ void PoolCore::onMessage(MessageProcess& w, Message& m) {
 
 void PoolCore::onExit(MessageProcess& w, const ExitStatus& status) {
   auto it = slotOf_.find(&w);
-  if (it == slotOf_.end() || stopping_) return;
+  if (it == slotOf_.end() || stopping_ || !broken_.empty()) return;  // the pool stopped it
   Slot& s = slots_[it->second];
   if (s.replacing || s.process != &w) return;
   s.ready = false;
@@ -447,7 +473,7 @@ void PoolCore::onExit(MessageProcess& w, const ExitStatus& status) {
 
 void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitStatus status) {
   Slot& s = slots_[index];
-  if (s.process != process || stopping_) return;
+  if (s.process != process || stopping_ || !broken_.empty()) return;
   if (s.timer) {
     loop_.cancel(s.timer);
     s.timer = 0;
@@ -485,24 +511,73 @@ void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitSta
   s.inFlight.clear();
   queue_.insert(queue_.begin(), back.begin(), back.end());
   s.timedOut = 0;
-  replace(s, true);
+  if (killed)
+    replace(s, Cause::Timeout);
+  else
+    replace(s, Cause::Death, how);
   pump();
 }
 
-void PoolCore::replace(Slot& s, bool counted) {
+namespace {
+
+// "killed by SIGKILL (2), exited with code 3 (1)": how the workers in the
+// window died, most frequent first.
+std::string deathSummary(const std::deque<std::pair<Deadline::Clock::time_point, std::string>>& deaths) {
+  std::vector<std::pair<std::string, int>> kinds;
+  for (const auto& [when, how] : deaths) {
+    auto k = std::find_if(kinds.begin(), kinds.end(), [&](const auto& p) { return p.first == how; });
+    if (k == kinds.end())
+      kinds.emplace_back(how, 1);
+    else
+      ++k->second;
+  }
+  std::stable_sort(kinds.begin(), kinds.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  std::string out;
+  for (const auto& [how, n] : kinds) out += (out.empty() ? "" : ", ") + how + " (" + std::to_string(n) + ")";
+  return out;
+}
+
+// A start that may work when tried again: the system was short of
+// processes, memory or descriptors for a moment. Anything else (the
+// refusal to fork while threads run, a worker whose preRun__ throws, a
+// fork server that is gone) fails the same way every time.
+bool transientStartFailure(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const SystemError& se) {
+    const int c = se.code().value();
+    return c == EAGAIN || c == ENOMEM || c == EMFILE || c == ENFILE || c == EINTR;
+  } catch (...) {
+    return false;
+  }
+}
+
+}  // namespace
+
+// A worker that died on its own counts toward the restart limit (a crash
+// loop); one the pool killed for a timeout, or recycled, does not: a batch
+// with a few slow tasks is not a crash loop.
+void PoolCore::replace(Slot& s, Cause cause, const std::string& how) {
   if (stopping_ || !broken_.empty()) return;
-  if (counted) {
+  if (cause == Cause::Death) {
     const auto now = Deadline::Clock::now();
-    restartTimes_.push_back(now);
-    while (!restartTimes_.empty() && now - restartTimes_.front() > options_.restartWindow) restartTimes_.pop_front();
-    if (restartTimes_.size() > static_cast<std::size_t>(options_.restartLimit)) {
-      breakPool("restart limit reached: " + std::to_string(restartTimes_.size()) + " workers replaced within " +
+    deaths_.emplace_back(now, how);
+    while (!deaths_.empty() && now - deaths_.front().first > options_.restartWindow) deaths_.pop_front();
+    if (deaths_.size() > static_cast<std::size_t>(options_.restartLimit)) {
+      breakPool("restart limit reached: " + std::to_string(deaths_.size()) +
+                (deaths_.size() == 1 ? " worker" : " workers") + " died on their own within " +
                 ms(options_.restartWindow) + " (the limit is " + std::to_string(options_.restartLimit) +
-                "); the workers keep dying, so the pool stopped instead of forking forever");
+                "): " + deathSummary(deaths_) + "; the pool stopped instead of forking forever");
       return;
     }
-    ++restarts_;
   }
+  s.restartCounted = cause != Cause::Recycle;
+  s.startFailures = 0;
+  startReplacement(s);
+}
+
+void PoolCore::startReplacement(Slot& s) {
+  if (stopping_ || !broken_.empty()) return;
   s.ready = false;
   s.recycle = false;
   s.tasksDone = 0;
@@ -516,27 +591,47 @@ void PoolCore::replace(Slot& s, bool counted) {
   MessageProcess* old = s.process;
   MessageProcess* raw = fresh.get();
   s.replacing = true;
-  std::string failure;
+  std::exception_ptr failure;
   try {
     loop_.replace(*old, std::move(fresh));
-  } catch (const std::exception& e) {
-    failure = e.what();
+  } catch (const std::exception&) {
+    failure = std::current_exception();
   }
   s.replacing = false;
   slotOf_.erase(old);
   s.process = raw;  // in the manager, started or not
   slotOf_[raw] = s.index;
-  if (!failure.empty()) {
-    event({WorkerEvent::Kind::StartFailed, s.index, -1, {}, "worker " + std::to_string(s.index) +
-                                                               " did not start: " + failure});
-    // Tried again a little later; the restart limit ends a loop of these.
-    loop_.after(std::chrono::milliseconds(50), [this, index = s.index] {
+  if (failure) {
+    std::string what;
+    try {
+      std::rethrow_exception(failure);
+    } catch (const std::exception& e) {
+      what = e.what();
+    }
+    const std::string who = "worker " + std::to_string(s.index);
+    if (!transientStartFailure(failure)) {
+      // It would fail the same way every time: no retries, the cause said.
+      breakPool(who + " cannot be replaced: " + what);
+      return;
+    }
+    ++s.startFailures;
+    event({WorkerEvent::Kind::StartFailed, s.index, -1, {}, who + " did not start (attempt " +
+                                                               std::to_string(s.startFailures) + "): " + what});
+    if (s.startFailures > options_.restartLimit) {
+      breakPool(who + " did not start " + std::to_string(s.startFailures) + " times in a row; the last time: " + what);
+      return;
+    }
+    // Tried again later, 50 ms, 100 ms, ... up to 1 s apart.
+    const auto delay = std::chrono::milliseconds(std::min(1000, 50 << std::min(s.startFailures - 1, 5)));
+    loop_.after(delay, [this, index = s.index] {
       Slot& sl = slots_[index];
-      if (!sl.ready && !sl.replacing) replace(sl, true);
+      if (!sl.ready && !sl.replacing) startReplacement(sl);
     });
     return;
   }
+  s.startFailures = 0;
   s.ready = true;
+  if (std::exchange(s.restartCounted, false)) ++restarts_;
   event({WorkerEvent::Kind::Restarted, s.index, raw->pid(), {}, raw->fullName() + " started in place of the last"});
 }
 
@@ -617,7 +712,7 @@ void PoolCore::restartAll() {
   waitFor([this] { return finished() || !broken_.empty(); }, kForever, "restartAll");
   for (auto& s : slots_) {
     event({WorkerEvent::Kind::Recycled, s.index, s.process->pid(), {}, s.process->fullName() + " is replaced"});
-    replace(s, false);
+    replace(s, Cause::Recycle);
   }
 }
 

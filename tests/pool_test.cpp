@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <future>
 #include <map>
 #include <set>
 #include <thread>
@@ -232,8 +233,9 @@ TEST(Pool, TheRestartLimitStopsACrashLoopWithAClearError) {
       ++died;
     } catch (const PoolBroken& e) {
       ++broken;
-      EXPECT_TRUE(test::contains(e.what(), "restart limit reached: 3 workers replaced within 10000 ms (the limit "
-                                           "is 2); the workers keep dying"));
+      EXPECT_TRUE(test::contains(e.what(), "restart limit reached: 3 workers died on their own within 10000 ms "
+                                           "(the limit is 2): killed by SIGKILL (3); the pool stopped"))
+          << e.what();
     }
   }
   EXPECT_EQ(died, 3);
@@ -529,6 +531,103 @@ TEST(Pool, StopFailsWhatIsLeftAndDoesNotWaitForABusyWorker) {
   for (auto& f : queued) EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { f.get(); }), "the pool was stopped"));
   EXPECT_FALSE(test::hasChildren());
   EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { pool.submit("pid"); }), "the pool was stopped"));
+}
+
+// A reply waiting when the timeout's timer runs (the owner was busy past
+// the deadline) is read first: the task answered in time, so nothing says
+// it timed out, its worker lives on, and no restart is counted.
+TEST(Pool, ATaskThatAnsweredInTimeIsNeverReportedAsTimedOut) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  WorkerPool pool(jobs(), o);
+  std::vector<WorkerEvent> events;
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e); });
+  std::vector<bool> results;
+  pool.onResult([&](const TaskInfo&, const CallResult& r) { results.push_back(r.ok()); });
+  const pid_t pid = pool.worker(0).pid();
+  auto f = pool.submit("nap", {{"ms", 50}}, TaskOptions{150ms, std::nullopt});
+  pool.poll();  // sent; the timer runs from here
+  // Busy past the deadline: at the next wait the timer is due and the reply
+  // waits. (50 ms of nap against 150 ms: the reply is there well before.)
+  std::this_thread::sleep_for(400ms);
+  EXPECT_EQ(f.get().as<int>(), 50);
+  for (int i = 0; i < 3; ++i) pool.poll();  // anything the timer left behind runs now
+  EXPECT_EQ(pool.worker(0).pid(), pid);
+  EXPECT_TRUE(pool.worker(0).isAlive());
+  EXPECT_TRUE(events.empty()) << events.front().what;
+  EXPECT_EQ(results, std::vector<bool>{true});
+  EXPECT_EQ(pool.restarts(), 0u);
+  EXPECT_EQ(pool.failedTasks(), 0u);
+}
+
+// The restart limit guards against workers that die on their own: the
+// pool's own kills for timeouts are not a crash loop.
+TEST(Pool, TimeoutsDoNotCountTowardTheRestartLimit) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  o.restartLimit = 1;
+  o.restartWindow = 60s;
+  WorkerPool pool(jobs(), o);
+  for (int i = 0; i < 3; ++i) {
+    auto f = pool.submit("hang", {}, TaskOptions{50ms, std::nullopt});
+    EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { f.get(); }), "ran longer than its timeout of 50 ms"));
+  }
+  EXPECT_EQ(pool.restarts(), 3u);
+  EXPECT_EQ(pool.submit("square", {{"x", 3}}).get().as<double>(), 9.0);
+  // Deaths still count: the second within the window breaks the pool.
+  for (int i = 0; i < 2; ++i) pool.submit("crash").result();
+  const std::string err = test::thrown<PoolBroken>([&] { pool.submit("square", {{"x", 1}}); });
+  EXPECT_TRUE(test::contains(err, "restart limit reached: 2 workers died on their own within 60000 ms (the limit is "
+                                  "1): killed by SIGKILL (2)"))
+      << err;
+  EXPECT_EQ(pool.restarts(), 4u);
+}
+
+// A replacement that can never start (threads run, no fork server) breaks
+// the pool at once with that reason: no retries, no restarts counted.
+TEST(Pool, AReplacementThatCannotStartBreaksThePoolAtOnceWithItsCause) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  WorkerPool pool(jobs(), o);
+  std::vector<WorkerEvent::Kind> events;
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e.kind); });
+  std::promise<void> leave;
+  std::thread other([f = leave.get_future()]() mutable { f.wait(); });
+  auto crash = pool.submit("crash");
+  EXPECT_TRUE(test::contains(test::thrown<WorkerDied>([&] { crash.get(); }), "died (killed by SIGKILL)"));
+  const auto t0 = Clock::now();
+  pool.wait(2s);
+  const std::string err = test::thrown<PoolBroken>([&] { pool.submit("square", {{"x", 1}}); });
+  EXPECT_LT(Clock::now() - t0, 1s);  // at once, not after retries
+  leave.set_value();
+  other.join();
+  EXPECT_TRUE(test::contains(err, "worker 0 cannot be replaced: ")) << err;
+  EXPECT_TRUE(test::contains(err, "cannot fork: this process already runs 2 threads")) << err;
+  EXPECT_EQ(std::count(events.begin(), events.end(), WorkerEvent::Kind::StartFailed), 0);
+  EXPECT_EQ(std::count(events.begin(), events.end(), WorkerEvent::Kind::Died), 1);
+  EXPECT_EQ(pool.restarts(), 0u);
+}
+
+// Workers the pool kills itself (it broke, or stops) are not reported as
+// deaths: one worker died, one Died event.
+TEST(Pool, WorkersThePoolStopsItselfAreNotReportedAsDied) {
+  PoolOptions o = workers(2);
+  o.retries = 0;
+  o.restartLimit = 0;
+  o.queueDepth = 1;
+  WorkerPool pool(jobs(), o);
+  std::vector<WorkerEvent> events;
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e); });
+  auto hung = pool.submit("hang");
+  auto crash = pool.submit("crash");
+  EXPECT_TRUE(test::contains(test::thrown<WorkerDied>([&] { crash.get(); }), "died (killed by SIGKILL)"));
+  EXPECT_TRUE(test::contains(test::thrown<PoolBroken>([&] { hung.get(); }),
+                             "restart limit reached: 1 worker died on their own within 10000 ms (the limit is 0)"));
+  pool.poll();
+  pool.stop();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, WorkerEvent::Kind::Died);
+  EXPECT_EQ(events[0].index, 1u);
 }
 
 }  // namespace

@@ -37,9 +37,19 @@
 // WorkerDied (how the worker ended, as an ExitStatus), or runs again when
 // it has retries left (`retries`, 1 by default); the tasks queued behind it
 // go back to the queue untouched. A handler that throws fails its task with
-// RemoteError and is never retried. More than `restartLimit` replacements
+// RemoteError and is never retried. A timeout is decided by the reply:
+// when its timer runs, the replies the worker already sent are read first,
+// so a task that answered in time (or whose answer waits unread because the
+// owner was busy) is never reported as timed out, and its worker is not
+// killed. More than `restartLimit` workers that die on their own (crash,
+// a signal from outside, OOM kill; not those the pool killed for a timeout)
 // within `restartWindow` is a crash loop: the pool breaks, every task left
-// fails with PoolBroken saying why, and later submits throw it. Workers may
+// fails with PoolBroken saying how many died and how, and later submits
+// throw it. A replacement that cannot start breaks the pool at once with
+// the reason, unless the system was short of processes, memory or
+// descriptors for a moment (EAGAIN, ENOMEM, EMFILE, ENFILE): that start is
+// tried again 50 ms, 100 ms, ... up to 1 s later, and more than
+// `restartLimit` failures in a row break the pool. Workers may
 // be recycled (replaced by fresh ones) after `recycleAfter` tasks or above a
 // resident memory size (`recycleAboveRss`). The pool
 // never hangs on a dead worker: every wait also watches every worker's death.
@@ -115,7 +125,7 @@ struct PoolOptions {
   std::size_t maxQueued = 4096;   // tasks waiting for a worker; submit() waits beyond
   Timeout taskTimeout = kForever; // per task, from when it runs; TaskOptions override it
   int retries = 1;                // runs again after a worker's death or a timeout
-  int restartLimit = 5;           // replacements allowed within restartWindow
+  int restartLimit = 5;           // workers dying on their own allowed within restartWindow (see above)
   Timeout restartWindow = std::chrono::seconds(10);
   std::size_t recycleAfter = 0;   // replace a worker after this many tasks (0: never)
   // Replace a worker whose resident memory is above this after a task (0:
@@ -163,10 +173,10 @@ struct WorkerEvent {
   enum class Kind : std::uint8_t {
     Started,    // a worker is running (at the pool's start)
     Restarted,  // a new worker runs in the place of one that died, timed out or was recycled
-    Died,       // a worker ended without being asked: `status` says how
-    TimedOut,   // a worker was killed for a task's timeout
+    Died,       // a worker ended on its own (not stopped or killed by the pool): `status` says how
+    TimedOut,   // the pool kills a worker for a task's timeout (no Died follows)
     Recycled,   // a worker is replaced after recycleAfter tasks, or by setFunction
-    StartFailed // a replacement did not start: `what` says why
+    StartFailed // a replacement did not start and is tried again later: `what` says why
   };
   Kind kind;
   std::size_t index;  // the worker's place in the pool, 0..N-1
@@ -289,7 +299,10 @@ class WorkerPool {
   std::size_t submitted() const;  // in this batch
   std::size_t completed() const;  // ok or failed, in this batch
   std::size_t failedTasks() const;
-  std::size_t restarts() const;   // workers replaced after a death or a timeout, in all
+  // Replacements started after a death or a timeout, in all (recycling
+  // and restartAll are not counted; a replacement that failed to start is
+  // counted once it starts).
+  std::size_t restarts() const;
 
   // Waits until finished() (driving the pool); false when `timeout` passed
   // first. Error while suspended with tasks queued (they would never run).
