@@ -438,7 +438,8 @@ void Backend::dispatch(Message& m) {
     return;
   }
   if (userGone()) return;  // in-process: the object is being destroyed
-  Reply reply(weak_from_this(), m.id(), command);
+  const std::uint64_t id = m.id();
+  Reply reply(weak_from_this(), id, command);
   std::string why;
   try {
     Value v = it->second(m, reply);
@@ -451,7 +452,14 @@ void Backend::dispatch(Message& m) {
   } catch (...) {
     why = config_.who + ": c__" + command + " threw a non-standard exception";
   }
-  log().error("{}", why);
+  // A call's failure is its caller's result (RemoteError there; a pool's
+  // task that throws is an expected outcome, not this process's error):
+  // logged at debug. A send's failure is reported as an event too, but
+  // nobody may read it, so it is logged as an error here.
+  if (id)
+    log().debug("{}", why);
+  else
+    log().error("{}", why);
   reply.reject(why);
 }
 

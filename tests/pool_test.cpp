@@ -630,5 +630,23 @@ TEST(Pool, WorkersThePoolStopsItselfAreNotReportedAsDied) {
   EXPECT_EQ(events[0].index, 1u);
 }
 
+// A task that throws is the task's result: the worker does not log an
+// error for it (it logs at debug), and the owner gets the RemoteError.
+TEST(Pool, ATaskThatThrowsIsItsResultNotAnErrorLog) {
+  test::TempDir dir;
+  std::string err, log;
+  {
+    const test::CaptureStderr capture(dir);
+    WorkerPool pool(jobs(), workers(1));
+    std::vector<TaskFuture<Value>> fs;
+    for (int i = 0; i < 3; ++i) fs.push_back(pool.submit("fail"));
+    for (auto& f : fs) err = test::thrown<RemoteError>([&] { f.get(); });
+    pool.finalize();
+    log = capture.text();
+  }
+  EXPECT_EQ(err, "Jobs.jobs-0: c__fail threw: this task fails");
+  EXPECT_FALSE(test::contains(log, "this task fails")) << log;
+}
+
 }  // namespace
 }  // namespace forklift
