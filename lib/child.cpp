@@ -281,6 +281,23 @@ void resetSignals() {
   }
 }
 
+// The pids whose SIGTERM a backend that leaves its stopping to its
+// frontend obeys: its parent, and a served child's frontend (it signals
+// through a pidfd). SIGTERM from anyone else -- a service manager or a
+// terminal signalling the whole process group, which reaches the frontend
+// too -- is ignored: the frontend stops its backends in order, as for
+// Ctrl-C, instead of finding them dead (and a pool replacing them).
+pid_t g_termFrom[2] = {0, 0};
+
+void onGroupSigterm(int, siginfo_t* info, void*) {
+  const pid_t from = info ? info->si_pid : 0;
+  if (from == 0 || (from != g_termFrom[0] && from != g_termFrom[1])) return;
+  // Obeyed: the default action, once this handler returns (SIGTERM is
+  // blocked while it runs). Both calls are async-signal-safe.
+  ::signal(SIGTERM, SIG_DFL);
+  ::raise(SIGTERM);
+}
+
 // Runs in the child, signals still blocked, before anything else.
 // `deathWrite`: the write end of its death pipe (-1 with pidfds).
 void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
@@ -289,7 +306,16 @@ void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (::getppid() != parent) ::_exit(1);
   resetSignals();
-  if (setup.ignoreSigint) ::signal(SIGINT, SIG_IGN);
+  if (setup.ignoreSigint) {
+    ::signal(SIGINT, SIG_IGN);
+    g_termFrom[0] = parent;
+    g_termFrom[1] = setup.termFrom;
+    struct sigaction term {};
+    term.sa_sigaction = onGroupSigterm;
+    term.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&term.sa_mask);
+    ::sigaction(SIGTERM, &term, nullptr);
+  }
   // Other backends' channels, inherited through fork. The list is cleared
   // too: the numbers are free again here and will be reused.
   for (int fd : g_frontendFds) ::close(fd);

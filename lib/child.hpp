@@ -88,7 +88,11 @@ struct ServedStart {
 struct ChildSetup {
   std::string comm;          // 15 characters of /proc/pid/comm
   std::string title;         // what ps -o args shows
+  // The backend ignores SIGINT, and SIGTERM from anyone but its parent and
+  // `termFrom`: a signal to the whole process group reaches the frontend
+  // too, which stops its backends in order (see setUpChild).
   bool ignoreSigint = false;
+  pid_t termFrom = 0;        // a served child's frontend (the fork server's parent)
   bool inProcess = false;    // run the body in a thread instead
   bool allowThreads = false; // fork although other threads run
   // Served by the fork server when one runs that knows the recipe; else

@@ -209,6 +209,7 @@ void serveSpawn(int sock, const Wire& req, const std::string& title, std::vector
   setup.comm = std::string(req.comm, strnlen(req.comm, sizeof req.comm));
   setup.title = title;
   setup.ignoreSigint = req.flag != 0;
+  setup.termFrom = ::getppid();  // the frontend: it signals its served children through pidfds
   UniqueFd deathRead, deathWrite;
   const bool pidfds = pidfdsWork();
   if (!pidfds) {

@@ -35,6 +35,9 @@ struct Manager::Worker {
   Pending pending = Pending::None;
   std::unique_ptr<MessageProcess> replacement;  // for Pending::Replace
   std::any data;
+  // Set by route(): this worker's messages and exit go there.
+  std::function<void(MessageProcess&, Message&)> routedMessage;
+  std::function<void(MessageProcess&, const ExitStatus&)> routedExit;
 };
 
 namespace {
@@ -179,6 +182,13 @@ std::size_t Manager::indexOf(const MessageProcess& p) const {
 
 std::any& Manager::dataOf(MessageProcess& p) { return find(p, "data").data; }
 
+void Manager::route(MessageProcess& p, std::function<void(MessageProcess&, Message&)> onMessage,
+                    std::function<void(MessageProcess&, const ExitStatus&)> onExit) {
+  Worker& w = find(p, "route");
+  w.routedMessage = std::move(onMessage);
+  w.routedExit = std::move(onExit);
+}
+
 void Manager::throwNotA(const MessageProcess& w, const std::type_info& wanted) {
   throw Error("Manager: worker " + w.fullName() + " is not a " + demangle(wanted));
 }
@@ -278,6 +288,8 @@ void Manager::erase(Worker& w, std::unique_ptr<MessageProcess> fresh) {
     auto nw = std::make_unique<Worker>();
     nw->manager = this;
     nw->process = std::move(fresh);
+    nw->routedMessage = gone->routedMessage;
+    nw->routedExit = gone->routedExit;
     added = nw.get();
     byProcess_[added->process.get()] = added;
     *it = std::move(nw);  // the same index
@@ -433,7 +445,12 @@ void Manager::drain(Worker& w, Drain until) {
     if (!m) return;
     {
       InCallback mark(w.inCallback);
-      guarded("the message handler", w.process.get(), [&] { handleMessage(*w.process, *m); });
+      guarded("the message handler", w.process.get(), [&] {
+        if (w.routedMessage)
+          w.routedMessage(*w.process, *m);
+        else
+          handleMessage(*w.process, *m);
+      });
     }
     // Whole frames already read are handled now; for more, the loop wakes
     // us again (level-triggered), so one wake-up costs one read.
@@ -469,7 +486,12 @@ void Manager::reapWorker(Worker& w) {
   w.process->pumpReplies();  // calls it outlived fail now (their callbacks are posted)
   detach(w);
   InCallback mark(w.inCallback);
-  guarded("the exit handler", w.process.get(), [&] { handleExit(*w.process, s); });
+  guarded("the exit handler", w.process.get(), [&] {
+    if (w.routedExit)
+      w.routedExit(*w.process, s);
+    else
+      handleExit(*w.process, s);
+  });
 }
 
 void Manager::onWorkerDeath(uv_poll_t* h, int, int) {

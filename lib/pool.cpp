@@ -46,7 +46,8 @@ std::size_t residentBytes(const MessageProcess& p) {
 
 class PoolCore : public std::enable_shared_from_this<PoolCore> {
  public:
-  PoolCore(WorkerPool::Factory factory, PoolOptions options);
+  // On `manager`'s loop, or (null) on a loop of its own.
+  PoolCore(Manager* manager, WorkerPool::Factory factory, PoolOptions options);
   ~PoolCore();
 
   struct Task {
@@ -91,24 +92,12 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   bool taskDone(const TaskState& s) const { return s.done; }
   bool taskQueued(std::uint64_t id) const;
 
-  // The manager of the workers: exits come here.
-  class Loop : public Manager {
-   public:
-    Loop(PoolCore& core, Manager::Options o) : Manager(o), core_(core) {}
-
-   protected:
-    void handleExit(MessageProcess& w, const ExitStatus& s) override { core_.onExit(w, s); }
-    void handleMessage(MessageProcess& w, Message& m) override { core_.onMessage(w, m); }
-
-   private:
-    PoolCore& core_;
-  };
-
   WorkerPool::Factory factory_;
   std::uint64_t recipe_ = 0;  // the factory, for a fork server (fork_server.hpp)
   PoolOptions options_;
   std::thread::id owner_;
-  Loop loop_;
+  std::unique_ptr<Manager> own_;  // the pool's own loop (none on a user's manager)
+  Manager* loop_;                 // the loop the workers are on: own_ or the user's
   std::vector<Slot> slots_;
   std::unordered_map<const MessageProcess*, std::size_t> slotOf_;
   std::unordered_map<std::uint64_t, std::unique_ptr<Task>> tasks_;  // not done
@@ -150,6 +139,16 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   void replace(Slot& s, Cause cause, const std::string& how = {});
   void startReplacement(Slot& s);
   void breakPool(const std::string& why);
+  void failAll(const std::string& why);
+  void stopWorkers();
+  void route(MessageProcess& p);
+  // A job for the loop that runs only while the pool lives.
+  template <class Fn>
+  std::function<void()> alive(Fn fn) {
+    return [w = weak_from_this(), fn = std::move(fn)] {
+      if (auto c = w.lock()) fn(*c);
+    };
+  }
   void killBusy();
   void event(WorkerEvent e);
   template <class Fn>
@@ -165,11 +164,12 @@ Manager::Options loopOptions(const PoolOptions& o) {
 }
 }  // namespace
 
-PoolCore::PoolCore(WorkerPool::Factory factory, PoolOptions options)
+PoolCore::PoolCore(Manager* manager, WorkerPool::Factory factory, PoolOptions options)
     : factory_(std::move(factory)),
       options_(std::move(options)),
       owner_(std::this_thread::get_id()),
-      loop_(*this, loopOptions(options_)) {
+      own_(manager ? nullptr : std::make_unique<Manager>(loopOptions(options_))),
+      loop_(manager ? manager : own_.get()) {
   if (!factory_) throw Error("WorkerPool: no factory");
   factoryChanged();
   if (options_.workers == 0) throw Error("WorkerPool: PoolOptions::workers is 0; a pool needs a worker");
@@ -182,6 +182,8 @@ PoolCore::~PoolCore() {
   recipes::remove(recipe_);
   try {
     stopAll("the pool was destroyed");
+    if (!own_)  // the user's manager goes on without them (deferred inside its callbacks)
+      for (auto& s : slots_) loop_->remove(*s.process);
   } catch (const std::exception& e) {
     poolLog()->error("stopping the pool failed: {}", e.what());
   }
@@ -211,14 +213,31 @@ void PoolCore::start() {
   slots_.resize(options_.workers);
   for (std::size_t i = 0; i < options_.workers; ++i) {
     slots_[i].index = i;
-    slots_[i].process = &loop_.add(make(i));
+    slots_[i].process = &loop_->add(make(i));  // started at once on a running manager
+    route(*slots_[i].process);
     slotOf_[slots_[i].process] = i;
   }
-  loop_.runUntil([] { return true; }, Timeout::zero());  // starts them all
+  if (own_)
+    loop_->runUntil([] { return true; }, Timeout::zero());  // starts them all
+  else if (!loop_->running())
+    loop_->startProcesses();  // forked now, as the pool's constructor promises
   for (auto& s : slots_) {
     s.ready = true;
     event({WorkerEvent::Kind::Started, s.index, s.process->pid(), {}, s.process->fullName() + " started"});
   }
+}
+
+// The workers' messages and exits come to the pool, on whichever loop.
+void PoolCore::route(MessageProcess& p) {
+  std::weak_ptr<PoolCore> w = weak_from_this();
+  loop_->route(
+      p,
+      [w](MessageProcess& proc, Message& m) {
+        if (auto c = w.lock()) c->onMessage(proc, m);
+      },
+      [w](MessageProcess& proc, const ExitStatus& st) {
+        if (auto c = w.lock()) c->onExit(proc, st);
+      });
 }
 
 void PoolCore::checkOwner(const char* method) const {
@@ -256,7 +275,7 @@ TaskFuture<Value> PoolCore::submit(const std::string& command, Map args, const T
     if (suspended_)
       throw Error("WorkerPool::submit '" + command + "': the queue is full (" + std::to_string(options_.maxQueued) +
                   " tasks) and the pool is suspended; resume() it first");
-    if (loop_.running() && !loop_.stopping() && tasks_.size() > 0) {
+    if (loop_->running() && !loop_->stopping() && tasks_.size() > 0) {
       // Backpressure: the caller waits for room, driving the pool.
       waitFor([&] { return queue_.size() < options_.maxQueued || !broken_.empty(); }, kForever, "submit");
       if (!broken_.empty()) throw PoolBroken("WorkerPool::submit '" + command + "': " + broken_);
@@ -330,7 +349,12 @@ void PoolCore::send(Slot& s, Task& t) {
                                                        std::chrono::seconds(5);
   const std::uint64_t token = t.token;
   try {
-    s.process->callAsync(t.command, t.args, backstop, [this, token](CallResult r) { onReply(token, std::move(r)); });
+    if (own_)  // {this, token} fits std::function's inline storage: no allocation per task
+      s.process->callAsync(t.command, t.args, backstop, [this, token](CallResult r) { onReply(token, std::move(r)); });
+    else  // the user's manager may run a callback after the pool is gone
+      s.process->callAsync(t.command, t.args, backstop, [w = weak_from_this(), token](CallResult r) {
+        if (auto c = w.lock()) c->onReply(token, std::move(r));
+      });
   } catch (const PeerClosed&) {
     // The worker is gone: its exit puts the task back in the queue.
   } catch (const std::exception& e) {
@@ -401,7 +425,7 @@ void PoolCore::finishTask(Task& t, CallResult r) {
 
 void PoolCore::armTimer(Slot& s) {
   if (s.timer) {
-    loop_.cancel(s.timer);
+    loop_->cancel(s.timer);
     s.timer = 0;
   }
   if (s.inFlight.empty()) return;
@@ -409,10 +433,10 @@ void PoolCore::armTimer(Slot& s) {
   if (t.timeout == kForever) return;
   const std::size_t index = s.index;
   const std::uint64_t id = t.id, token = t.token;
-  s.timer = loop_.after(t.timeout, [this, index, id, token] {
-    slots_[index].timer = 0;
-    checkTimeout(index, id, token);
-  });
+  s.timer = loop_->after(t.timeout, alive([index, id, token](PoolCore& c) {
+    c.slots_[index].timer = 0;
+    c.checkTimeout(index, id, token);
+  }));
 }
 
 // libuv runs due timers before it reads the descriptors that became ready
@@ -429,7 +453,7 @@ void PoolCore::checkTimeout(std::size_t index, std::uint64_t id, std::uint64_t t
   } catch (const std::exception& e) {
     poolLog()->debug("{}: reading replies before a timeout: {}", slots_[index].process->fullName(), e.what());
   }
-  loop_.post([this, index, id, token] { onTimeout(index, id, token); });
+  loop_->post(alive([index, id, token](PoolCore& c) { c.onTimeout(index, id, token); }));
 }
 
 void PoolCore::onTimeout(std::size_t index, std::uint64_t id, std::uint64_t token) {
@@ -451,7 +475,7 @@ void PoolCore::onTimeout(std::size_t index, std::uint64_t id, std::uint64_t toke
   }
   // In-process: a thread cannot be killed. Abandoned, and handled as a death.
   const ExitStatus st = p.stop(Timeout::zero());
-  loop_.post([this, index, proc = &p, st] { onDeath(index, proc, st); });
+  loop_->post(alive([index, proc = &p, st](PoolCore& c) { c.onDeath(index, proc, st); }));
 }
 
 // ---------------------------------------------------------------- deaths
@@ -467,15 +491,25 @@ void PoolCore::onExit(MessageProcess& w, const ExitStatus& status) {
   Slot& s = slots_[it->second];
   if (s.replacing || s.process != &w) return;
   s.ready = false;
+  if (loop_->stopping()) {
+    // The manager shuts down (its stop, SIGINT or SIGTERM): every worker
+    // is being stopped, and a shutdown never forks. What is left fails.
+    failAll("the manager stopped");
+    return;
+  }
   // After the replies it sent before dying: they were posted first.
-  loop_.post([this, index = s.index, proc = &w, status] { onDeath(index, proc, status); });
+  loop_->post(alive([index = s.index, proc = &w, status](PoolCore& c) { c.onDeath(index, proc, status); }));
 }
 
 void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitStatus status) {
   Slot& s = slots_[index];
   if (s.process != process || stopping_ || !broken_.empty()) return;
+  if (loop_->stopping()) {
+    failAll("the manager stopped");
+    return;
+  }
   if (s.timer) {
-    loop_.cancel(s.timer);
+    loop_->cancel(s.timer);
     s.timer = 0;
   }
   const std::string who = s.process->fullName();
@@ -558,7 +592,7 @@ bool transientStartFailure(std::exception_ptr e) {
 // loop); one the pool killed for a timeout, or recycled, does not: a batch
 // with a few slow tasks is not a crash loop.
 void PoolCore::replace(Slot& s, Cause cause, const std::string& how) {
-  if (stopping_ || !broken_.empty()) return;
+  if (stopping_ || !broken_.empty() || loop_->stopping()) return;  // a shutdown never forks
   if (cause == Cause::Death) {
     const auto now = Deadline::Clock::now();
     deaths_.emplace_back(now, how);
@@ -577,7 +611,7 @@ void PoolCore::replace(Slot& s, Cause cause, const std::string& how) {
 }
 
 void PoolCore::startReplacement(Slot& s) {
-  if (stopping_ || !broken_.empty()) return;
+  if (stopping_ || !broken_.empty() || loop_->stopping()) return;
   s.ready = false;
   s.recycle = false;
   s.tasksDone = 0;
@@ -593,7 +627,7 @@ void PoolCore::startReplacement(Slot& s) {
   s.replacing = true;
   std::exception_ptr failure;
   try {
-    loop_.replace(*old, std::move(fresh));
+    loop_->replace(*old, std::move(fresh));
   } catch (const std::exception&) {
     failure = std::current_exception();
   }
@@ -623,10 +657,10 @@ void PoolCore::startReplacement(Slot& s) {
     }
     // Tried again later, 50 ms, 100 ms, ... up to 1 s apart.
     const auto delay = std::chrono::milliseconds(std::min(1000, 50 << std::min(s.startFailures - 1, 5)));
-    loop_.after(delay, [this, index = s.index] {
-      Slot& sl = slots_[index];
-      if (!sl.ready && !sl.replacing) startReplacement(sl);
-    });
+    loop_->after(delay, alive([index = s.index](PoolCore& c) {
+      Slot& sl = c.slots_[index];
+      if (!sl.ready && !sl.replacing) c.startReplacement(sl);
+    }));
     return;
   }
   s.startFailures = 0;
@@ -637,9 +671,18 @@ void PoolCore::startReplacement(Slot& s) {
 
 void PoolCore::breakPool(const std::string& why) {
   if (!broken_.empty()) return;
-  broken_ = why;
   poolLog()->error("{}", why);
   killBusy();
+  failAll(why);
+  if (own_)
+    loop_->requestStop();  // the workers left are stopped when the loop ends
+  else
+    stopWorkers();  // the user's loop goes on
+}
+
+// Every task not done fails with PoolBroken(why); the pool takes no more.
+void PoolCore::failAll(const std::string& why) {
+  if (broken_.empty()) broken_ = why;
   std::vector<Task*> left;
   for (auto& [id, t] : tasks_) left.push_back(t.get());
   std::sort(left.begin(), left.end(), [](Task* a, Task* b) { return a->id < b->id; });
@@ -647,13 +690,22 @@ void PoolCore::breakPool(const std::string& why) {
   for (auto& s : slots_) {
     s.inFlight.clear();
     s.ready = false;
+    if (s.timer) loop_->cancel(std::exchange(s.timer, 0));
   }
   for (Task* t : left) {
     t->slot = kNoSlot;
     finishTask(*t, CallResult(std::make_exception_ptr(PoolBroken("task " + std::to_string(t->id) + " ('" +
                                                                    t->command + "'): " + why))));
   }
-  loop_.requestStop();  // the workers left are stopped when the loop ends
+}
+
+// On a user's manager: the pool's workers are stopped (all at once, the
+// stop ladder), and stay in the manager, ended, until the pool is gone.
+void PoolCore::stopWorkers() {
+  std::vector<MessageProcess*> live;
+  for (auto& s : slots_)
+    if (s.process->isAlive()) live.push_back(s.process);
+  MessageProcess::stopAll(live, options_.stopTimeout);
 }
 
 // Workers still inside a task whose future has failed: nobody waits for
@@ -668,25 +720,27 @@ void PoolCore::killBusy() {
 bool PoolCore::waitFor(const std::function<bool()>& done, Timeout timeout, const char* method) {
   checkOwner(method);
   if (done()) return true;
-  if (loop_.stopping() || !loop_.running()) {
-    loop_.finish();
+  if (!own_) {
+    // The user's manager: inside its loop a look without waiting is all
+    // there is (callbacks bring the rest); outside, its owner's wait drives it.
+    if (loop_->stopping() || (loop_->inLoop() && timeout <= Timeout::zero())) return done();
+    return loop_->runUntil(done, timeout);
+  }
+  if (loop_->stopping() || !loop_->running()) {
+    loop_->finish();
     return done();
   }
-  return loop_.runUntil(done, timeout);
+  return loop_->runUntil(done, timeout);
 }
 
 void PoolCore::stopAll(const std::string& why) {
   stopping_ = true;  // exits from here on are the pool's own
   killBusy();
-  loop_.finish();
-  std::vector<Task*> left;
-  for (auto& [id, t] : tasks_) left.push_back(t.get());
-  std::sort(left.begin(), left.end(), [](Task* a, Task* b) { return a->id < b->id; });
-  queue_.clear();
-  for (Task* t : left)
-    finishTask(*t, CallResult(std::make_exception_ptr(
-                       PoolBroken("task " + std::to_string(t->id) + " ('" + t->command + "'): " + why))));
-  if (broken_.empty()) broken_ = why;
+  if (own_)
+    loop_->finish();
+  else
+    stopWorkers();
+  failAll(why);
 }
 
 void PoolCore::finalize() {
@@ -761,7 +815,12 @@ void FunctionWorker::preRun__() {
 // ---------------------------------------------------------------- WorkerPool
 
 WorkerPool::WorkerPool(Factory factory, PoolOptions options)
-    : core_(std::make_shared<detail::PoolCore>(std::move(factory), std::move(options))) {
+    : core_(std::make_shared<detail::PoolCore>(nullptr, std::move(factory), std::move(options))) {
+  core_->start();
+}
+
+WorkerPool::WorkerPool(Manager& manager, Factory factory, PoolOptions options)
+    : core_(std::make_shared<detail::PoolCore>(&manager, std::move(factory), std::move(options))) {
   core_->start();
 }
 

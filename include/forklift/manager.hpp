@@ -25,7 +25,8 @@
 //     at the same time, waited for up to `stopTimeout`, then sent SIGTERM,
 //     then SIGKILL (the ladder MessageProcess::stop uses); the loop ends and
 //     run() returns 0 unless a worker had to be killed or ended badly, or a
-//     command failed with no error handler set.
+//     command failed with no error handler set. A WorkerPool on this
+//     manager replaces no worker once a stop was requested.
 //
 // Callbacks (messages, exits, errors, timers, watches, posted work) may
 // throw anything: it is logged and the loop goes on.
@@ -37,8 +38,11 @@
 //     processes first, then threads), `handleMessage`, `handleExit`,
 //     `handleError` and `close()`.
 //
-// Workers added to a Manager ignore SIGINT: Ctrl-C reaches the whole
-// process group, and it is the manager that decides how workers stop.
+// Workers added to a Manager ignore SIGINT, and SIGTERM from anyone but
+// their frontend (or the fork server that forked them): Ctrl-C and a
+// SIGTERM to the whole process group (a service manager, a closing
+// terminal) reach the manager too, and it is the manager that decides how
+// workers stop (the stop ladder's own SIGTERM still ends them).
 //
 // Cost: each event is dispatched through its own handle, so the cost of one
 // message does not grow with the number of workers.
@@ -171,6 +175,11 @@ class Manager {
   }
   // The manager's index of `worker`; Error when it is not ours.
   std::size_t indexOf(const MessageProcess& worker) const;
+  // For a part of the program that keeps workers of its own on this loop (a
+  // WorkerPool made on this manager): `worker`'s messages and exit go to
+  // these instead of handleMessage/handleExit; its replacement keeps them.
+  void route(MessageProcess& worker, std::function<void(MessageProcess&, Message&)> onMessage,
+             std::function<void(MessageProcess&, const ExitStatus&)> onExit);
 
   void onMessage(std::function<void(MessageProcess&, Message&)> fn) { onMessage_ = std::move(fn); }
   void onExit(std::function<void(MessageProcess&, const ExitStatus&)> fn) { onExit_ = std::move(fn); }
@@ -205,6 +214,8 @@ class Manager {
   bool stopping() const noexcept { return stopRequested_; }
   // True while the loop runs (signals are handled from then on).
   bool running() const noexcept { return running_; }
+  // True inside a callback of this loop, where a wait would nest.
+  bool inLoop() const noexcept { return inLoop_; }
 
   // run() in a background thread; the workers are started first, in the
   // calling thread (fork before threads).

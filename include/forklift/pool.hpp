@@ -82,6 +82,25 @@
 // deaths and timeouts are seen at the next wait (poll() handles what is
 // ready without waiting).
 //
+// A pool on a Manager: `WorkerPool(manager, factory, options)` (and
+// `FunctionPool(manager, fn, options)`) puts the workers on that manager's
+// loop, beside its own workers, rings and timers: a reply, a death and a
+// timeout are handled in the turn of the loop that sees them, and result
+// callbacks (onResult, onWorkerEvent, ...) run there, with no timer that
+// polls the pool. Inside the manager's callbacks, results come by those
+// callbacks (or `TaskFuture::ready()`, which looks without waiting);
+// waiting there (get, wait, map, a submit on a full queue) throws, since
+// loops do not nest. Outside the loop, the pool's waits drive the manager
+// with runUntil (which begins it: a manager meant for run() is not waited
+// on before). The pool's workers are the manager's too (its size() counts
+// them), but their messages and exits go to the pool, not to the
+// manager's handlers. When the manager shuts down (requestStop, SIGINT,
+// SIGTERM), it stops the pool's workers with its own; the pool replaces
+// none of them (a shutdown never forks), and its tasks left fail with
+// PoolBroken("the manager stopped"). A broken or stopped pool stops its
+// workers and leaves the manager running; a destroyed one removes them.
+// The manager must outlive the pool.
+//
 // In-process mode (ProcessOptions::inProcess, FORKLIFT_IN_PROCESS=1) works
 // too: a timed-out worker thread cannot be killed; it is abandoned (its
 // object leaked, logged) and replaced.
@@ -109,6 +128,8 @@
 #include "forklift/value.hpp"
 
 namespace forklift {
+
+class Manager;
 
 namespace detail {
 // FunctionPool's workers: shared-memory queues instead of the socket.
@@ -268,6 +289,9 @@ class WorkerPool {
   // Starts `options.workers` workers (Error when none, or when a worker
   // cannot start).
   explicit WorkerPool(Factory factory, PoolOptions options = {});
+  // On `manager`'s loop (see "A pool on a Manager" above); the manager
+  // outlives the pool.
+  WorkerPool(Manager& manager, Factory factory, PoolOptions options = {});
   // Stops the workers; tasks not done fail with PoolBroken.
   ~WorkerPool();
   WorkerPool(const WorkerPool&) = delete;
@@ -421,6 +445,14 @@ class FunctionPool<R(A...)> {
       : shared_(std::make_shared<Shared>(invoker(std::move(fn)), std::move(fixed), options.process,
                                          options.batchScheduling)),
         pool_(factory(shared_), options) {}
+  // On `manager`'s loop (see "A pool on a Manager" above).
+  FunctionPool(Manager& manager, Fn fn, PoolOptions options = {})
+      : shared_(std::make_shared<Shared>(wrap(std::move(fn)), Value(), options.process, options.batchScheduling)),
+        pool_(manager, factory(shared_), options) {}
+  FunctionPool(Manager& manager, FnFixed fn, Value fixed, PoolOptions options = {})
+      : shared_(std::make_shared<Shared>(invoker(std::move(fn)), std::move(fixed), options.process,
+                                         options.batchScheduling)),
+        pool_(manager, factory(shared_), options) {}
 
   TaskFuture<R> submit(A... args) { return submitWith(TaskOptions{}, std::move(args)...); }
   TaskFuture<R> submitWith(TaskOptions options, A... args) {
