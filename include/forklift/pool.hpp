@@ -80,7 +80,8 @@
 // or waiting on it from one of its own callbacks, throws Error. Between
 // waits nothing happens: tasks sent run in the workers, but results,
 // deaths and timeouts are seen at the next wait (poll() handles what is
-// ready without waiting).
+// ready without waiting). A program with a loop of its own puts the pool on
+// it instead of polling: see "A pool on a Manager" below.
 //
 // A pool on a Manager: `WorkerPool(manager, factory, options)` (and
 // `FunctionPool(manager, fn, options)`) puts the workers on that manager's
