@@ -513,6 +513,10 @@ void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitSta
     s.timer = 0;
   }
   const std::string who = s.process->fullName();
+  // What the TaskTimeout says happened to the worker, and only that.
+  const bool inProcess = s.process->pid() == ::getpid();
+  const std::string ended = inProcess ? " was abandoned (an in-process worker's thread cannot be killed)" : " was killed";
+  const bool replaced = !stopping_ && broken_.empty() && !loop_->stopping();
   const std::string how = status.describe();
   const std::uint64_t killed = s.timedOut;  // a task that ended meanwhile is not here
   if (!killed)
@@ -537,7 +541,7 @@ void PoolCore::onDeath(std::size_t index, const MessageProcess* process, ExitSta
     const std::string task = "task " + std::to_string(t->id) + " ('" + t->command + "')";
     if (killed == t->id)
       e = std::make_exception_ptr(TaskTimeout(task + " ran longer than its timeout of " + ms(t->timeout) +
-                                              "; its worker " + who + " was killed and replaced"));
+                                              "; its worker " + who + ended + (replaced ? " and replaced" : "")));
     else
       e = std::make_exception_ptr(WorkerDied(task + ": its worker " + who + " died (" + how + ")", status));
     finishTask(*t, CallResult(e));

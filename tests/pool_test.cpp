@@ -394,7 +394,9 @@ TEST(Pool, InProcessWorkersRunTasksAndAreReplacedAfterATimeout) {
   EXPECT_EQ(pool.pool().worker(0).pid(), ::getpid());
   EXPECT_EQ(pool.map({1, 2, 3, 4}), (std::vector<int>{1, 2, 3, 4}));
   auto slow = pool.submitWith(TaskOptions{100ms, std::nullopt}, 400);
-  EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { slow.get(); }), "ran longer than its timeout of 100 ms"));
+  EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { slow.get(); }),
+                             "ran longer than its timeout of 100 ms; its worker FunctionWorker.pool-0 was abandoned (an "
+                             "in-process worker's thread cannot be killed) and replaced"));
   EXPECT_EQ(pool.map({5, 6}), (std::vector<int>{5, 6}));
   EXPECT_EQ(pool.pool().restarts(), 1u);
   std::this_thread::sleep_for(400ms);  // the abandoned thread ends its sleep and leaves
