@@ -248,7 +248,7 @@ def pool_table(results):
     over = by.get(("pool_overhead", "forklift"))
     bare = by.get(("bare_call", "forklift"))
     lines.append("")
-    lines.append(f"forklift with PoolOptions' defaults (queue depth 32, shared-memory transport, SCHED_BATCH workers). 4 workers with "
+    lines.append(f"forklift with PoolOptions' defaults (queue depth 32, shared-memory transport, SCHED_OTHER workers). 4 workers with "
                  f"queue depth 16: {fmt(d16, 'msg/s')} tasks/s; 1 worker with queue depth 1 (every task a round "
                  f"trip): {fmt(d1, 'msg/s')} tasks/s. A bare call() of the same empty command (same transport): "
                  f"{fmt(bare, 'msg/s')} calls/s; the pool's own cost per task (1 worker, depth 1, minus a bare "

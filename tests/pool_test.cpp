@@ -483,14 +483,15 @@ TEST(Pool, ATaskGoesToAnIdleWorkerBeforeQueueingBehindABusyOne) {
   EXPECT_EQ(used.size(), 2u);
 }
 
-// FunctionPool's workers run under SCHED_BATCH unless told otherwise.
-TEST(Pool, FunctionPoolWorkersRunUnderBatchScheduling) {
-  FunctionPool<int()> batch([] { return ::sched_getscheduler(0); }, workers(1));
-  EXPECT_EQ(batch.submit().get(), SCHED_BATCH);
-  PoolOptions o = workers(1);
-  o.batchScheduling = false;
-  FunctionPool<int()> normal([] { return ::sched_getscheduler(0); }, o);
+// FunctionPool's workers run under SCHED_OTHER (latency) unless asked for
+// SCHED_BATCH (batch jobs of tiny tasks).
+TEST(Pool, FunctionPoolWorkersRunUnderBatchSchedulingWhenAsked) {
+  FunctionPool<int()> normal([] { return ::sched_getscheduler(0); }, workers(1));
   EXPECT_EQ(normal.submit().get(), SCHED_OTHER);
+  PoolOptions o = workers(1);
+  o.batchScheduling = true;
+  FunctionPool<int()> batch([] { return ::sched_getscheduler(0); }, o);
+  EXPECT_EQ(batch.submit().get(), SCHED_BATCH);
 }
 
 // The tasks queued behind the one that was running when a worker died go

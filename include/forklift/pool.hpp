@@ -57,11 +57,20 @@
 // Transport and scheduling: FunctionPool's workers use the shared-memory
 // message transport by default (`PoolOptions::process.transport`, see
 // forklift/process.hpp; a worker started by a fork server uses the socket),
-// and run under the SCHED_BATCH policy (sched(7); `batchScheduling`): a
-// worker woken by its first task does not preempt the owner that is still
-// sending it the rest of the batch (on a CPU they share, every task would
-// otherwise cost two context switches); the nice value stays, and
-// processes a worker forks inherit the policy. A
+// and run under the normal policy, SCHED_OTHER: a task's latency is what
+// latency pipelines (a detector on every 5th frame) need, and a woken
+// worker runs at once. `batchScheduling` puts them under SCHED_BATCH
+// (sched(7)) instead, for batch jobs of tiny tasks: a worker woken by its
+// first task does not preempt the owner that is still sending it the rest
+// of the batch (on a CPU they share, every task would otherwise cost two
+// context switches), which raised empty-task throughput 1.6-2.5x in
+// bench/pool_bench.cpp (BM_PoolThroughputScheduling) on a loaded 2-CPU
+// machine; but a woken worker then waits for the running process's time
+// slice to end, which in a pipeline beside CPU-bound processes raised a
+// detector's p99 latency from about 110 ms to about 200 ms (issue 21;
+// BM_PoolLatencyScheduling). Tasks of a millisecond or more do not gain
+// from it. The nice value stays, and processes a worker forks inherit the
+// policy. A
 // WorkerPool's workers use the ProcessOptions their factory gives them
 // (the shared-memory transport unless the factory's class chooses the
 // socket); their preRun__ may call sched_setscheduler(0, SCHED_BATCH, ...)
@@ -158,9 +167,10 @@ struct PoolOptions {
   Timeout stopTimeout = std::chrono::seconds(5);
   // Of FunctionPool's workers (a WorkerPool's factory sets its own).
   ProcessOptions process = detail::poolProcessOptions();
-  // FunctionPool's workers run under SCHED_BATCH (see "Transport and
+  // FunctionPool's workers run under SCHED_BATCH instead of SCHED_OTHER:
+  // for batch jobs of tiny tasks, not for latency (see "Transport and
   // scheduling" above).
-  bool batchScheduling = true;
+  bool batchScheduling = false;
 };
 
 struct TaskOptions {
