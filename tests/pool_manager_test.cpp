@@ -8,8 +8,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <thread>
 
+#include "forklift/fork_server.hpp"
 #include "forklift/manager.hpp"
 #include "forklift/pool.hpp"
 #include "support.hpp"
@@ -204,6 +206,40 @@ TEST(PoolOnManager, SigtermToTheProcessGroupShutsDownInOrderWithoutForking) {
     const int code = test::exitCodeOf(test::waitChild(child, 15s));
     EXPECT_EQ(code, 0) << "run " << run << (code == 2 ? ": a replacement was forked" : "");
     if (code != 0) break;
+  }
+}
+
+// A Manager's worker (ignoreSigint) ignores SIGTERM from any process but
+// its frontend: a signal to the whole process group reaches the manager,
+// which stops it in order; the stop ladder's own SIGTERM still ends it,
+// whether forked here or by the fork server (which signals for the frontend
+// through a pidfd).
+TEST(PoolOnManager, AManagersWorkerObeysSigtermOnlyFromItsFrontend) {
+  for (const bool served : {false, true}) {
+    SCOPED_TRACE(served ? "served by the fork server" : "forked here");
+    Jobs w(0);
+    w.ignoreSigint();  // what Manager::add does
+    std::unique_ptr<ForkServer> server;
+    if (served) server = std::make_unique<ForkServer>();
+    w.start();
+    const pid_t pid = w.pid();
+    if (served) {  // its parent is the server, not this process
+      const std::string stat = test::readFile("/proc/" + std::to_string(pid) + "/stat");
+      char state = 0;
+      int ppid = 0;
+      ASSERT_EQ(std::sscanf(stat.c_str() + stat.rfind(") ") + 2, "%c %d", &state, &ppid), 2);
+      EXPECT_NE(ppid, ::getpid());
+    }
+    // From another process, as a service manager's SIGTERM to the group.
+    const pid_t other = test::forkChild([pid] { return ::kill(pid, SIGTERM) == 0 ? 0 : 1; });
+    ASSERT_EQ(test::exitCodeOf(test::waitChild(other, 5s)), 0);
+    // Delivered before the worker reads the next command: it still serves.
+    EXPECT_EQ(w.call("square", {{"x", 3}}, 5s).as<double>(), 9.0);
+    // From its frontend: obeyed.
+    w.signal(SIGTERM);
+    const ExitStatus s = w.waitStop(5s);
+    EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
+    EXPECT_EQ(s.signal, SIGTERM);
   }
 }
 

@@ -151,7 +151,10 @@ struct ProcessOptions {
   std::chrono::microseconds spin{0};
   bool inProcess = false;     // run the backend in a thread (see above)
   bool allowThreads = false;  // fork although other threads run (logs a warning)
-  bool ignoreSigint = false;  // the backend ignores SIGINT (Ctrl-C goes to the frontend)
+  // The backend ignores SIGINT, and SIGTERM from any process but its
+  // frontend: Ctrl-C or a SIGTERM to the whole process group goes to the
+  // frontend, which stops it (Manager::add sets it).
+  bool ignoreSigint = false;
   // The backend also logs to this file. start() fails with a clear Error
   // when it cannot be opened for appending.
   std::string logFile;
@@ -235,7 +238,8 @@ class MessageProcess {
   // Readable once the backend has ended (a pidfd, or an eventfd in
   // in-process mode); -1 before start.
   int deathFd() const noexcept;
-  // Before start(): the backend will ignore SIGINT.
+  // Before start(): the backend will ignore SIGINT, and SIGTERM from any
+  // process but its frontend (ProcessOptions::ignoreSigint).
   void ignoreSigint() { options_.ignoreSigint = true; }
   const std::string& name() const noexcept { return name_; }
   // "MyProcess.my-process" once started.
