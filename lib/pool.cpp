@@ -663,7 +663,9 @@ void PoolCore::startReplacement(Slot& s) {
     const auto delay = std::chrono::milliseconds(std::min(1000, 50 << std::min(s.startFailures - 1, 5)));
     loop_->after(delay, alive([index = s.index](PoolCore& c) {
       Slot& sl = c.slots_[index];
-      if (!sl.ready && !sl.replacing) c.startReplacement(sl);
+      if (sl.ready || sl.replacing) return;
+      c.startReplacement(sl);
+      c.pump();  // the tasks that waited for it
     }));
     return;
   }

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "forklift/manager.hpp"
+#include "seams.hpp"
 #include "support.hpp"
 
 namespace forklift {
@@ -649,6 +650,53 @@ TEST(Pool, ATaskThatThrowsIsItsResultNotAnErrorLog) {
   }
   EXPECT_EQ(err, "Jobs.jobs-0: c__fail threw: this task fails");
   EXPECT_FALSE(test::contains(log, "this task fails")) << log;
+}
+
+int g_forkFailures = 0;  // forks left to fail with EAGAIN
+pid_t failingFork() {
+  if (g_forkFailures > 0) {
+    --g_forkFailures;
+    errno = EAGAIN;
+    return -1;
+  }
+  return ::fork();
+}
+
+// A replacement that fails to start for want of a resource for a moment
+// (EAGAIN from fork) is tried again, 50 ms, 100 ms, ... later; more
+// failures in a row than restartLimit break the pool, saying so.
+TEST(Pool, AReplacementThatFailsToStartForAMomentIsTriedAgain) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  o.restartLimit = 3;
+  WorkerPool pool(jobs(), o);
+  std::vector<WorkerEvent> events;
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e); });
+  auto count = [&](WorkerEvent::Kind k) {
+    return std::count_if(events.begin(), events.end(), [k](const WorkerEvent& e) { return e.kind == k; });
+  };
+  const detail::ScopedSeam seam(detail::syscalls.fork, &failingFork);
+  g_forkFailures = 2;
+  pool.submit("crash").result();
+  EXPECT_EQ(pool.submit("square", {{"x", 4}}).get().as<double>(), 16.0);
+  EXPECT_EQ(count(WorkerEvent::Kind::StartFailed), 2);
+  EXPECT_EQ(count(WorkerEvent::Kind::Restarted), 1);
+  EXPECT_EQ(pool.restarts(), 1u);
+  for (const auto& e : events) {
+    if (e.kind == WorkerEvent::Kind::StartFailed) {
+      EXPECT_TRUE(test::contains(e.what, "cannot fork the backend (fork): Resource temporarily unavailable")) << e.what;
+    }
+  }
+
+  g_forkFailures = 100;
+  pool.submit("crash").result();
+  const CallResult r = pool.submit("square", {{"x", 4}}).result();  // waits while the starts are tried
+  const std::string err = test::thrown<PoolBroken>([&] { r.get(); });
+  EXPECT_TRUE(test::contains(err, "worker 0 did not start 4 times in a row; the last time: ")) << err;
+  EXPECT_TRUE(test::contains(err, "Resource temporarily unavailable")) << err;
+  EXPECT_EQ(count(WorkerEvent::Kind::StartFailed), 2 + 4);
+  EXPECT_EQ(pool.restarts(), 1u);  // the second replacement never started
+  g_forkFailures = 0;
 }
 
 }  // namespace
