@@ -678,7 +678,10 @@ TEST(Pool, AReplacementThatFailsToStartForAMomentIsTriedAgain) {
   const detail::ScopedSeam seam(detail::syscalls.fork, &failingFork);
   g_forkFailures = 2;
   pool.submit("crash").result();
-  EXPECT_EQ(pool.submit("square", {{"x", 4}}).get().as<double>(), 16.0);
+  // Two retries, 50 and 100 ms apart, then a fork: bounded far above that.
+  auto f = pool.submit("square", {{"x", 4}});
+  ASSERT_TRUE(f.wait(10s)) << "the task never reached the replacement";
+  EXPECT_EQ(f.get().as<double>(), 16.0);
   EXPECT_EQ(count(WorkerEvent::Kind::StartFailed), 2);
   EXPECT_EQ(count(WorkerEvent::Kind::Restarted), 1);
   EXPECT_EQ(pool.restarts(), 1u);
@@ -690,7 +693,9 @@ TEST(Pool, AReplacementThatFailsToStartForAMomentIsTriedAgain) {
 
   g_forkFailures = 100;
   pool.submit("crash").result();
-  const CallResult r = pool.submit("square", {{"x", 4}}).result();  // waits while the starts are tried
+  auto g = pool.submit("square", {{"x", 4}});
+  ASSERT_TRUE(g.wait(10s));  // 4 tries 50 to 400 ms apart
+  const CallResult r = g.result();
   const std::string err = test::thrown<PoolBroken>([&] { r.get(); });
   EXPECT_TRUE(test::contains(err, "worker 0 did not start 4 times in a row; the last time: ")) << err;
   EXPECT_TRUE(test::contains(err, "Resource temporarily unavailable")) << err;
