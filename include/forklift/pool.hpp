@@ -109,7 +109,9 @@
 // none of them (a shutdown never forks), and its tasks left fail with
 // PoolBroken("the manager stopped"). A broken or stopped pool stops its
 // workers and leaves the manager running; a destroyed one removes them.
-// The manager must outlive the pool.
+// The manager must outlive the pool, and the pool belongs to the thread
+// that runs the manager's loop (run() or runUntil; not runAsThread, whose
+// loop thread would race the pool's owner): make and use it there.
 //
 // In-process mode (ProcessOptions::inProcess, FORKLIFT_IN_PROCESS=1) works
 // too: a timed-out worker thread cannot be killed; it is abandoned (its
