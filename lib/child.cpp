@@ -131,9 +131,11 @@ void remove(void* base) noexcept {
   std::erase_if(g_frontendMaps, [base](const Range& r) { return r.base == base; });
 }
 
-std::size_t count() {
+std::vector<std::pair<std::uintptr_t, std::size_t>> snapshot() {
   std::lock_guard lock(g_fdsMutex);
-  return g_frontendMaps.size();
+  std::vector<std::pair<std::uintptr_t, std::size_t>> out;
+  for (const Range& r : g_frontendMaps) out.emplace_back(reinterpret_cast<std::uintptr_t>(r.base), r.bytes);
+  return out;
 }
 
 }  // namespace frontend_maps

@@ -41,6 +41,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "forklift/detail/fd.hpp"
@@ -76,7 +77,8 @@ namespace frontend_maps {
 // Records [base, base+bytes); false when it could not (out of memory).
 bool add(void* base, std::size_t bytes) noexcept;
 void remove(void* base) noexcept;
-std::size_t count();  // tests
+// The ranges listed now, as {base, bytes} (tests).
+std::vector<std::pair<std::uintptr_t, std::size_t>> snapshot();
 }  // namespace frontend_maps
 
 // This process's pid, cached (and renewed in a forked child).
