@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from slowdown import slow
 from xml.sax.saxutils import escape
 
 ap = argparse.ArgumentParser()
@@ -37,7 +38,7 @@ memcheck = ["valgrind", "--error-exitcode=97", "--leak-check=full", "--errors-fo
 
 def run_quiet(argv):
     """Errors of every process are the only lines memcheck prints with -q."""
-    r = subprocess.run([*memcheck, "-q", *argv], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*memcheck, "-q", *argv], capture_output=True, text=True, timeout=slow(600))
     return r, [l for l in r.stderr.splitlines() if l.startswith("==")]
 
 
@@ -46,7 +47,7 @@ def run_whole_scan(argv):
     (definite leaks count as errors), and a scan that skipped bytes fails."""
     with tempfile.TemporaryDirectory(prefix="fk-vg-") as d:
         r = subprocess.run([*memcheck, "-v", f"--log-file={d}/%p.log", *argv], capture_output=True, text=True,
-                           timeout=600)
+                           timeout=slow(600))
         reports = []
         for log in sorted(glob.glob(os.path.join(d, "*.log"))):
             with open(log, errors="replace") as f:
