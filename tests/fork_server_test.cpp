@@ -149,7 +149,7 @@ TEST(ForkServer, AKilledFrontendTakesTheServerAndItsBackendsDown) {
   ::close(fds[1]);
   pid_t pids[3] = {};
   pollfd pf{fds[0], POLLIN, 0};
-  const bool got = ::poll(&pf, 1, 10000) == 1 && ::read(fds[0], pids, sizeof pids) == sizeof pids;
+  const bool got = ::poll(&pf, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(fds[0], pids, sizeof pids) == sizeof pids;
   ::close(fds[0]);
   ASSERT_TRUE(got) << "the frontend did not start its backends through the server";
   ::kill(frontend, SIGKILL);

@@ -95,7 +95,7 @@ class Victim : public MessageProcess {
 pid_t awaitArrival(int fd, Stage want) {
   pollfd p{fd, POLLIN, 0};
   char buf[1 + sizeof(pid_t)];
-  if (::poll(&p, 1, 10000) != 1 || ::read(fd, buf, sizeof buf) != static_cast<ssize_t>(sizeof buf)) return 0;
+  if (::poll(&p, 1, static_cast<int>(test::slowMs(10000))) != 1 || ::read(fd, buf, sizeof buf) != static_cast<ssize_t>(sizeof buf)) return 0;
   if (buf[0] != static_cast<char>(want)) return 0;
   pid_t pid = 0;
   std::memcpy(&pid, buf + 1, sizeof pid);
@@ -233,7 +233,7 @@ TEST(FrontendKilledDuringPoolTasks, EveryPoolWorkerFollowsWithinTwoSeconds) {
   std::vector<pid_t> workers;
   pid_t w = 0;
   pollfd p{pipe.r.get(), POLLIN, 0};
-  while (workers.size() < 3 && ::poll(&p, 1, 10000) == 1 && ::read(pipe.r.get(), &w, sizeof w) == sizeof w)
+  while (workers.size() < 3 && ::poll(&p, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(pipe.r.get(), &w, sizeof w) == sizeof w)
     workers.push_back(w);
   ::kill(frontend, SIGKILL);
   test::waitChild(frontend, 5s);

@@ -682,7 +682,7 @@ class Collector : public MessageProcess {
   // class has said "no more user code" (at most 5 s), then `ms` more.
   void c__block(int ms) {
     gCollectorBlocking = true;
-    const auto end = Clock::now() + 5s;
+    const auto end = Clock::now() + test::slow(5s);
     while (!baseDestructorStarted() && Clock::now() < end) std::this_thread::sleep_for(1ms);
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   }
@@ -713,7 +713,7 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
     // to try).
     c->send("block", {{"ms", 20}});
     for (int i = 0; i < 100; ++i) c->send("add", {{"x", i}});
-    const auto blockBy = Clock::now() + 5s;
+    const auto blockBy = Clock::now() + test::slow(5s);
     while (!gCollectorBlocking && Clock::now() < blockBy) std::this_thread::sleep_for(1ms);
     ASSERT_TRUE(gCollectorBlocking);
     const auto t0 = Clock::now();

@@ -297,7 +297,7 @@ int entriesAfterFrontendKill(bool named) {
   ::close(p[1]);
   pid_t backend = 0;
   pollfd pf{p[0], POLLIN, 0};
-  const bool ready = ::poll(&pf, 1, 10000) == 1 && ::read(p[0], &backend, sizeof backend) == sizeof backend;
+  const bool ready = ::poll(&pf, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(p[0], &backend, sizeof backend) == sizeof backend;
   ::close(p[0]);
   ::kill(frontend, SIGKILL);
   test::waitChild(frontend, 5s);
@@ -372,7 +372,7 @@ TEST(AnonymousSegmentDeaths, SigintDuringManagerStartUpLeavesDevShmAsItWas) {
     std::vector<pid_t> workers;
     pid_t w = 0;
     pollfd pf{p[0], POLLIN, 0};
-    while (workers.size() < 2 && ::poll(&pf, 1, 10000) == 1 && ::read(p[0], &w, sizeof w) == sizeof w)
+    while (workers.size() < 2 && ::poll(&pf, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(p[0], &w, sizeof w) == sizeof w)
       workers.push_back(w);
     ::kill(frontend, SIGINT);
     const auto status = test::waitChild(frontend, 10s);

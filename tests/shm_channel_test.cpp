@@ -276,7 +276,7 @@ TEST(ShmChannel, WaitInputSaysInputTimeoutAndTheEnd) {
   auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
   EXPECT_EQ(b.waitInput(Deadline(Timeout(20))), Channel::Wake::Timeout);
   a.send(Message("x"));
-  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::Input);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(1s))), Channel::Wake::Input);
   EXPECT_EQ(b.tryRecvWaited()->command(), "x");
   // That waitInput found the message without taking the ring's edge: a
   // stale edge costs at most one spurious wake-up, then it sleeps.
@@ -291,14 +291,14 @@ TEST(ShmChannel, WaitInputSaysInputTimeoutAndTheEnd) {
     b.wakeReader();
   });
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ(b.waitInput(Deadline(10s)), Channel::Wake::Input);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(10s))), Channel::Wake::Input);
   EXPECT_GE(std::chrono::steady_clock::now() - t0, 40ms);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(5s));
   waker.join();
   EXPECT_FALSE(b.tryRecvWaited());
   EXPECT_EQ(b.waitInput(Deadline(Timeout(20))), Channel::Wake::Timeout);
   a.close();
-  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::PeerEnd);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(1s))), Channel::Wake::PeerEnd);
 }
 
 TEST(ShmChannel, MessagesSentWhileRingsAreHeldAreFoundWithoutARing) {
@@ -309,7 +309,7 @@ TEST(ShmChannel, MessagesSentWhileRingsAreHeldAreFoundWithoutARing) {
   EXPECT_FALSE(readable(b.fd()));
   // ... and the reader that held the rings finds it by looking, or by
   // waiting (waitInput arms and looks before it sleeps).
-  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::Input);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(1s))), Channel::Wake::Input);
   EXPECT_EQ(b.tryRecvWaited()->command(), "quiet");
   // Drained: armed again, so the next message makes fd() readable.
   a.send(Message("loud"));
@@ -340,7 +340,7 @@ TEST(ShmChannel, APingPongThatHoldsRingsAndSpinsLosesNoWakeUp) {
     auto take = [](Channel& c) -> std::optional<Message> {
       for (;;) {
         if (auto m = c.tryRecvWaited()) return m;
-        if (c.waitInput(Deadline(5s)) != Channel::Wake::Input) return std::nullopt;
+        if (c.waitInput(Deadline(test::slow(5s))) != Channel::Wake::Input) return std::nullopt;
       }
     };
     std::thread echo([&, &b = b] {
