@@ -91,7 +91,7 @@ TEST_F(DeathPipe, TheBackendsOwnBackendDoesNotHideItsDeath) {
   ASSERT_GT(helper, 0);
   ::kill(s.pid(), SIGKILL);
   const auto t0 = Clock::now();
-  EXPECT_THROW(s.call("sleep", {{"ms", 1}}, 5000ms), ProcessDied);
+  EXPECT_THROW(s.call("sleep", {{"ms", 1}}, test::slow(5000ms)), ProcessDied);
   EXPECT_LT(Clock::now() - t0, test::slow(500ms)) << "the helper held the backend's death pipe";
   s.stop();
   // The helper follows its own frontend (PR_SET_PDEATHSIG); a zombie until
@@ -111,7 +111,7 @@ TEST_F(DeathPipe, AManagerSeesAWorkerDie) {
     m.requestStop();
   });
   m.post([&] { ::kill(w.pid(), SIGKILL); });
-  m.after(5000ms, [&] { m.requestStop(); });  // the bound, if the death were missed
+  m.after(test::slow(5000ms), [&] { m.requestStop(); });  // the bound, if the death were missed
   const auto t0 = Clock::now();
   m.run();
   EXPECT_LT(Clock::now() - t0, test::slow(2s));

@@ -84,7 +84,7 @@ TEST(Forker, ABackendStartedFromAThreadThatEndsKeepsRunning) {
   ASSERT_TRUE(p->isAlive()) << "the backend died with the thread that started it";
   EXPECT_EQ(p->call("echo", {{"x", 7}}).as<int>(), 7);
   // Its own backend, started from its main thread, works too.
-  EXPECT_EQ(p->call("nested", {}, 10s).as<int>(), 42);
+  EXPECT_EQ(p->call("nested", {}, test::slow(10s)).as<int>(), 42);
   EXPECT_TRUE(p->stop().ok());
 
   // forklift's forking thread is not counted: the main thread still forks

@@ -141,12 +141,12 @@ TEST_P(BackendKilled, TheFrontendReportsItWithinItsBoundAndNothingRemains) {
     const auto t0 = Clock::now();
     try {
       v.start();
-      if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, 5000ms);
-      status = v.stop(5000ms);
+      if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, test::slow(5000ms));
+      status = v.stop(test::slow(5000ms));
     } catch (const ProcessDied& e) {
       died = true;
       error = e.what();
-      status = v.stop(2000ms);
+      status = v.stop(test::slow(2000ms));
     }
     killer.join();
     const auto took = Clock::now() - t0;
@@ -189,8 +189,8 @@ TEST_P(FrontendKilled, TheBackendFollowsWithinTwoSeconds) {
     auto array = ShmArray<double>::create("victim", 1000, 1);
     Victim v(stage, pipe.w.get(), array.name());
     v.start();
-    if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, 30000ms);
-    v.stop(30000ms);
+    if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, test::slow(30000ms));
+    v.stop(test::slow(30000ms));
     return 5;  // never reached: killed before
   });
   pipe.w.reset();
@@ -199,7 +199,7 @@ TEST_P(FrontendKilled, TheBackendFollowsWithinTwoSeconds) {
   const auto status = test::waitChild(frontend, 5s);
   ASSERT_NE(backend, 0) << "the backend never reached its stage";
   ASSERT_TRUE(status && WIFSIGNALED(*status) && WTERMSIG(*status) == SIGKILL);
-  EXPECT_TRUE(gone(backend, 2s)) << "the backend outlived its frontend";
+  EXPECT_TRUE(gone(backend, test::slow(2s))) << "the backend outlived its frontend";
   if (!gone(backend, 0ms)) ::kill(backend, SIGKILL);
 }
 
@@ -238,7 +238,7 @@ TEST(FrontendKilledDuringPoolTasks, EveryPoolWorkerFollowsWithinTwoSeconds) {
   ::kill(frontend, SIGKILL);
   test::waitChild(frontend, 5s);
   ASSERT_EQ(workers.size(), 3u);
-  for (pid_t pid : workers) EXPECT_TRUE(gone(pid, 2s)) << "pool worker " << pid << " outlived its frontend";
+  for (pid_t pid : workers) EXPECT_TRUE(gone(pid, test::slow(2s))) << "pool worker " << pid << " outlived its frontend";
 }
 
 // ---------------------------------------------------------------- a backend that will not stop

@@ -303,7 +303,7 @@ int entriesAfterFrontendKill(bool named) {
   test::waitChild(frontend, 5s);
   if (!ready) return -1;
   // The backend follows its frontend (PR_SET_PDEATHSIG).
-  if (!waitGone(backend, 5s)) return -1;
+  if (!waitGone(backend, test::slow(5s))) return -1;
   return static_cast<int>(shmEntries().size());
 }
 
@@ -327,7 +327,7 @@ TEST(AnonymousSegmentDeaths, KillingTheBackendLeavesDevShmAsItWasAndTheFrontendR
       r.start();
       if (r.call("sum_inherited").as<double>() != 8192.0) return 10;
       ::kill(r.pid(), SIGKILL);
-      if (!waitGone(r.pid(), 5s)) return 11;
+      if (!waitGone(r.pid(), test::slow(5s))) return 11;
       if (!shmEntries().empty()) return 12;
       if (a.matrix().sum() != 8192.0) return 13;
       r.stop();
@@ -381,7 +381,7 @@ TEST(AnonymousSegmentDeaths, SigintDuringManagerStartUpLeavesDevShmAsItWas) {
     if (workers.size() < 2) return 11;
     if (!status) return 12;  // it had to be killed: the SIGINT did not end it
     for (pid_t pid : workers)
-      if (!waitGone(pid, 5s)) return 13;
+      if (!waitGone(pid, test::slow(5s))) return 13;
     return shmEntries().empty() ? 0 : 14;
   });
 }

@@ -28,7 +28,7 @@ namespace forklift::test {
 //   the suite is tuned on (a fresh 2-vCPU machine with costlier system
 //   calls, everything on one CPU, a CPU burner beside it), and slow()
 //   multiplies it by ONE factor: FORKLIFT_TEST_SLOWDOWN (a number >= 1,
-//   default 1). Sanitizer builds set 3 (tests/meson.build); set it yourself
+//   default 1). `tools/dev test-asan` and `test-tsan` set 3; set it yourself
 //   for anything slower still (valgrind, an emulator). waitChild and
 //   eventually take bounds, and apply slow() themselves.
 //
