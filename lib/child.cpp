@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -84,6 +85,11 @@ namespace {
 
 std::mutex g_fdsMutex;
 std::vector<int> g_frontendFds;  // guarded by g_fdsMutex
+struct Range {
+  void* base;
+  std::size_t bytes;
+};
+std::vector<Range> g_frontendMaps;  // guarded by g_fdsMutex
 
 }  // namespace
 
@@ -107,6 +113,32 @@ std::vector<int> snapshot() {
 }
 
 }  // namespace frontend_fds
+
+namespace frontend_maps {
+
+bool add(void* base, std::size_t bytes) noexcept {
+  std::lock_guard lock(g_fdsMutex);
+  try {
+    g_frontendMaps.push_back({base, bytes});
+    return true;
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+}
+
+void remove(void* base) noexcept {
+  std::lock_guard lock(g_fdsMutex);
+  std::erase_if(g_frontendMaps, [base](const Range& r) { return r.base == base; });
+}
+
+std::vector<std::pair<std::uintptr_t, std::size_t>> snapshot() {
+  std::lock_guard lock(g_fdsMutex);
+  std::vector<std::pair<std::uintptr_t, std::size_t>> out;
+  for (const Range& r : g_frontendMaps) out.emplace_back(reinterpret_cast<std::uintptr_t>(r.base), r.bytes);
+  return out;
+}
+
+}  // namespace frontend_maps
 
 // ---------------------------------------------------------------- pid
 
@@ -323,6 +355,10 @@ void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   // Its own death pipe stays open here but must not outlive it in its own
   // children: listed, they close it like any frontend descriptor.
   if (deathWrite >= 0) g_frontendFds.push_back(deathWrite);
+  // Other backends' queues: MADV_DONTFORK kept them out of this process
+  // already; unmapping the empty ranges tells valgrind so (see frontend_maps).
+  for (const Range& r : g_frontendMaps) ::munmap(r.base, r.bytes);
+  g_frontendMaps.clear();
   setProcessTitle(setup.comm, setup.title);
   setMetricsIdentity("backend", setup.title);
   sigset_t none;

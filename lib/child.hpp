@@ -41,6 +41,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "forklift/detail/fd.hpp"
@@ -64,6 +65,21 @@ void remove(std::initializer_list<int> fds);
 // The registry as it is now (tests: nothing stale after a failed start).
 std::vector<int> snapshot();
 }  // namespace frontend_fds
+
+// The frontend's shared-memory queues of every running backend, mapped
+// MADV_DONTFORK so that backends forked later do not inherit them. A newly
+// forked backend also unmaps these ranges (where the kernel mapped nothing):
+// valgrind knows no MADV_DONTFORK and would otherwise take the ranges for
+// mapped memory of the child, and its leak check at the child's exit then
+// faults once per 8-byte word of every earlier backend's queues (seconds per
+// backend, growing with their number). Exact like the list above.
+namespace frontend_maps {
+// Records [base, base+bytes); false when it could not (out of memory).
+bool add(void* base, std::size_t bytes) noexcept;
+void remove(void* base) noexcept;
+// The ranges listed now, as {base, bytes} (tests).
+std::vector<std::pair<std::uintptr_t, std::size_t>> snapshot();
+}  // namespace frontend_maps
 
 // This process's pid, cached (and renewed in a forked child).
 pid_t currentPid() noexcept;

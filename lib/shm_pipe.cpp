@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "child.hpp"
 #include "doorbell.hpp"
 #include "posix.hpp"
 #include "seams.hpp"
@@ -140,10 +141,16 @@ std::shared_ptr<ShmLink> ShmLink::make(std::size_t ab, std::size_t ba) {
 }
 
 void ShmLink::hideFromLaterForks() noexcept {
-  if (base_) ::madvise(base_, bytes_, MADV_DONTFORK);
+  if (!base_ || hidden_) return;
+  // Listed first: a backend forked from here on unmaps the range as well
+  // (for valgrind, see frontend_maps). Not listed (out of memory), only
+  // valgrind's view of later backends is wrong; the kernel's is not.
+  hidden_ = frontend_maps::add(base_, bytes_);
+  ::madvise(base_, bytes_, MADV_DONTFORK);
 }
 
 ShmLink::~ShmLink() {
+  if (hidden_) frontend_maps::remove(base_);
   if (base_) ::munmap(base_, bytes_);
 }
 

@@ -99,6 +99,7 @@ class ShmLink {
   ShmLink() = default;
   void* base_ = nullptr;
   std::size_t bytes_ = 0;
+  bool hidden_ = false;  // listed in frontend_maps
   Pipe pipes_[2];
 };
 

@@ -92,7 +92,7 @@ void writeRaw(int sock, const std::string& bytes, const std::vector<int>& fds = 
 // What recv() reports for a sent command that failed in the backend.
 std::string commandError(Target& p) {
   try {
-    auto m = p.recv(5s);
+    auto m = p.recv(test::slow(5s));
     return m ? "(a message instead of an error: " + m->toString() + ")" : "(no error within 5 s)";
   } catch (const CommandError& e) {
     return "[" + e.command() + "] " + e.what();
@@ -267,7 +267,7 @@ TEST(BadInput, ACorruptStreamEndsTheBackendWithItsOwnStatus) {
     }
     EXPECT_TRUE(contains(e, "the command stream is corrupt"));
     EXPECT_TRUE(contains(e, c.error));
-    const ExitStatus s = p.stop(5s);
+    const ExitStatus s = p.stop(test::slow(5s));
     EXPECT_EQ(s.how, ExitStatus::How::Exited) << s.describe();
     EXPECT_EQ(s.code, kExitCorruptStream) << s.describe();
     EXPECT_TRUE(contains(s.describe(), "corrupt"));
@@ -282,7 +282,7 @@ TEST(BadInput, AFrameCutShortDoesNotBlockTheStop) {
   servesNext(p);
   const std::string f = frame(body("square", "\x81" + str("x") + "\x02"));
   writeRaw(p.replyFd(), f.substr(0, f.size() - 3));
-  const ExitStatus s = p.stop(5s);
+  const ExitStatus s = p.stop(test::slow(5s));
   EXPECT_TRUE(s.ok()) << s.describe();
   EXPECT_EQ(s.escalation, 0) << "stop had to escalate: " << s.describe();
 }

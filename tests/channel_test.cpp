@@ -91,7 +91,7 @@ TEST(Channel, MessagesOfAnySizeArriveWholeAndInOrderAcrossFork) {
   const pid_t pid = forkChild([&, &child = child, &parent = parent] {
     parent.close();
     for (;;) {
-      auto m = child.recv(5000ms);
+      auto m = child.recv(test::slow(5000ms));
       if (!m) return 2;
       if (m->command() == "done") return 0;
       child.send(*m);
@@ -105,11 +105,11 @@ TEST(Channel, MessagesOfAnySizeArriveWholeAndInOrderAcrossFork) {
     parent.send(Message("empty"));
     for (std::size_t i = 0; i < sizes.size(); ++i) parent.send(sized(sizes[i], static_cast<int>(i)));
   });
-  const Message first = *parent.recv(5000ms);
+  const Message first = *parent.recv(test::slow(5000ms));
   EXPECT_EQ(first.command(), "empty");
   EXPECT_TRUE(first.args().empty());
   for (std::size_t i = 0; i < sizes.size(); ++i) {
-    auto m = parent.recv(5000ms);
+    auto m = parent.recv(test::slow(5000ms));
     ASSERT_TRUE(m);
     EXPECT_EQ(*m, sized(sizes[i], static_cast<int>(i))) << "message " << i;
   }
@@ -138,8 +138,8 @@ TEST(Channel, MalformedFrameIsReportedAndTheNextMessageArrives) {
   auto [a, b] = Channel::makePair();
   writeRaw(a.fd(), frameHeader(4) + "\xc1\xc1\xc1\xc1");  // 0xc1 is never valid msgpack
   a.send(Message("good", {{"n", 1}}));
-  EXPECT_TRUE(contains(test::thrown<DecodeError>([&, &b = b] { (void)b.recv(1000ms); }), "cannot decode message"));
-  auto m = b.recv(1000ms);
+  EXPECT_TRUE(contains(test::thrown<DecodeError>([&, &b = b] { (void)b.recv(test::slow(1000ms)); }), "cannot decode message"));
+  auto m = b.recv(test::slow(1000ms));
   ASSERT_TRUE(m);
   EXPECT_EQ(m->get<int>("n"), 1);
 }
@@ -159,14 +159,14 @@ TEST(Channel, RefusedMessageCarriesItsCommandAndId) {
   writeRaw(a.fd(), std::string(frame.data(), frame.size()));
   a.send(Message("after"));
   try {
-    (void)b.recv(1000ms);
+    (void)b.recv(test::slow(1000ms));
     FAIL() << "no error";
   } catch (const LimitError& e) {
     EXPECT_EQ(e.command(), "ping");
     EXPECT_EQ(e.id(), 7u);
     EXPECT_TRUE(contains(e.what(), "message 'ping': nests deeper than 32 levels"));
   }
-  EXPECT_EQ(b.recv(1000ms)->command(), "after");
+  EXPECT_EQ(b.recv(test::slow(1000ms))->command(), "after");
 }
 
 TEST(Channel, SendRefusesTooDeepOrTooWideBeforeWritingAnything) {
@@ -187,7 +187,7 @@ TEST(Channel, SendRefusesTooDeepOrTooWideBeforeWritingAnything) {
   EXPECT_EQ(a.unsentBytes(), 0u);
   EXPECT_FALSE(b.tryRecv());  // nothing was written
   a.send(Message("next"));
-  EXPECT_EQ(b.recv(1000ms)->command(), "next");
+  EXPECT_EQ(b.recv(test::slow(1000ms))->command(), "next");
 }
 
 // Garbage where a header should be: the stream is corrupt for good, and
@@ -196,19 +196,19 @@ TEST(Channel, GarbageIsAFinalStreamCorruption) {
   auto [a, b] = Channel::makePair();
   writeRaw(a.fd(), "this is not a frame at all");
   a.send(Message("good"));
-  EXPECT_EQ(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+  EXPECT_EQ(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(test::slow(1000ms)); }),
             "channel: stream corrupt: bad magic bytes 74 68 69 where a frame header (46 4b 02) should start; a "
             "length-prefixed stream cannot be resynchronised, so this channel receives nothing more");
   EXPECT_TRUE(b.buffered());
   for (int i = 0; i < 3; ++i)
-    EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }), "bad magic bytes"));
+    EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(test::slow(1000ms)); }), "bad magic bytes"));
   EXPECT_THROW((void)b.tryRecv(), DecodeError);  // StreamCorrupt is a DecodeError
 }
 
 TEST(Channel, FrameOfAnOlderVersionIsStreamCorrupt) {
   auto [a, b] = Channel::makePair();
   writeRaw(a.fd(), frameHeader(1, 1) + "\xc0");
-  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(test::slow(1000ms)); }),
                        "bad magic bytes 46 4b 01 where a frame header (46 4b 02) should start (frame version 1; "
                        "this side speaks version 2)"));
 }
@@ -223,13 +223,13 @@ TEST(Channel, HeaderDeclaringMoreThanTheLimitIsStreamCorruptAtOnce) {
   Channel sender(::dup(a.fd()), Limits{});
   sender.send(Message("after"));
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(5000ms); }),
+  EXPECT_EQ(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(test::slow(5000ms)); }),
             "channel: stream corrupt: a frame header declares a body of 4294967295 bytes, over the limit of 1024 "
             "bytes; a length-prefixed stream cannot be resynchronised, so this channel receives nothing more");
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1000ms);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(1000ms));
   EXPECT_TRUE(b.buffered());
-  EXPECT_THROW((void)b.recv(5000ms), StreamCorrupt);
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1000ms);
+  EXPECT_THROW((void)b.recv(test::slow(5000ms)), StreamCorrupt);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(1000ms));
 }
 
 TEST(Channel, PeerExitIsPeerClosedNotAHang) {
@@ -240,8 +240,8 @@ TEST(Channel, PeerExitIsPeerClosedNotAHang) {
   });
   child.close();
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_THROW(parent.recv(10000ms), PeerClosed);
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5000ms);
+  EXPECT_THROW(parent.recv(test::slow(10000ms)), PeerClosed);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(5000ms));
   EXPECT_THROW(parent.send(Message("anyone?")), PeerClosed);
   EXPECT_EQ(exitCodeOf(waitChild(pid, 5000ms)), 0);
 }
@@ -252,7 +252,7 @@ TEST(Channel, RecvTimeoutReturnsNothing) {
   EXPECT_FALSE(b.recv(50ms));
   const auto took = std::chrono::steady_clock::now() - t0;
   EXPECT_GE(took, 45ms);
-  EXPECT_LT(took, 2000ms);
+  EXPECT_LT(took, test::slow(2000ms));
 }
 
 TEST(Channel, NonBlockingModeWorks) {
@@ -262,11 +262,11 @@ TEST(Channel, NonBlockingModeWorks) {
   EXPECT_FALSE(b.tryRecv());
   EXPECT_FALSE(b.recv(20ms));
   a.send(Message("x", {{"n", 5}}));
-  EXPECT_EQ(b.recv(1000ms)->get<int>("n"), 5);
+  EXPECT_EQ(b.recv(test::slow(1000ms))->get<int>("n"), 5);
   // A message bigger than the socket buffer still goes through whole in
   // non-blocking mode, with a reader on the other side.
-  std::thread reader([&, &b = b] { EXPECT_EQ(b.recv(5000ms)->get<std::string>("data").size(), 4u << 20); });
-  a.send(sized(4 << 20, 1), 5000ms);
+  std::thread reader([&, &b = b] { EXPECT_EQ(b.recv(test::slow(5000ms))->get<std::string>("data").size(), 4u << 20); });
+  a.send(sized(4 << 20, 1), test::slow(5000ms));
   reader.join();
 }
 
@@ -308,10 +308,10 @@ TEST(Channel, SendAfterACutFrameCompletesItFirst) {
   std::thread reader([&, &b = b] {
     ::usleep(20000);  // the peer starts reading only now
     for (int i = 0; i < 2; ++i)
-      if (auto m = b.recv(5000ms)) got.push_back(std::move(*m));
+      if (auto m = b.recv(test::slow(5000ms))) got.push_back(std::move(*m));
   });
   const Message next = sized(1000, 2);
-  EXPECT_NO_THROW(a.send(next, 5000ms));
+  EXPECT_NO_THROW(a.send(next, test::slow(5000ms)));
   EXPECT_EQ(a.unsentBytes(), 0u);
   reader.join();
   ASSERT_EQ(got.size(), 2u);
@@ -336,12 +336,12 @@ TEST(Channel, SendThatCannotFinishTheCutFrameSendsNothingOfItsOwn) {
 
   std::optional<Message> first, second;
   std::thread reader([&, &b = b] {
-    first = b.recv(5000ms);
-    second = b.recv(5000ms);
+    first = b.recv(test::slow(5000ms));
+    second = b.recv(test::slow(5000ms));
   });
-  EXPECT_TRUE(a.flush(5000ms));
+  EXPECT_TRUE(a.flush(test::slow(5000ms)));
   EXPECT_EQ(a.unsentBytes(), 0u);
-  a.send(Message("last"), 5000ms);
+  a.send(Message("last"), test::slow(5000ms));
   reader.join();
   ASSERT_TRUE(first);
   EXPECT_EQ(*first, big);
@@ -362,11 +362,11 @@ TEST(Channel, WatchedDeathEndsARecvWait) {
     EXPECT_EQ(::write(death.get(), &one, sizeof one), 8);
   });
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ(test::thrown<PeerClosed>([&, &b = b] { (void)b.recv(5000ms); }), "channel: the peer process ended");
+  EXPECT_EQ(test::thrown<PeerClosed>([&, &b = b] { (void)b.recv(test::slow(5000ms)); }), "channel: the peer process ended");
   const auto took = std::chrono::steady_clock::now() - t0;
   killer.join();
   EXPECT_GE(took, 90ms);
-  EXPECT_LT(took, 1000ms);
+  EXPECT_LT(took, test::slow(1000ms));
   EXPECT_TRUE(a.valid());  // the peer's end stayed open all along
   b.watchPeer(-1);
   EXPECT_FALSE(b.recv(10ms));  // unwatched: a plain timeout again
@@ -381,9 +381,9 @@ TEST(Channel, WatchedDeathStillDeliversWhatThePeerLeft) {
   ASSERT_EQ(::write(death.get(), &one, sizeof one), 8);
   b.watchPeer(death.get());
   b.setReadMode(ReadMode::OneFrame);
-  EXPECT_EQ(b.recv(1000ms)->command(), "one");
-  EXPECT_EQ(*b.recv(1000ms), sized(100 << 10, 4));
-  EXPECT_THROW((void)b.recv(5000ms), PeerClosed);
+  EXPECT_EQ(b.recv(test::slow(1000ms))->command(), "one");
+  EXPECT_EQ(*b.recv(test::slow(1000ms)), sized(100 << 10, 4));
+  EXPECT_THROW((void)b.recv(test::slow(5000ms)), PeerClosed);
 }
 
 TEST(Channel, WatchedDeathEndsASendWait) {
@@ -397,9 +397,9 @@ TEST(Channel, WatchedDeathEndsASendWait) {
     EXPECT_EQ(::write(death.get(), &one, sizeof one), 8);
   });
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ(test::thrown<PeerClosed>([&, &a = a] { a.send(sized(1 << 20, 5), 5000ms); }),
+  EXPECT_EQ(test::thrown<PeerClosed>([&, &a = a] { a.send(sized(1 << 20, 5), test::slow(5000ms)); }),
             "channel: the peer process ended");
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1000ms);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(1000ms));
   killer.join();
 }
 
@@ -410,17 +410,17 @@ TEST(Channel, OneSenderAndOneReceiverThreadShareAChannel) {
   auto [a, b] = Channel::makePair();
   std::thread echo([&, &b = b] {
     for (int i = 0; i < kCount; ++i) {
-      auto m = b.recv(5000ms);
+      auto m = b.recv(test::slow(5000ms));
       if (!m) return;
-      b.send(*m, 5000ms);
+      b.send(*m, test::slow(5000ms));
     }
   });
   std::thread sender([&, &a = a] {
-    for (int i = 0; i < kCount; ++i) a.send(Message("n", {{"i", i}}), 5000ms);
+    for (int i = 0; i < kCount; ++i) a.send(Message("n", {{"i", i}}), test::slow(5000ms));
   });
   int received = 0;
   for (; received < kCount; ++received) {
-    auto m = a.recv(5000ms);
+    auto m = a.recv(test::slow(5000ms));
     if (!m || m->get<int>("i") != received) break;
   }
   sender.join();
@@ -465,11 +465,11 @@ TEST(Channel, SurvivesEintr) {
     parent.close();
     ::usleep(100000);
     child.send(sized(1 << 20, 7));
-    return child.recv(5000ms) ? 0 : 3;
+    return child.recv(test::slow(5000ms)) ? 0 : 3;
   });
   child.close();
   ASSERT_EQ(::setitimer(ITIMER_REAL, &it, nullptr), 0);
-  auto m = parent.recv(5000ms);
+  auto m = parent.recv(test::slow(5000ms));
   auto m2 = parent.recv(50ms);  // a timed wait interrupted many times still ends
   itimerval off{};
   ::setitimer(ITIMER_REAL, &off, nullptr);
@@ -610,12 +610,12 @@ void burst(ReadMode mode) {
         if (i % 3 == 0) m.set("fd", counter(static_cast<std::uint64_t>(i) + 1));
         if (i % 6 == 0) m.set("more", List{Value(counter(10000 + static_cast<std::uint64_t>(i)))});
         if (i % 7 == 0) m.set("pad", std::string(static_cast<std::size_t>(i) * 997 % (200 << 10), 'x'));
-        a.send(m, 5000ms);
+        a.send(m, test::slow(5000ms));
       }
     });
     for (int i = 0; i < kMessages; ++i) {
       if (i % 50 == 0) ::usleep(5000);  // let a backlog build up
-      auto m = b.recv(5000ms);
+      auto m = b.recv(test::slow(5000ms));
       ASSERT_TRUE(m) << i;
       ASSERT_EQ(m->get<int>("i"), i);
       EXPECT_EQ(m->has("fd"), i % 3 == 0) << i;
@@ -652,11 +652,11 @@ TEST(ChannelFds, CutFramesCarryTheirDescriptorsOnce) {
     std::vector<Message> got;
     std::thread reader([&, &b = b] {
       for (int i = 0; i < 3; ++i)
-        if (auto m = b.recv(5000ms)) got.push_back(std::move(*m));
+        if (auto m = b.recv(test::slow(5000ms))) got.push_back(std::move(*m));
     });
-    EXPECT_TRUE(a.flush(5000ms));
-    a.send(small, 5000ms);  // now it goes, with its descriptor
-    a.send(Message("last", {{"fd", counter(43)}}), 5000ms);
+    EXPECT_TRUE(a.flush(test::slow(5000ms)));
+    a.send(small, test::slow(5000ms));  // now it goes, with its descriptor
+    a.send(Message("last", {{"fd", counter(43)}}), test::slow(5000ms));
     reader.join();
     ASSERT_EQ(got.size(), 3u);
     EXPECT_EQ(got[0].command(), "blob");
@@ -702,7 +702,7 @@ TEST(ChannelFds, DescriptorsOverTheReceiversLimitRefuseTheOneMessage) {
     a.send(m);
     a.send(Message("after", {{"fd", f}}));
     try {
-      (void)b.recv(1000ms);
+      (void)b.recv(test::slow(1000ms));
       ADD_FAILURE() << "no error";
     } catch (const LimitError& e) {
       EXPECT_EQ(std::string(e.what()),
@@ -711,7 +711,7 @@ TEST(ChannelFds, DescriptorsOverTheReceiversLimitRefuseTheOneMessage) {
       EXPECT_EQ(e.command(), "use");
       EXPECT_EQ(e.id(), 9u);
     }
-    const auto after = b.recv(1000ms);
+    const auto after = b.recv(test::slow(1000ms));
     ASSERT_TRUE(after);
     EXPECT_TRUE(after->get<Fd>("fd").valid());
     EXPECT_EQ(test::openFdCount(), before + 4);  // the pair, f, the one received
@@ -728,8 +728,8 @@ TEST(ChannelFds, AnUnclaimedBatchIsStreamCorruptAndClosed) {
     detail::UniqueFd f = counter(1);
     sendRawWithFds(a.fd(), frameOf(Message("first")), {f.get(), f.get()});
     a.send(Message("second"));
-    EXPECT_EQ(b.recv(1000ms)->command(), "first");
-    EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+    EXPECT_EQ(b.recv(test::slow(1000ms))->command(), "first");
+    EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(test::slow(1000ms)); }),
                          "channel: stream corrupt: 2 descriptors came with stream bytes that no frame declaring "
                          "descriptors started in"));
     EXPECT_EQ(test::openFdCount(), before + 3);  // the received two are closed
@@ -740,11 +740,11 @@ TEST(ChannelFds, AnUnclaimedBatchIsStreamCorruptAndClosed) {
 TEST(ChannelFds, AFrameWhoseDescriptorsDidNotComeIsStreamCorrupt) {
   auto [a, b] = Channel::makePair();
   writeRaw(a.fd(), frameOf(Message("use"), 1));
-  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(1000ms); }),
+  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &b = b] { (void)b.recv(test::slow(1000ms)); }),
                        "a frame declares 1 descriptors, but none came with its first byte"));
   auto [c, d] = Channel::makePair();
   writeRaw(c.fd(), frameOf(Message("use"), static_cast<char>(254)));
-  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &d = d] { (void)d.recv(1000ms); }),
+  EXPECT_TRUE(contains(test::thrown<StreamCorrupt>([&, &d = d] { (void)d.recv(test::slow(1000ms)); }),
                        "a frame header declares 254 descriptors, more than a message can carry (253)"));
 }
 
@@ -756,14 +756,14 @@ TEST(ChannelFds, AFrameWithMoreDescriptorsThanItDeclaresIsRefused) {
   sendRawWithFds(a.fd(), frameOf(m, 1), {f.get(), f.get()});
   a.send(Message("after"));
   try {
-    (void)b.recv(1000ms);
+    (void)b.recv(test::slow(1000ms));
     ADD_FAILURE() << "no error";
   } catch (const DecodeError& e) {
     EXPECT_EQ(std::string(e.what()), "cannot receive 'use': its frame declares 1 descriptors but 2 came with it (the "
                                      "message is dropped and its descriptors closed)");
     EXPECT_EQ(e.id(), 3u);
   }
-  EXPECT_EQ(b.recv(1000ms)->command(), "after");
+  EXPECT_EQ(b.recv(test::slow(1000ms))->command(), "after");
 }
 
 // A closed channel closes the descriptors of a frame it had not finished.
@@ -788,7 +788,7 @@ TEST(ChannelFds, ArraysTravelAcrossForkAndLeaveNoDescriptorBehind) {
     parent.close();
     const int start = test::openFdCount();
     for (;;) {
-      auto m = child.recv(5000ms);
+      auto m = child.recv(test::slow(5000ms));
       if (!m) return 2;
       if (m->command() == "done") return test::openFdCount() == start ? 0 : 3;
       const Fd fd = m->get<Fd>("array");
@@ -811,8 +811,8 @@ TEST(ChannelFds, ArraysTravelAcrossForkAndLeaveNoDescriptorBehind) {
     std::vector<double> data(static_cast<std::size_t>(i) + 1, 0.5);
     ASSERT_EQ(::write(mem.get(), data.data(), data.size() * sizeof(double)),
               static_cast<ssize_t>(data.size() * sizeof(double)));
-    parent.send(Message("array", {{"array", std::move(mem)}}), 5000ms);
-    auto m = parent.recv(5000ms);
+    parent.send(Message("array", {{"array", std::move(mem)}}), test::slow(5000ms));
+    auto m = parent.recv(test::slow(5000ms));
     ASSERT_TRUE(m);
     EXPECT_EQ(m->get<double>("sum"), 0.5 * (i + 1));
   }

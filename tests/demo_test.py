@@ -4,7 +4,7 @@
   demo_test.py EXE [--results DIR]
 
 - rounds: a bounded run finishes every job, right, and exits 0;
-- sigint: Ctrl-C (SIGINT to the demo) ends it within 2 s with exit 0;
+- sigint: Ctrl-C (SIGINT to the demo) ends it within slow(2) s with exit 0;
 - sigkill: a worker killed with SIGKILL is reported and the others finish
   the jobs, its job included.
 Each case also checks that no worker process and no /dev/shm segment of the
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from slowdown import slow
 from xml.sax.saxutils import escape
 
 
@@ -40,7 +41,7 @@ class Demo:
 
     def wait_line(self, rx, timeout):
         r = re.compile(rx)
-        end = time.monotonic() + timeout
+        end = time.monotonic() + slow(timeout)
         while time.monotonic() < end:
             line = self.p.stdout.readline()
             if not line:
@@ -53,7 +54,7 @@ class Demo:
 
     def finish(self, timeout):
         try:
-            out, err = self.p.communicate(timeout=timeout)
+            out, err = self.p.communicate(timeout=slow(timeout))
         except subprocess.TimeoutExpired:
             self.p.kill()
             out, err = self.p.communicate()
@@ -64,7 +65,7 @@ class Demo:
 
 def leftovers(demo_pid, before):
     problems = []
-    end = time.monotonic() + 2
+    end = time.monotonic() + slow(2)
     left = set(children_named("worker-")) - before
     while left and time.monotonic() < end:
         time.sleep(0.05)
@@ -106,7 +107,7 @@ def case_sigint(exe):
     took = time.monotonic() - t0
     if code != 0:
         problems.append(f"exit {code} after SIGINT: {(err or '')[-2000:]}")
-    if took > 2:
+    if took > slow(2):
         problems.append(f"took {took:.2f} s to end after SIGINT")
     if not any(l.startswith("summary:") for l in d.lines):
         problems.append("no summary line")

@@ -86,22 +86,22 @@ void thousandArrays(ProcessOptions o) {
   FdProcess p(std::move(o));
   p.start();
   const int frontStart = test::openFdCount();
-  const int backStart = p.call("open_fds", {}, 5s).as<int>();
+  const int backStart = p.call("open_fds", {}, test::slow(5s)).as<int>();
   for (std::size_t i = 0; i < 500; ++i) {
     const std::size_t n = 1 + i % 300;
-    ASSERT_EQ(p.call("sum", {{"array", makeArray(n)}}, 5s).as<double>(), expectedSum(n)) << i;
+    ASSERT_EQ(p.call("sum", {{"array", makeArray(n)}}, test::slow(5s)).as<double>(), expectedSum(n)) << i;
   }
   for (std::size_t round = 0; round < 10; ++round) {
     std::deque<std::pair<std::size_t, CallFuture>> calls;
     for (std::size_t k = 0; k < 50; ++k) {
       const std::size_t n = 1 + (round * 50 + k) % 1000;
-      calls.emplace_back(n, p.callAsync("sum", {{"array", makeArray(n)}}, 5s));
+      calls.emplace_back(n, p.callAsync("sum", {{"array", makeArray(n)}}, test::slow(5s)));
     }
     for (auto& [n, f] : calls) ASSERT_EQ(f.get().as<double>(), expectedSum(n));
   }
   EXPECT_EQ(test::openFdCount(), frontStart);
-  EXPECT_EQ(p.call("open_fds", {}, 5s).as<int>(), backStart);
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_EQ(p.call("open_fds", {}, test::slow(5s)).as<int>(), backStart);
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(FdPass, AThousandArraysOpenedByTheBackendLeaveNoDescriptorOnEitherSide) { thousandArrays({}); }
@@ -116,20 +116,20 @@ TEST(FdPass, ACallCanReturnADescriptor) {
   FdProcess p;
   p.start();
   const int frontStart = test::openFdCount();
-  const int backStart = p.call("open_fds", {}, 5s).as<int>();
+  const int backStart = p.call("open_fds", {}, test::slow(5s)).as<int>();
   for (int i = 1; i <= 100; ++i) {
-    const Value v = p.call("make", {{"n", i}}, 5s);
+    const Value v = p.call("make", {{"n", i}}, test::slow(5s));
     ASSERT_EQ(v.kind(), Value::Kind::Fd);
     EXPECT_EQ(sumArray(v.as<Fd>().get()), expectedSum(static_cast<std::size_t>(i)));
   }
   // Kept by the caller: it outlives the reply.
-  detail::UniqueFd kept = p.call("make", {{"n", 4}}, 5s).takeFd();
+  detail::UniqueFd kept = p.call("make", {{"n", 4}}, test::slow(5s)).takeFd();
   EXPECT_EQ(sumArray(kept.get()), expectedSum(4));
   EXPECT_EQ(test::openFdCount(), frontStart + 1);
   kept.reset();
   EXPECT_EQ(test::openFdCount(), frontStart);
-  EXPECT_EQ(p.call("open_fds", {}, 5s).as<int>(), backStart);
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_EQ(p.call("open_fds", {}, test::slow(5s)).as<int>(), backStart);
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 // More than the socket holds: the backend queues frames with their
@@ -138,19 +138,19 @@ TEST(FdPass, SendOutCarriesDescriptorsAlsoWhenItsQueueFills) {
   FdProcess p;
   p.start();
   const int frontStart = test::openFdCount();
-  const int backStart = p.call("open_fds", {}, 5s).as<int>();
+  const int backStart = p.call("open_fds", {}, test::slow(5s)).as<int>();
   constexpr int kCount = 300;
   p.send("emit", {{"count", kCount}, {"pad", 16 << 10}});  // ~5 MB: most of it waits in the queue
   ::usleep(100000);
   for (int i = 0; i < kCount; ++i) {
-    auto m = p.recv(5s);
+    auto m = p.recv(test::slow(5s));
     ASSERT_TRUE(m) << i;
     ASSERT_EQ(m->get<int>("i"), i);
     EXPECT_EQ(counterValue(m->get<Fd>("fd").get()), static_cast<std::uint64_t>(i) + 1) << i;
   }
   EXPECT_EQ(test::openFdCount(), frontStart);
-  EXPECT_EQ(p.call("open_fds", {}, 5s).as<int>(), backStart);
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_EQ(p.call("open_fds", {}, test::slow(5s)).as<int>(), backStart);
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(FdPass, BadDescriptorArgumentsAreClearErrors) {
@@ -158,16 +158,16 @@ TEST(FdPass, BadDescriptorArgumentsAreClearErrors) {
   o.limits.maxFds = 4;
   FdProcess p(o);
   p.start();
-  EXPECT_EQ(errorOf([&] { p.call("sum", {{"array", 3}}, 5s); }),
+  EXPECT_EQ(errorOf([&] { p.call("sum", {{"array", 3}}, test::slow(5s)); }),
             "FdProcess.fds: command 'sum': argument 'array': int found, fd wanted");
   const Fd f(makeArray(1));
-  EXPECT_EQ(errorOf([&] { p.call("sum", {{"array", List(5, Value(f))}}, 5s); }),
+  EXPECT_EQ(errorOf([&] { p.call("sum", {{"array", List(5, Value(f))}}, test::slow(5s)); }),
             "cannot send 'sum': argument 'array' carries more than 4 descriptors");
   EXPECT_THROW(p.send("sum", {{"array", Fd()}}), TypeError);
-  EXPECT_EQ(errorOf([&] { p.call("empty", {}, 5s); }),
+  EXPECT_EQ(errorOf([&] { p.call("empty", {}, test::slow(5s)); }),
             "cannot send '__ok': argument 'value' is an empty descriptor (never set, or taken)");
-  EXPECT_EQ(p.call("sum", {{"array", f}}, 5s).as<double>(), expectedSum(1));
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_EQ(p.call("sum", {{"array", f}}, test::slow(5s)).as<double>(), expectedSum(1));
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 }  // namespace

@@ -149,14 +149,14 @@ TEST(ForkServer, AKilledFrontendTakesTheServerAndItsBackendsDown) {
   ::close(fds[1]);
   pid_t pids[3] = {};
   pollfd pf{fds[0], POLLIN, 0};
-  const bool got = ::poll(&pf, 1, 10000) == 1 && ::read(fds[0], pids, sizeof pids) == sizeof pids;
+  const bool got = ::poll(&pf, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(fds[0], pids, sizeof pids) == sizeof pids;
   ::close(fds[0]);
   ASSERT_TRUE(got) << "the frontend did not start its backends through the server";
   ::kill(frontend, SIGKILL);
   test::waitChild(frontend, 5s);
-  EXPECT_TRUE(endsWithin(pids[0], 2000ms)) << "the fork server outlived its frontend";
-  EXPECT_TRUE(endsWithin(pids[1], 2000ms)) << "a served backend outlived its frontend";
-  EXPECT_TRUE(endsWithin(pids[2], 2000ms)) << "a served backend outlived its frontend";
+  EXPECT_TRUE(endsWithin(pids[0], test::slow(2000ms))) << "the fork server outlived its frontend";
+  EXPECT_TRUE(endsWithin(pids[1], test::slow(2000ms))) << "a served backend outlived its frontend";
+  EXPECT_TRUE(endsWithin(pids[2], test::slow(2000ms))) << "a served backend outlived its frontend";
 }
 
 TEST(ForkServer, RestartsWhileAnotherThreadRuns) {
@@ -203,13 +203,13 @@ TEST(ForkServer, RelaysExitStatuses) {
 
   p.start();
   p.send("quit", {{"code", 7}});
-  ExitStatus s = p.waitStop(5000ms);
+  ExitStatus s = p.waitStop(test::slow(5000ms));
   EXPECT_EQ(s.how, ExitStatus::How::Exited) << s.describe();
   EXPECT_EQ(s.code, 7);
 
   p.start();
   p.send("raise", {{"sig", SIGUSR1}});
-  s = p.waitStop(5000ms);
+  s = p.waitStop(test::slow(5000ms));
   EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
   EXPECT_EQ(s.signal, SIGUSR1);
 
@@ -226,7 +226,7 @@ TEST(ForkServer, RelaysExitStatuses) {
   // A signal sent by the frontend reaches it through the server's pidfd.
   p.start();
   p.signal(SIGTERM);
-  s = p.waitStop(5000ms);
+  s = p.waitStop(test::slow(5000ms));
   EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
   EXPECT_EQ(s.signal, SIGTERM);
 }
@@ -243,7 +243,7 @@ TEST(ForkServer, WithoutPidfdsTheServerHandsADeathPipe) {
     p.start();
     EXPECT_EQ(p.call("ppid").as<int>(), ForkServer::pid());
     p.signal(SIGUSR2);
-    ExitStatus s = p.waitStop(5000ms);
+    ExitStatus s = p.waitStop(test::slow(5000ms));
     EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
     EXPECT_EQ(s.signal, SIGUSR2);
     p.start();
@@ -268,7 +268,7 @@ TEST(ForkServer, ManagerRestartsUnderRunAsThread) {
       m.post([&] {
         try {
           m.restart(w);
-          w.callAsync("echo", {{"x", 40 + i}}, 5000ms, [&](CallResult r) {
+          w.callAsync("echo", {{"x", 40 + i}}, test::slow(5000ms), [&](CallResult r) {
             answered.set_value(std::to_string(r.get().as<int>()) + " from " +
                                std::to_string(w.pid() != first ? 1 : 0));
           });
@@ -277,7 +277,7 @@ TEST(ForkServer, ManagerRestartsUnderRunAsThread) {
         }
       });
       auto f = answered.get_future();
-      ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+      ASSERT_EQ(f.wait_for(test::slow(10s)), std::future_status::ready);
       EXPECT_EQ(f.get(), std::to_string(40 + i) + " from 1");
     }
     EXPECT_EQ(m.stopThread(), 0);
@@ -346,7 +346,7 @@ TEST(ForkServer, AKilledServerIsReportedNotHung) {
     ::kill(serverPid, SIGKILL);
     // Its backends die with it; the frontend says how it knows.
     for (Echo* p : {&a, &b}) {
-      const ExitStatus s = p->waitStop(3000ms);
+      const ExitStatus s = p->waitStop(test::slow(3000ms));
       EXPECT_EQ(s.how, ExitStatus::How::Unknown) << s.describe();
       EXPECT_TRUE(s.serverLost);
       EXPECT_TRUE(test::contains(s.describe(), "fork server died"));
@@ -384,7 +384,7 @@ TEST(ForkServer, AManagerSeesItsWorkersDieWithTheServer) {
   std::promise<std::string> restarted;
   m.post([&] { restarted.set_value(test::thrown<Error>([&] { m.restart(w); })); });
   auto f = restarted.get_future();
-  ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+  ASSERT_EQ(f.wait_for(test::slow(10s)), std::future_status::ready);
   const std::string e = f.get();
   EXPECT_TRUE(test::contains(e, "fork server (pid " + std::to_string(server) + ") killed by SIGKILL")) << e;
   EXPECT_EQ(m.stopThread(), 0);

@@ -65,7 +65,7 @@ TEST(Forker, SuchABackendStillDiesWithItsFrontend) {
   ::close(fds[1]);
   pid_t backend = 0;
   pollfd pf{fds[0], POLLIN, 0};
-  const bool got = ::poll(&pf, 1, 10000) == 1 && ::read(fds[0], &backend, sizeof backend) == sizeof backend;
+  const bool got = ::poll(&pf, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(fds[0], &backend, sizeof backend) == sizeof backend;
   ::close(fds[0]);
   ::kill(frontend, SIGKILL);
   test::waitChild(frontend, 5s);
@@ -73,7 +73,7 @@ TEST(Forker, SuchABackendStillDiesWithItsFrontend) {
   detail::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, backend, 0)));
   if (pidfd) {
     pollfd p{pidfd.get(), POLLIN, 0};
-    EXPECT_EQ(::poll(&p, 1, 2000), 1) << "the backend outlived its frontend";
+    EXPECT_EQ(::poll(&p, 1, static_cast<int>(test::slowMs(2000))), 1) << "the backend outlived its frontend";
   }
 }
 
@@ -84,7 +84,7 @@ TEST(Forker, ABackendStartedFromAThreadThatEndsKeepsRunning) {
   ASSERT_TRUE(p->isAlive()) << "the backend died with the thread that started it";
   EXPECT_EQ(p->call("echo", {{"x", 7}}).as<int>(), 7);
   // Its own backend, started from its main thread, works too.
-  EXPECT_EQ(p->call("nested", {}, 10s).as<int>(), 42);
+  EXPECT_EQ(p->call("nested", {}, test::slow(10s)).as<int>(), 42);
   EXPECT_TRUE(p->stop().ok());
 
   // forklift's forking thread is not counted: the main thread still forks

@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 import time
+from slowdown import slow
 
 ps_exe, demo_exe = sys.argv[1], sys.argv[2]
 failures = []
 
 
 def table():
-    out = subprocess.run([ps_exe], capture_output=True, text=True, timeout=20)
+    out = subprocess.run([ps_exe], capture_output=True, text=True, timeout=slow(20))
     if out.returncode != 0:
         failures.append(f"forklift-ps exited {out.returncode}: {out.stderr}")
     return out.stdout
@@ -39,11 +40,11 @@ def rows_of(text, pid):
     return mine, kids
 
 
-demo = subprocess.Popen([demo_exe, "--rounds", "0", "--seconds", "30", "--workers", "4"],
+demo = subprocess.Popen([demo_exe, "--rounds", "0", "--seconds", str(int(slow(30))), "--workers", "4"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
     first = None
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + slow(10)
     while time.monotonic() < deadline:
         text = table()
         mine, kids = rows_of(text, demo.pid)
@@ -70,9 +71,9 @@ try:
             failures.append(f"the workers' MSG-IN did not grow: {before} then {after}")
 
     watch = subprocess.Popen([ps_exe, "--watch", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    time.sleep(slow(1.0))  # at 0.2 s a redraw, a few redraws
     watch.send_signal(signal.SIGINT)
-    out, err = watch.communicate(timeout=10)
+    out, err = watch.communicate(timeout=slow(10))
     if watch.returncode != 0:
         failures.append(f"forklift-ps --watch ended with {watch.returncode} after SIGINT: {err}")
     if out.count("\x1b[H\x1b[2J") < 2 or out.count("PID ") < 2:
@@ -80,12 +81,12 @@ try:
 finally:
     demo.send_signal(signal.SIGINT)
     try:
-        demo.wait(timeout=10)
+        demo.wait(timeout=slow(10))
     except subprocess.TimeoutExpired:
         demo.kill()
         demo.wait()
 
-deadline = time.monotonic() + 5
+deadline = time.monotonic() + slow(5)
 while time.monotonic() < deadline:
     mine, kids = rows_of(table(), demo.pid)
     if not mine and not kids:

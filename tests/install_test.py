@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from slowdown import slow
 from xml.sax.saxutils import escape, quoteattr
 
 
@@ -37,7 +38,7 @@ BUILD = "."
 
 
 def run(cmd, timeout, env=None, cwd=None):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=slow(timeout),
                        env=env, cwd=cwd)
     if p.returncode != 0:
         raise Failed(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stdout[-4000:]}")
@@ -53,7 +54,7 @@ def clean_env(**extra):
 
 def build_option(name):
     out = subprocess.run(MESON + ["introspect", "--buildoptions", BUILD], stdout=subprocess.PIPE, text=True,
-                         timeout=60, check=True).stdout
+                         timeout=slow(60), check=True).stdout
     for o in json.loads(out):
         if o["name"] == name:
             return o["value"]

@@ -95,7 +95,7 @@ class Victim : public MessageProcess {
 pid_t awaitArrival(int fd, Stage want) {
   pollfd p{fd, POLLIN, 0};
   char buf[1 + sizeof(pid_t)];
-  if (::poll(&p, 1, 10000) != 1 || ::read(fd, buf, sizeof buf) != static_cast<ssize_t>(sizeof buf)) return 0;
+  if (::poll(&p, 1, static_cast<int>(test::slowMs(10000))) != 1 || ::read(fd, buf, sizeof buf) != static_cast<ssize_t>(sizeof buf)) return 0;
   if (buf[0] != static_cast<char>(want)) return 0;
   pid_t pid = 0;
   std::memcpy(&pid, buf + 1, sizeof pid);
@@ -141,16 +141,16 @@ TEST_P(BackendKilled, TheFrontendReportsItWithinItsBoundAndNothingRemains) {
     const auto t0 = Clock::now();
     try {
       v.start();
-      if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, 5000ms);
-      status = v.stop(5000ms);
+      if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, test::slow(5000ms));
+      status = v.stop(test::slow(5000ms));
     } catch (const ProcessDied& e) {
       died = true;
       error = e.what();
-      status = v.stop(2000ms);
+      status = v.stop(test::slow(2000ms));
     }
     killer.join();
     const auto took = Clock::now() - t0;
-    EXPECT_LT(took, 3s) << "the death was not seen at once";
+    EXPECT_LT(took, test::slow(3s)) << "the death was not seen at once";
     if (stage == Stage::PostRun) {
       EXPECT_FALSE(died);  // stop itself reports it
     } else {
@@ -189,8 +189,8 @@ TEST_P(FrontendKilled, TheBackendFollowsWithinTwoSeconds) {
     auto array = ShmArray<double>::create("victim", 1000, 1);
     Victim v(stage, pipe.w.get(), array.name());
     v.start();
-    if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, 30000ms);
-    v.stop(30000ms);
+    if (stage == Stage::Handler || stage == Stage::Writing) v.call("work", {}, test::slow(30000ms));
+    v.stop(test::slow(30000ms));
     return 5;  // never reached: killed before
   });
   pipe.w.reset();
@@ -199,7 +199,7 @@ TEST_P(FrontendKilled, TheBackendFollowsWithinTwoSeconds) {
   const auto status = test::waitChild(frontend, 5s);
   ASSERT_NE(backend, 0) << "the backend never reached its stage";
   ASSERT_TRUE(status && WIFSIGNALED(*status) && WTERMSIG(*status) == SIGKILL);
-  EXPECT_TRUE(gone(backend, 2s)) << "the backend outlived its frontend";
+  EXPECT_TRUE(gone(backend, test::slow(2s))) << "the backend outlived its frontend";
   if (!gone(backend, 0ms)) ::kill(backend, SIGKILL);
 }
 
@@ -233,12 +233,12 @@ TEST(FrontendKilledDuringPoolTasks, EveryPoolWorkerFollowsWithinTwoSeconds) {
   std::vector<pid_t> workers;
   pid_t w = 0;
   pollfd p{pipe.r.get(), POLLIN, 0};
-  while (workers.size() < 3 && ::poll(&p, 1, 10000) == 1 && ::read(pipe.r.get(), &w, sizeof w) == sizeof w)
+  while (workers.size() < 3 && ::poll(&p, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(pipe.r.get(), &w, sizeof w) == sizeof w)
     workers.push_back(w);
   ::kill(frontend, SIGKILL);
   test::waitChild(frontend, 5s);
   ASSERT_EQ(workers.size(), 3u);
-  for (pid_t pid : workers) EXPECT_TRUE(gone(pid, 2s)) << "pool worker " << pid << " outlived its frontend";
+  for (pid_t pid : workers) EXPECT_TRUE(gone(pid, test::slow(2s))) << "pool worker " << pid << " outlived its frontend";
 }
 
 // ---------------------------------------------------------------- a backend that will not stop
@@ -263,7 +263,7 @@ TEST(StopBound, ABackendThatIgnoresSigtermAndLoopsForeverIsStoppedWithinTheBound
   const ExitStatus status = s.stop(300ms);
   const auto took = Clock::now() - t0;
   // The ladder: 300 ms for the request, 500 ms after SIGTERM, then SIGKILL.
-  EXPECT_LT(took, 2s);
+  EXPECT_LT(took, 800ms + test::slow(1200ms));
   EXPECT_TRUE(status.how == ExitStatus::How::Signaled && status.signal == SIGKILL) << status.describe();
   EXPECT_FALSE(test::hasChildren());
 }

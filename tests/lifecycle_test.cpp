@@ -75,11 +75,11 @@ class Worker : public MessageProcess {
   std::string c__misuse(std::string method) {
     return errorOf([&] {
       if (method == "send") send("square", {{"x", 1}});
-      if (method == "call") call("square", {{"x", 1}}, 1s);
+      if (method == "call") call("square", {{"x", 1}}, test::slow(1s));
       if (method == "callAsync") callAsync("square", {{"x", 1}});
-      if (method == "stop") stop(1s);
+      if (method == "stop") stop(test::slow(1s));
       if (method == "requestStop") requestStop();
-      if (method == "recv") recv(1s);
+      if (method == "recv") recv(test::slow(1s));
       if (method == "start") start();
     });
   }
@@ -121,18 +121,18 @@ TEST(Lifecycle, FrontendMethodsOnTheBackendSideThrowAtOnce) {
   p.start();
   for (const char* method : {"send", "call", "callAsync", "stop", "requestStop", "recv", "start"}) {
     const auto t0 = Clock::now();
-    const std::string e = p.call("misuse", {{"method", method}}, 5s).as<std::string>();
-    EXPECT_LT(msSince(t0), 2000) << method;
+    const std::string e = p.call("misuse", {{"method", method}}, test::slow(5s)).as<std::string>();
+    EXPECT_LT(msSince(t0), test::slowMs(2000)) << method;
     EXPECT_TRUE(contains(e, std::string("Worker.worker: ") + method +
                                 "() is a frontend method and was called on the backend side"))
         << e;
   }
   // From a timer of the backend, too.
   p.send("misuse_in_timer");
-  auto m = p.recv(5s);
+  auto m = p.recv(test::slow(5s));
   ASSERT_TRUE(m);
   EXPECT_TRUE(contains(m->get<std::string>("error"), "send() is a frontend method and was called on the backend side"));
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(Lifecycle, FrontendMethodInPreRunFailsStartWithAClearError) {
@@ -154,7 +154,7 @@ TEST(Lifecycle, BackendMethodsOnTheFrontendSideThrow) {
   } p;
   p.start();
   EXPECT_EQ(p.tryIt(), "Sneaky.worker: sendOut__ is a backend method and was called on the frontend side");
-  p.stop(5s);
+  p.stop(test::slow(5s));
 }
 
 // ---------------------------------------------------------------- 2. threads
@@ -162,20 +162,24 @@ TEST(Lifecycle, BackendMethodsOnTheFrontendSideThrow) {
 TEST(Lifecycle, CallsFromSeveralThreadsArePipelined) {
   Worker p;
   p.start();
-  // Four deferred replies of 400 ms each: one after the other they would
-  // take 1.6 s; pipelined, about 400 ms.
+  // Four deferred replies of `ms` each: one after the other they would
+  // take 4 ms at least; pipelined, about `ms`. What tells them apart is
+  // that bound, not a margin: the test's own pace sets it, and a slower
+  // machine (test::slow) gets a longer pace, so the overhead stays small
+  // beside it.
+  const std::int64_t ms = test::slowMs(400);
   std::vector<std::string> got(4);
   std::vector<std::thread> threads;
   const auto t0 = Clock::now();
   for (int i = 0; i < 4; ++i)
     threads.emplace_back([&, i] {
       got[static_cast<std::size_t>(i)] =
-          p.call("later", {{"ms", 400}, {"value", "v" + std::to_string(i)}}, 5s).as<std::string>();
+          p.call("later", {{"ms", ms}, {"value", "v" + std::to_string(i)}}, test::slow(5s)).as<std::string>();
     });
   for (auto& t : threads) t.join();
-  EXPECT_LT(msSince(t0), 1200);
+  EXPECT_LT(msSince(t0), 3 * ms);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], "v" + std::to_string(i));
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(Lifecycle, ManyThreadsManyCallsEachGetTheirOwnReply) {
@@ -187,12 +191,12 @@ TEST(Lifecycle, ManyThreadsManyCallsEachGetTheirOwnReply) {
     threads.emplace_back([&, i] {
       for (int k = 0; k < 500; ++k) {
         const double x = i * 1000 + k;
-        if (p.call("square", {{"x", x}}, 5s).as<double>() != x * x) ++wrong;
+        if (p.call("square", {{"x", x}}, test::slow(5s)).as<double>() != x * x) ++wrong;
       }
     });
   for (auto& t : threads) t.join();
   EXPECT_EQ(wrong.load(), 0);
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(Lifecycle, StopReturnsWithinItsBoundWhileCallsWaitAndTheCallsEndAtOnce) {
@@ -202,14 +206,14 @@ TEST(Lifecycle, StopReturnsWithinItsBoundWhileCallsWaitAndTheCallsEndAtOnce) {
   long callEndedAt = -1;
   const auto t0 = Clock::now();
   std::thread caller([&] {
-    callError = test::thrown<ProcessDied>([&] { p.call("sleep", {{"ms", 20000}}, 20s); });
+    callError = test::thrown<ProcessDied>([&] { p.call("sleep", {{"ms", 20000}}, test::slow(20s)); });
     callEndedAt = msSince(t0);
   });
   std::this_thread::sleep_for(100ms);  // the call is in the handler now
   const ExitStatus s = p.stop(500ms);
   const long stopTook = msSince(t0) - 100;
   caller.join();
-  EXPECT_LT(stopTook, 2000);  // 500 ms, then SIGTERM ends the sleeping handler
+  EXPECT_LT(stopTook, 500 + test::slowMs(1500));  // 500 ms, then SIGTERM ends the sleeping handler
   EXPECT_EQ(s.how, ExitStatus::How::Signaled);
   EXPECT_EQ(s.escalation, 1);
   EXPECT_LT(callEndedAt, 2500);
@@ -242,7 +246,7 @@ TEST(Lifecycle, RecvFromTwoThreadsLosesNothing) {
   b.join();
   EXPECT_EQ(errors.load(), 0);
   EXPECT_EQ(seen.size(), static_cast<std::size_t>(kN));
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 // ---------------------------------------------------------------- 3. asynchronous calls
@@ -262,7 +266,7 @@ TEST(Lifecycle, CallAsyncReturnsFuturesThatCarryValuesAndErrors) {
   EXPECT_EQ(test::thrown<TimeoutError>([&] { slow.get(); }), "Worker.worker: call 'later' got no reply within 200 ms");
   EXPECT_TRUE(b.ready());
   EXPECT_EQ(b.get().as<double>(), 49.0);  // again: the same value
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(Lifecycle, CallAsyncCallbackRunsOnTheThreadThatReadsTheReply) {
@@ -270,33 +274,33 @@ TEST(Lifecycle, CallAsyncCallbackRunsOnTheThreadThatReadsTheReply) {
   p.start();
   std::atomic<int> done{0};
   std::string error;
-  p.callAsync("square", {{"x", 3}}, 5s, [&](CallResult r) {
+  p.callAsync("square", {{"x", 3}}, test::slow(5s), [&](CallResult r) {
     EXPECT_EQ(r.get().as<double>(), 9.0);
     ++done;
   });
-  p.callAsync("boom", {}, 5s, [&](CallResult r) {
+  p.callAsync("boom", {}, test::slow(5s), [&](CallResult r) {
     error = r.what();
     ++done;
   });
   // A blocking call reads the replies before its own and runs the callbacks.
-  EXPECT_EQ(p.call("square", {{"x", 2}}, 5s).as<double>(), 4.0);
+  EXPECT_EQ(p.call("square", {{"x", 2}}, test::slow(5s)).as<double>(), 4.0);
   EXPECT_EQ(done.load(), 2);
   EXPECT_EQ(error, "Worker.worker: c__boom threw: boom on purpose");
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(Lifecycle, FuturesOfADeadBackendFailAtOnce) {
   Worker p;
   p.start();
-  CallFuture f = p.callAsync("sleep", {{"ms", 20000}}, 20s);
+  CallFuture f = p.callAsync("sleep", {{"ms", 20000}}, test::slow(20s));
   std::this_thread::sleep_for(50ms);
   p.signal(SIGKILL);
   const auto t0 = Clock::now();
   EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { f.get(); }),
                        "Worker.worker: the backend died during call 'sleep' (killed by SIGKILL"));
-  EXPECT_LT(msSince(t0), 1500);
-  EXPECT_TRUE(contains(errorOf([&] { p.call("square", {{"x", 1}}, 5s); }), "the backend died before call 'square'"));
-  p.stop(1s);
+  EXPECT_LT(msSince(t0), test::slowMs(1500));
+  EXPECT_TRUE(contains(errorOf([&] { p.call("square", {{"x", 1}}, test::slow(5s)); }), "the backend died before call 'square'"));
+  p.stop(test::slow(1s));
 }
 
 // ---------------------------------------------------------------- 5. every wait watches death
@@ -304,21 +308,21 @@ TEST(Lifecycle, FuturesOfADeadBackendFailAtOnce) {
 TEST(Lifecycle, CallAndRecvSeeDeathAtOnceWhenAHelperHoldsTheChannel) {
   Worker p;
   p.start();
-  const auto holder = p.call("spawn_holder", {}, 5s).as<std::int64_t>();
+  const auto holder = p.call("spawn_holder", {}, test::slow(5s)).as<std::int64_t>();
   ASSERT_GT(holder, 0);
   std::thread killer([&] {
     std::this_thread::sleep_for(200ms);
     p.signal(SIGKILL);
   });
   const auto t0 = Clock::now();
-  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("sleep", {{"ms", 20000}}, 20s); }),
+  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("sleep", {{"ms", 20000}}, test::slow(20s)); }),
                        "the backend died during call 'sleep'"));
-  EXPECT_LT(msSince(t0), 2000);
+  EXPECT_LT(msSince(t0), test::slowMs(2000));
   killer.join();
   const auto t1 = Clock::now();
-  EXPECT_THROW(p.recv(10s), ProcessDied);
-  EXPECT_LT(msSince(t1), 2000);
-  EXPECT_EQ(p.stop(1s).signal, SIGKILL);
+  EXPECT_THROW(p.recv(test::slow(10s)), ProcessDied);
+  EXPECT_LT(msSince(t1), test::slowMs(2000));
+  EXPECT_EQ(p.stop(test::slow(1s)).signal, SIGKILL);
   // The holder dies with its parent.
   EXPECT_TRUE(test::eventually([&] { return ::kill(static_cast<pid_t>(holder), 0) != 0; }, 5s));
 }
@@ -331,8 +335,8 @@ TEST(Lifecycle, TwoThreadsStoppingAtOnceGetTheRealStatus) {
     p.failPostRun = true;
     p.start();
     ExitStatus a, b;
-    std::thread t1([&] { a = p.stop(5s); });
-    std::thread t2([&] { b = p.stop(5s); });
+    std::thread t1([&] { a = p.stop(test::slow(5s)); });
+    std::thread t2([&] { b = p.stop(test::slow(5s)); });
     t1.join();
     t2.join();
     EXPECT_EQ(a.how, ExitStatus::How::Exited);
@@ -353,7 +357,7 @@ TEST(Lifecycle, AStatusTakenElsewhereIsUnknownNotOk) {
     Worker p;
     p.start();
     p.send("segv");
-    s = p.stop(5s);
+    s = p.stop(test::slow(5s));
   }
   ::sigaction(SIGCHLD, &old, nullptr);
   EXPECT_EQ(s.how, ExitStatus::How::Unknown) << s.describe();
@@ -371,25 +375,25 @@ TEST(Lifecycle, ErrorsOfSentCommandsReachTheFrontendInOrder) {
   p.send("square", {{"x", "three"}});
   p.send("boom");
   p.send("chatter", {{"n", 1}});
-  EXPECT_EQ(p.recv(5s)->command(), "chat");
+  EXPECT_EQ(p.recv(test::slow(5s))->command(), "chat");
   try {
-    p.recv(5s);
+    p.recv(test::slow(5s));
     FAIL() << "no error";
   } catch (const CommandError& e) {
     EXPECT_EQ(e.command(), "nope");
     EXPECT_EQ(std::string(e.what()), "Worker.worker: unknown command 'nope'");
   }
   try {
-    p.recv(5s);
+    p.recv(test::slow(5s));
     FAIL() << "no error";
   } catch (const CommandError& e) {
     EXPECT_EQ(e.command(), "square");
     EXPECT_TRUE(contains(e.what(), "argument 'x': string found, double wanted"));
   }
-  EXPECT_EQ(test::thrown<CommandError>([&] { p.recv(5s); }), "Worker.worker: c__boom threw: boom on purpose");
-  EXPECT_EQ(p.recv(5s)->command(), "chat");
+  EXPECT_EQ(test::thrown<CommandError>([&] { p.recv(test::slow(5s)); }), "Worker.worker: c__boom threw: boom on purpose");
+  EXPECT_EQ(p.recv(test::slow(5s))->command(), "chat");
   EXPECT_FALSE(p.recv(100ms));
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 // ---------------------------------------------------------------- more promises of process.hpp
@@ -410,7 +414,7 @@ TEST(Lifecycle, ABackendNotReadyInTimeIsKilledAndReported) {
   const auto t0 = Clock::now();
   EXPECT_TRUE(contains(test::thrown<TimeoutError>([&] { p.start(); }),
                        "Worker.slow: the backend was not ready within 200 ms (killed by SIGKILL"));
-  EXPECT_LT(msSince(t0), 3000);
+  EXPECT_LT(msSince(t0), 200 + test::slowMs(2800));
   EXPECT_FALSE(test::hasChildren());
 }
 
@@ -418,26 +422,26 @@ TEST(Lifecycle, RecvDeliversTheLastMessagesThenSaysHowTheBackendEnded) {
   {
     Worker p;
     p.start();
-    p.call("chatter", {{"n", 3}}, 5s);
-    EXPECT_TRUE(p.stop(5s).ok());
-    for (int i = 0; i < 3; ++i) EXPECT_EQ(p.recv(1s)->get<int>("i"), i);
-    const std::string e = test::thrown<PeerClosed>([&] { p.recv(1s); });
+    p.call("chatter", {{"n", 3}}, test::slow(5s));
+    EXPECT_TRUE(p.stop(test::slow(5s)).ok());
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(p.recv(test::slow(1s))->get<int>("i"), i);
+    const std::string e = test::thrown<PeerClosed>([&] { p.recv(test::slow(1s)); });
     EXPECT_TRUE(contains(e, "the backend has stopped (exited with code 0)")) << e;
   }
   {
     Worker p;
     p.start();
-    p.call("chatter", {{"n", 2}}, 5s);
+    p.call("chatter", {{"n", 2}}, test::slow(5s));
     p.signal(SIGKILL);
-    for (int i = 0; i < 2; ++i) EXPECT_EQ(p.recv(1s)->get<int>("i"), i);
-    EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.recv(1s); }), "the backend died during recv (killed by SIGKILL"));
-    p.stop(1s);
+    for (int i = 0; i < 2; ++i) EXPECT_EQ(p.recv(test::slow(1s))->get<int>("i"), i);
+    EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.recv(test::slow(1s)); }), "the backend died during recv (killed by SIGKILL"));
+    p.stop(test::slow(1s));
   }
 }
 
 TEST(Lifecycle, ASendWaitingForSpaceSeesTheDeathAtOnce) {
   ProcessOptions o;
-  o.sendTimeout = 20s;
+  o.sendTimeout = test::slow(20s);
   Worker p("full", o);
   p.start();
   ASSERT_GT(p.call("spawn_holder", {}, 5s).as<std::int64_t>(), 0);
@@ -452,17 +456,17 @@ TEST(Lifecycle, ASendWaitingForSpaceSeesTheDeathAtOnce) {
     for (int i = 0; i < 64; ++i) p.send("blob", {{"data", Value(chunk)}});
   });
   killer.join();
-  EXPECT_LT(msSince(t0), 3000);
+  EXPECT_LT(msSince(t0), 300 + test::slowMs(2700));
   EXPECT_TRUE(contains(e, "the backend died during send 'blob'")) << e;
-  p.stop(1s);
+  p.stop(test::slow(1s));
 }
 
 TEST(Lifecycle, ADeferredRejectOfASentCommandReachesRecv) {
   Worker p;
   p.start();
   p.send("reject_later");
-  EXPECT_EQ(test::thrown<CommandError>([&] { p.recv(5s); }), "rejected later");
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_EQ(test::thrown<CommandError>([&] { p.recv(test::slow(5s)); }), "rejected later");
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 TEST(Lifecycle, CommandNamesStartingWithTwoUnderscoresAreReserved) {
@@ -484,7 +488,7 @@ TEST(Lifecycle, StopAllStopsEveryoneAgainstOneDeadline) {
   std::vector<MessageProcess*> all{&a, &b, &c};
   const auto t0 = Clock::now();
   MessageProcess::stopAll(all, 300ms);
-  EXPECT_LT(msSince(t0), 2000);  // one deadline, not three
+  EXPECT_LT(msSince(t0), 300 + test::slowMs(1700));  // one deadline, not three
   EXPECT_TRUE(a.waitStop(Timeout::zero()).ok());
   EXPECT_EQ(b.waitStop(Timeout::zero()).signal, SIGTERM);
   EXPECT_TRUE(c.waitStop(Timeout::zero()).ok());
@@ -504,12 +508,12 @@ TEST(Lifecycle, TooDeepOrTooLargeArgumentsFailAtOnceNotAtTheTimeout) {
   const auto t0 = Clock::now();
   // A long call timeout: the errors must come from the encoder, well before
   // it (building a million-element list is slow under the sanitizers).
-  EXPECT_TRUE(contains(test::thrown<LimitError>([&] { p.call("square", {{"x", nested(40)}}, 60s); }), "deeper"));
+  EXPECT_TRUE(contains(test::thrown<LimitError>([&] { p.call("square", {{"x", nested(40)}}, test::slow(60s)); }), "deeper"));
   List many(static_cast<std::size_t>(p.options().limits.maxElements) + 1, Value(0));
-  EXPECT_TRUE(contains(test::thrown<LimitError>([&] { p.call("square", {{"x", Value(many)}}, 60s); }), "elements"));
-  EXPECT_LT(msSince(t0), 30000);
-  EXPECT_EQ(p.call("square", {{"x", 3}}, 5s).as<double>(), 9.0);
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(contains(test::thrown<LimitError>([&] { p.call("square", {{"x", Value(many)}}, test::slow(60s)); }), "elements"));
+  EXPECT_LT(msSince(t0), test::slowMs(30000));
+  EXPECT_EQ(p.call("square", {{"x", 3}}, test::slow(5s)).as<double>(), 9.0);
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 std::string header(std::uint32_t len) {
@@ -527,10 +531,10 @@ TEST(Lifecycle, ALyingFrameHeaderEndsTheBackendWithAClearStatus) {
   const std::string lie = header(0xFFFFFFFFu);
   ASSERT_EQ(::write(p.replyFd(), lie.data(), lie.size()), static_cast<ssize_t>(lie.size()));
   const auto t0 = Clock::now();
-  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("square", {{"x", 2}}, 5s); }), "command stream"));
-  EXPECT_LT(msSince(t0), 4000);
-  EXPECT_TRUE(contains(test::thrown<CommandError>([&] { p.recv(5s); }), "the command stream is corrupt"));
-  const ExitStatus s = p.stop(5s);
+  EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("square", {{"x", 2}}, test::slow(5s)); }), "command stream"));
+  EXPECT_LT(msSince(t0), test::slowMs(4000));
+  EXPECT_TRUE(contains(test::thrown<CommandError>([&] { p.recv(test::slow(5s)); }), "the command stream is corrupt"));
+  const ExitStatus s = p.stop(test::slow(5s));
   EXPECT_EQ(s.code, kExitCorruptStream) << s.describe();
   EXPECT_EQ(s.escalation, 0);
 }
@@ -544,13 +548,13 @@ TEST(Lifecycle, ATruncatedFrameNeedsNoSigtermToStop) {
   const std::string cut = header(100) + std::string(50, 'x');
   ASSERT_EQ(::write(p.replyFd(), cut.data(), cut.size()), static_cast<ssize_t>(cut.size()));
   try {
-    p.call("square", {{"x", 2}}, 1s);  // eaten by the cut frame: a clear error within the timeout
+    p.call("square", {{"x", 2}}, test::slow(1s));  // eaten by the cut frame: a clear error within the timeout
   } catch (const Error&) {
   }
   // The stop request is a bell, not a frame: the cut frame cannot swallow it.
   const auto t0 = Clock::now();
-  const ExitStatus s = p.stop(5s);
-  EXPECT_LT(msSince(t0), 2000);
+  const ExitStatus s = p.stop(test::slow(5s));
+  EXPECT_LT(msSince(t0), test::slowMs(2000));
   EXPECT_EQ(s.escalation, 0) << s.describe();
   EXPECT_EQ(s.how, ExitStatus::How::Exited) << s.describe();
 }
@@ -566,9 +570,9 @@ TEST(Lifecycle, ASendThatTimedOutDoesNotBreakTheObject) {
   const Bytes big(8u << 20, 7);
   EXPECT_THROW(p.send("blob", {{"data", Value(big)}}), TimeoutError);
   std::this_thread::sleep_for(1500ms);  // the backend is idle again
-  EXPECT_EQ(p.call("square", {{"x", 3}}, 10s).as<double>(), 9.0);
-  EXPECT_EQ(p.call("received", {}, 5s).as<std::int64_t>(), static_cast<std::int64_t>(big.size()));
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_EQ(p.call("square", {{"x", 3}}, test::slow(10s)).as<double>(), 9.0);
+  EXPECT_EQ(p.call("received", {}, test::slow(5s)).as<std::int64_t>(), static_cast<std::int64_t>(big.size()));
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 // ---------------------------------------------------------------- 11. backends that start backends
@@ -591,7 +595,7 @@ class Middle : public MessageProcess {
     leaf_->start();
   }
   void postRun__() override { leaf_.reset(); }
-  double c__leafSquare(double x) { return leaf_->call("square", {{"x", x}}, 5s).as<double>(); }
+  double c__leafSquare(double x) { return leaf_->call("square", {{"x", x}}, test::slow(5s)).as<double>(); }
   std::unique_ptr<Leaf> leaf_;
 };
 
@@ -605,12 +609,12 @@ TEST(Lifecycle, AThreeLevelHierarchyAfterTenSiblings) {
   {
     Middle m;
     m.start();
-    EXPECT_EQ(m.call("leaf_square", {{"x", 6}}, 10s).as<double>(), 36.0);
-    EXPECT_TRUE(m.stop(5s).ok());
+    EXPECT_EQ(m.call("leaf_square", {{"x", 6}}, test::slow(10s)).as<double>(), 36.0);
+    EXPECT_TRUE(m.stop(test::slow(5s)).ok());
   }
   EXPECT_EQ(test::openFdCount(), fdsBefore);
-  for (auto& s : siblings) EXPECT_EQ(s->call("square", {{"x", 2}}, 5s).as<double>(), 4.0);
-  for (auto& s : siblings) EXPECT_TRUE(s->stop(5s).ok());
+  for (auto& s : siblings) EXPECT_EQ(s->call("square", {{"x", 2}}, test::slow(5s)).as<double>(), 4.0);
+  for (auto& s : siblings) EXPECT_TRUE(s->stop(test::slow(5s)).ok());
 }
 
 // ---------------------------------------------------------------- 12. any exception type
@@ -620,8 +624,8 @@ TEST(Lifecycle, AnyExceptionFromABackendTimerIsLoggedAndTheLoopGoesOn) {
   p.start();
   p.send("throw_in_timer");
   std::this_thread::sleep_for(50ms);
-  EXPECT_EQ(p.call("square", {{"x", 5}}, 5s).as<double>(), 25.0);
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_EQ(p.call("square", {{"x", 5}}, test::slow(5s)).as<double>(), 25.0);
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 // ---------------------------------------------------------------- 13. an unusable log file
@@ -678,7 +682,7 @@ class Collector : public MessageProcess {
   // class has said "no more user code" (at most 5 s), then `ms` more.
   void c__block(int ms) {
     gCollectorBlocking = true;
-    const auto end = Clock::now() + 5s;
+    const auto end = Clock::now() + test::slow(5s);
     while (!baseDestructorStarted() && Clock::now() < end) std::this_thread::sleep_for(1ms);
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   }
@@ -701,7 +705,7 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
     auto c = std::make_unique<Collector>(o);
     c->start();
     c->send("later");
-    EXPECT_EQ(c->call("count", {}, 5s).as<std::int64_t>(), 0);
+    EXPECT_EQ(c->call("count", {}, test::slow(5s)).as<std::int64_t>(), 0);
     // Blocks until the destruction has reached MessageProcess, so the 100
     // sends below are queued behind it. Had it begun after the destruction
     // or ended before MessageProcess's part of it, a handler would race the
@@ -709,12 +713,12 @@ TEST(Lifecycle, InProcessModeWithoutStopInTheSubclassRunsNoMoreUserCode) {
     // to try).
     c->send("block", {{"ms", 20}});
     for (int i = 0; i < 100; ++i) c->send("add", {{"x", i}});
-    const auto blockBy = Clock::now() + 5s;
+    const auto blockBy = Clock::now() + test::slow(5s);
     while (!gCollectorBlocking && Clock::now() < blockBy) std::this_thread::sleep_for(1ms);
     ASSERT_TRUE(gCollectorBlocking);
     const auto t0 = Clock::now();
     c.reset();  // ASan, TSan, UBSan: nothing touches the destroyed subclass
-    EXPECT_LT(msSince(t0), 3000);
+    EXPECT_LT(msSince(t0), test::slowMs(3000));
     gCollectorStderr = nullptr;
     EXPECT_TRUE(contains(err.text(), kNoMoreUserCode));
   }
@@ -761,7 +765,7 @@ TEST(Lifecycle, TheLifecycleIsLoggedAtDebugLevelUnderTheFullName) {
       Worker p("logged");
       p.start();
       pid = p.pid();
-      p.stop(5s);
+      p.stop(test::slow(5s));
     }
     formatLogger(spdlog::level::info);
     log = err.text();

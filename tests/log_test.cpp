@@ -155,9 +155,9 @@ TEST(Log, ABackendWhoseLogFileFailsKeepsServing) {
   Pinger p("full", o);
   p.start();
   p.send("nope");  // an unknown command: an error line, flushed at once
-  EXPECT_EQ(p.call("ping", {}, 5s).as<std::string>(), "pong");
+  EXPECT_EQ(p.call("ping", {}, test::slow(5s)).as<std::string>(), "pong");
   const pid_t pid = p.pid();
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
   const std::string text = err.text();
   EXPECT_TRUE(contains(text, "[Pinger.full] [pid " + std::to_string(pid) + "] [error] logging failed: ")) << text;
 }

@@ -60,7 +60,7 @@ struct Pipe {
 std::string readUntilClosed(int fd) {
   std::string out;
   char buf[1024];
-  const Deadline deadline(10s);
+  const Deadline deadline(test::slow(10s));
   for (;;) {
     if (!detail::waitFor(fd, POLLIN, deadline)) return out + "(timed out)";
     const ssize_t n = detail::retryEintr([&] { return ::read(fd, buf, sizeof buf); });
@@ -246,9 +246,9 @@ TEST(ProcTitle, ABackendShowsForkliftClassDotNameInPs) {
   TitledProcess p("x");
   p.start();
   EXPECT_EQ(psArgs(p.pid()), "forklift: TitledProcess.x");
-  EXPECT_EQ(p.call("cmdline", {}, 5s).as<std::string>(), std::string("forklift: TitledProcess.x") + '\0');
+  EXPECT_EQ(p.call("cmdline", {}, test::slow(5s)).as<std::string>(), std::string("forklift: TitledProcess.x") + '\0');
   EXPECT_EQ(firstLine("/proc/" + std::to_string(p.pid()) + "/comm"), "x");
-  EXPECT_TRUE(p.stop(5s).ok());
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
 }
 
 }  // namespace

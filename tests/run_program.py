@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from slowdown import slow
 from xml.sax.saxutils import escape
 
 
@@ -43,6 +44,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--results", default=os.environ.get("FORKLIFT_TEST_RESULTS", ""))
     a = ap.parse_args()
+    a.timeout = slow(a.timeout)
 
     before = {n: set(procs_named(n)) for n in a.proc}
     failures = []
@@ -67,7 +69,7 @@ def main():
             failures.append(f"no line matching {rx!r} (in order)")
             break
         i += 1
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + slow(2)
     for n in a.proc:
         while True:
             left = set(procs_named(n)) - before[n]

@@ -104,7 +104,7 @@ TEST(Seams, PidfdOpenUnavailableFallsBackToTheDeathPipe) {
     p.start();
     EXPECT_EQ(p.call("square", {{"x", 3.0}}).as<double>(), 9.0);
     ::kill(p.pid(), SIGKILL);
-    EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("square", {{"x", 1.0}}, 5000ms); }), "SIGKILL"));
+    EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("square", {{"x", 1.0}}, test::slow(5000ms)); }), "SIGKILL"));
     p.stop();
   }
   before.check();
@@ -232,9 +232,9 @@ TEST(Seams, ShortWritesAndReadsInTheMiddleOfAFrameDeliverItWhole) {
   // Small enough for the socket to hold its five-byte writes unread (each
   // one costs the socket a whole buffer of its own).
   const Message m("blob", {{"data", std::string(100, 'x')}, {"fd", Fd::dup(pipeFds[1])}, {"n", 7}});
-  a.send(m, 5s);
-  a.send(Message("after", {{"n", 8}}), 5s);
-  auto got = b.recv(5s);
+  a.send(m, test::slow(5s));
+  a.send(Message("after", {{"n", 8}}), test::slow(5s));
+  auto got = b.recv(test::slow(5s));
   ASSERT_TRUE(got);
   EXPECT_EQ(got->get<std::string>("data"), std::string(100, 'x'));
   EXPECT_EQ(got->get<int>("n"), 7);
@@ -245,7 +245,7 @@ TEST(Seams, ShortWritesAndReadsInTheMiddleOfAFrameDeliverItWhole) {
   char c = 0;
   ASSERT_EQ(::read(pipeFds[0], &c, 1), 1);
   EXPECT_EQ(c, 'k');
-  auto next = b.recv(5s);
+  auto next = b.recv(test::slow(5s));
   ASSERT_TRUE(next);
   EXPECT_EQ(next->get<int>("n"), 8);
   ::close(pipeFds[0]);
@@ -262,7 +262,7 @@ TEST(Seams, ABackendServesThroughShortWritesAndReads) {
   for (int i = 0; i < 20; ++i) EXPECT_EQ(p.call("square", {{"x", double(i)}}).as<double>(), double(i * i));
   const std::string big(20000, 'y');
   p.send("echoOut", {{"text", big}});
-  auto m = p.recv(10s);
+  auto m = p.recv(test::slow(10s));
   ASSERT_TRUE(m);
   EXPECT_EQ(m->get<std::string>("text"), big);
   EXPECT_TRUE(p.stop().ok());
@@ -422,13 +422,13 @@ TEST(Seams, SendmsgFailingIsAClearErrorAndTheChannelStaysUsable) {
     p.start();
     {
       ScopedSeam seam(syscalls.sendmsg, &enobufsSendmsg);
-      const std::string e = test::thrown<SystemError>([&] { p.call("square", {{"x", 3.0}}, 5s); });
+      const std::string e = test::thrown<SystemError>([&] { p.call("square", {{"x", 3.0}}, test::slow(5s)); });
       EXPECT_TRUE(contains(e, "cannot write to channel")) << e;
       EXPECT_TRUE(contains(e, std::strerror(ENOBUFS))) << e;
       const std::string s = test::thrown<SystemError>([&] { p.send("echoOut", {{"text", "x"}}); });
       EXPECT_TRUE(contains(s, "cannot write to channel")) << s;
     }
-    EXPECT_EQ(p.call("square", {{"x", 4.0}}, 5s).as<double>(), 16.0);
+    EXPECT_EQ(p.call("square", {{"x", 4.0}}, test::slow(5s)).as<double>(), 16.0);
     EXPECT_TRUE(p.stop().ok());
   }
   before.check();
@@ -442,12 +442,12 @@ TEST(Seams, RecvmsgFailingIsAClearErrorAndLeavesNothing) {
     p.send("echoOut", {{"text", "waiting"}});
     {
       ScopedSeam seam(syscalls.recvmsg, &eioRecvmsg);
-      const std::string e = test::thrown<SystemError>([&] { p.recv(5s); });
+      const std::string e = test::thrown<SystemError>([&] { p.recv(test::slow(5s)); });
       EXPECT_TRUE(contains(e, "cannot read from channel")) << e;
       EXPECT_TRUE(contains(e, std::strerror(EIO))) << e;
     }
     // The message was never taken from the socket: it is still there.
-    const auto m = p.recv(5s);
+    const auto m = p.recv(test::slow(5s));
     ASSERT_TRUE(m);
     EXPECT_EQ(m->get<std::string>("text"), "waiting");
     EXPECT_TRUE(p.stop().ok());

@@ -297,13 +297,13 @@ int entriesAfterFrontendKill(bool named) {
   ::close(p[1]);
   pid_t backend = 0;
   pollfd pf{p[0], POLLIN, 0};
-  const bool ready = ::poll(&pf, 1, 10000) == 1 && ::read(p[0], &backend, sizeof backend) == sizeof backend;
+  const bool ready = ::poll(&pf, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(p[0], &backend, sizeof backend) == sizeof backend;
   ::close(p[0]);
   ::kill(frontend, SIGKILL);
   test::waitChild(frontend, 5s);
   if (!ready) return -1;
   // The backend follows its frontend (PR_SET_PDEATHSIG).
-  if (!waitGone(backend, 5s)) return -1;
+  if (!waitGone(backend, test::slow(5s))) return -1;
   return static_cast<int>(shmEntries().size());
 }
 
@@ -327,7 +327,7 @@ TEST(AnonymousSegmentDeaths, KillingTheBackendLeavesDevShmAsItWasAndTheFrontendR
       r.start();
       if (r.call("sum_inherited").as<double>() != 8192.0) return 10;
       ::kill(r.pid(), SIGKILL);
-      if (!waitGone(r.pid(), 5s)) return 11;
+      if (!waitGone(r.pid(), test::slow(5s))) return 11;
       if (!shmEntries().empty()) return 12;
       if (a.matrix().sum() != 8192.0) return 13;
       r.stop();
@@ -372,7 +372,7 @@ TEST(AnonymousSegmentDeaths, SigintDuringManagerStartUpLeavesDevShmAsItWas) {
     std::vector<pid_t> workers;
     pid_t w = 0;
     pollfd pf{p[0], POLLIN, 0};
-    while (workers.size() < 2 && ::poll(&pf, 1, 10000) == 1 && ::read(p[0], &w, sizeof w) == sizeof w)
+    while (workers.size() < 2 && ::poll(&pf, 1, static_cast<int>(test::slowMs(10000))) == 1 && ::read(p[0], &w, sizeof w) == sizeof w)
       workers.push_back(w);
     ::kill(frontend, SIGINT);
     const auto status = test::waitChild(frontend, 10s);
@@ -381,7 +381,7 @@ TEST(AnonymousSegmentDeaths, SigintDuringManagerStartUpLeavesDevShmAsItWas) {
     if (workers.size() < 2) return 11;
     if (!status) return 12;  // it had to be killed: the SIGINT did not end it
     for (pid_t pid : workers)
-      if (!waitGone(pid, 5s)) return 13;
+      if (!waitGone(pid, test::slow(5s))) return 13;
     return shmEntries().empty() ? 0 : 14;
   });
 }

@@ -241,7 +241,7 @@ TEST(ShmArrayDescriptor, BackendOpensFromADescriptorReceivedOnAChannel) {
   auto [front, back] = Channel::makePair();
   const pid_t pid = forkChild([&, &front = front, &back = back] {
     front.close();
-    const auto m = back.recv(10s);
+    const auto m = back.recv(test::slow(10s));
     if (!m) return 2;
     auto a = ShmArray<double>::open(m->get<Value>("array"));
     back.send(Message("sum", {{"value", a.matrix().sum()}, {"rows", a.rows()}}));
@@ -252,7 +252,7 @@ TEST(ShmArrayDescriptor, BackendOpensFromADescriptorReceivedOnAChannel) {
   a.matrix().setConstant(0.25);
   // Written before the send: the backend sees them after its recv.
   front.send(Message("go", {{"array", a.describe()}}));
-  const auto reply = front.recv(10s);
+  const auto reply = front.recv(test::slow(10s));
   ASSERT_TRUE(reply);
   EXPECT_EQ(reply->get<double>("value"), 0.25 * 100 * 30);
   EXPECT_EQ(reply->get<int>("rows"), 100);

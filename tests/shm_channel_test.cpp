@@ -39,12 +39,12 @@ TEST(ShmChannel, SendAndReceiveBothWaysInOneProcess) {
   auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
   EXPECT_EQ(a.transport(), Transport::SharedMemory);
   a.send(Message("ping", {{"n", 1}}));
-  auto m = b.recv(1s);
+  auto m = b.recv(test::slow(1s));
   ASSERT_TRUE(m);
   EXPECT_EQ(m->command(), "ping");
   EXPECT_EQ(m->get<int>("n"), 1);
   b.send(Message("pong", {{"n", 2}}));
-  m = a.recv(1s);
+  m = a.recv(test::slow(1s));
   ASSERT_TRUE(m);
   EXPECT_EQ(m->get<int>("n"), 2);
   EXPECT_FALSE(a.recv(Timeout(20)));  // nothing more: a timeout, not a hang
@@ -55,7 +55,7 @@ TEST(ShmChannel, FramesLargerThanTheQueueStreamThroughWholeAndInOrderAcrossFork)
   const pid_t pid = test::forkChild([&parent = parent, &child = child] {
     parent.close();
     for (int i = 0; i < 50; ++i) {
-      auto m = child.recv(5s);
+      auto m = child.recv(test::slow(5s));
       if (!m) return 2;
       child.send(*m);  // echo
     }
@@ -68,8 +68,8 @@ TEST(ShmChannel, FramesLargerThanTheQueueStreamThroughWholeAndInOrderAcrossFork)
   parent.watchPeer(death.get());
   for (int i = 0; i < 50; ++i) {
     const std::string blob(static_cast<std::size_t>(i) * 7919 + 1, static_cast<char>('a' + i % 26));
-    parent.send(Message("echo", {{"i", i}, {"blob", blob}}), 5s);
-    auto m = parent.recv(5s);
+    parent.send(Message("echo", {{"i", i}, {"blob", blob}}), test::slow(5s));
+    auto m = parent.recv(test::slow(5s));
     ASSERT_TRUE(m) << i;
     EXPECT_EQ(m->get<int>("i"), i);
     EXPECT_EQ(m->get<std::string>("blob"), blob);
@@ -84,9 +84,9 @@ TEST(ShmChannel, FdIsReadableExactlyWhileAMessageWaitsInOneFrameMode) {
   a.send(Message("one"));
   a.send(Message("two"));
   EXPECT_TRUE(readable(b.fd()));
-  ASSERT_EQ(b.recv(1s)->command(), "one");
+  ASSERT_EQ(b.recv(test::slow(1s))->command(), "one");
   EXPECT_TRUE(readable(b.fd()));  // "two" still waits
-  ASSERT_EQ(b.recv(1s)->command(), "two");
+  ASSERT_EQ(b.recv(test::slow(1s))->command(), "two");
   EXPECT_FALSE(readable(b.fd()));
   a.send(Message("three"));
   EXPECT_TRUE(readable(b.fd()));
@@ -102,7 +102,7 @@ TEST(ShmChannel, DescriptorsTravelWithTheirFramesThroughAFullQueue) {
   std::atomic<int> good{0};
   reader = std::thread([&, &b = b] {
     for (int i = 0; i < 200; ++i) {
-      auto m = b.recv(5s);
+      auto m = b.recv(test::slow(5s));
       if (!m) return;
       if (m->get<int>("i") != i) return;
       if (i % 3 == 0) {
@@ -123,7 +123,7 @@ TEST(ShmChannel, DescriptorsTravelWithTheirFramesThroughAFullQueue) {
         if (::write(memfd.get(), &c, 1) != 1) throw std::runtime_error("cannot write the memfd");
         args.emplace_back("fd", Fd::dup(memfd.get()));  // the receiver gets its own
       }
-      a.send(Message("m", std::move(args)), 5s);
+      a.send(Message("m", std::move(args)), test::slow(5s));
     }
   } catch (const std::exception& e) {
     failure = e.what();
@@ -141,9 +141,9 @@ TEST(ShmChannel, SendTimesOutWhenNobodyReadsAndTheNextSendCompletesTheFrame) {
   EXPECT_TRUE(contains(e, "the peer is not reading")) << e;
   EXPECT_GT(a.unsentBytes(), 0u);
   std::thread reader([&, &b = b] {
-    for (int i = 0; i < 2; ++i) b.recv(5s);
+    for (int i = 0; i < 2; ++i) b.recv(test::slow(5s));
   });
-  a.send(Message("small"), 5s);  // completes "big" first
+  a.send(Message("small"), test::slow(5s));  // completes "big" first
   reader.join();
   EXPECT_EQ(a.unsentBytes(), 0u);
 }
@@ -152,8 +152,8 @@ TEST(ShmChannel, GarbageInTheQueueIsAFinalStreamCorruption) {
   auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
   const char junk[] = "GET / HTTP/1.0\r\n\r\n";
   ASSERT_EQ(a.writeSome(junk, sizeof junk), sizeof junk);
-  EXPECT_TRUE(contains(thrown<StreamCorrupt>([&, &b = b] { b.recv(1s); }), "bad magic bytes"));
-  EXPECT_THROW(b.recv(1s), StreamCorrupt);
+  EXPECT_TRUE(contains(thrown<StreamCorrupt>([&, &b = b] { b.recv(test::slow(1s)); }), "bad magic bytes"));
+  EXPECT_THROW(b.recv(test::slow(1s)), StreamCorrupt);
 }
 
 TEST(ShmChannel, ThePeersEndIsPeerClosedAfterWhatItLeft) {
@@ -165,10 +165,10 @@ TEST(ShmChannel, ThePeersEndIsPeerClosedAfterWhatItLeft) {
   });
   child.close();
   EXPECT_EQ(test::exitCodeOf(test::waitChild(pid, 5s)), 0);
-  auto m = parent.recv(1s);
+  auto m = parent.recv(test::slow(1s));
   ASSERT_TRUE(m);
   EXPECT_EQ(m->command(), "last words");
-  EXPECT_THROW(parent.recv(5s), PeerClosed);
+  EXPECT_THROW(parent.recv(test::slow(5s)), PeerClosed);
 }
 
 TEST(ShmChannel, AWatchedDeathEndsWaitsAndRefusesSends) {
@@ -185,10 +185,10 @@ TEST(ShmChannel, AWatchedDeathEndsWaitsAndRefusesSends) {
   parent.watchPeer(death.get());
   ::kill(pid, SIGKILL);
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_THROW(parent.recv(10s), PeerClosed);
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+  EXPECT_THROW(parent.recv(test::slow(10s)), PeerClosed);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(2s));
   // A queue would take the bytes; the send must not pretend they went.
-  EXPECT_THROW(parent.send(Message("anyone?"), 1s), PeerClosed);
+  EXPECT_THROW(parent.send(Message("anyone?"), test::slow(1s)), PeerClosed);
   test::waitChild(pid, 5s);
 }
 
@@ -198,22 +198,22 @@ TEST(ShmChannel, OneSenderAndOneReceiverThreadShareEachEnd) {
   std::atomic<int> aGot{0}, bGot{0};
   std::thread bReader([&, &b = b] {
     for (int i = 0; i < kN; ++i) {
-      auto m = b.recv(5s);
+      auto m = b.recv(test::slow(5s));
       if (!m || m->get<int>("i") != i) return;
       ++bGot;
     }
   });
   std::thread bWriter([&, &b = b] {
-    for (int i = 0; i < kN; ++i) b.send(Message("back", {{"i", i}}), 5s);
+    for (int i = 0; i < kN; ++i) b.send(Message("back", {{"i", i}}), test::slow(5s));
   });
   std::thread aReader([&, &a = a] {
     for (int i = 0; i < kN; ++i) {
-      auto m = a.recv(5s);
+      auto m = a.recv(test::slow(5s));
       if (!m || m->get<int>("i") != i) return;
       ++aGot;
     }
   });
-  for (int i = 0; i < kN; ++i) a.send(Message("forth", {{"i", i}}), 5s);
+  for (int i = 0; i < kN; ++i) a.send(Message("forth", {{"i", i}}), test::slow(5s));
   bReader.join();
   bWriter.join();
   aReader.join();
@@ -224,7 +224,7 @@ TEST(ShmChannel, OneSenderAndOneReceiverThreadShareEachEnd) {
 TEST(ShmChannel, AOneWayEndRefusesTheOtherWay) {
   auto [reader, writer] = Channel::makeSharedPair({}, 0, kQueue);
   writer.send(Message("fine"));
-  EXPECT_EQ(reader.recv(1s)->command(), "fine");
+  EXPECT_EQ(reader.recv(test::slow(1s))->command(), "fine");
   EXPECT_TRUE(contains(thrown<Error>([&, &reader = reader] { reader.send(Message("no")); }), "only receives"));
 }
 
@@ -276,7 +276,7 @@ TEST(ShmChannel, WaitInputSaysInputTimeoutAndTheEnd) {
   auto [a, b] = Channel::makeSharedPair({}, kQueue, kQueue);
   EXPECT_EQ(b.waitInput(Deadline(Timeout(20))), Channel::Wake::Timeout);
   a.send(Message("x"));
-  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::Input);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(1s))), Channel::Wake::Input);
   EXPECT_EQ(b.tryRecvWaited()->command(), "x");
   // That waitInput found the message without taking the ring's edge: a
   // stale edge costs at most one spurious wake-up, then it sleeps.
@@ -291,14 +291,14 @@ TEST(ShmChannel, WaitInputSaysInputTimeoutAndTheEnd) {
     b.wakeReader();
   });
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ(b.waitInput(Deadline(10s)), Channel::Wake::Input);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(10s))), Channel::Wake::Input);
   EXPECT_GE(std::chrono::steady_clock::now() - t0, 40ms);
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(5s));
   waker.join();
   EXPECT_FALSE(b.tryRecvWaited());
   EXPECT_EQ(b.waitInput(Deadline(Timeout(20))), Channel::Wake::Timeout);
   a.close();
-  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::PeerEnd);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(1s))), Channel::Wake::PeerEnd);
 }
 
 TEST(ShmChannel, MessagesSentWhileRingsAreHeldAreFoundWithoutARing) {
@@ -309,7 +309,7 @@ TEST(ShmChannel, MessagesSentWhileRingsAreHeldAreFoundWithoutARing) {
   EXPECT_FALSE(readable(b.fd()));
   // ... and the reader that held the rings finds it by looking, or by
   // waiting (waitInput arms and looks before it sleeps).
-  EXPECT_EQ(b.waitInput(Deadline(1s)), Channel::Wake::Input);
+  EXPECT_EQ(b.waitInput(Deadline(test::slow(1s))), Channel::Wake::Input);
   EXPECT_EQ(b.tryRecvWaited()->command(), "quiet");
   // Drained: armed again, so the next message makes fd() readable.
   a.send(Message("loud"));
@@ -340,21 +340,21 @@ TEST(ShmChannel, APingPongThatHoldsRingsAndSpinsLosesNoWakeUp) {
     auto take = [](Channel& c) -> std::optional<Message> {
       for (;;) {
         if (auto m = c.tryRecvWaited()) return m;
-        if (c.waitInput(Deadline(5s)) != Channel::Wake::Input) return std::nullopt;
+        if (c.waitInput(Deadline(test::slow(5s))) != Channel::Wake::Input) return std::nullopt;
       }
     };
     std::thread echo([&, &b = b] {
       for (int i = 0; i < kN; ++i) {
         auto m = take(b);
         if (!m || m->get<int>("i") != i) return;
-        b.send(*m, 5s);
+        b.send(*m, test::slow(5s));
         ++echoed;
       }
     });
     int got = 0;
     for (int i = 0; i < kN; ++i) {
       if (i % 3 != 0) a.holdRings();  // as a blocking call does
-      a.send(Message("ping", {{"i", i}}), 5s);
+      a.send(Message("ping", {{"i", i}}), test::slow(5s));
       auto m = take(a);
       if (!m || m->get<int>("i") != i) break;
       ++got;

@@ -425,7 +425,7 @@ TEST(ShmTensorAcrossFork, BackendPaintsAFullHdFrameTheFrontendReads) {
   auto [front, back] = Channel::makePair();
   const pid_t pid = forkChild([&, &front = front, &back = back] {
     front.close();
-    const auto m = back.recv(10s);
+    const auto m = back.recv(test::slow(10s));
     if (!m) return 2;
     auto f = ShmTensor<std::uint8_t, 3>::open(m->get<Value>("frame"));
     if (f.dimensions() != std::array<Index, 3>{1080, 1920, 3} || f.segment().owns()) return 3;
@@ -440,7 +440,7 @@ TEST(ShmTensorAcrossFork, BackendPaintsAFullHdFrameTheFrontendReads) {
   auto frame = ShmTensor<std::uint8_t, 3>::create("hd", 1080, 1920, 3);
   EXPECT_EQ(frame.bytes(), 1080u * 1920 * 3);
   front.send(Message("paint", {{"frame", frame.describe()}}));
-  const auto reply = front.recv(10s);
+  const auto reply = front.recv(test::slow(10s));
   ASSERT_TRUE(reply);
   EXPECT_EQ(reply->get<std::int64_t>("pixels"), 1080 * 1920);
   EXPECT_EQ(exitCodeOf(waitChild(pid, 10s)), 0);

@@ -523,7 +523,7 @@ ToolRun runTool(const std::vector<std::string>& args) {
     return 127;
   });
   ::close(out[1]);
-  const auto end = std::chrono::steady_clock::now() + 10s;
+  const auto end = std::chrono::steady_clock::now() + test::slow(10s);
   char buf[4096];
   for (;;) {
     pollfd p{out[0], POLLIN, 0};
@@ -600,7 +600,7 @@ TEST(ShmTool, FindsAndCleansTheSegmentOfAKilledCreatorOnly) {
   std::string staleName;
   char c;
   pollfd p{ready[0], POLLIN, 0};
-  while (::poll(&p, 1, 10000) > 0 && ::read(ready[0], &c, 1) == 1 && c != '\n') staleName += c;
+  while (::poll(&p, 1, static_cast<int>(test::slowMs(10000))) > 0 && ::read(ready[0], &c, 1) == 1 && c != '\n') staleName += c;
   ::close(ready[0]);
   ::kill(creator, SIGKILL);
   const auto status = waitChild(creator, 10s);

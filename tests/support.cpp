@@ -41,8 +41,23 @@ pid_t forkChild(const std::function<int()>& body) {
   return pid;
 }
 
+double slowdown() {
+  static const double factor = [] {
+    const char* v = std::getenv("FORKLIFT_TEST_SLOWDOWN");
+    if (!v || !*v) return 1.0;
+    char* end = nullptr;
+    const double f = std::strtod(v, &end);
+    if (*end != '\0' || !(f >= 1.0) || f > 1000.0) {
+      std::fprintf(stderr, "FORKLIFT_TEST_SLOWDOWN=%s: expected a number from 1 to 1000\n", v);
+      std::abort();
+    }
+    return f;
+  }();
+  return factor;
+}
+
 std::optional<int> waitChild(pid_t pid, std::chrono::milliseconds timeout) {
-  const auto end = std::chrono::steady_clock::now() + timeout;
+  const auto end = std::chrono::steady_clock::now() + slow(timeout);
   for (;;) {
     int status = 0;
     const pid_t r = ::waitpid(pid, &status, WNOHANG);
@@ -100,7 +115,7 @@ std::vector<std::string> forkliftSegments() {
 }
 
 bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
-  const auto end = std::chrono::steady_clock::now() + timeout;
+  const auto end = std::chrono::steady_clock::now() + slow(timeout);
   while (!pred()) {
     if (std::chrono::steady_clock::now() >= end) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -16,12 +17,38 @@
 
 namespace forklift::test {
 
+// Time in tests is of two kinds.
+//
+// - A time that IS the behaviour under test: a timeout the test sets and
+//   expects to fire, a lower bound ("not before 100 ms"), a period. It is
+//   written as it is.
+// - A bound on how long something may take: a wait that must end, a limit
+//   on elapsed time, a timeout given to a call that must succeed. It is
+//   written slow(x), where x holds at least 3 times over on the machines
+//   the suite is tuned on (a fresh 2-vCPU machine with costlier system
+//   calls, everything on one CPU, a CPU burner beside it), and slow()
+//   multiplies it by ONE factor: FORKLIFT_TEST_SLOWDOWN (a number >= 1,
+//   default 1). `tools/dev test-asan` and `test-tsan` set 3; set it yourself
+//   for anything slower still (valgrind, an emulator). waitChild and
+//   eventually take bounds, and apply slow() themselves.
+//
+// The Python tests read the same variable (run_program.py and the others).
+double slowdown();
+template <class Rep, class Period>
+std::chrono::milliseconds slow(std::chrono::duration<Rep, Period> bound) {
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(bound).count();
+  return std::chrono::milliseconds(static_cast<std::int64_t>(static_cast<double>(ms) * slowdown()));
+}
+// The same for a bound counted in milliseconds.
+inline std::int64_t slowMs(std::int64_t ms) { return slow(std::chrono::milliseconds(ms)).count(); }
+
 // Forks; the child runs `body` and leaves with _exit(its return value), or
 // _exit(99) if it threw. Never returns in the child.
 pid_t forkChild(const std::function<int()>& body);
 
-// Waits for `pid` up to `timeout`; returns the raw wait status, or nullopt
-// after killing (SIGKILL) and reaping a child that did not end in time.
+// Waits for `pid` up to slow(timeout); returns the raw wait status, or
+// nullopt after killing (SIGKILL) and reaping a child that did not end in
+// time.
 std::optional<int> waitChild(pid_t pid, std::chrono::milliseconds timeout);
 
 // Exit code of a child that exited normally, or -1 (signalled, timed out).
@@ -119,7 +146,7 @@ std::string thrown(Fn&& fn) {
   return "(no exception)";
 }
 
-// Polls `pred` every millisecond until it holds or `timeout` passes.
+// Polls `pred` every millisecond until it holds or slow(timeout) passes.
 bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
 
 }  // namespace forklift::test
