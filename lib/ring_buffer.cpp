@@ -13,6 +13,7 @@
 
 #include "forklift/error.hpp"
 #include "posix.hpp"
+#include "process_alive.hpp"
 #include "ring_state.hpp"
 #include "shm_descriptor.hpp"
 
@@ -36,15 +37,6 @@ bool ringSleepOn(int bell, int peer, const Deadline& d, int capMillis) {
 }
 
 namespace {
-
-// True when `pid` is gone or a zombie (without pidfds: gone).
-bool processDead(pid_t pid) {
-  UniqueFd fd(ringPidfdOpen(pid));
-  if (!fd && (errno == ENOSYS || errno == EPERM)) return ::kill(pid, 0) != 0 && errno == ESRCH;
-  if (!fd) return errno == ESRCH;
-  pollfd p{fd.get(), POLLIN, 0};
-  return retryEintr([&] { return ::poll(&p, 1, 0); }) > 0;
-}
 
 const Value* field(const Value& v, std::string_view key) {
   const Map* m = v.getIf<Map>();
@@ -102,7 +94,7 @@ void attachRingPid(RingCore& c, std::atomic<std::int32_t>& slot, const char* rol
     std::int32_t cur = slot.load(std::memory_order_acquire);
     if (cur == me) throw Error(c.what() + ": this process is its " + role + " already");
     if (cur < 0) c.corrupt(std::string("the ") + role + "'s pid is " + std::to_string(cur));
-    if (cur != 0 && !processDead(cur))
+    if (cur != 0 && processAlive(cur, ringPidfdOpen))
       throw Error(c.what() + " has a " + role + " already (pid " + std::to_string(cur) + ")");
     if (slot.compare_exchange_strong(cur, me, std::memory_order_acq_rel)) return;
   }
