@@ -422,10 +422,12 @@ class RingReader {
   // Copies the next slot into `out` (resized) and releases it.
   std::optional<RingSlotInfo> pull(Bytes& out, Timeout timeout);
 
-  // For event loops (Manager::watch, libuv, epoll): fd() is the doorbell.
-  // On readable: drainDoorbell(), take slots with tryNext() until empty,
-  // then arm(): true means "armed, go back to the loop", false means a slot
-  // came meanwhile: take it (and arm again).
+  // For event loops. With a Manager, Manager::readRing runs all of this
+  // (and keeps the doorbell armed when a callback throws). Elsewhere (libuv,
+  // epoll): fd() is the doorbell. On readable: drainDoorbell(), take slots
+  // with tryNext() until empty, then arm(): true means "armed, go back to
+  // the loop", false means a slot came meanwhile: take it (and arm again).
+  // Arm even when handling a slot threw, or the ring stays silent.
   int fd() const noexcept;
   bool arm();
   void drainDoorbell() noexcept;
