@@ -3,7 +3,8 @@
 // ring's segment), writes nonsense into one field, and checks that this
 // side fails with a ShmFormatError naming the ring and the field: no read
 // or write out of bounds (these run under ASan in CI), no crash, no hang,
-// no slot handed out twice.
+// no slot handed out twice. The channel's shared-memory queues
+// (lib/shm_pipe.*) follow the same rule: last section.
 #include <gtest/gtest.h>
 #include <sched.h>
 
@@ -11,10 +12,12 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "forklift/manager.hpp"
 #include "forklift/ring_buffer.hpp"
 #include "ring_layout.hpp"
+#include "shm_pipe.hpp"
 #include "support.hpp"
 
 namespace forklift {
@@ -288,6 +291,32 @@ TEST(RingCorrupt, ReadRingEndsWithTheError) {
   EXPECT_TRUE(m.runUntil([&] { return ended; }, 10s));
   EXPECT_EQ(m.finish(), 0);
   EXPECT_TRUE(test::contains(what, "the delivery queue names slot 99 of 4"));
+}
+
+// ---------------------------------------------------------------- the message queues
+
+// A writer's tail a lap and more ahead of the head: the reader takes at most
+// one queue of bytes (garbage for the framing), never past the queue.
+TEST(QueueCorrupt, ATailFarAheadIsNeverCopiedPastTheQueue) {
+  auto link = detail::ShmLink::make(4096, 0);
+  detail::Pipe& p = *link->pipe(0);
+  p.h->tail.store(p.h->head.load() + 100000);
+  EXPECT_EQ(p.readable(), p.capacity);
+  std::vector<char> out(1 << 20);
+  EXPECT_EQ(p.read(out.data(), out.size()), p.capacity);
+}
+
+// A reader's head past the writer's tail: once the writer loads it, no
+// room; before, the head it saw last (a lower bound) allows one queue.
+// Never a byte past the queue.
+TEST(QueueCorrupt, AHeadPastTheTailLeavesTheWriterNoRoom) {
+  auto link = detail::ShmLink::make(4096, 0);
+  detail::Pipe& p = *link->pipe(0);
+  p.h->head.store(p.h->tail.load() + 5000);
+  const std::vector<char> in(1 << 16, 'x');
+  EXPECT_LE(p.write(in.data(), in.size()), p.capacity);
+  EXPECT_EQ(p.writable(), 0u);
+  EXPECT_EQ(p.write(in.data(), in.size()), 0u);
 }
 
 }  // namespace
