@@ -110,7 +110,7 @@
 // Re-attaching: a new writer or reader may attach once the old one is dead
 // or detached (`Error` while it lives). It recovers the slots its
 // predecessor held from the queues and the peer's records (see
-// lib/ring_buffer.cpp), so no slot is lost or duplicated, and the sequence
+// lib/ring_writer.cpp), so no slot is lost or duplicated, and the sequence
 // numbers go on. A pid reused between a death and an attach is outside
 // what this can tell apart.
 //
@@ -412,6 +412,7 @@ class RingReader {
   // The oldest committed slot (KeepLatest: the newest), waiting up to
   // `timeout`; nullopt when none came. Once the ring is drained and the
   // writer is gone: ProcessDied (it died) or PeerClosed (it detached).
+  // Error when the reader holds maxHeld slots already.
   std::optional<ReadSlot> next(Timeout timeout);
   // Without waiting; nullopt when empty (also when the writer is gone: see
   // writerGone()). Error when the reader holds maxHeld slots already.
