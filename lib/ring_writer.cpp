@@ -168,7 +168,14 @@ std::optional<std::uint32_t> RingWriterState::dropOldest() {
     const std::uint64_t p = tailPos(t);
     if (p > head) c.corrupt("the delivery queue's read position " + std::to_string(p) + " is past its end " +
                             std::to_string(head));
-    if (p == head) return std::nullopt;
+    if (p == head) {
+      if (c.h->rHead.load(std::memory_order_acquire) == rTail && spare.empty())
+        // Only this writer adds to D, only it takes from R: both were empty
+        // at once, so the reader had all n slots, and it may hold n-1.
+        c.corrupt("all " + std::to_string(c.n) + " slots are with the reader, which may hold " +
+                  std::to_string(c.n - 1) + " at most");
+      return std::nullopt;
+    }
     if (!tailByWriter(t) && p > 0) {
       std::uint64_t rec = h.readerRecord.load(std::memory_order_acquire);
       if (recordState(rec) == RecordState::Pending && recordPos(rec) == p - 1)

@@ -264,6 +264,18 @@ TEST(RingCorrupt, ADropMeetsAnEntryTheWriterDidNotWrite) {
   EXPECT_TRUE(test::contains(corruptError([&] { w2.tryReserve(); }), "not what the writer put there"));
 }
 
+// A reader that "took" every slot (D and R empty, the writer holding none):
+// a drop-policy writer, which never waits, would spin for good.
+TEST(RingCorrupt, EverySlotWithTheReaderIsRefusedByADropWriter) {
+  auto ring = RingBuffer::create("ring-bad-all", 4, 64, RingPolicy::DropOldest);
+  Peer peer(ring);
+  auto w = ring.writer();
+  for (int i = 1; i <= 4; ++i) commit(w, i);
+  peer.h->tail.store(std::uint64_t{4} << 1);
+  EXPECT_TRUE(test::contains(corruptError([&] { w.reserve(kForever); }),
+                             "all 4 slots are with the reader, which may hold 3 at most"));
+}
+
 TEST(RingCorrupt, ADeliveryQueueOverfullAtAWritersAttach) {
   auto ring = RingBuffer::create("ring-bad-attach", 4, 64);
   Peer peer(ring);
