@@ -15,6 +15,8 @@
 //   reader:  if (auto s = r.next(timeout)) {     // the oldest committed slot
 //              use(s->tensor<std::uint8_t, 3>()); // read in place
 //            }                                    // released when s goes (or s->release())
+//   or, on a Manager's loop (it runs the doorbell protocol below):
+//            manager.readRing(r, [](ReadSlot& s) { use(s.tensor<std::uint8_t, 3>()); });
 //
 // `push`/`pull` copy, for small payloads. The writer holds at most one slot
 // at a time (reserve again only after commit/abandon). The reader holds up
@@ -114,7 +116,8 @@
 // numbers go on. A pid reused between a death and an attach is outside
 // what this can tell apart.
 //
-// Threads: each role object is used by one thread at a time. The same
+// Threads: each role object is used by one thread at a time, and so are
+// the slots it handed out (a held slot is released on the reader's thread). The same
 // process may hold both roles (two threads); then death detection does not
 // apply (one pid).
 //
