@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <optional>
 #include <string>
 #include <vector>
@@ -233,6 +235,193 @@ TEST(RingHeldRecovery, ANewWriterDoesNotTakeHeldSlots) {
   std::memset(s->data(), 9, s->capacity());
   EXPECT_TRUE(asWritten(*b));
 }
+
+
+// ---------------------------------------------------------------- across processes
+
+using Clock = std::chrono::steady_clock;
+
+// A payload that depends on its sequence number, and its checksum.
+void fillPayload(std::byte* p, std::size_t n, std::uint64_t seq) {
+  std::uint64_t x = seq * 0x9e3779b97f4a7c15ull + 1;
+  for (std::size_t i = 0; i < n; i += 8) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    std::memcpy(p + i, &x, std::min<std::size_t>(8, n - i));
+  }
+}
+std::int64_t checksum(const std::byte* p, std::size_t n) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (std::size_t i = 0; i < n; i += 8) {
+    std::uint64_t w = 0;
+    std::memcpy(&w, p + i, std::min<std::size_t>(8, n - i));
+    h = (h ^ w) * 1099511628211ull;
+  }
+  return static_cast<std::int64_t>(h & 0x7fffffffffffffffull);
+}
+
+pid_t writeChecksummed(RingBuffer& ring, std::size_t bytes, std::uint64_t frames) {
+  return test::forkChild([&ring, bytes, frames] {
+    auto w = ring.writer();
+    for (std::uint64_t i = 1; i <= frames; ++i) {
+      WriteSlot s = w.reserve(10s);
+      fillPayload(s.data(), bytes, s.sequence());
+      s.setUser(0, checksum(s.data(), bytes));
+      s.commit();
+    }
+    return 0;
+  });
+}
+
+class RingHeldStream : public ::testing::TestWithParam<RingPolicy> {};
+
+// A writer at full speed in another process, a reader that keeps up to 3
+// slots and gives a random one back when it has 3: every held slot still
+// holds its frame when it is given back (the writer never reused it),
+// frames come in order, and committed = read + dropped.
+TEST_P(RingHeldStream, HeldSlotsSurviveAWriterAtFullSpeed) {
+  constexpr std::size_t kBytes = 4096;
+  constexpr std::uint64_t kFrames = 2000;
+  auto ring = RingBuffer::create("ring-held-stream", 6, kBytes, GetParam());
+  auto r = ring.reader({.maxHeld = 3});
+  const pid_t child = writeChecksummed(ring, kBytes, kFrames);
+  std::srand(4242);
+  std::deque<ReadSlot> held;
+  std::uint64_t received = 0, lastSeq = 0, outOfOrder = 0, bad = 0;
+  bool closed = false;
+  const auto giveBack = [&](std::size_t i) {
+    ReadSlot& s = held[i];
+    if (checksum(s.data(), s.bytes()) != s.user(0) || !s.intact()) ++bad;
+    held.erase(held.begin() + static_cast<std::ptrdiff_t>(i));
+  };
+  while (!closed) {
+    if (held.size() == 3) giveBack(static_cast<std::size_t>(std::rand()) % 3);
+    try {
+      auto s = r.next(10s);
+      if (!s) break;  // a timeout: the counts below fail
+      if (s->sequence() <= lastSeq) ++outOfOrder;
+      lastSeq = s->sequence();
+      ++received;
+      held.push_back(std::move(*s));
+    } catch (const PeerClosed&) {
+      closed = true;
+    }
+  }
+  while (!held.empty()) giveBack(held.size() - 1);
+  EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 20s)), 0);
+  EXPECT_TRUE(closed);
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(outOfOrder, 0u);
+  EXPECT_EQ(lastSeq, kFrames);
+  const RingStats st = ring.stats();
+  EXPECT_EQ(st.committed, kFrames);
+  EXPECT_EQ(st.torn, 0u);
+  EXPECT_EQ(received + st.drops, kFrames);
+  EXPECT_EQ(st.consumed, received);
+  if (GetParam() == RingPolicy::Block) {
+    EXPECT_EQ(st.drops, 0u);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(, RingHeldStream,
+                         ::testing::Values(RingPolicy::Block, RingPolicy::DropOldest, RingPolicy::KeepLatest),
+                         [](const auto& info) {
+                           return info.param == RingPolicy::Block        ? std::string("Block")
+                                  : info.param == RingPolicy::DropOldest ? std::string("DropOldest")
+                                                                         : std::string("KeepLatest");
+                         });
+
+// Free slots a writer finds before its first drop: all the slots the reader
+// does not hold, if none was lost or duplicated.
+std::uint64_t slotsBeforeFirstDrop(RingWriter& w, std::size_t slots) {
+  const std::uint64_t d0 = w.stats().drops;
+  std::uint64_t n = 0;
+  while (n < 2 * slots) {
+    WriteSlot s = w.reserve(1s);
+    if (w.stats().drops != d0) break;
+    s.commit();
+    ++n;
+  }
+  return n;
+}
+
+class RingHeldKills : public ::testing::TestWithParam<RingPolicy> {};
+
+// Either side killed at a random moment while the reader holds up to 2
+// slots: the successor finds every slot exactly once.
+TEST_P(RingHeldKills, KilledAtAnyMomentNoHeldSlotIsLostOrDuplicated) {
+  constexpr std::size_t kSlots = 4, kBytes = 512;
+  std::srand(777);
+  for (int round = 0; round < 10; ++round) {
+    {  // the writer dies; this reader holds 2 slots through it (3 while it takes one)
+      auto ring = RingBuffer::create("ring-hkill-w", kSlots, kBytes, GetParam());
+      auto reader = ring.reader({.maxHeld = 3});
+      const pid_t child = test::forkChild([&] {
+        auto w = ring.writer();
+        for (;;) {
+          WriteSlot s = w.reserve(10s);
+          fillPayload(s.data(), kBytes, s.sequence());
+          s.setUser(0, checksum(s.data(), kBytes));
+          s.commit();
+        }
+        return 0;
+      });
+      std::deque<ReadSlot> held;
+      int bad = 0;
+      const auto take = [&](Timeout t) {
+        if (auto s = reader.next(t)) {
+          if (checksum(s->data(), kBytes) != s->user(0)) ++bad;
+          held.push_back(std::move(*s));
+          if (held.size() > 2) held.pop_front();
+        }
+      };
+      const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
+      while (Clock::now() < until || held.size() < 2) take(1s);
+      ::kill(child, SIGKILL);
+      EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
+      for (;;) {  // drain up to the death, holding 2
+        try {
+          take(5s);
+        } catch (const ProcessDied&) {
+          break;
+        }
+      }
+      EXPECT_EQ(bad, 0);
+      ASSERT_EQ(held.size(), 2u);
+      for (const ReadSlot& s : held) EXPECT_EQ(checksum(s.data(), kBytes), s.user(0));
+      auto w = ring.writer();  // the successor, in this process
+      EXPECT_EQ(slotsBeforeFirstDrop(w, kSlots), kSlots - 2) << "round " << round << ", writer killed";
+      for (const ReadSlot& s : held) EXPECT_EQ(checksum(s.data(), kBytes), s.user(0)) << "a held slot was reused";
+    }
+    {  // the reader dies holding up to 2
+      auto ring = RingBuffer::create("ring-hkill-r", kSlots, kBytes, GetParam());
+      auto writer = ring.writer();
+      const pid_t child = test::forkChild([&] {
+        auto r = ring.reader({.maxHeld = 2});
+        std::deque<ReadSlot> held;
+        for (;;) {
+          if (held.size() == 2) held.pop_front();
+          if (auto s = r.next(10s)) held.push_back(std::move(*s));
+        }
+        return 0;
+      });
+      const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
+      while (Clock::now() < until) writer.push({}, 1s);
+      ::kill(child, SIGKILL);
+      EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
+      auto reader = ring.reader();  // the successor gives the dead one's slots back
+      while (reader.tryNext()) {
+      }
+      EXPECT_EQ(slotsBeforeFirstDrop(writer, kSlots), kSlots) << "round " << round << ", reader killed";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(, RingHeldKills, ::testing::Values(RingPolicy::DropOldest, RingPolicy::KeepLatest),
+                         [](const auto& info) {
+                           return std::string(info.param == RingPolicy::DropOldest ? "DropOldest" : "KeepLatest");
+                         });
 
 }  // namespace
 }  // namespace forklift
