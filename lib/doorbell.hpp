@@ -8,8 +8,8 @@
 // other's store, so no wake-up is lost, and a busy consumer costs its
 // producer no system call. The argument is written out in
 // include/forklift/ring_buffer.hpp; tests/ring_buffer_test.cpp replays
-// every interleaving of these steps. Used by the ring (lib/ring_buffer.cpp)
-// and by the message queues (lib/shm_pipe.cpp).
+// every interleaving of these steps. Used by the ring (lib/ring_writer.cpp,
+// lib/ring_reader.cpp) and by the message queues (lib/shm_pipe.cpp).
 #pragma once
 
 #include <sched.h>

@@ -12,6 +12,7 @@
 #include "forklift/log.hpp"
 #include "loop_sources.hpp"
 #include "metrics.hpp"
+#include "ring_loop.hpp"
 
 namespace forklift {
 
@@ -322,6 +323,10 @@ void Manager::restartWorker(Worker& w) {
 
 void Manager::watch(int fd, std::function<void(int)> fn) { sources_->watch(fd, std::move(fn), false); }
 void Manager::unwatch(int fd) { sources_->unwatch(fd); }
+void Manager::readRing(const RingReader& reader, std::function<void(ReadSlot&)> onSlot,
+                       std::function<void(const Error&)> onEnd) {
+  detail::readRingOn(*sources_, reader, std::move(onSlot), std::move(onEnd), managerLog());
+}
 // The loop's clock is read once per turn; a timer set long after the last
 // turn (a loop driven with runUntil sleeps between waits) counts from now.
 std::uint64_t Manager::after(Timeout delay, std::function<void()> fn) {

@@ -13,10 +13,12 @@
 //   rHead  R positions pushed; reader only.   rTail  R positions popped; writer only.
 // `readerCpu` tells the writer whether the reader shares its CPU, which
 // decides which free slot is warmest to reuse (see RingWriterState).
-// `readerRecord` is the reader's claim on one slot, so a new reader can
-// recover the slot of a dead one (see lib/ring_buffer.cpp): none, pending
-// (slot s at D position p, CAS not known to have won), held (slot s), or
-// releasing (slot s into R position p).
+// `readerRecord` is the reader's slot in flight, so a new reader can
+// recover the slots of a dead one (see lib/ring_reader.cpp): none, pending
+// (slot s at D position p, CAS not known to have won), held (slot s, its
+// `held` mark maybe not set yet), or releasing (slot s into R position p).
+// A slot the reader holds carries `held` = 1 in its metadata (a reader may
+// hold several, RingReaderOptions::maxHeld); only the reader writes it.
 //
 // The doorbell steps below are the whole wake-up protocol (the argument is
 // in ring_buffer.hpp); the ring calls exactly these, and the test
@@ -38,7 +40,7 @@ using RingPidfdOpenFn = int (*)(int pid);
 extern RingPidfdOpenFn ringPidfdOpen;
 
 inline constexpr std::uint64_t kRingMagic = 0x314f474e49524b46ull;  // "FKRINGO1"
-inline constexpr std::uint32_t kRingVersion = 1;
+inline constexpr std::uint32_t kRingVersion = 2;  // 2: the reader's held marks
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free &&
                   std::atomic<std::int32_t>::is_always_lock_free,
@@ -86,6 +88,8 @@ struct alignas(64) RingSlotMeta {
   std::uint64_t bytes;
   std::int64_t timestampNs;
   std::int64_t user[4];
+  std::atomic<std::uint32_t> held;  // the reader holds this slot (reader only)
+  std::uint32_t reserved;
 };
 static_assert(sizeof(RingSlotMeta) == 64);
 static_assert(std::is_standard_layout_v<RingHeader>);

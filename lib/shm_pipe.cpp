@@ -36,6 +36,13 @@ std::size_t roundUp(std::size_t n) {
 // read from it is always true. Only when it says none does the side load
 // the cursor itself, from the line the other side keeps writing: a
 // message then costs the writer no miss on the reader's line.
+//
+// The cursors are in memory the other process writes, so they are input: a
+// distance between them past the queue's capacity (a tail a lap ahead, a
+// head past the tail) cannot be true, and is never copied. The reader then
+// sees at most one queue of bytes (garbage the channel's framing refuses:
+// StreamCorrupt), the writer no room (its send waits, bounded by its
+// timeout); neither copies past the queue.
 std::size_t Pipe::readable() const noexcept {
   const std::uint64_t head = h->head.load(std::memory_order_relaxed);
   std::uint64_t tail = tailSeen.load(std::memory_order_relaxed);
@@ -43,18 +50,22 @@ std::size_t Pipe::readable() const noexcept {
     tail = h->tail.load(std::memory_order_acquire);
     tailSeen.store(tail, std::memory_order_relaxed);
   }
-  return tail - head;
+  return static_cast<std::size_t>(std::min<std::uint64_t>(tail - head, capacity));
 }
 
 // The head the writer last saw, loaded again when it leaves less than
 // `want` bytes of room.
 std::size_t Pipe::room(std::uint64_t tail, std::size_t want) const noexcept {
+  const auto left = [&](std::uint64_t head) -> std::size_t {
+    const std::uint64_t used = tail - head;
+    return used > capacity ? 0 : capacity - static_cast<std::size_t>(used);
+  };
   std::uint64_t head = headSeen.load(std::memory_order_relaxed);
-  if (capacity - (tail - head) < want) {
+  if (left(head) < want) {
     head = h->head.load(std::memory_order_acquire);
     headSeen.store(head, std::memory_order_relaxed);
   }
-  return capacity - (tail - head);
+  return left(head);
 }
 
 std::size_t Pipe::writable() const noexcept { return room(h->tail.load(std::memory_order_relaxed), 1); }

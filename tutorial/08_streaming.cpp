@@ -5,7 +5,9 @@
 // frontend reads them in place in a Manager loop, woken by the ring's
 // doorbell (an eventfd the loop watches beside the worker's messages), and
 // prints frames/s, drops and the latency from capture to the reader, p50
-// and p99. Nothing is copied and there is no message per frame.
+// and p99. Nothing is copied and there is no message per frame: the
+// Manager's readRing runs the ring's drain/arm protocol and calls back per
+// frame.
 //
 //   08_streaming [--seconds S] [--fps F]
 #include <algorithm>
@@ -96,24 +98,25 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> latencyNs;
   latencyNs.reserve(static_cast<std::size_t>(seconds * fps * 2) + 16);
   std::int64_t frames = 0, lastFrame = 0, bad = 0;
-  // On the doorbell: take every frame that is there, then arm the bell
-  // again; arm() says false when a frame came meanwhile.
-  auto drain = [&] {
-    reader.drainDoorbell();
-    do {
-      while (auto slot = reader.tryNext()) {
-        const auto img = slot->tensor<std::uint8_t, 3>();
-        const std::int64_t n = slot->user(0);
+  // The Manager reads the ring on its loop: on the doorbell it hands every
+  // committed frame to this callback, then arms the doorbell again (even
+  // when the callback throws: that is logged and the next frames come).
+  manager.readRing(
+      reader,
+      [&](forklift::ReadSlot& slot) {
+        const auto img = slot.tensor<std::uint8_t, 3>();
+        const std::int64_t n = slot.user(0);
         const bool looksRight = img(0, 0, 0) == n % 200 || (n % Camera::kWidth == 0);
-        if (n <= lastFrame || !looksRight || !slot->intact()) ++bad;
+        if (n <= lastFrame || !looksRight || !slot.intact()) ++bad;
         lastFrame = n;
         ++frames;
-        latencyNs.push_back(nowNs() - slot->timestampNs());
-      }
-    } while (!reader.arm());
-  };
-  manager.watch(reader.fd(), [&](int) { drain(); });
-  drain();
+        latencyNs.push_back(nowNs() - slot.timestampNs());
+      },
+      // The camera gone (it died, or detached) once its last frames were
+      // read; at the shutdown it detaches as it stops, which is expected.
+      [&](const forklift::Error& e) {
+        if (!manager.stopping()) std::printf("the camera's ring ended: %s\n", e.what());
+      });
 
   const auto t0 = std::chrono::steady_clock::now();
   camera.stream(fps);

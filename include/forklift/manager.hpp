@@ -100,6 +100,8 @@
 namespace forklift {
 
 class ForkServer;
+class RingReader;
+class ReadSlot;
 
 namespace detail {
 class LoopSources;
@@ -193,6 +195,18 @@ class Manager {
   // non-blocking. One watch per descriptor.
   void watch(int fd, std::function<void(int events)> fn);
   void unwatch(int fd);
+  // Reads a ring on this loop: `onSlot(slot)` for every slot, in order, as
+  // soon as it is committed (the drain/arm protocol of RingReader::fd(),
+  // run here, so no user code sits between a drain and its arming). What
+  // onSlot throws is logged and its slot released; the next slots come as
+  // always. onSlot may keep a slot by moving it out (up to the reader's
+  // maxHeld; reading pauses at that many and goes on when one is released).
+  // When the writer is gone (after its last slots) or the ring is corrupt,
+  // `onEnd(e)` (ProcessDied, PeerClosed, ShmFormatError; logged without
+  // onEnd) and reading ends. The loop shares the reader's attachment until
+  // then or the manager's end. Error for an empty reader.
+  void readRing(const RingReader& reader, std::function<void(ReadSlot&)> onSlot,
+                std::function<void(const Error& e)> onEnd = {});
   std::uint64_t after(Timeout delay, std::function<void()> fn);
   std::uint64_t every(Timeout period, std::function<void()> fn);
   void cancel(std::uint64_t timerId);

@@ -15,10 +15,18 @@
 //   reader:  if (auto s = r.next(timeout)) {     // the oldest committed slot
 //              use(s->tensor<std::uint8_t, 3>()); // read in place
 //            }                                    // released when s goes (or s->release())
+//   or, on a Manager's loop (it runs the doorbell protocol below):
+//            manager.readRing(r, [](ReadSlot& s) { use(s.tensor<std::uint8_t, 3>()); });
 //
-// `push`/`pull` copy, for small payloads. Each side holds at most one slot at
-// a time (reserve again or next again only after commit/release; misuse is
-// an Error).
+// `push`/`pull` copy, for small payloads. The writer holds at most one slot
+// at a time (reserve again only after commit/abandon). The reader holds up
+// to `RingReaderOptions::maxHeld` (default 1) and releases them in any
+// order; one more next() is an Error. A held slot stays in the ring while
+// another process reads it in place: hand it `describe()` (once) and the
+// slot's index() and sequence(); there `RingBuffer::view(index, sequence)`
+// maps it (zero copies from camera to detector). The writer never reuses a
+// held slot: it comes back only when the reader releases it, so with k
+// slots held a ring of N works as one of N-k for the policies below.
 //
 // Transport. Made before fork, the object is inherited: the frontend creates
 // it in its constructor, each side attaches its role after the fork. Made
@@ -104,16 +112,24 @@
 // Re-attaching: a new writer or reader may attach once the old one is dead
 // or detached (`Error` while it lives). It recovers the slots its
 // predecessor held from the queues and the peer's records (see
-// lib/ring_buffer.cpp), so no slot is lost or duplicated, and the sequence
+// lib/ring_writer.cpp), so no slot is lost or duplicated, and the sequence
 // numbers go on. A pid reused between a death and an attach is outside
 // what this can tell apart.
 //
-// Threads: each role object is used by one thread at a time. The same
+// Threads: each role object is used by one thread at a time, and so are
+// the slots it handed out (a held slot is released on the reader's thread). The same
 // process may hold both roles (two threads); then death detection does not
 // apply (one pid).
 //
+// A peer is not trusted. Every index, cursor and count one side loads from
+// the segment is checked before it is used (lib/ring_state.hpp): a peer
+// that writes nonsense there (a bug, memory corruption, hostility) makes
+// the other side throw ShmFormatError "ring '<name>' is corrupt: ...",
+// never read or write out of bounds, hand out a slot twice or hang.
+//
 // Errors: a bad size, slot count or shape is a LimitError naming it; a
-// segment or descriptor that is not a ring is a ShmFormatError; a view of
+// segment or descriptor that is not a ring, or a ring a peer corrupted, is
+// a ShmFormatError; a view of
 // the wrong element type, rank or layout is a TypeError; a wait that runs
 // out is std::nullopt (next) or TimeoutError (reserve, push).
 #pragma once
@@ -177,6 +193,7 @@ namespace detail {
 struct RingCore;
 struct RingWriterState;
 struct RingReaderState;
+struct RingReaderAccess;
 inline constexpr std::size_t kRingMaxRank = 8;
 using RingDims = std::array<Eigen::Index, kRingMaxRank>;
 // The dimensions of a slot's array; TypeError when the ring does not hold
@@ -293,6 +310,10 @@ class ReadSlot {
   // was taken with. Call it after reading in place to prove nothing was
   // overwritten; false is counted in stats().torn.
   bool intact() const noexcept;
+  // Which slot of the ring (0..slots-1): with sequence(), what another
+  // process needs to view it in place (RingBuffer::view) while this one
+  // holds it.
+  std::uint32_t index() const noexcept { return index_; }
   // Gives the slot back to the writer (and rings it if it waits for room).
   void release() noexcept;
 
@@ -304,6 +325,40 @@ class ReadSlot {
   const std::byte* data_ = nullptr;
   std::uint32_t index_ = 0;
   RingSlotInfo info_{};
+};
+
+// A slot that a reader (in another process, or this one) holds, seen in
+// place by RingBuffer::view: a pool worker reading the frame its owner
+// handed it. It does not keep the slot: the holder must not release it
+// before the viewer is done (intact() tells when it did too early).
+class RingSlotView {
+ public:
+  const std::byte* data() const noexcept { return data_; }
+  std::size_t bytes() const noexcept { return static_cast<std::size_t>(info_.bytes); }
+  std::span<const std::byte> span() const noexcept { return {data_, bytes()}; }
+  const RingSlotInfo& info() const noexcept { return info_; }
+  std::uint64_t sequence() const noexcept { return info_.sequence; }
+  std::uint32_t index() const noexcept { return index_; }
+  template <class T, int Rank, Layout L = Layout::RowMajor>
+  detail::RingTensorMap<const T, Rank, L> tensor() const {
+    return detail::ringTensor<const T, Rank, L>(reinterpret_cast<const T*>(data_), *format_);
+  }
+  // True while the slot still holds this sequence (not released and reused).
+  bool intact() const noexcept;
+
+ private:
+  friend class RingBuffer;
+  std::shared_ptr<detail::RingCore> core_;
+  const RingFormat* format_ = nullptr;
+  const std::byte* data_ = nullptr;
+  std::uint32_t index_ = 0;
+  RingSlotInfo info_{};
+};
+
+// How a reader attaches.
+struct RingReaderOptions {
+  // Slots the reader may hold at once, 1 to slots-1 (LimitError otherwise).
+  std::size_t maxHeld = 1;
 };
 
 // The writing end. At most one per ring at a time. Move-only; destroying it
@@ -360,17 +415,23 @@ class RingReader {
   // The oldest committed slot (KeepLatest: the newest), waiting up to
   // `timeout`; nullopt when none came. Once the ring is drained and the
   // writer is gone: ProcessDied (it died) or PeerClosed (it detached).
+  // Error when the reader holds maxHeld slots already.
   std::optional<ReadSlot> next(Timeout timeout);
   // Without waiting; nullopt when empty (also when the writer is gone: see
-  // writerGone()).
+  // writerGone()). Error when the reader holds maxHeld slots already.
   std::optional<ReadSlot> tryNext();
+  // Slots held now, and at most.
+  std::size_t held() const noexcept;
+  std::size_t maxHeld() const noexcept;
   // Copies the next slot into `out` (resized) and releases it.
   std::optional<RingSlotInfo> pull(Bytes& out, Timeout timeout);
 
-  // For event loops (Manager::watch, libuv, epoll): fd() is the doorbell.
-  // On readable: drainDoorbell(), take slots with tryNext() until empty,
-  // then arm(): true means "armed, go back to the loop", false means a slot
-  // came meanwhile: take it (and arm again).
+  // For event loops. With a Manager, Manager::readRing runs all of this
+  // (and keeps the doorbell armed when a callback throws). Elsewhere (libuv,
+  // epoll): fd() is the doorbell. On readable: drainDoorbell(), take slots
+  // with tryNext() until empty, then arm(): true means "armed, go back to
+  // the loop", false means a slot came meanwhile: take it (and arm again).
+  // Arm even when handling a slot threw, or the ring stays silent.
   int fd() const noexcept;
   bool arm();
   void drainDoorbell() noexcept;
@@ -387,6 +448,7 @@ class RingReader {
 
  private:
   friend class RingBuffer;
+  friend struct detail::RingReaderAccess;
   explicit RingReader(std::shared_ptr<detail::RingReaderState> s);
   std::shared_ptr<detail::RingReaderState> s_;
 };
@@ -423,7 +485,13 @@ class RingBuffer {
   // Attaches this process as the ring's writer / reader. Error when a live
   // one is attached already.
   RingWriter writer();
-  RingReader reader();
+  RingReader reader(RingReaderOptions options = {});
+
+  // Slot `index` as it holds frame `sequence`, read in place (a reader
+  // holds it, maybe in another process: ReadSlot::index(), sequence()).
+  // Error when the slot holds another frame by now; LimitError for an
+  // index past the ring.
+  RingSlotView view(std::uint32_t index, std::uint64_t sequence) const;
 
   bool valid() const noexcept { return static_cast<bool>(core_); }
   const RingFormat& format() const;
