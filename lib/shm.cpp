@@ -168,12 +168,6 @@ void validateHeader(const ShmHeader& h, std::uint64_t magic, std::uint64_t fileB
             std::to_string(fileBytes) + " bytes");
 }
 
-bool processAlive(pid_t pid) noexcept {
-  if (pid <= 0) return false;
-  // EPERM: the process exists but belongs to someone else.
-  return ::kill(pid, 0) == 0 || errno == EPERM;
-}
-
 // Reads the header of /dev/shm/<name> without mapping it (a file truncated
 // under us cannot SIGBUS a read). nullopt for anything not forklift's.
 std::optional<SegmentInfo> readSegment(const std::string& name) {
@@ -201,7 +195,7 @@ std::optional<SegmentInfo> readSegment(const std::string& name) {
   s.payloadBytes = h.payloadBytes;
   s.creatorPid = static_cast<pid_t>(h.creatorPid);
   s.generation = h.generation;
-  s.creatorAlive = processAlive(s.creatorPid);
+  s.creatorAlive = !detail::processDead(s.creatorPid);  // a zombie creator removes nothing any more
   return s;
 }
 
