@@ -60,7 +60,8 @@ namespace detail {
 namespace {
 
 void check(int r, const char* what) {
-  if (r < 0) throw Error(std::string("cannot ") + what + ": " + uv_strerror(r));
+  // libuv's errors are negative errno values on Linux.
+  if (r < 0) throw SystemError(-r, std::string("cannot ") + what);
 }
 
 // What an event of the shared-memory loop's epoll set stands for.

@@ -48,6 +48,7 @@ const char* exitCodeMeaning(int code) {
     case kExitPostRunFailed: return "postRun__ failed";
     case kExitBackendFailed: return "the backend failed";
     case kExitCorruptStream: return "the command stream was corrupt";
+    case kExitOutOfDescriptors: return "out of file descriptors";
     default: return nullptr;
   }
 }
@@ -308,6 +309,9 @@ void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   int code = kExitBackendFailed;
   try {
     code = body();
+  } catch (const SystemError& e) {
+    std::fprintf(stderr, "%s: backend failed: %s\n", who.c_str(), e.what());
+    if (e.code().value() == EMFILE) code = kExitOutOfDescriptors;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: backend failed: %s\n", who.c_str(), e.what());
   } catch (...) {
