@@ -134,12 +134,19 @@ pid_t currentPid() noexcept {
 
 // ---------------------------------------------------------------- status
 
-std::optional<ExitStatus> Child::poll() {
+std::optional<ExitStatus> Child::poll() { return poll(Deadline(kRelayWait)); }
+
+std::optional<ExitStatus> Child::poll(const Deadline& statusBy) {
   std::lock_guard lock(reapMutex_);
   if (status_) return status_;
   if (!waitFor(deathFd(), POLLIN, Deadline(Timeout::zero()))) return std::nullopt;
-  ExitStatus s = reapEnded();
-  s.escalation = escalation_;
+  std::optional<ExitStatus> s = reapEnded(statusBy);
+  if (!s) {
+    ExitStatus unknown{ExitStatus::How::Unknown};
+    unknown.escalation = escalation_;
+    return unknown;  // not kept: the relay may still come
+  }
+  s->escalation = escalation_;
   status_ = s;
   return status_;
 }
@@ -153,6 +160,16 @@ ExitStatus Child::wait(Timeout timeout) {
     return ExitStatus{ExitStatus::How::Running};
   }
   if (auto s = poll()) return *s;
+  return ExitStatus{ExitStatus::How::Running};
+}
+
+ExitStatus Child::waitWithin(const Deadline& d) {
+  if (auto s = poll(d)) return *s;
+  if (!waitFor(deathFd(), POLLIN, d)) {
+    if (auto s = poll(d)) return *s;
+    return ExitStatus{ExitStatus::How::Running};
+  }
+  if (auto s = poll(d)) return *s;
   return ExitStatus{ExitStatus::How::Running};
 }
 
@@ -241,7 +258,7 @@ class ForkedChild final : public Child {
   int deathFd() const noexcept override { return pidfd_.get(); }
 
  private:
-  ExitStatus reapEnded() override {
+  std::optional<ExitStatus> reapEnded(const Deadline&) override {
     siginfo_t info{};
     // By pidfd, not by pid: a pid reaped elsewhere can be reused, even by
     // another child of ours.
@@ -504,7 +521,9 @@ class ServedChild final : public Child {
   int deathFd() const noexcept override { return s_.deathFd.get(); }
 
  private:
-  ExitStatus reapEnded() override { return server_->takeStatus(s_.id, Timeout(5000)); }
+  std::optional<ExitStatus> reapEnded(const Deadline& statusBy) override {
+    return server_->takeStatus(s_.id, statusBy);
+  }
   // By the server without a pidfd: the pid is its child until it reaps it.
   void sendSignal(int sig) override {
     if (s_.isPidfd) pidfdSignal(s_.deathFd.get(), sig);
@@ -545,7 +564,7 @@ class ThreadChild final : public Child {
   int deathFd() const noexcept override { return end_->event.get(); }
 
  private:
-  ExitStatus reapEnded() override {
+  std::optional<ExitStatus> reapEnded(const Deadline&) override {
     if (thread_.joinable()) thread_.join();
     return ExitStatus{ExitStatus::How::Exited, end_->code.load()};
   }

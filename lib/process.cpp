@@ -249,6 +249,9 @@ void MessageProcess::start() {
     frontendPid_ = detail::currentPid();
 
     detail::ChildSetup setup;
+    // One deadline for the whole start: the fork server's answer (when it
+    // serves the start) and "__ready".
+    setup.startBy = Deadline(options_.startTimeout);
     setup.comm = name_;
     setup.title = "forklift: " + fullName_;
     setup.ignoreSigint = options_.ignoreSigint;
@@ -274,7 +277,7 @@ void MessageProcess::start() {
 
     out_.watchPeer(child_->deathFd());
     cmdFront.watchPeer(child_->deathFd());
-    awaitReady(cmdFront);
+    awaitReady(cmdFront, setup.startBy);
     requests_ = std::make_shared<detail::Requests>(
         std::move(cmdFront), std::move(stopBell), child_->deathFd(),
         detail::Requests::Hooks{fullName_,
@@ -328,11 +331,10 @@ void MessageProcess::rethrowOutOfDescriptors() {
 
 // Waits for "__ready" (or "__failed") from the backend; on failure the
 // child has ended or is killed, and the error says how.
-void MessageProcess::awaitReady(Channel& cmd) {
+void MessageProcess::awaitReady(Channel& cmd, const Deadline& d) {
   std::optional<Message> m;
-  const Deadline d(options_.startTimeout);
   try {
-    m = cmd.recv(options_.startTimeout);
+    m = cmd.recv(d.forever() ? kForever : std::chrono::ceil<Timeout>(d.remaining()));
   } catch (const PeerClosed&) {
     // A backend that closed its channel and lives on is killed: the start
     // failed (the catch in start() kills what still runs). One that ran out
@@ -504,7 +506,7 @@ std::optional<Message> MessageProcess::recv(Timeout timeout) {
 std::string MessageProcess::endedHow(const Deadline& d) {
   if (!child_) return "ended";
   const Deadline upTo(std::min<Timeout>(kEndGrace, std::chrono::ceil<Timeout>(d.remaining())));
-  const ExitStatus s = child_->wait(std::chrono::ceil<Timeout>(upTo.remaining()));
+  const ExitStatus s = child_->waitWithin(upTo);
   if (s.how == ExitStatus::How::Running)
     return "it closed its channel but still runs, pid " + std::to_string(pid_);
   return s.describe();

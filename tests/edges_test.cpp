@@ -25,6 +25,7 @@
 #include <string>
 #include <thread>
 
+#include "forklift/fork_server.hpp"
 #include "forklift/process.hpp"
 #include "forklift/shm_array.hpp"
 #include "support.hpp"
@@ -137,6 +138,36 @@ TEST(Edges, AStoppedBackendMakesEveryWaitEndAtItsTimeout) {
     EXPECT_TRUE(s.signal == SIGTERM || s.signal == SIGKILL) << s.describe();
   });
   EXPECT_LT(stopTook, 100ms + 500ms + kMargin);
+}
+
+// ---- a stopped fork server ----------------------------------------------------
+
+// A served backend's status comes through the fork server. With the
+// server stopped, a call that sees the backend die still ends at its own
+// timeout (it waited 5 s for the relay), and a start through the server
+// fails at its startTimeout (it waited 10 s for the server's answer).
+TEST(Edges, AStoppedForkServerHoldsNoWaitPastItsTimeout) {
+  Peer p;
+  ProcessOptions o;
+  o.startTimeout = 300ms;
+  Peer late(o);
+  std::optional<ForkServer> server(std::in_place);
+  const pid_t serverPid = ForkServer::pid();
+  ASSERT_GT(serverPid, 0);
+  p.start();
+  ASSERT_EQ(p.call("echo", {{"x", 1}}, 5s).as<std::int64_t>(), 1);
+  ASSERT_EQ(::kill(serverPid, SIGSTOP), 0);
+  ::kill(p.pid(), SIGKILL);
+  const auto callTook = timed([&] { EXPECT_THROW(p.call("echo", {{"x", 2}}, 200ms), ProcessDied); });
+  EXPECT_LT(callTook, 200ms + kMargin);
+  std::string e;
+  const auto startTook = timed([&] { e = test::thrown<TimeoutError>([&] { late.start(); }); });
+  EXPECT_LT(startTook, 300ms + kMargin);
+  EXPECT_TRUE(contains(e, "did not answer")) << e;
+  ASSERT_EQ(::kill(serverPid, SIGCONT), 0);
+  const ExitStatus s = p.stop(2s);  // now relayed
+  EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
+  server.reset();
 }
 
 // ---- a peer that is gone ---------------------------------------------------

@@ -332,7 +332,7 @@ class MessageProcess {
   void addHandler(std::string name, Handler h);
 
   int runBackend(Channel cmd, Channel out, int stopBell);  // backend side; returns the exit code
-  void awaitReady(Channel& cmd);
+  void awaitReady(Channel& cmd, const Deadline& d);
   [[noreturn]] void rethrowOutOfDescriptors();  // in a catch block of start()
   bool onBackendSide() const noexcept;
   // Throws Error when called on the wrong side (frontend-only `method`).
