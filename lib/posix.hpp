@@ -16,7 +16,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <string>
+#include <string_view>
 
 #include "forklift/detail/fd.hpp"
 #include "forklift/error.hpp"
@@ -66,6 +68,20 @@ bool processDead(pid_t pid, OpenPidfd&& openPidfd) noexcept {
 }
 inline bool processDead(pid_t pid) noexcept {
   return processDead(pid, [](pid_t p) { return static_cast<int>(::syscall(SYS_pidfd_open, p, 0)); });
+}
+
+// Whether `fd` is an eventfd (the kernel's name of its file), for a
+// descriptor a peer hands over as a doorbell: a pipe or a socket in its
+// place would block a read that an eventfd never blocks (a doorbell is
+// cleared without a poll first), a regular file would always read ready.
+inline bool isEventfd(int fd) noexcept {
+  char path[32];
+  char target[32];
+  std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  const ssize_t n = ::readlink(path, target, sizeof target - 1);
+  if (n < 0) return false;
+  target[n] = '\0';
+  return std::string_view(target) == "anon_inode:[eventfd]";
 }
 
 }  // namespace forklift::detail

@@ -221,12 +221,21 @@ void MessageProcess::start() {
     const auto recipe = detail::recipes::bound(this);
     const bool served = !options_.inProcess && recipe && detail::Child::wouldServe(recipe->key);
     const bool shared = transportFor(options_) == Transport::SharedMemory && !served;
-    const std::size_t q = options_.queueBytes;
+    // 0 is the smallest queue (a page); past kMaxQueueBytes the size would
+    // not round to a power of two (it looped for good past 2^63).
+    if (options_.queueBytes > ProcessOptions::kMaxQueueBytes)
+      throw LimitError(fullName_ + ": ProcessOptions::queueBytes is " + std::to_string(options_.queueBytes) +
+                       ", over the largest queue of " + std::to_string(ProcessOptions::kMaxQueueBytes) + " bytes");
+    const std::size_t q = std::max<std::size_t>(options_.queueBytes, 1);
     auto [cmdFront, cmdBack] =
         shared ? Channel::makeSharedPair(options_.limits, q, q) : Channel::makePair(options_.limits);
     auto [outFront, outBack] =
         shared ? Channel::makeSharedPair(options_.limits, 0, q) : Channel::makePair(options_.limits);
-    for (Channel* c : {&cmdFront, &cmdBack, &outFront}) c->setSpin(options_.spin);
+    // Negative is no spin, more than kMaxSpin is kMaxSpin (in nanoseconds
+    // the largest values overflowed).
+    const auto spin = std::clamp(options_.spin, std::chrono::microseconds::zero(),
+                                 std::chrono::duration_cast<std::chrono::microseconds>(ProcessOptions::kMaxSpin));
+    for (Channel* c : {&cmdFront, &cmdBack, &outFront}) c->setSpin(spin);
     // fd() readable means "a message is waiting": read one frame at a time.
     outFront.setReadMode(ReadMode::OneFrame);
     // Backends forked later must not hold these (see frontend_fds); the

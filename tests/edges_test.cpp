@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -26,8 +27,10 @@
 #include <thread>
 
 #include "forklift/fork_server.hpp"
+#include "forklift/pool.hpp"
 #include "forklift/process.hpp"
 #include "forklift/shm_array.hpp"
+#include "posix.hpp"
 #include "support.hpp"
 
 namespace forklift {
@@ -51,6 +54,8 @@ class Peer : public MessageProcess {
     command("boom", &Peer::c__boom);
     command("after", &Peer::c__after, {"ms"});
     command("every", &Peer::c__every, {"ms"});
+    command("burst", &Peer::c__burst, {"n", "bytes"});
+    command("size", &Peer::c__size, {"s"});  // const
   }
   ~Peer() override { stop(2s); }
 
@@ -79,6 +84,11 @@ class Peer : public MessageProcess {
     after__(Timeout(ms), [r] { r->resolve(Value("fired")); });
   }
   void c__every(std::int64_t ms) { cancel__(every__(Timeout(ms), [] {})); }
+  std::int64_t c__size(std::string s) const { return static_cast<std::int64_t>(s.size()); }
+  std::int64_t c__burst(int n, int bytes) {
+    for (int i = 0; i < n; ++i) sendOut__(Message("part", {{"i", i}, {"data", std::string(bytes, 'x')}}));
+    return n;
+  }
 };
 
 template <class F>
@@ -242,6 +252,19 @@ TEST(Edges, AnArrayDescriptorWhoseDescriptorIsNotASealedMemfdIsRefusedAtOnce) {
   for (int fd : {pipeFds[0], pipeFds[1], sockFds[0], sockFds[1], plain, unsealed}) ::close(fd);
 }
 
+// lib/posix.hpp: what a doorbell handed over by a peer must be.
+TEST(Edges, OnlyAnEventfdPassesForADoorbell) {
+  const int bell = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  int pipeFds[2];
+  ASSERT_EQ(::pipe2(pipeFds, O_CLOEXEC), 0);
+  int sockFds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sockFds), 0);
+  const int mem = ::memfd_create("not-a-bell", MFD_CLOEXEC);
+  EXPECT_TRUE(detail::isEventfd(bell));
+  for (int fd : {pipeFds[0], pipeFds[1], sockFds[0], mem, -1, 100000}) EXPECT_FALSE(detail::isEventfd(fd)) << fd;
+  for (int fd : {bell, pipeFds[0], pipeFds[1], sockFds[0], sockFds[1], mem}) ::close(fd);
+}
+
 // ---- out of descriptors -----------------------------------------------------
 
 // Whichever descriptor of a start is the one too many (a channel's
@@ -375,6 +398,60 @@ TEST(Edges, ConstHandlersAndTheKindOfEveryResult) {
   EXPECT_EQ(CallResult().kind(), CallResult::Kind::Ok);
 }
 
+// ---- every size value ------------------------------------------------------------
+
+// outQueueBytes 0 and 1 (every message larger than the bound: each goes
+// once the queue is empty; they waited outWait for room that cannot be and
+// threw), and the largest; queueBytes from 0 to the largest it takes, and
+// past it a LimitError; spin from negative to the largest.
+TEST(Edges, EverySizeAndSpinValue) {
+  for (std::size_t outQueue : {std::size_t{0}, std::size_t{1}, std::numeric_limits<std::size_t>::max()}) {
+    SCOPED_TRACE(outQueue);
+    ProcessOptions o;
+    o.outQueueBytes = outQueue;
+    o.outWait = 10s;
+    Peer p(o);
+    p.start();
+    auto f = p.callAsync("burst", {{"n", 40}, {"bytes", 100000}}, 30s);
+    int got = 0;
+    while (got < 40) {
+      std::this_thread::sleep_for(2ms);  // a frontend slower than the backend
+      if (auto m = p.recv(10s)) ++got;
+      else break;
+    }
+    EXPECT_EQ(got, 40);
+    EXPECT_EQ(f.get().as<std::int64_t>(), 40);
+  }
+  // (The largest queue, kMaxQueueBytes, maps 3 GiB: not on a test machine.)
+  for (std::size_t q : {std::size_t{0}, std::size_t{1}, std::size_t{4097}, std::size_t{16} << 20}) {
+    SCOPED_TRACE(q);
+    ProcessOptions o;
+    o.queueBytes = q;
+    Peer p(o);
+    p.start();
+    EXPECT_EQ(p.call("echo", {{"x", 9}}, 5s).as<std::int64_t>(), 9);
+    EXPECT_EQ(p.call("size", {{"s", std::string(20000, 'y')}}, 5s).as<std::int64_t>(), 20000);
+  }
+  for (std::size_t q : {ProcessOptions::kMaxQueueBytes + 1, std::numeric_limits<std::size_t>::max()}) {
+    ProcessOptions o;
+    o.queueBytes = q;
+    o.transport = Transport::SharedMemory;
+    Peer p(o);
+    if (test::overSharedMemory()) {
+      EXPECT_TRUE(contains(test::thrown<LimitError>([&] { p.start(); }), "queueBytes")) << q;
+    }
+  }
+  for (auto spin : {std::chrono::microseconds(-1), std::chrono::microseconds::min(), std::chrono::microseconds(1),
+                    std::chrono::microseconds::max()}) {
+    SCOPED_TRACE(spin.count());
+    ProcessOptions o;
+    o.spin = spin;
+    Peer p(o);
+    p.start();
+    EXPECT_EQ(p.call("echo", {{"x", 3}}, 5s).as<std::int64_t>(), 3);
+  }
+}
+
 // ---- every timeout value -------------------------------------------------------
 
 // Timeouts from negative to kForever on every frontend wait: negative and
@@ -424,6 +501,30 @@ TEST(Edges, EveryTimeoutValueOnCallsRecvAndStop) {
   q.start();
   const ExitStatus sq = q.stop(Timeout::min());
   EXPECT_TRUE(sq.ended()) << sq.describe();
+}
+
+// A pool's task timeouts (through the public API only: lib/pool.cpp is
+// another unit's): the largest finite values below kForever let a task
+// run as kForever does, for the pool's default and for one task's.
+// DISABLED until lib/pool.cpp's fix: it fails today (the task is killed at
+// once, "ran longer than 9223372036854775806 ms") because the backstop
+// `t.timeout * (queueDepth + 1)` (pool.cpp, the backstop in the send path)
+// overflows into a negative timeout; the pool's owner enables it with the fix.
+TEST(Edges, DISABLED_APoolTaskWithTheLargestFiniteTimeoutRunsToItsEnd) {
+  PoolOptions o;
+  o.workers = 1;
+  o.taskTimeout = kForever - 1ms;
+  FunctionPool<std::int64_t(std::int64_t)> pool(
+      [](std::int64_t x) {
+        std::this_thread::sleep_for(30ms);
+        return x + 1;
+      },
+      o);
+  EXPECT_EQ(pool.submit(1).get(), 2);
+  for (Timeout t : {kForever - 1ms, kForever / 2, Timeout(24h), kForever}) {
+    SCOPED_TRACE(t.count());
+    EXPECT_EQ(pool.submitWith(TaskOptions{t, 0}, 5).get(), 6);
+  }
 }
 
 }  // namespace

@@ -126,7 +126,9 @@ struct ProcessOptions {
   Timeout stopTimeout = std::chrono::seconds(5);    // default of stop() and of the destructor
   // Backend side: bytes of sendOut__ messages and replies queued while the
   // frontend does not read; past it sendOut__ waits up to `outWait`, then
-  // throws TimeoutError (the message is not sent).
+  // throws TimeoutError (the message is not sent). A message larger than
+  // the bound goes once the queue is empty (0: nothing waits queued behind
+  // another message). outWait reads as every Timeout (timeout.hpp).
   std::size_t outQueueBytes = 16u << 20;
   Timeout outWait = std::chrono::seconds(5);
   // How messages travel: shared-memory queues with eventfd doorbells (the
@@ -143,14 +145,19 @@ struct ProcessOptions {
   // `queueBytes` is each shared-memory queue's size (per direction); a
   // message larger than it streams through in pieces. A backend started
   // by the fork server (forklift/fork_server.hpp) uses the socket.
+  // It is rounded up to a power of two of at least 4 KiB (0 is 4 KiB);
+  // more than kMaxQueueBytes fails start() with LimitError.
   Transport transport = Transport::SharedMemory;
   std::size_t queueBytes = 256u << 10;
+  static constexpr std::size_t kMaxQueueBytes = std::size_t{1} << 30;
   // Shared-memory transport: how long a side that waits for a message (the
   // frontend for a reply, the backend for a command) polls the queue before
   // it sleeps. A call then costs no system call when the answer comes
   // within it. Worth it only when frontend and backend have a CPU each: on
-  // a shared CPU the spinner holds the CPU its peer needs. 0: never spin.
+  // a shared CPU the spinner holds the CPU its peer needs. 0 (or less):
+  // never spin; more than kMaxSpin spins kMaxSpin.
   std::chrono::microseconds spin{0};
+  static constexpr std::chrono::seconds kMaxSpin{1};
   bool inProcess = false;     // run the backend in a thread (see above)
   bool allowThreads = false;  // fork although other threads run (logs a warning)
   bool ignoreSigint = false;  // the backend ignores SIGINT (Ctrl-C goes to the frontend)
