@@ -66,7 +66,11 @@
 //
 // Waiting: every frontend wait (start, send, call, recv, stop) also watches
 // the backend's death (its pidfd), so it ends at once when the backend dies,
-// even if a process the backend forked keeps the channel open.
+// even if a process the backend forked keeps the channel open. Each ends at
+// its own timeout whatever the backend does (stopped, slow, gone, or alive
+// with its channel closed): none adds a bound of its own. Every Timeout
+// here reads as timeout.hpp says: zero or negative does not wait (stop:
+// SIGTERM at once), the largest finite values wait as kForever does.
 //
 // Logging: the library logs the lifecycle of each backend at debug level
 // under its full name (started, ready, stop requested, escalation, ended
