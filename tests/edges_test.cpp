@@ -265,6 +265,44 @@ TEST(Edges, OnlyAnEventfdPassesForADoorbell) {
   for (int fd : {bell, pipeFds[0], pipeFds[1], sockFds[0], sockFds[1], mem}) ::close(fd);
 }
 
+// forklift-ps opens what other processes hold and name. A mapped segment
+// of /dev/shm whose name another process then turned into a FIFO (the
+// directory is everyone's) blocked its open for good: it opens nothing
+// that way, and lists the process in time.
+TEST(Edges, ForkliftPsDoesNotHangOnAFifoWhereASegmentWas) {
+  std::string tool;
+  if (const char* env = std::getenv("FORKLIFT_PS_TOOL")) {
+    tool = env;
+  } else {
+    char self[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+      const std::string exe(self, static_cast<std::size_t>(n));
+      tool = exe.substr(0, exe.rfind('/')) + "/../tools/forklift-ps";
+    }
+  }
+  if (::access(tool.c_str(), X_OK) != 0) GTEST_SKIP() << "forklift-ps not found (set FORKLIFT_PS_TOOL)";
+  const std::string path = "/dev/shm/fk.edges-fifo." + std::to_string(::getpid());
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, 4096), 0);
+  void* map = ::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, fd, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  ::close(fd);
+  ::unlink(path.c_str());
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  const pid_t pid = test::forkChild([&] {
+    const int null = ::open("/dev/null", O_WRONLY);
+    ::dup2(null, 1);
+    ::execl(tool.c_str(), tool.c_str(), static_cast<char*>(nullptr));
+    return 127;
+  });
+  const auto status = test::waitChild(pid, 10s);  // killed when it hangs
+  ::unlink(path.c_str());
+  ::munmap(map, 4096);
+  EXPECT_EQ(test::exitCodeOf(status), 0) << "forklift-ps did not end within 10 s";
+}
+
 // ---- out of descriptors -----------------------------------------------------
 
 // Whichever descriptor of a start is the one too many (a channel's
