@@ -145,7 +145,10 @@ struct ProcessOptions {
   // the socket. A start past it fails with SystemError (EMFILE) in one
   // text wherever it ran out: the backend's name, the descriptors this
   // process holds, its limit (RLIMIT_NOFILE) and these two remedies. The
-  // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it.
+  // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it (any
+  // other value fails start() with an Error naming the variable and the
+  // values it takes; so does FORKLIFT_IN_PROCESS with a value other than
+  // 1/true/yes/on or 0/false/no/off; empty is unset).
   // `queueBytes` is each shared-memory queue's size (per direction); a
   // message larger than it streams through in pieces. A backend started
   // by the fork server (forklift/fork_server.hpp) uses the socket.
