@@ -289,8 +289,7 @@ void MessageProcess::start() {
     awaitReady(cmdFront, setup.startBy);
     requests_ = std::make_shared<detail::Requests>(
         std::move(cmdFront), std::move(stopBell), child_->deathFd(),
-        detail::Requests::Hooks{fullName_,
-                                [this](const Deadline& d) { return endedHow(d); },
+        detail::Requests::Hooks{fullName_, [this](const Deadline& d) { return endedHow(d); },
                                 [this] { return stopRequested_.load(); }});
     state_ = State::Running;
     if (lifecycleLogged()) logger().debug("ready");
@@ -516,8 +515,7 @@ std::string MessageProcess::endedHow(const Deadline& d) {
   if (!child_) return "ended";
   const Deadline upTo(std::min<Timeout>(kEndGrace, std::chrono::ceil<Timeout>(d.remaining())));
   const ExitStatus s = child_->waitWithin(upTo);
-  if (s.how == ExitStatus::How::Running)
-    return "it closed its channel but still runs, pid " + std::to_string(pid_);
+  if (s.how == ExitStatus::How::Running) return "it closed its channel but still runs, pid " + std::to_string(pid_);
   return s.describe();
 }
 
@@ -616,8 +614,7 @@ std::uint64_t MessageProcess::after__(Timeout delay, std::function<void()> fn) {
 }
 
 std::uint64_t MessageProcess::every__(Timeout period, std::function<void()> fn) {
-  if (period < Timeout(1))
-    throw Error(fullName_ + ": every__: the period must be 1 ms or more, not " + ms(period));
+  if (period < Timeout(1)) throw Error(fullName_ + ": every__: the period must be 1 ms or more, not " + ms(period));
   return backendSide("every__").addTimer(period, period, std::move(fn));
 }
 

@@ -434,27 +434,27 @@ void MessageProcess::registerCommand(std::string name, F handler, std::array<con
     (detail::checkHandlerParameter<I, std::tuple_element_t<I, std::tuple<A...>>>(), ...);
     return (detail::handlerArgType<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>>() && ... && true);
   }(std::make_index_sequence<named>{});
-  if constexpr (!argsOk) return;  // the assertion above said why; nothing more to say
-  else  // NOLINT(readability-misleading-indentation)
-  addHandler(std::move(name), [handler, names](MessageProcess& self, const Message& m, Reply& reply) -> Value {
-    C& obj = static_cast<C&>(self);
-    auto invoke = [&]<std::size_t... I>(std::index_sequence<I...>) -> Value {
-      // Arguments are read (and checked) before the handler runs; a bad one
-      // throws TypeError naming the command and the argument.
-      std::tuple<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>...> args{
-          m.get<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>>(names[I])...};
-      if constexpr (deferred) {
-        (obj.*handler)(std::move(std::get<I>(args))..., std::move(reply));
-        return Value();
-      } else if constexpr (std::is_void_v<R>) {
-        (obj.*handler)(std::move(std::get<I>(args))...);
-        return Value();
-      } else {
-        return Value((obj.*handler)(std::move(std::get<I>(args))...));
-      }
-    };
-    return invoke(std::make_index_sequence<named>{});
-  });
+  if constexpr (argsOk) {  // else the assertion above said why; nothing more to say
+    addHandler(std::move(name), [handler, names](MessageProcess& self, const Message& m, Reply& reply) -> Value {
+      C& obj = static_cast<C&>(self);
+      auto invoke = [&]<std::size_t... I>(std::index_sequence<I...>) -> Value {
+        // Arguments are read (and checked) before the handler runs; a bad one
+        // throws TypeError naming the command and the argument.
+        std::tuple<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>...> args{
+            m.get<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>>(names[I])...};
+        if constexpr (deferred) {
+          (obj.*handler)(std::move(std::get<I>(args))..., std::move(reply));
+          return Value();
+        } else if constexpr (std::is_void_v<R>) {
+          (obj.*handler)(std::move(std::get<I>(args))...);
+          return Value();
+        } else {
+          return Value((obj.*handler)(std::move(std::get<I>(args))...));
+        }
+      };
+      return invoke(std::make_index_sequence<named>{});
+    });
+  }
 }
 
 }  // namespace forklift
