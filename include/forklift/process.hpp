@@ -123,8 +123,12 @@ struct ServedCall;
 int runServed(MessageProcess& p, ServedCall& c);  // the fork server's child (fork_server.hpp)
 }  // namespace detail
 
+// Every duration here reads as timeout.hpp says (zero or negative: no
+// wait; the largest finite values: as kForever).
 struct ProcessOptions {
-  Timeout startTimeout = std::chrono::seconds(10);  // fork until ready (preRun__ included)
+  // Fork until ready (preRun__ included); through the fork server, its
+  // answer and the backend's readiness share this one deadline.
+  Timeout startTimeout = std::chrono::seconds(10);
   Timeout callTimeout = std::chrono::seconds(10);   // default of call() and callAsync()
   Timeout sendTimeout = std::chrono::seconds(10);   // send() waits this long for a busy backend
   Timeout stopTimeout = std::chrono::seconds(5);    // default of stop() and of the destructor
