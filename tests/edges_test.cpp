@@ -150,6 +150,34 @@ TEST(Edges, AStoppedBackendMakesEveryWaitEndAtItsTimeout) {
   EXPECT_LT(stopTook, 100ms + 500ms + kMargin);
 }
 
+// send() to a stopped backend: once its queue (or socket) is full, each
+// send ends at ProcessOptions::sendTimeout, negative and zero included.
+TEST(Edges, SendsToAStoppedBackendEndAtTheSendTimeout) {
+  for (Timeout t : {Timeout(-1), Timeout::zero(), Timeout(100)}) {
+    SCOPED_TRACE(t.count());
+    ProcessOptions o;
+    o.sendTimeout = t;
+    Peer p(o);
+    p.start();
+    ASSERT_EQ(::kill(p.pid(), SIGSTOP), 0);
+    const std::string blob(64 << 10, 'z');
+    bool refused = false;
+    for (int i = 0; i < 1000 && !refused; ++i) {
+      const auto took = timed([&] {
+        try {
+          p.send("size", {{"s", blob}});
+        } catch (const TimeoutError&) {
+          refused = true;
+        }
+      });
+      EXPECT_LT(took, std::max<Clock::duration>(t, 0ms) + kMargin) << i;
+    }
+    EXPECT_TRUE(refused);
+    const ExitStatus s = p.stop(Timeout::zero());
+    EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
+  }
+}
+
 // ---- a stopped fork server ----------------------------------------------------
 
 // A served backend's status comes through the fork server. With the
