@@ -515,7 +515,10 @@ std::string MessageProcess::endedHow(const Deadline& d) {
   if (!child_) return "ended";
   const Deadline upTo(std::min<Timeout>(kEndGrace, std::chrono::ceil<Timeout>(d.remaining())));
   const ExitStatus s = child_->waitWithin(upTo);
-  if (s.how == ExitStatus::How::Running) return "it closed its channel but still runs, pid " + std::to_string(pid_);
+  // True of a backend that shut its channel and lives on, and of one caught
+  // between its channel's end and its death (a pump, which waits for
+  // nothing, often is): the status comes with the death (Manager: onExit).
+  if (s.how == ExitStatus::How::Running) return "its channel ended while it still ran, pid " + std::to_string(pid_);
   return s.describe();
 }
 
