@@ -144,11 +144,12 @@ struct ProcessOptions {
   // has its own; bench/compare), or a socket pair. The socket pair is
   // there either way, for descriptors and the peer's end. The queues'
   // doorbells cost descriptors: a running backend holds 12 in the frontend
-  // instead of 5, so under the usual limit of 1024 open files about 80
-  // backends run at once; for more, raise the limit (ulimit -n) or choose
-  // the socket. A start past it fails with SystemError (EMFILE) in one
-  // text wherever it ran out: the backend's name, the descriptors this
-  // process holds, its limit (RLIMIT_NOFILE) and these two remedies. The
+  // instead of 5 (its start takes up to 16 at once instead of 8), so under
+  // the usual limit of 1024 open files about 80 backends run at once; for
+  // more, raise the limit (ulimit -n) or choose the socket. A start past
+  // it fails with SystemError (EMFILE) in one text wherever it ran out:
+  // the backend's name, the descriptors this process holds, its limit
+  // (RLIMIT_NOFILE), these counts and the two remedies. The
   // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it (any
   // other value fails start() with an Error naming the variable and the
   // values it takes; so does FORKLIFT_IN_PROCESS with a value other than
