@@ -26,7 +26,15 @@ inline Placement placement() {
   Placement p;
   if (std::thread::hardware_concurrency() < 2) p.backend = 0;
   if (const char* env = std::getenv("FORKLIFT_BENCH_CPUS")) {
-    if (std::sscanf(env, "%d,%d", &p.frontend, &p.backend) != 2) std::fprintf(stderr, "bad FORKLIFT_BENCH_CPUS\n");
+    // A value it cannot read is an error, not the default in silence.
+    char rest = 0;
+    if (std::sscanf(env, "%d,%d%c", &p.frontend, &p.backend, &rest) != 2 || p.frontend < 0 || p.backend < 0) {
+      std::fprintf(stderr,
+                   "environment variable FORKLIFT_BENCH_CPUS='%s' is not a value forklift knows; it takes two CPU "
+                   "numbers, the frontend's and the backend's, e.g. 0,1\n",
+                   env);
+      std::exit(2);
+    }
   }
   return p;
 }

@@ -60,7 +60,8 @@ namespace detail {
 namespace {
 
 void check(int r, const char* what) {
-  if (r < 0) throw Error(std::string("cannot ") + what + ": " + uv_strerror(r));
+  // libuv's errors are negative errno values on Linux.
+  if (r < 0) throw SystemError(-r, std::string("cannot ") + what);
 }
 
 // What an event of the shared-memory loop's epoll set stands for.
@@ -199,12 +200,15 @@ void Backend::enqueue(Writer& w, const Message& m) {
     w.off = 0;
   } else if (w.queued() + n > config_.outQueueBytes) {
     // Full: wait (bounded) for the frontend to read, writing as it does.
+    // A message larger than the bound (every one when it is 0) goes once
+    // the queue is empty: it waited forever for room that cannot be.
     const Deadline d(config_.outWait);
-    while (w.queued() + n > config_.outQueueBytes) {
+    const auto full = [&] { return w.queued() > 0 && w.queued() + n > config_.outQueueBytes; };
+    while (full()) {
       const bool writable = w.ch->waitWritable(d);
       if (writable) drain(w);
       if (!writable || d.expired()) {
-        if (w.queued() + n <= config_.outQueueBytes) break;
+        if (!full()) break;
         throw TimeoutError(config_.who + ": cannot send '" + m.command() + "': the frontend has not read " +
                            std::to_string(w.queued()) + " queued bytes within " +
                            std::to_string(config_.outWait.count()) + " ms");

@@ -49,6 +49,7 @@ const char* exitCodeMeaning(int code) {
     case kExitPostRunFailed: return "postRun__ failed";
     case kExitBackendFailed: return "the backend failed";
     case kExitCorruptStream: return "the command stream was corrupt";
+    case kExitOutOfDescriptors: return "out of file descriptors";
     default: return nullptr;
   }
 }
@@ -165,12 +166,19 @@ pid_t currentPid() noexcept {
 
 // ---------------------------------------------------------------- status
 
-std::optional<ExitStatus> Child::poll() {
+std::optional<ExitStatus> Child::poll() { return poll(Deadline(kRelayWait)); }
+
+std::optional<ExitStatus> Child::poll(const Deadline& statusBy) {
   std::lock_guard lock(reapMutex_);
   if (status_) return status_;
   if (!waitFor(deathFd(), POLLIN, Deadline(Timeout::zero()))) return std::nullopt;
-  ExitStatus s = reapEnded();
-  s.escalation = escalation_;
+  std::optional<ExitStatus> s = reapEnded(statusBy);
+  if (!s) {
+    ExitStatus unknown{ExitStatus::How::Unknown};
+    unknown.escalation = escalation_;
+    return unknown;  // not kept: the relay may still come
+  }
+  s->escalation = escalation_;
   status_ = s;
   return status_;
 }
@@ -184,6 +192,16 @@ ExitStatus Child::wait(Timeout timeout) {
     return ExitStatus{ExitStatus::How::Running};
   }
   if (auto s = poll()) return *s;
+  return ExitStatus{ExitStatus::How::Running};
+}
+
+ExitStatus Child::waitWithin(const Deadline& d) {
+  if (auto s = poll(d)) return *s;
+  if (!waitFor(deathFd(), POLLIN, d)) {
+    if (auto s = poll(d)) return *s;
+    return ExitStatus{ExitStatus::How::Running};
+  }
+  if (auto s = poll(d)) return *s;
   return ExitStatus{ExitStatus::How::Running};
 }
 
@@ -272,7 +290,7 @@ class ForkedChild final : public Child {
   int deathFd() const noexcept override { return pidfd_.get(); }
 
  private:
-  ExitStatus reapEnded() override {
+  std::optional<ExitStatus> reapEnded(const Deadline&) override {
     siginfo_t info{};
     // By pidfd, not by pid: a pid reaped elsewhere can be reused, even by
     // another child of ours.
@@ -370,6 +388,9 @@ void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   int code = kExitBackendFailed;
   try {
     code = body();
+  } catch (const SystemError& e) {
+    std::fprintf(stderr, "%s: backend failed: %s\n", who.c_str(), e.what());
+    if (e.code().value() == EMFILE) code = kExitOutOfDescriptors;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: backend failed: %s\n", who.c_str(), e.what());
   } catch (...) {
@@ -562,7 +583,9 @@ class ServedChild final : public Child {
   int deathFd() const noexcept override { return s_.deathFd.get(); }
 
  private:
-  ExitStatus reapEnded() override { return server_->takeStatus(s_.id, Timeout(5000)); }
+  std::optional<ExitStatus> reapEnded(const Deadline& statusBy) override {
+    return server_->takeStatus(s_.id, statusBy);
+  }
   // By the server without a pidfd: the pid is its child until it reaps it.
   void sendSignal(int sig) override {
     if (s_.isPidfd) pidfdSignal(s_.deathFd.get(), sig);
@@ -603,7 +626,7 @@ class ThreadChild final : public Child {
   int deathFd() const noexcept override { return end_->event.get(); }
 
  private:
-  ExitStatus reapEnded() override {
+  std::optional<ExitStatus> reapEnded(const Deadline&) override {
     if (thread_.joinable()) thread_.join();
     return ExitStatus{ExitStatus::How::Exited, end_->code.load()};
   }

@@ -111,6 +111,8 @@ struct ChildSetup {
   pid_t termFrom = 0;        // a served child's frontend (the fork server's parent)
   bool inProcess = false;    // run the body in a thread instead
   bool allowThreads = false; // fork although other threads run
+  // A start through the fork server waits for its answer until then.
+  Deadline startBy{kForever};
   // Served by the fork server when one runs that knows the recipe; else
   // `body` runs in a fork of this process.
   std::optional<ServedStart> served;
@@ -150,10 +152,19 @@ class Child {
   // Readable once the child has ended: a pidfd, or an eventfd for a thread.
   virtual int deathFd() const noexcept = 0;
 
-  // How it ended, reaping it when it has; nullopt while it runs.
+  // How it ended, reaping it when it has; nullopt while it runs. A served
+  // child's status is relayed by the fork server: poll() waits up to
+  // kRelayWait for it (part of the ladder's kill grace), poll(statusBy)
+  // until `statusBy`; a status not relayed by then is Unknown, and is not
+  // kept (a later poll may still get the real one).
   std::optional<ExitStatus> poll();
+  std::optional<ExitStatus> poll(const Deadline& statusBy);
+  static constexpr Timeout kRelayWait = std::chrono::seconds(5);
   // Waits up to `timeout` for the end; How::Running when it did not.
   ExitStatus wait(Timeout timeout);
+  // The same against a deadline that bounds the status's relay too: for
+  // waits on behalf of a caller's timeout (a call that saw the channel end).
+  ExitStatus waitWithin(const Deadline& d);
   bool ended() { return poll().has_value(); }
 
   // Sends a signal (no effect on a thread or an ended child). SIGTERM and
@@ -165,8 +176,9 @@ class Child {
 
  protected:
   Child() = default;
-  // Reads the status of an ended child, once (the caller holds reapMutex_).
-  virtual ExitStatus reapEnded() = 0;
+  // Reads the status of an ended child, once (the caller holds reapMutex_);
+  // nullopt when it did not come by `statusBy` (a served child's relay).
+  virtual std::optional<ExitStatus> reapEnded(const Deadline& statusBy) = 0;
   virtual void sendSignal(int sig) = 0;
   virtual bool detachThread() { return false; }
 

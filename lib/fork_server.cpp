@@ -494,7 +494,9 @@ ForkServerConn::Spawned ForkServerConn::spawn(const ChildSetup& setup, const Ser
     markLost(std::string("cannot be written to: ") + std::strerror(e));
     throw Error(who + "cannot start it through the fork server: " + *lost_);
   }
-  const Deadline d(std::chrono::seconds(10));
+  // The start's own deadline (ProcessOptions::startTimeout), not one of
+  // ours: a stopped or slow server fails the start when the caller said.
+  const Deadline& d = setup.startBy;
   for (;;) {
     Spawned out;
     int err = 0;
@@ -503,7 +505,8 @@ ForkServerConn::Spawned ForkServerConn::spawn(const ChildSetup& setup, const Ser
       case Read::Status: continue;
       case Read::Lost: throw Error(who + "cannot start it through the fork server: " + *lost_);
       case Read::Timeout:
-        throw TimeoutError(who + "the fork server (pid " + std::to_string(pid_) + ") did not answer within 10 s");
+        throw TimeoutError(who + "the fork server (pid " + std::to_string(pid_) +
+                           ") did not answer within the start's timeout");
       case Read::Spawned:
         if (err == ENOENT && what == "recipe")
           throw Error(who + "the fork server has no recipe for it (it was made after the server started)");
@@ -515,9 +518,8 @@ ForkServerConn::Spawned ForkServerConn::spawn(const ChildSetup& setup, const Ser
   }
 }
 
-ExitStatus ForkServerConn::takeStatus(std::uint64_t id, Timeout timeout) {
+std::optional<ExitStatus> ForkServerConn::takeStatus(std::uint64_t id, const Deadline& d) {
   std::lock_guard lock(mu_);
-  const Deadline d(timeout);
   for (;;) {
     if (auto it = statuses_.find(id); it != statuses_.end()) {
       const ExitStatus s = it->second;
@@ -529,7 +531,7 @@ ExitStatus ForkServerConn::takeStatus(std::uint64_t id, Timeout timeout) {
       s.serverLost = true;
       return s;
     }
-    if (readOne(d, nullptr, nullptr, nullptr) == Read::Timeout) return ExitStatus{ExitStatus::How::Unknown};
+    if (readOne(d, nullptr, nullptr, nullptr) == Read::Timeout) return std::nullopt;
   }
 }
 

@@ -94,9 +94,10 @@ class ForkServerConn {
   std::optional<std::string> lost();
   // Starts a child (Error, SystemError or TimeoutError naming `setup.title`).
   Spawned spawn(const ChildSetup& setup, const ServedStart& s);
-  // The relayed status of an ended child, waiting up to `timeout` for it;
-  // Unknown when it cannot come (the server died: `serverLost`).
-  ExitStatus takeStatus(std::uint64_t id, Timeout timeout);
+  // The relayed status of an ended child, waiting until `d` for it;
+  // Unknown when it cannot come (the server died: `serverLost`), nullopt
+  // when it did not come in time (the server is slow or stopped).
+  std::optional<ExitStatus> takeStatus(std::uint64_t id, const Deadline& d);
   // For children watched without a pidfd: the server signals its child.
   void signal(std::uint64_t id, int sig);
   void forget(std::uint64_t id);

@@ -1,5 +1,7 @@
 #include "loop_sources.hpp"
 
+#include <algorithm>
+
 #include "forklift/error.hpp"
 
 namespace forklift::detail {
@@ -91,7 +93,10 @@ std::uint64_t LoopSources::addTimer(Timeout delay, Timeout period, std::function
         guarded(owner->onError_, "timer " + std::to_string(id), [&] { tt->fn(); });
         if (!repeat) owner->cancel(id);
       },
-      static_cast<std::uint64_t>(delay.count()), static_cast<std::uint64_t>(period.count()));
+      // A negative delay is no delay (it wrapped into a timer that never
+      // fired); libuv clamps one past its clock's range to its last moment.
+      static_cast<std::uint64_t>(std::max<Timeout::rep>(delay.count(), 0)),
+      static_cast<std::uint64_t>(std::max<Timeout::rep>(period.count(), 0)));
   return t->id;
 }
 

@@ -1,8 +1,11 @@
 #include "forklift/process.hpp"
 
 #include <cxxabi.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,22 +28,33 @@ namespace forklift {
 
 namespace {
 
+// forklift's environment variables. A value not known is an Error naming
+// the variable and the values it takes (a typo must not silently choose
+// the default).
+[[noreturn]] void unknownEnvValue(const char* var, const std::string& value, const char* takes) {
+  throw Error(std::string("environment variable ") + var + "='" + value + "' is not a value forklift knows; it takes " +
+              takes);
+}
+
+// FORKLIFT_IN_PROCESS=1|0 (also true/false, yes/no, on/off; empty is unset).
 bool envInProcess() {
   const char* v = std::getenv("FORKLIFT_IN_PROCESS");
-  if (!v) return false;
+  if (!v || !*v) return false;
   const std::string s = v;
-  return s == "1" || s == "true" || s == "yes" || s == "on";
+  if (s == "1" || s == "true" || s == "yes" || s == "on") return true;
+  if (s == "0" || s == "false" || s == "no" || s == "off") return false;
+  unknownEnvValue("FORKLIFT_IN_PROCESS", s, "1, true, yes, on (in-process) or 0, false, no, off");
 }
 
 // FORKLIFT_TRANSPORT=shm|socket overrides ProcessOptions::transport (to run
-// a program, or the whole test suite, over the other one).
+// a program, or the whole test suite, over the other one); empty is unset.
 Transport transportFor(const ProcessOptions& o) {
   const char* v = std::getenv("FORKLIFT_TRANSPORT");
-  if (!v) return o.transport;
+  if (!v || !*v) return o.transport;
   const std::string s = v;
   if (s == "shm" || s == "shared" || s == "sharedmemory") return Transport::SharedMemory;
   if (s == "socket") return Transport::Socket;
-  return o.transport;
+  unknownEnvValue("FORKLIFT_TRANSPORT", s, "shm (also shared, sharedmemory) or socket, in lower case");
 }
 
 void registerFds(const std::vector<int>& fds) {
@@ -82,6 +96,24 @@ std::string className(const std::type_info& t) {
 thread_local const MessageProcess* t_backendOf = nullptr;
 
 std::string ms(Timeout t) { return std::to_string(t.count()) + " ms"; }
+
+// The descriptors this process holds: /proc/self/fd, or, when even that
+// cannot be opened (no descriptor left), a look at each number below the
+// limit.
+std::size_t openDescriptors(rlim_t limit) {
+  if (DIR* dir = ::opendir("/proc/self/fd")) {
+    std::size_t n = 0;
+    while (const dirent* e = ::readdir(dir))
+      if (e->d_name[0] != '.') ++n;
+    ::closedir(dir);
+    return n - 1;  // the directory's own
+  }
+  std::size_t n = 0;
+  const int top = static_cast<int>(std::min<rlim_t>(limit == 0 ? 1024 : limit, 1u << 20));
+  for (int fd = 0; fd < top; ++fd)
+    if (::fcntl(fd, F_GETFD) >= 0) ++n;
+  return n;
+}
 
 // Lifecycle lines are debug level; making a logger costs more than a small
 // start, so none is made unless they would be written.
@@ -189,12 +221,21 @@ void MessageProcess::start() {
     const auto recipe = detail::recipes::bound(this);
     const bool served = !options_.inProcess && recipe && detail::Child::wouldServe(recipe->key);
     const bool shared = transportFor(options_) == Transport::SharedMemory && !served;
-    const std::size_t q = options_.queueBytes;
+    // 0 is the smallest queue (a page); past kMaxQueueBytes the size would
+    // not round to a power of two (it looped for good past 2^63).
+    if (options_.queueBytes > ProcessOptions::kMaxQueueBytes)
+      throw LimitError(fullName_ + ": ProcessOptions::queueBytes is " + std::to_string(options_.queueBytes) +
+                       ", over the largest queue of " + std::to_string(ProcessOptions::kMaxQueueBytes) + " bytes");
+    const std::size_t q = std::max<std::size_t>(options_.queueBytes, 1);
     auto [cmdFront, cmdBack] =
         shared ? Channel::makeSharedPair(options_.limits, q, q) : Channel::makePair(options_.limits);
     auto [outFront, outBack] =
         shared ? Channel::makeSharedPair(options_.limits, 0, q) : Channel::makePair(options_.limits);
-    for (Channel* c : {&cmdFront, &cmdBack, &outFront}) c->setSpin(options_.spin);
+    // Negative is no spin, more than kMaxSpin is kMaxSpin (in nanoseconds
+    // the largest values overflowed).
+    const auto spin = std::clamp(options_.spin, std::chrono::microseconds::zero(),
+                                 std::chrono::duration_cast<std::chrono::microseconds>(ProcessOptions::kMaxSpin));
+    for (Channel* c : {&cmdFront, &cmdBack, &outFront}) c->setSpin(spin);
     // fd() readable means "a message is waiting": read one frame at a time.
     outFront.setReadMode(ReadMode::OneFrame);
     // Backends forked later must not hold these (see frontend_fds); the
@@ -217,6 +258,9 @@ void MessageProcess::start() {
     frontendPid_ = detail::currentPid();
 
     detail::ChildSetup setup;
+    // One deadline for the whole start: the fork server's answer (when it
+    // serves the start) and "__ready".
+    setup.startBy = Deadline(options_.startTimeout);
     setup.comm = name_;
     setup.title = "forklift: " + fullName_;
     setup.ignoreSigint = options_.ignoreSigint;
@@ -242,11 +286,10 @@ void MessageProcess::start() {
 
     out_.watchPeer(child_->deathFd());
     cmdFront.watchPeer(child_->deathFd());
-    awaitReady(cmdFront);
+    awaitReady(cmdFront, setup.startBy);
     requests_ = std::make_shared<detail::Requests>(
         std::move(cmdFront), std::move(stopBell), child_->deathFd(),
-        detail::Requests::Hooks{fullName_,
-                                [this] { return child_->wait(Timeout(1000)).describe(); },
+        detail::Requests::Hooks{fullName_, [this](const Deadline& d) { return endedHow(d); },
                                 [this] { return stopRequested_.load(); }});
     state_ = State::Running;
     if (lifecycleLogged()) logger().debug("ready");
@@ -266,19 +309,49 @@ void MessageProcess::start() {
       detail::frontend_fds::remove({bellFd});
     }
     state_ = State::Idle;
+    rethrowOutOfDescriptors();
     throw;
+  }
+}
+
+// Wherever a start runs out of descriptors (the channels' socketpairs, the
+// queues' doorbells or epoll sets, the stop bell, the pidfd), the error
+// says the same: which backend, how many descriptors this process holds
+// and its limit, and the two remedies process.hpp names. Other errors go
+// on as they are.
+void MessageProcess::rethrowOutOfDescriptors() {
+  try {
+    throw;
+  } catch (const SystemError& e) {
+    if (e.code().value() != EMFILE) throw;
+    rlimit lim{};
+    const bool known = ::getrlimit(RLIMIT_NOFILE, &lim) == 0;
+    const std::string limit =
+        !known || lim.rlim_cur == RLIM_INFINITY ? std::string("unknown") : std::to_string(lim.rlim_cur);
+    throw SystemError(EMFILE, fullName_ + ": cannot start the backend: out of file descriptors (this process holds " +
+                                  std::to_string(openDescriptors(known ? lim.rlim_cur : 0)) +
+                                  ", its limit RLIMIT_NOFILE is " + limit +
+                                  "; a start takes up to 16 more while it sets up and its running backend keeps 12, "
+                                  "over the socket 8 and 5; raise the limit with ulimit -n or setrlimit, or choose "
+                                  "the socket transport, ProcessOptions::transport = Transport::Socket or "
+                                  "FORKLIFT_TRANSPORT=socket)");
   }
 }
 
 // Waits for "__ready" (or "__failed") from the backend; on failure the
 // child has ended or is killed, and the error says how.
-void MessageProcess::awaitReady(Channel& cmd) {
+void MessageProcess::awaitReady(Channel& cmd, const Deadline& d) {
   std::optional<Message> m;
   try {
-    m = cmd.recv(options_.startTimeout);
+    m = cmd.recv(d.forever() ? kForever : std::chrono::ceil<Timeout>(d.remaining()));
   } catch (const PeerClosed&) {
-    const ExitStatus s = child_->wait(Timeout(2000));
-    throw ProcessDied(fullName_ + ": the backend died while starting (" + s.describe() + ")");
+    // A backend that closed its channel and lives on is killed: the start
+    // failed (the catch in start() kills what still runs). One that ran out
+    // of descriptors fails the start as the frontend's running out does.
+    const std::string how = endedHow(d);
+    if (const auto s = child_->poll(); s && s->how == ExitStatus::How::Exited && s->code == kExitOutOfDescriptors)
+      throw SystemError(EMFILE, fullName_ + ": the backend ran out of file descriptors while starting");
+    throw ProcessDied(fullName_ + ": the backend died while starting (" + how + ")");
   }
   if (!m) {
     child_->signal(SIGKILL);
@@ -289,8 +362,7 @@ void MessageProcess::awaitReady(Channel& cmd) {
   }
   if (m->command() == detail::control::kFailed) {
     const std::string why = m->get<std::string>("error", "unknown error");
-    const ExitStatus s = child_->wait(Timeout(2000));
-    throw Error(fullName_ + ": preRun__ failed in the backend: " + why + " (" + s.describe() + ")");
+    throw Error(fullName_ + ": preRun__ failed in the backend: " + why + " (" + endedHow(d) + ")");
   }
   if (m->command() != detail::control::kReady)
     throw Error(fullName_ + ": unexpected first message '" + m->command() + "'");
@@ -421,12 +493,13 @@ std::optional<Message> MessageProcess::recv(Timeout timeout) {
   if (!out_.valid()) throw Error(fullName_ + ": recv before start");
   std::lock_guard lock(recvMutex_);
   std::optional<Message> m;
+  const Deadline d(timeout);
   try {
     m = out_.recv(timeout);
   } catch (const StreamCorrupt&) {
     throw;
   } catch (const PeerClosed&) {
-    throwEnded("recv");
+    throwEnded("recv", d);
   }
   if (m && m->command() == detail::control::kCommandError) {
     const std::string command = m->get<std::string>("command", "");
@@ -435,10 +508,25 @@ std::optional<Message> MessageProcess::recv(Timeout timeout) {
   return m;
 }
 
-void MessageProcess::throwEnded(const std::string& during) {
-  const ExitStatus s = child_ ? child_->wait(Timeout(1000)) : ExitStatus{};
-  if (stopRequested_) throw PeerClosed(fullName_ + ": the backend has stopped (" + s.describe() + ")");
-  throw ProcessDied(fullName_ + ": the backend died during " + during + " (" + s.describe() + ")");
+// How the backend ended, waiting for its status until `d` at most (its
+// channel's end comes a moment before its death). A backend that closed its
+// channel and lives on (stopped, or hostile) is said to be so, at once
+// past the caller's deadline: no wait here has a bound of its own.
+std::string MessageProcess::endedHow(const Deadline& d) {
+  if (!child_) return "ended";
+  const Deadline upTo(std::min<Timeout>(kEndGrace, std::chrono::ceil<Timeout>(d.remaining())));
+  const ExitStatus s = child_->waitWithin(upTo);
+  // True of a backend that shut its channel and lives on, and of one caught
+  // between its channel's end and its death (a pump, which waits for
+  // nothing, often is): the status comes with the death (Manager: onExit).
+  if (s.how == ExitStatus::How::Running) return "its channel ended while it still ran, pid " + std::to_string(pid_);
+  return s.describe();
+}
+
+void MessageProcess::throwEnded(const std::string& during, const Deadline& d) {
+  const std::string how = endedHow(d);
+  if (stopRequested_) throw PeerClosed(fullName_ + ": the backend has stopped (" + how + ")");
+  throw ProcessDied(fullName_ + ": the backend died during " + during + " (" + how + ")");
 }
 
 // ---------------------------------------------------------------- stop
@@ -530,6 +618,7 @@ std::uint64_t MessageProcess::after__(Timeout delay, std::function<void()> fn) {
 }
 
 std::uint64_t MessageProcess::every__(Timeout period, std::function<void()> fn) {
+  if (period < Timeout(1)) throw Error(fullName_ + ": every__: the period must be 1 ms or more, not " + ms(period));
   return backendSide("every__").addTimer(period, period, std::move(fn));
 }
 

@@ -19,6 +19,33 @@ namespace forklift {
 
 // ---------------------------------------------------------------- CallResult
 
+// Classified once, when the call fails (a failure costs a throw anyway).
+CallResult::CallResult(std::exception_ptr e) : error_(std::move(e)) {
+  if (!error_) return;
+  try {
+    std::rethrow_exception(error_);
+  } catch (const RemoteError&) {
+    kind_ = Kind::Remote;
+  } catch (const TimeoutError&) {
+    kind_ = Kind::Timeout;
+  } catch (const PeerClosed&) {  // ProcessDied among them
+    kind_ = Kind::ProcessDied;
+  } catch (...) {
+    kind_ = Kind::Other;
+  }
+}
+
+const char* kindName(CallResult::Kind k) noexcept {
+  switch (k) {
+    case CallResult::Kind::Ok: return "ok";
+    case CallResult::Kind::Remote: return "remote error";
+    case CallResult::Kind::Timeout: return "timeout";
+    case CallResult::Kind::ProcessDied: return "process died";
+    case CallResult::Kind::Other: break;
+  }
+  return "other";
+}
+
 const Value& CallResult::get() const {
   if (error_) std::rethrow_exception(error_);
   return value_;
@@ -165,7 +192,7 @@ void Requests::send(Message& m, Timeout timeout) {
     cmd_.send(m, turn.left(timeout, d));
   } catch (const PeerClosed&) {
     turn.release();
-    std::rethrow_exception(endError(endOfPeer(), "send", m.command(), true));
+    std::rethrow_exception(endError(endOfPeer(d), "send", m.command(), true));
   }
 }
 
@@ -204,7 +231,7 @@ std::shared_ptr<CallSlot> Requests::call(Message& m, Timeout timeout, std::funct
     if (held) cmd_.resumeRings();
     forget(*s);
     turn.release();
-    std::rethrow_exception(endError(endOfPeer(), "call", m.command(), true));
+    std::rethrow_exception(endError(endOfPeer(s->deadline), "call", m.command(), true));
   } catch (...) {
     if (held) cmd_.resumeRings();
     forget(*s);
@@ -285,14 +312,14 @@ void Requests::run(std::vector<std::function<void()>>& ready) {
   ready.clear();
 }
 
-Requests::End Requests::endOfPeer() {
+Requests::End Requests::endOfPeer(const Deadline& d) {
   {
     std::lock_guard lock(mutex_);
     if (closed_) return *closed_;
   }
   End end;
   end.stopped = hooks_.stopRequested && hooks_.stopRequested();
-  end.how = hooks_.describeEnd ? hooks_.describeEnd() : "ended";
+  end.how = hooks_.describeEnd ? hooks_.describeEnd(d) : "ended";
   return end;
 }
 
@@ -384,7 +411,7 @@ void Requests::readTurn(const Deadline& d, Read how) {
       cv_.notify_all();
     }
     if (peerEnded) {
-      End end = endOfPeer();
+      End end = endOfPeer(d);
       std::lock_guard lock(mutex_);
       closeLocked(std::move(end), ready);
     } else {

@@ -54,8 +54,10 @@ class Requests : public std::enable_shared_from_this<Requests> {
   struct Hooks {
     std::string who;  // "MyProcess.name", for messages
     // How the backend ended, for the error of calls that it outlived
-    // (waits briefly for the status); called once, on the reading thread.
-    std::function<std::string()> describeEnd;
+    // (waits for the status until the caller's deadline at most, never a
+    // bound of its own: a peer that closed its channel may live on,
+    // stopped); called once, on the reading thread.
+    std::function<std::string(const Deadline&)> describeEnd;
     // True once the frontend asked the backend to stop.
     std::function<bool()> stopRequested;
   };
@@ -120,7 +122,7 @@ class Requests : public std::enable_shared_from_this<Requests> {
   void expire(std::vector<std::function<void()>>& ready);  // caller holds mutex_
   void closeLocked(End end, std::vector<std::function<void()>>& ready);
   void run(std::vector<std::function<void()>>& ready);
-  End endOfPeer();  // the backend ended: how
+  End endOfPeer(const Deadline& d);  // the backend ended: how (its status waited for until `d`)
   // The error of a call or send of `command`: `during` one in flight, or
   // one made after the end.
   std::exception_ptr endError(const End& end, const char* what, const std::string& command, bool during) const;

@@ -13,7 +13,6 @@
 
 #include "forklift/error.hpp"
 #include "posix.hpp"
-#include "process_alive.hpp"
 #include "ring_state.hpp"
 #include "shm_descriptor.hpp"
 
@@ -94,7 +93,7 @@ void attachRingPid(RingCore& c, std::atomic<std::int32_t>& slot, const char* rol
     std::int32_t cur = slot.load(std::memory_order_acquire);
     if (cur == me) throw Error(c.what() + ": this process is its " + role + " already");
     if (cur < 0) c.corrupt(std::string("the ") + role + "'s pid is " + std::to_string(cur));
-    if (cur != 0 && processAlive(cur, ringPidfdOpen))
+    if (cur != 0 && !processDead(cur, ringPidfdOpen))
       throw Error(c.what() + " has a " + role + " already (pid " + std::to_string(cur) + ")");
     if (slot.compare_exchange_strong(cur, me, std::memory_order_acq_rel)) return;
   }

@@ -23,7 +23,6 @@
 
 #include "forklift/detail/fd.hpp"
 #include "posix.hpp"
-#include "process_alive.hpp"
 #include "seams.hpp"
 
 namespace forklift {
@@ -196,7 +195,7 @@ std::optional<SegmentInfo> readSegment(const std::string& name) {
   s.payloadBytes = h.payloadBytes;
   s.creatorPid = static_cast<pid_t>(h.creatorPid);
   s.generation = h.generation;
-  s.creatorAlive = detail::processAlive(s.creatorPid, [](pid_t p) { return detail::syscalls.pidfdOpen(p, 0); });
+  s.creatorAlive = !detail::processDead(s.creatorPid, [](pid_t p) { return detail::syscalls.pidfdOpen(p, 0); });
   return s;
 }
 

@@ -67,6 +67,45 @@ TEST(Deadline, CountsFromNowOrFromTheMomentGiven) {
   EXPECT_EQ(fresh.pollMillis(), 0);
 }
 
+// timeout.hpp, every value a Timeout takes: zero and negative do not
+// wait, one tick waits one tick, the largest finite values are far in the
+// future (they overflowed the clock's nanoseconds into "expired at once"),
+// kForever has no bound.
+TEST(Deadline, EveryTimeoutFromNegativeToForever) {
+  const auto now = Deadline::Clock::now();
+  for (Timeout t : {Timeout::zero(), Timeout(-1), Timeout(-1000), Timeout::min(), Timeout::min() + 1ms}) {
+    const Deadline d(t, now);
+    EXPECT_TRUE(d.expired()) << t.count();
+    EXPECT_FALSE(d.forever()) << t.count();
+    EXPECT_EQ(d.pollMillis(), 0) << t.count();
+    EXPECT_EQ(d.at(), now) << t.count();
+  }
+  const Deadline tick(1ms, now);
+  EXPECT_EQ(tick.at(), now + 1ms);
+  EXPECT_LE(tick.pollMillis(), 1);
+  const auto farAway = now + std::chrono::hours(24 * 365 * 100);
+  for (Timeout t : {kForever - 1ms, kForever - 1000ms, Timeout(kForever.count() / 2),
+                    std::chrono::duration_cast<Timeout>(Deadline::Clock::duration::max()),
+                    std::chrono::duration_cast<Timeout>(Deadline::Clock::duration::max()) - 1ms,
+                    Timeout(std::chrono::hours(24 * 365 * 200))}) {
+    for (const Deadline& d : {Deadline(t), Deadline(t, now)}) {
+      EXPECT_FALSE(d.forever()) << t.count();
+      EXPECT_FALSE(d.expired()) << t.count();
+      EXPECT_GT(d.at(), farAway) << t.count();
+      EXPECT_EQ(d.pollMillis(), 0x7fffffff) << t.count();
+      EXPECT_GT(d.remaining(), std::chrono::hours(24 * 365 * 100)) << t.count();
+    }
+  }
+  // A real wait with such a timeout waits (for a message that comes).
+  auto [a, b] = Channel::makePair();
+  a.send(Message("late"));
+  const auto m = b.recv(kForever - 1ms);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->command(), "late");
+  EXPECT_FALSE(b.recv(Timeout(-5)).has_value());
+  EXPECT_FALSE(b.recv(Timeout::min()).has_value());
+}
+
 TEST(Channel, SendAndReceiveInOneProcess) {
   auto [a, b] = Channel::makePair();
   a.send(Message("ping", {{"parameter", "gotcha!"}}));

@@ -269,6 +269,7 @@ TEST(Process, StartingPastTheDescriptorLimitIsAClearErrorAndLeaksNothing) {
     if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) return 10;
     std::vector<std::unique_ptr<EchoProcess>> running;
     std::string error;
+    bool inStart = false;  // it ran out in start(), not in a constructor's Event
     for (int i = 0; i < 96 && error.empty(); ++i) {
       std::unique_ptr<EchoProcess> p;
       try {
@@ -283,13 +284,21 @@ TEST(Process, StartingPastTheDescriptorLimitIsAClearErrorAndLeaksNothing) {
         running.push_back(std::move(p));
       } catch (const Error& e) {
         error = e.what();
+        inStart = true;
         if (test::openFdCount() != before) return 11;  // the failed start left descriptors open
       } catch (const std::exception& e) {
         std::fprintf(stderr, "unexpected: %s\n", e.what());
         return 16;
       }
     }
-    if (error.find("Too many open files") == std::string::npos) {
+    // The one text of a start out of descriptors, wherever it ran out
+    // (edges_test tries every place): the backend, the limit, the remedies.
+    if (error.find("Too many open files") == std::string::npos ||
+        (inStart &&
+         (error.find(": cannot start the backend: out of file descriptors (this process holds ") == std::string::npos ||
+          error.find("its limit RLIMIT_NOFILE is 96;") == std::string::npos ||
+          error.find("ulimit -n") == std::string::npos ||
+          error.find("FORKLIFT_TRANSPORT=socket") == std::string::npos))) {
       std::fprintf(stderr, "the error: %s\n", error.c_str());
       return 12;
     }

@@ -103,19 +103,33 @@ std::string describeHeader(int fd) {
   return s;
 }
 
+// Opens what another process holds or names, for reading: never blocks
+// (O_NONBLOCK: a FIFO put where a segment was would block an open for
+// good), and only a regular file is read (-1 for anything else).
+int openRegular(const std::string& path, int flags, struct stat& fs) {
+  const int fd = ::open(path.c_str(), flags | O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) return -1;
+  if (::fstat(fd, &fs) != 0 || !S_ISREG(fs.st_mode)) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 // Size and content of a segment, opened through `path`.
 Segment readSegment(Segment s, const std::string& path, int flags) {
-  const int fd = ::open(path.c_str(), flags);
-  if (fd < 0) return s;
   struct stat fs {};
-  if (::fstat(fd, &fs) == 0) s.bytes = static_cast<std::uint64_t>(fs.st_size);
+  const int fd = openRegular(path, flags, fs);
+  if (fd < 0) return s;
+  s.bytes = static_cast<std::uint64_t>(fs.st_size);
   s.content = describeHeader(fd);
   ::close(fd);
   return s;
 }
 
 std::optional<Counters> readCounters(const std::string& fdPath, std::string& role) {
-  const int fd = ::open(fdPath.c_str(), O_RDONLY | O_CLOEXEC);
+  struct stat fs {};
+  const int fd = openRegular(fdPath, 0, fs);
   if (fd < 0) return std::nullopt;
   alignas(64) unsigned char raw[sizeof(MetricsPage)];
   const ssize_t n = ::pread(fd, raw, sizeof raw, 0);
@@ -165,7 +179,7 @@ std::optional<Proc> inspect(pid_t pid) {
         Segment s;
         s.label = target.substr(7, target.find(' ') == std::string::npos ? std::string::npos : target.find(' ') - 7);
         if (!seen.insert(s.label).second) continue;
-        p.segments.push_back(readSegment(std::move(s), path, O_RDONLY | O_CLOEXEC));
+        p.segments.push_back(readSegment(std::move(s), path, 0));
       }
     }
     ::closedir(d);
@@ -182,7 +196,7 @@ std::optional<Proc> inspect(pid_t pid) {
     if (const auto sp = s.label.find(' '); sp != std::string::npos) s.label.resize(sp);
     if (!seen.insert(s.label).second) continue;
     const std::string path = "/dev/shm/" + s.label;
-    p.segments.push_back(readSegment(std::move(s), path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    p.segments.push_back(readSegment(std::move(s), path, O_NOFOLLOW));
   }
 
   // "pid (comm) S ppid ...": comm may hold spaces and parentheses.

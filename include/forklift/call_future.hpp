@@ -25,6 +25,7 @@
 // (a late reply is discarded).
 #pragma once
 
+#include <cstdint>
 #include <exception>
 #include <memory>
 
@@ -39,13 +40,25 @@ struct CallSlot;
 }  // namespace detail
 
 // The outcome of one call: a value, or the exception call() would throw.
+// `kind()` tells which without rethrowing it:
+//   Ok           the handler's value;
+//   Remote       RemoteError: the handler threw, an unknown command, bad or
+//                refused arguments;
+//   Timeout      TimeoutError: no reply within the call's timeout (a reply
+//                that comes later goes to no one);
+//   ProcessDied  ProcessDied: the backend died or stopped before replying;
+//   Other        anything else (a corrupt stream, a call after stop, a
+//                system error).
 class CallResult {
  public:
+  enum class Kind : std::uint8_t { Ok, Remote, Timeout, ProcessDied, Other };
+
   CallResult() = default;
   explicit CallResult(Value v) : value_(std::move(v)) {}
-  explicit CallResult(std::exception_ptr e) : error_(std::move(e)) {}
+  explicit CallResult(std::exception_ptr e);
 
   bool ok() const noexcept { return !error_; }
+  Kind kind() const noexcept { return kind_; }
   // The value, or rethrows the error.
   const Value& get() const;
   // As get(), but moves the value out (this result then holds nil): for the
@@ -58,7 +71,11 @@ class CallResult {
  private:
   Value value_;
   std::exception_ptr error_;
+  Kind kind_ = Kind::Ok;
 };
+
+// "ok", "remote error", "timeout", "process died", "other".
+const char* kindName(CallResult::Kind k) noexcept;
 
 class CallFuture {
  public:

@@ -7,7 +7,9 @@
 //
 // The backend's own exit codes: 0 normal end, 3 preRun__ threw, 4
 // postRun__ threw, 5 the backend failed outside any handler, 6 the command
-// stream from the frontend was corrupt. `describe()` names them.
+// stream from the frontend was corrupt, 7 the backend ran out of file
+// descriptors setting up (start() then fails as when the frontend runs
+// out: SystemError, EMFILE). `describe()` names them.
 #pragma once
 
 #include <cstdint>
@@ -45,5 +47,6 @@ inline constexpr int kExitPreRunFailed = 3;
 inline constexpr int kExitPostRunFailed = 4;
 inline constexpr int kExitBackendFailed = 5;
 inline constexpr int kExitCorruptStream = 6;
+inline constexpr int kExitOutOfDescriptors = 7;
 
 }  // namespace forklift

@@ -66,7 +66,11 @@
 //
 // Waiting: every frontend wait (start, send, call, recv, stop) also watches
 // the backend's death (its pidfd), so it ends at once when the backend dies,
-// even if a process the backend forked keeps the channel open.
+// even if a process the backend forked keeps the channel open. Each ends at
+// its own timeout whatever the backend does (stopped, slow, gone, or alive
+// with its channel closed): none adds a bound of its own. Every Timeout
+// here reads as timeout.hpp says: zero or negative does not wait (stop:
+// SIGTERM at once), the largest finite values wait as kForever does.
 //
 // Logging: the library logs the lifecycle of each backend at debug level
 // under its full name (started, ready, stop requested, escalation, ended
@@ -119,14 +123,20 @@ struct ServedCall;
 int runServed(MessageProcess& p, ServedCall& c);  // the fork server's child (fork_server.hpp)
 }  // namespace detail
 
+// Every duration here reads as timeout.hpp says (zero or negative: no
+// wait; the largest finite values: as kForever).
 struct ProcessOptions {
-  Timeout startTimeout = std::chrono::seconds(10);  // fork until ready (preRun__ included)
+  // Fork until ready (preRun__ included); through the fork server, its
+  // answer and the backend's readiness share this one deadline.
+  Timeout startTimeout = std::chrono::seconds(10);
   Timeout callTimeout = std::chrono::seconds(10);   // default of call() and callAsync()
   Timeout sendTimeout = std::chrono::seconds(10);   // send() waits this long for a busy backend
   Timeout stopTimeout = std::chrono::seconds(5);    // default of stop() and of the destructor
   // Backend side: bytes of sendOut__ messages and replies queued while the
   // frontend does not read; past it sendOut__ waits up to `outWait`, then
-  // throws TimeoutError (the message is not sent).
+  // throws TimeoutError (the message is not sent). A message larger than
+  // the bound goes once the queue is empty (0: nothing waits queued behind
+  // another message). outWait reads as every Timeout (timeout.hpp).
   std::size_t outQueueBytes = 16u << 20;
   Timeout outWait = std::chrono::seconds(5);
   // How messages travel: shared-memory queues with eventfd doorbells (the
@@ -134,21 +144,32 @@ struct ProcessOptions {
   // has its own; bench/compare), or a socket pair. The socket pair is
   // there either way, for descriptors and the peer's end. The queues'
   // doorbells cost descriptors: a running backend holds 12 in the frontend
-  // instead of 5, so under the usual limit of 1024 open files about 80
-  // backends run at once (a start past it fails with EMFILE, saying so);
-  // for more, raise the limit (ulimit -n) or choose the socket. The
-  // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it.
+  // instead of 5 (its start takes up to 16 at once instead of 8), so under
+  // the usual limit of 1024 open files about 80 backends run at once; for
+  // more, raise the limit (ulimit -n) or choose the socket. A start past
+  // it fails with SystemError (EMFILE) in one text wherever it ran out:
+  // the backend's name, the descriptors this process holds, its limit
+  // (RLIMIT_NOFILE), these counts and the two remedies. The
+  // environment variable FORKLIFT_TRANSPORT=shm|socket overrides it (any
+  // other value fails start() with an Error naming the variable and the
+  // values it takes; so does FORKLIFT_IN_PROCESS with a value other than
+  // 1/true/yes/on or 0/false/no/off; empty is unset).
   // `queueBytes` is each shared-memory queue's size (per direction); a
   // message larger than it streams through in pieces. A backend started
   // by the fork server (forklift/fork_server.hpp) uses the socket.
+  // It is rounded up to a power of two of at least 4 KiB (0 is 4 KiB);
+  // more than kMaxQueueBytes fails start() with LimitError.
   Transport transport = Transport::SharedMemory;
   std::size_t queueBytes = 256u << 10;
+  static constexpr std::size_t kMaxQueueBytes = std::size_t{1} << 30;
   // Shared-memory transport: how long a side that waits for a message (the
   // frontend for a reply, the backend for a command) polls the queue before
   // it sleeps. A call then costs no system call when the answer comes
   // within it. Worth it only when frontend and backend have a CPU each: on
-  // a shared CPU the spinner holds the CPU its peer needs. 0: never spin.
+  // a shared CPU the spinner holds the CPU its peer needs. 0 (or less):
+  // never spin; more than kMaxSpin spins kMaxSpin.
   std::chrono::microseconds spin{0};
+  static constexpr std::chrono::seconds kMaxSpin{1};
   bool inProcess = false;     // run the backend in a thread (see above)
   bool allowThreads = false;  // fork although other threads run (logs a warning)
   // The backend ignores SIGINT, and SIGTERM from any process but its
@@ -279,6 +300,19 @@ class MessageProcess {
   void command(std::string name, void (C::*handler)(Reply)) {
     registerCommand<C, void, Reply>(std::move(name), handler, std::array<const char*, 0>{});
   }
+  // The same for const member functions (handlers that change nothing).
+  template <class C, class R, class... A, std::size_t N>
+  void command(std::string name, R (C::*handler)(A...) const, const char* const (&argNames)[N]) {
+    registerCommand<C, R, A...>(std::move(name), handler, std::to_array(argNames));
+  }
+  template <class C, class R>
+  void command(std::string name, R (C::*handler)() const) {
+    registerCommand<C, R>(std::move(name), handler, std::array<const char*, 0>{});
+  }
+  template <class C>
+  void command(std::string name, void (C::*handler)(Reply) const) {
+    registerCommand<C, void, Reply>(std::move(name), handler, std::array<const char*, 0>{});
+  }
   // The whole message, for handlers that read their arguments themselves.
   void commandRaw(std::string name, std::function<Value(const Message&)> handler);
 
@@ -302,6 +336,9 @@ class MessageProcess {
   void watch__(int fd, std::function<void(int events)> onReady, bool writable = false);
   void unwatch__(int fd);
   // Timers on the backend loop; the id cancels them. Exceptions as above.
+  // A delay of zero or less runs `fn` on the loop's next turn; a delay
+  // past the clock's range never comes. A period below 1 ms is refused
+  // (Error: it would run the timer in a loop).
   std::uint64_t after__(Timeout delay, std::function<void()> fn);
   std::uint64_t every__(Timeout period, std::function<void()> fn);
   void cancel__(std::uint64_t timerId);
@@ -313,19 +350,24 @@ class MessageProcess {
   friend int detail::runServed(MessageProcess& p, detail::ServedCall& c);
   enum class State : std::uint8_t { Idle, Starting, Running };
 
-  template <class C, class R, class... A, std::size_t N>
-  void registerCommand(std::string name, R (C::*handler)(A...), std::array<const char*, N> names);
+  template <class C, class R, class... A, class F, std::size_t N>
+  void registerCommand(std::string name, F handler, std::array<const char*, N> names);
   void addHandler(std::string name, Handler h);
 
   int runBackend(Channel cmd, Channel out, int stopBell);  // backend side; returns the exit code
-  void awaitReady(Channel& cmd);
+  void awaitReady(Channel& cmd, const Deadline& d);
+  [[noreturn]] void rethrowOutOfDescriptors();  // in a catch block of start()
   bool onBackendSide() const noexcept;
   // Throws Error when called on the wrong side (frontend-only `method`).
   void frontendOnly(const char* method) const;
   detail::Backend& backendSide(const char* method);
   // The running backend's calls; Error before start.
   detail::Requests& requests(const char* method, const std::string& command);
-  [[noreturn]] void throwEnded(const std::string& during);
+  [[noreturn]] void throwEnded(const std::string& during, const Deadline& d);
+  std::string endedHow(const Deadline& d);
+  // The longest an ended channel waits for the backend's status (less when
+  // the caller's deadline is nearer).
+  static constexpr Timeout kEndGrace = std::chrono::seconds(1);
   void finishRun(const ExitStatus& s);
 
   std::string name_;
@@ -363,34 +405,65 @@ constexpr bool lastIsReply() {
     return std::is_same_v<Arg<std::tuple_element_t<sizeof...(A) - 1, std::tuple<A...>>>, Reply>;
   }
 }
+
+// What Message::get<T> reads, so what a handler's parameter may be.
+template <class T>
+constexpr bool handlerArgType() {
+  if constexpr (std::is_same_v<T, Value> || std::is_arithmetic_v<T> || std::is_same_v<T, std::string> ||
+                std::is_same_v<T, Bytes> || std::is_same_v<T, List> || std::is_same_v<T, Map> ||
+                std::is_same_v<T, Array> || std::is_same_v<T, Fd>) {
+    return true;
+  } else if constexpr (IsStdVector<T>::value) {
+    return handlerArgType<typename T::value_type>();
+  } else {
+    return MatrixLike<T>;
+  }
+}
+
+// One check per parameter, so that the compiler's message names it: the
+// instantiation reads "checkHandlerParameter<Index, Param>" with the
+// parameter's position (from 0) and type.
+template <std::size_t Index, class Param>
+constexpr void checkHandlerParameter() {
+  static_assert(handlerArgType<Arg<Param>>(),
+                "command(): the handler parameter at position Index has type Param, which a message cannot carry. "
+                "Supported: bool, integers, float, double, std::string, forklift::Bytes, List, Map, Array, Fd, "
+                "Value, std::vector of any of these, Eigen matrices (and a trailing Reply)");
+}
 }  // namespace detail
 
-template <class C, class R, class... A, std::size_t N>
-void MessageProcess::registerCommand(std::string name, R (C::*handler)(A...), std::array<const char*, N> names) {
+template <class C, class R, class... A, class F, std::size_t N>
+void MessageProcess::registerCommand(std::string name, F handler, std::array<const char*, N> names) {
   static_assert(std::is_base_of_v<MessageProcess, C>, "a command handler must be a member of the process class");
   constexpr bool deferred = detail::lastIsReply<A...>();
   constexpr std::size_t named = sizeof...(A) - (deferred ? 1 : 0);
   static_assert(N == named, "command(): give one name per handler parameter (a trailing Reply is not named)");
   static_assert(!deferred || std::is_void_v<R>, "a handler that takes a Reply answers through it and returns void");
-  addHandler(std::move(name), [handler, names](MessageProcess& self, const Message& m, Reply& reply) -> Value {
-    C& obj = static_cast<C&>(self);
-    auto invoke = [&]<std::size_t... I>(std::index_sequence<I...>) -> Value {
-      // Arguments are read (and checked) before the handler runs; a bad one
-      // throws TypeError naming the command and the argument.
-      std::tuple<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>...> args{
-          m.get<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>>(names[I])...};
-      if constexpr (deferred) {
-        (obj.*handler)(std::move(std::get<I>(args))..., std::move(reply));
-        return Value();
-      } else if constexpr (std::is_void_v<R>) {
-        (obj.*handler)(std::move(std::get<I>(args))...);
-        return Value();
-      } else {
-        return Value((obj.*handler)(std::move(std::get<I>(args))...));
-      }
-    };
-    return invoke(std::make_index_sequence<named>{});
-  });
+  constexpr bool argsOk = []<std::size_t... I>(std::index_sequence<I...>) {
+    (detail::checkHandlerParameter<I, std::tuple_element_t<I, std::tuple<A...>>>(), ...);
+    return (detail::handlerArgType<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>>() && ... && true);
+  }(std::make_index_sequence<named>{});
+  if constexpr (argsOk) {  // else the assertion above said why; nothing more to say
+    addHandler(std::move(name), [handler, names](MessageProcess& self, const Message& m, Reply& reply) -> Value {
+      C& obj = static_cast<C&>(self);
+      auto invoke = [&]<std::size_t... I>(std::index_sequence<I...>) -> Value {
+        // Arguments are read (and checked) before the handler runs; a bad one
+        // throws TypeError naming the command and the argument.
+        std::tuple<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>...> args{
+            m.get<detail::Arg<std::tuple_element_t<I, std::tuple<A...>>>>(names[I])...};
+        if constexpr (deferred) {
+          (obj.*handler)(std::move(std::get<I>(args))..., std::move(reply));
+          return Value();
+        } else if constexpr (std::is_void_v<R>) {
+          (obj.*handler)(std::move(std::get<I>(args))...);
+          return Value();
+        } else {
+          return Value((obj.*handler)(std::move(std::get<I>(args))...));
+        }
+      };
+      return invoke(std::make_index_sequence<named>{});
+    });
+  }
 }
 
 }  // namespace forklift
