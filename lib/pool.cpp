@@ -344,9 +344,13 @@ void PoolCore::send(Slot& s, Task& t) {
   if (s.inFlight.size() == 1) armTimer(s);
   // The pool's own timer ends a task that runs too long; the call's deadline
   // is only a backstop for one that never reached the front.
-  const Timeout backstop = t.timeout == kForever ? kForever
-                                                 : t.timeout * static_cast<int>(options_.queueDepth + 1) +
-                                                       std::chrono::seconds(5);
+  // Saturated: a timeout near kForever times the queue's depth would
+  // overflow into the past and end the call at once.
+  const auto depth = static_cast<Timeout::rep>(options_.queueDepth + 1);
+  const Timeout::rep slack = std::chrono::milliseconds(std::chrono::seconds(5)).count();
+  const Timeout backstop = t.timeout == kForever || t.timeout.count() > (kForever.count() - slack) / depth
+                               ? kForever
+                               : t.timeout * depth + Timeout(slack);
   const std::uint64_t token = t.token;
   try {
     if (own_)  // {this, token} fits std::function's inline storage: no allocation per task

@@ -148,6 +148,10 @@ RingBuffer RingBuffer::open(const Value& descriptor) {
   const Fd readerBell = fieldAs<Fd>(descriptor, "readerBell");
   const Fd writerBell = fieldAs<Fd>(descriptor, "writerBell");
   if (!readerBell.valid() || !writerBell.valid()) throw TypeError("ring descriptor: a doorbell descriptor is missing");
+  // A pipe or socket in a doorbell's place would block the clearing read of
+  // an attach for good; an eventfd never blocks it.
+  if (!detail::isEventfd(readerBell.get()) || !detail::isEventfd(writerBell.get()))
+    throw TypeError("ring descriptor: a doorbell descriptor is not an eventfd");
 
   auto c = std::make_shared<detail::RingCore>();
   c->shm = SharedMemory(open_only, segment);

@@ -597,11 +597,10 @@ TEST(Edges, EveryTimeoutValueOnCallsRecvAndStop) {
 // A pool's task timeouts (through the public API only: lib/pool.cpp is
 // another unit's): the largest finite values below kForever let a task
 // run as kForever does, for the pool's default and for one task's.
-// DISABLED until lib/pool.cpp's fix: it fails today (the task is killed at
-// once, "ran longer than 9223372036854775806 ms") because the backstop
-// `t.timeout * (queueDepth + 1)` (pool.cpp, the backstop in the send path)
-// overflows into a negative timeout; the pool's owner enables it with the fix.
-TEST(Edges, DISABLED_APoolTaskWithTheLargestFiniteTimeoutRunsToItsEnd) {
+// Without the saturation in pool.cpp's backstop (`t.timeout * (queueDepth
+// + 1)`, the call's deadline) the task was killed at once, "ran longer than
+// 9223372036854775806 ms".
+TEST(Edges, APoolTaskWithTheLargestFiniteTimeoutRunsToItsEnd) {
   PoolOptions o;
   o.workers = 1;
   o.taskTimeout = kForever - 1ms;

@@ -7,6 +7,7 @@
 // (lib/shm_pipe.*) follow the same rule: last section.
 #include <gtest/gtest.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstring>
@@ -329,6 +330,24 @@ TEST(QueueCorrupt, AHeadPastTheTailLeavesTheWriterNoRoom) {
   EXPECT_LE(p.write(in.data(), in.size()), p.capacity);
   EXPECT_EQ(p.writable(), 0u);
   EXPECT_EQ(p.write(in.data(), in.size()), 0u);
+}
+
+// A descriptor a peer hands over is input too: a pipe in a doorbell's place
+// would block an attach's clearing read for good; open() refuses it.
+TEST(RingCorrupt, ADoorbellThatIsNotAnEventfdIsRefused) {
+  RingBuffer ring = RingBuffer::create("bells", 2, 64);
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  Fd pipeEnd{detail::UniqueFd(p[0])};
+  ::close(p[1]);
+  for (const char* bell : {"readerBell", "writerBell"}) {
+    SCOPED_TRACE(bell);
+    Value d = ring.describe();
+    for (auto& [key, v] : *d.getIf<Map>())
+      if (key == bell) v = pipeEnd;
+    EXPECT_THROW(RingBuffer::open(d), TypeError);
+  }
+  EXPECT_NO_THROW(RingBuffer::open(ring.describe()).reader());
 }
 
 }  // namespace
