@@ -331,8 +331,8 @@ void MessageProcess::rethrowOutOfDescriptors() {
     throw SystemError(EMFILE, fullName_ + ": cannot start the backend: out of file descriptors (this process holds " +
                                   std::to_string(openDescriptors(known ? lim.rlim_cur : 0)) +
                                   ", its limit RLIMIT_NOFILE is " + limit +
-                                  "; a start takes up to 16 more while it sets up and its running backend keeps 12, "
-                                  "over the socket 8 and 5; raise the limit with ulimit -n or setrlimit, or choose "
+                                  "; a start takes up to 17 more while it sets up and its running backend keeps 12, "
+                                  "over the socket 9 and 5; raise the limit with ulimit -n or setrlimit, or choose "
                                   "the socket transport, ProcessOptions::transport = Transport::Socket or "
                                   "FORKLIFT_TRANSPORT=socket)");
   }

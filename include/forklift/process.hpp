@@ -144,7 +144,8 @@ struct ProcessOptions {
   // has its own; bench/compare), or a socket pair. The socket pair is
   // there either way, for descriptors and the peer's end. The queues'
   // doorbells cost descriptors: a running backend holds 12 in the frontend
-  // instead of 5 (its start takes up to 16 at once instead of 8), so under
+  // instead of 5 (its start needs 17 free at once instead of 9: the
+  // frontend's set-up and the child's, which inherits the limit), so under
   // the usual limit of 1024 open files about 80 backends run at once; for
   // more, raise the limit (ulimit -n) or choose the socket. A start past
   // it fails with SystemError (EMFILE) in one text wherever it ran out:
