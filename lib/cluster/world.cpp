@@ -332,11 +332,14 @@ void World::send(int dest, const Message& m) {
   encode(m, buf, impl_->options.limits);
   if (buf.size() > static_cast<std::size_t>(INT_MAX))
     throw LimitError("cannot send '" + m.command() + "': " + std::to_string(buf.size()) + " bytes, more than MPI's int count");
-  std::vector<char> bytes(buf.data(), buf.data() + buf.size());
+  queue(dest, std::vector<char>(buf.data(), buf.data() + buf.size()), m.command());
+}
+
+void World::queue(int dest, std::vector<char> bytes, const std::string& command) {
   {
     std::lock_guard lock(impl_->outMutex);
     if (impl_->stopping || impl_->abort)
-      throw Error("cluster::World::send '" + m.command() + "': the World is ending");
+      throw Error("cluster::World::send '" + command + "': the World is ending");
     impl_->out.emplace_back(dest, std::move(bytes));
   }
   impl_->outCv.notify_one();
@@ -377,6 +380,12 @@ void World::deliverTo(Manager& manager, std::function<void(int source, Message&)
   impl_->handler = std::move(h);
 }
 
+void World::deliverToInbox() {
+  std::lock_guard lock(impl_->inMutex);
+  impl_->manager = nullptr;
+  impl_->handler.reset();
+}
+
 World::Stats World::stats() const {
   Stats s;
   s.sent = impl_->sent.load(std::memory_order_relaxed);
@@ -384,6 +393,11 @@ World::Stats World::stats() const {
   s.refused = impl_->refused.load(std::memory_order_relaxed);
   s.wakeups = impl_->wakeups.load(std::memory_order_relaxed);
   return s;
+}
+
+void detail::sendRaw(World& world, int dest, std::vector<char> bytes) {
+  if (dest < 0 || dest >= world.size()) throw Error("cluster::detail::sendRaw: rank out of range");
+  world.queue(dest, std::move(bytes), "(raw bytes)");
 }
 
 bool World::exists() noexcept { return world_state.load() == 1; }

@@ -26,7 +26,7 @@
 // tag with MPI_Improbe + MPI_Mrecv (a matched probe: the exact size first, then
 // the receive of exactly that message; MPI-3, so MPICH works too). When a turn
 // moved nothing it spins for `WorldOptions::spin`, then sleeps: 10 us at first,
-// doubling up to `WorldOptions::maxBackoff` (1 ms by default; mpi4py.futures'
+// doubling up to `WorldOptions::maxBackoff` (2 ms by default; mpi4py.futures'
 // back-off), back to the start after any progress. A send wakes it at once.
 // An idle rank costs about 0.1-0.5 % of a CPU (tests/cluster measures it).
 //
@@ -113,13 +113,21 @@ struct WorldOptions {
   // The MPI thread's back-off when a turn moved nothing: it spins this long,
   // then sleeps 10 us, 20 us, ... up to maxBackoff between turns.
   std::chrono::microseconds spin{50};
-  std::chrono::microseconds maxBackoff{1000};
+  std::chrono::microseconds maxBackoff{2000};
 };
 
 struct Received {
   int source = -1;  // the rank that sent it
   Message message;
 };
+
+class World;
+
+namespace detail {
+// For tests: queues `bytes` for rank `dest` as they are, on forklift's tag
+// (a rank sending garbage).
+void sendRaw(World& world, int dest, std::vector<char> bytes);
+}  // namespace detail
 
 class World {
  public:
@@ -155,9 +163,13 @@ class World {
 
   // From now on, every received message (those waiting first, in order) runs
   // `fn(source, message)` on `manager`'s loop thread, through Manager::post;
-  // recv/tryRecv then see nothing. The manager must outlive the World, or
-  // stop its loop first (work posted after the loop ended does not run).
+  // recv/tryRecv then see nothing, until deliverToInbox(). Call that before
+  // the manager is destroyed (messages posted to a manager whose loop ended
+  // do not run: they are lost, so end the exchange first).
   void deliverTo(Manager& manager, std::function<void(int source, Message&)> fn);
+  // Received messages wait in the inbox again (recv, tryRecv, fd). When it
+  // returns, the MPI thread posts nothing more to the manager.
+  void deliverToInbox();
 
   struct Stats {
     std::uint64_t sent = 0;      // messages whose send completed
@@ -171,6 +183,8 @@ class World {
   static bool exists() noexcept;
 
  private:
+  friend void detail::sendRaw(World&, int, std::vector<char>);
+  void queue(int dest, std::vector<char> bytes, const std::string& command);
   struct Impl;
   std::unique_ptr<Impl> impl_;
   int rank_ = -1;
