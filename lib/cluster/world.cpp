@@ -233,7 +233,10 @@ void World::Impl::run() {
       std::unique_lock lock(outMutex);
       outCv.wait_for(lock, sleep, [&] { return !out.empty() || stopping || abort; });
       wakeups.fetch_add(1, std::memory_order_relaxed);
-      sleep = std::min<std::chrono::microseconds>(options.maxBackoff, sleep * 2);
+      const bool idle = Clock::now() - lastProgress >= options.idleAfter;
+      sleep = std::min<std::chrono::microseconds>(idle ? std::max(options.idleBackoff, options.maxBackoff)
+                                                       : options.maxBackoff,
+                                                  sleep * 2);
     }
     bool aborting;
     {

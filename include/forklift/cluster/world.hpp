@@ -26,9 +26,15 @@
 // tag with MPI_Improbe + MPI_Mrecv (a matched probe: the exact size first, then
 // the receive of exactly that message; MPI-3, so MPICH works too). When a turn
 // moved nothing it spins for `WorldOptions::spin`, then sleeps: 10 us at first,
-// doubling up to `WorldOptions::maxBackoff` (2 ms by default; mpi4py.futures'
-// back-off), back to the start after any progress. A send wakes it at once.
-// An idle rank costs about 0.1-0.5 % of a CPU (tests/cluster measures it).
+// doubling up to `WorldOptions::maxBackoff` (2 ms; mpi4py.futures' back-off),
+// back to the start after any progress. After `idleAfter` (1 s) with nothing
+// sent or received the sleeps grow on up to `idleBackoff` (10 ms): a wake-up
+// costs about 26 us of CPU on a 2-vCPU VM even with no MPI call at all (a
+// timed wait alone), so 2 ms sleeps cost 1.2 % of a CPU there, 10 ms ones
+// 0.3 %. The price: the first message to a rank idle for a second waits up
+// to 10 ms more; a task of a second or more pays at most 1 % for it. A send
+// wakes the thread at once (a condition variable), whatever its sleep.
+// tests/cluster measures an idle rank (every thread of the process).
 //
 // Messages. `send(rank, message)` encodes the message on the caller's thread
 // (TypeError, LimitError there: a descriptor cannot cross hosts) and queues it
@@ -111,9 +117,12 @@ struct WorldOptions {
   // Of every message sent and received (forklift/message.hpp).
   Limits limits;
   // The MPI thread's back-off when a turn moved nothing: it spins this long,
-  // then sleeps 10 us, 20 us, ... up to maxBackoff between turns.
+  // then sleeps 10 us, 20 us, ... up to maxBackoff between turns; once
+  // nothing moved for idleAfter, up to idleBackoff (see "The MPI thread").
   std::chrono::microseconds spin{50};
   std::chrono::microseconds maxBackoff{2000};
+  std::chrono::microseconds idleBackoff{10000};
+  std::chrono::milliseconds idleAfter{1000};
 };
 
 struct Received {
