@@ -23,8 +23,16 @@ if "exception unwound: MPI_Abort" not in out:
 if out.count(" up\n") != 3:
     failures.append("not every rank started")
 time.sleep(0.5)
-left = subprocess.run(["pgrep", "-f", os.path.basename(exe)], stdout=subprocess.PIPE, text=True).stdout.split()
-left = [pid for pid in left if int(pid) != os.getpid()]
+# Processes running the test binary (the ranks, their fork servers): by the
+# file they execute, not by command line (a compiler building it matches that).
+real = os.path.realpath(exe)
+left = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if os.path.realpath(f"/proc/{pid}/exe") == real:
+            left.append(pid)
+    except OSError:
+        pass
 if left:
     failures.append(f"processes left: {left}")
 print(f"job ended in {elapsed:.2f} s with code {p.returncode}")
