@@ -308,6 +308,12 @@ World::World(WorldOptions options) {
 World::~World() {
   if (!impl_ || impl_->owner != ::getpid()) return;  // a forked child's copy
   {
+    // What comes during the end waits in the inbox: the manager may be gone.
+    std::lock_guard lock(impl_->inMutex);
+    impl_->manager = nullptr;
+    impl_->handler.reset();
+  }
+  {
     std::lock_guard lock(impl_->outMutex);
     if (std::uncaught_exceptions() > 0)
       impl_->abort = true;

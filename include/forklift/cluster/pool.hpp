@@ -33,6 +33,16 @@
 // host, rank and worker. The agent goes on serving. A task goes to the agent
 // with the most free room (workers x 2 tasks in flight each); beyond that
 // tasks wait on the driver.
+//
+// The Pool reads the driver's World: while it waits (its constructor, wait,
+// finalize, a future's wait or get) it takes every message that comes, and
+// drops (with a warning) those that are not its own. Exchange other messages
+// with the agents before the Pool is made or after finalize(). An agent rank
+// that dies aborts the job (Open MPI 4.1 has no fault tolerance): its tasks
+// never end, so the driver's waits end with the job.
+//
+// Threads: the Pool belongs to the thread that made it (it has none of its
+// own; its waits drive it), as a WorkerPool does.
 #pragma once
 
 #include <sys/types.h>

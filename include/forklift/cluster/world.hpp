@@ -44,7 +44,9 @@
 // waits, so any loop can watch it; or `deliverTo(manager, fn)` hands every
 // message to a forklift Manager's loop (`Manager::post`), in order. Bytes on
 // forklift's tag that do not decode (a rank sending garbage) are logged,
-// counted (`stats().refused`) and dropped; the rank goes on.
+// counted (`stats().refused`) and dropped; the rank goes on. The inbox has no
+// bound: a rank that never reads it keeps what comes. Messages that come
+// while the World ends (see "The end") are dropped with it.
 //
 // Forks. Open MPI starts threads of its own in MPI_Init, and forking after it
 // "could result in memory corruption" (Open MPI's warning); forklift forks
