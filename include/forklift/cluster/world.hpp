@@ -34,7 +34,8 @@
 // 0.3 %. The price: the first message to a rank idle for a second waits up
 // to 10 ms more; a task of a second or more pays at most 1 % for it. A send
 // wakes the thread at once (a condition variable), whatever its sleep.
-// tests/cluster measures an idle rank (every thread of the process).
+// tests/cluster measures an idle rank (every thread of the process): about
+// 0.4 % of a CPU on that VM, 0.8-1.5 % in the second after a message.
 //
 // Messages. `send(rank, message)` encodes the message on the caller's thread
 // (TypeError, LimitError there: a descriptor cannot cross hosts) and queues it
