@@ -1,0 +1,208 @@
+// forklift::cluster - World: this process as one rank of an MPI job
+//
+// forklift across hosts runs on MPI (issue 22): `mpirun -np N prog`,
+// `mpirun --hostfile`, Slurm's `srun --mpi=pmix` start one SPMD binary; rank 0
+// is the driver (the user's main), every other rank an agent that serves it.
+// A `World` is that rank: it initialises MPI, tells which rank this is, how
+// many there are and on which host each runs, and carries forklift `Message`s
+// between ranks.
+//
+//   int main() {
+//     forklift::cluster::World world;           // MPI_Init_thread, host names
+//     if (world.isDriver()) {
+//       world.send(1, forklift::Message("hello", {{"n", 1}}));
+//       auto r = world.recv(std::chrono::seconds(5));   // {source, message}
+//     } else {
+//       auto r = world.recv(forklift::kForever); ...
+//     }
+//   }                                           // MPI_Finalize (collective)
+//
+// The MPI thread. MPI is not pollable (no descriptor says "a message came"),
+// so one thread per rank owns MPI: it calls MPI_Init_thread itself, asking for
+// MPI_THREAD_FUNNELED (the calling thread is then MPI's main thread; a library
+// that provides less throws MpiError), makes every MPI call after that, and
+// calls MPI_Finalize. It never blocks inside MPI: it posts sends with
+// MPI_Isend, completes them with MPI_Test, and takes messages on forklift's
+// tag with MPI_Improbe + MPI_Mrecv (a matched probe: the exact size first, then
+// the receive of exactly that message; MPI-3, so MPICH works too). When a turn
+// moved nothing it spins for `WorldOptions::spin`, then sleeps: 10 us at first,
+// doubling up to `WorldOptions::maxBackoff` (2 ms; mpi4py.futures' back-off),
+// back to the start after any progress. After `idleAfter` (1 s) with nothing
+// sent or received the sleeps grow on up to `idleBackoff` (10 ms): a wake-up
+// costs about 26 us of CPU on a 2-vCPU VM even with no MPI call at all (a
+// timed wait alone), so 2 ms sleeps cost 1.2 % of a CPU there, 10 ms ones
+// 0.3 %. The price: the first message to a rank idle for a second waits up
+// to 10 ms more; a task of a second or more pays at most 1 % for it. A send
+// wakes the thread at once (a condition variable), whatever its sleep.
+// tests/cluster measures an idle rank (every thread of the process): about
+// 0.4 % of a CPU on that VM, 0.8-1.5 % in the second after a message.
+//
+// Messages. `send(rank, message)` encodes the message on the caller's thread
+// (TypeError, LimitError there: a descriptor cannot cross hosts) and queues it
+// to the MPI thread; it returns at once. Messages from one rank to another
+// arrive in the order sent. Received messages wait in this World's inbox:
+// `recv`/`tryRecv` take them, and `fd()` (an eventfd) is readable while one
+// waits, so any loop can watch it; or `deliverTo(manager, fn)` hands every
+// message to a forklift Manager's loop (`Manager::post`), in order. Bytes on
+// forklift's tag that do not decode (a rank sending garbage) are logged,
+// counted (`stats().refused`) and dropped; the rank goes on. The inbox has no
+// bound: a rank that never reads it keeps what comes. Messages that come
+// while the World ends (see "The end") are dropped with it.
+//
+// Forks. Open MPI starts threads of its own in MPI_Init, and forking after it
+// "could result in memory corruption" (Open MPI's warning); forklift forks
+// nothing after threads started anyway unless a fork server serves it. So a
+// World makes (or shares) this process's ForkServer BEFORE it initialises MPI
+// (`WorldOptions::forkServer`, on by default): make the objects and pools whose
+// workers must be started or replaced later first, then the World. Its
+// constructor therefore needs a process that runs one thread
+// (forklift::ForkServer's rule: Error otherwise) unless a server runs already
+// or forkServer is off. A worker forked by the server never ran MPI_Init: user
+// code runs in forklift workers, never inside an MPI rank.
+//
+// Once per process. MPI is initialised at most once per process and cannot
+// be again after MPI_Finalize, so a second World, alive or after the first
+// ended, throws Error; so does a World in a process where something else
+// initialised MPI.
+//
+// The end. The destructor is collective, as MPI_Finalize is: it stops taking
+// sends, completes the ones queued, then waits (still receiving, so no peer's
+// send hangs) until every rank's World ended (MPI_Ibarrier), then calls
+// MPI_Finalize. A World destroyed while an exception unwinds the stack
+// (std::uncaught_exceptions) calls MPI_Abort instead: a rank that fails must
+// not strand the others in the barrier (Boost.MPI's rule); mpirun then ends
+// the whole job non-zero. An MPI call that fails on the MPI thread is logged
+// with the routine's name and aborts the job likewise. A copy of a World in a
+// forked child does nothing when destroyed.
+//
+// Hosts. `hosts()[r]` is rank r's MPI_Get_processor_name, gathered once
+// (MPI_Allgather) at the start. For tests on one machine, the environment
+// variable FORKLIFT_CLUSTER_HOST replaces this rank's name, its "{rank}"
+// replaced by the rank: FORKLIFT_CLUSTER_HOST=host{rank} makes 3 ranks 3 hosts.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "forklift/error.hpp"
+#include "forklift/message.hpp"
+#include "forklift/timeout.hpp"
+
+namespace forklift {
+
+class Manager;
+
+namespace cluster {
+
+// An MPI routine returned an error: `routine()` names it ("MPI_Isend"),
+// `code()` is its return code, what() both and MPI's own words.
+class MpiError : public Error {
+ public:
+  MpiError(std::string routine, int code, const std::string& what)
+      : Error(what), routine_(std::move(routine)), code_(code) {}
+  const std::string& routine() const noexcept { return routine_; }
+  int code() const noexcept { return code_; }
+
+ private:
+  std::string routine_;
+  int code_;
+};
+
+struct WorldOptions {
+  // Make (or share) this process's ForkServer before MPI_Init (see "Forks").
+  bool forkServer = true;
+  // Of every message sent and received (forklift/message.hpp).
+  Limits limits;
+  // The MPI thread's back-off when a turn moved nothing: it spins this long,
+  // then sleeps 10 us, 20 us, ... up to maxBackoff between turns; once
+  // nothing moved for idleAfter, up to idleBackoff (see "The MPI thread").
+  std::chrono::microseconds spin{50};
+  std::chrono::microseconds maxBackoff{2000};
+  std::chrono::microseconds idleBackoff{10000};
+  std::chrono::milliseconds idleAfter{1000};
+};
+
+struct Received {
+  int source = -1;  // the rank that sent it
+  Message message;
+};
+
+class World;
+
+namespace detail {
+// For tests: queues `bytes` for rank `dest` as they are, on forklift's tag
+// (a rank sending garbage).
+void sendRaw(World& world, int dest, std::vector<char> bytes);
+}  // namespace detail
+
+class World {
+ public:
+  // Makes the fork server (WorldOptions::forkServer), starts the MPI thread,
+  // which initialises MPI and gathers the host names; returns when that is
+  // done. Throws Error for a second World, MpiError when MPI provides less
+  // than MPI_THREAD_FUNNELED or a call fails.
+  explicit World(WorldOptions options = {});
+  // Collective (see "The end").
+  ~World();
+  World(const World&) = delete;
+  World& operator=(const World&) = delete;
+
+  int rank() const noexcept { return rank_; }
+  int size() const noexcept { return size_; }
+  // Rank 0: the user's main; the other ranks are agents.
+  bool isDriver() const noexcept { return rank_ == 0; }
+  const std::string& host() const noexcept { return hosts_[static_cast<std::size_t>(rank_)]; }
+  const std::string& host(int rank) const;  // Error when out of range
+  const std::vector<std::string>& hosts() const noexcept { return hosts_; }
+
+  // Queues `m` for rank `dest` (itself included) and returns. From any
+  // thread. Throws Error for a rank out of range or after the end began,
+  // TypeError/LimitError when `m` cannot be encoded (descriptors, limits).
+  void send(int dest, const Message& m);
+
+  // The next received message, if one waits.
+  std::optional<Received> tryRecv();
+  // Waits up to `timeout` for the next message; nullopt when none came.
+  std::optional<Received> recv(Timeout timeout);
+  // Readable while a received message waits in the inbox (an eventfd).
+  int fd() const noexcept;
+
+  // From now on, every received message (those waiting first, in order) runs
+  // `fn(source, message)` on `manager`'s loop thread, through Manager::post;
+  // recv/tryRecv then see nothing, until deliverToInbox(). Call that before
+  // the manager is destroyed (messages posted to a manager whose loop ended
+  // do not run: they are lost, so end the exchange first).
+  void deliverTo(Manager& manager, std::function<void(int source, Message&)> fn);
+  // Received messages wait in the inbox again (recv, tryRecv, fd). When it
+  // returns, the MPI thread posts nothing more to the manager.
+  void deliverToInbox();
+
+  struct Stats {
+    std::uint64_t sent = 0;      // messages whose send completed
+    std::uint64_t received = 0;  // messages decoded and delivered
+    std::uint64_t refused = 0;   // received bytes that did not decode: dropped
+    std::uint64_t wakeups = 0;   // turns of the MPI thread after a sleep
+  };
+  Stats stats() const;
+
+  // True while a World exists in this process.
+  static bool exists() noexcept;
+
+ private:
+  friend void detail::sendRaw(World&, int, std::vector<char>);
+  void queue(int dest, std::vector<char> bytes, const std::string& command);
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int rank_ = -1;
+  int size_ = 0;
+  std::vector<std::string> hosts_;
+};
+
+}  // namespace cluster
+}  // namespace forklift

@@ -1,0 +1,27 @@
+// tests/cluster/abort_test: a rank whose World unwinds aborts the job.
+//
+// Run by abort_test.py under mpirun -np 3: rank 1 throws while its World
+// lives; the World's destructor sees the exception unwinding and calls
+// MPI_Abort instead of waiting for the others in the collective end. The
+// other ranks wait for a message that never comes; mpirun must end them
+// all, non-zero, within seconds (the script checks the time, the code and
+// that no process is left).
+#include <cstdio>
+#include <stdexcept>
+
+#include "forklift/cluster/world.hpp"
+
+int main() {
+  try {
+    forklift::cluster::World w;
+    std::printf("rank %d of %d up\n", w.rank(), w.size());
+    std::fflush(stdout);
+    if (w.rank() == 1) throw std::runtime_error("rank 1 fails on purpose");
+    (void)w.recv(forklift::kForever);  // never comes: only MPI_Abort ends this rank
+    std::printf("rank %d: a message came, which nobody sent\n", w.rank());
+    return 2;
+  } catch (const std::exception& e) {
+    std::printf("caught: %s\n", e.what());
+    return 3;
+  }
+}

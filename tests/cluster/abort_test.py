@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Runs abort_test under mpirun: the job ends non-zero within 10 s, the
+aborting rank logged why, and no process of the job is left."""
+import os
+import subprocess
+import sys
+import time
+
+mpirun, exe = sys.argv[1], sys.argv[2]
+t0 = time.monotonic()
+p = subprocess.run([mpirun, "--oversubscribe", "--allow-run-as-root", "-np", "3", exe],
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+elapsed = time.monotonic() - t0
+out = p.stdout
+print(out)
+failures = []
+if p.returncode == 0:
+    failures.append("mpirun exited 0")
+if elapsed > 10:
+    failures.append(f"the job took {elapsed:.1f} s to end (bound 10 s)")
+if "exception unwound: MPI_Abort" not in out:
+    failures.append("no log line of rank 1's MPI_Abort")
+if out.count(" up\n") != 3:
+    failures.append("not every rank started")
+time.sleep(0.5)
+# Processes running the test binary (the ranks, their fork servers): by the
+# file they execute, not by command line (a compiler building it matches that).
+real = os.path.realpath(exe)
+left = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if os.path.realpath(f"/proc/{pid}/exe") == real:
+            left.append(pid)
+    except OSError:
+        pass
+if left:
+    failures.append(f"processes left: {left}")
+print(f"job ended in {elapsed:.2f} s with code {p.returncode}")
+for f in failures:
+    print("FAILED:", f)
+print(f"{0 if failures else 1} passed, {1 if failures else 0} failed")
+sys.exit(1 if failures else 0)
