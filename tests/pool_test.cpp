@@ -451,11 +451,16 @@ TEST(Pool, ATimeoutCountsFromTheFrontOfTheWorkersQueue) {
   o.retries = 0;
   ASSERT_GT(o.queueDepth, 1u);
   WorkerPool pool(jobs(), o);
-  auto slow = pool.submit("nap", {{"ms", 400}});
-  auto quick = pool.submit("square", {{"x", 5}}, TaskOptions{200ms, std::nullopt});
+  // quick's timeout is a bound (square must answer within it once at the
+  // front); the nap ahead of it is twice that, so quick is queued for longer
+  // than its timeout.
+  const auto quickTimeout = test::slow(200ms);
+  const int napMs = static_cast<int>(2 * quickTimeout.count());
+  auto slow = pool.submit("nap", {{"ms", napMs}});
+  auto quick = pool.submit("square", {{"x", 5}}, TaskOptions{quickTimeout, std::nullopt});
   auto hung = pool.submit("hang", {}, TaskOptions{200ms, std::nullopt});
-  EXPECT_EQ(slow.get().as<int>(), 400);
-  EXPECT_EQ(quick.get().as<double>(), 25.0);  // queued for 400 ms, not timed out
+  EXPECT_EQ(slow.get().as<int>(), napMs);
+  EXPECT_EQ(quick.get().as<double>(), 25.0);  // queued for twice its timeout, not timed out
   const auto t0 = Clock::now();
   EXPECT_TRUE(test::contains(test::thrown<TaskTimeout>([&] { hung.get(); }), "ran longer than its timeout of 200 ms"));
   EXPECT_LT(Clock::now() - t0, 200ms + test::slow(4800ms));
@@ -468,11 +473,14 @@ TEST(Pool, ATaskGoesToAnIdleWorkerBeforeQueueingBehindABusyOne) {
   WorkerPool pool(jobs(), workers(2));
   std::map<std::uint64_t, std::size_t> workerOf;
   pool.onResult([&](const TaskInfo& t, const CallResult&) { workerOf[t.id] = t.worker; });
-  auto slow = pool.submit("nap", {{"ms", 1000}});
+  // The nap is a bound on quick's round trip: quick must be back before it
+  // ends.
+  const int napMs = static_cast<int>(test::slowMs(1000));
+  auto slow = pool.submit("nap", {{"ms", napMs}});
   auto quick = pool.submit("pid");
   EXPECT_EQ(quick.get().as<int>(), pool.worker(1).pid());
   EXPECT_FALSE(slow.ready());  // quick did not wait behind it
-  EXPECT_EQ(slow.get().as<int>(), 1000);
+  EXPECT_EQ(slow.get().as<int>(), napMs);
   EXPECT_EQ(workerOf[1], 0u);
   EXPECT_EQ(workerOf[2], 1u);
   // Both busy: the next tasks spread over both, not all on the first.
