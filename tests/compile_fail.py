@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from slowdown import slow
+
 
 def main():
     argv = sys.argv[1:]
@@ -16,7 +18,7 @@ def main():
     parser.add_argument('--expect', action='append', default=[])
     opts = parser.parse_args(argv[:cut])
     cmd = argv[cut + 1:]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=slow(300))
     out = r.stdout + r.stderr
     if r.returncode == 0:
         print('compiled, but must not:', ' '.join(cmd))

@@ -41,8 +41,10 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 using test::contains;
 
-// Generous, and still well below the fixed bounds a wait must not add.
-constexpr auto kMargin = 600ms;
+// The bound on what a wait may take past its own timeout (added to the
+// timeout under test): generous, and still well below the fixed bounds a
+// wait must not add, at FORKLIFT_TEST_SLOWDOWN=1.
+const std::chrono::milliseconds kMargin = test::slow(600ms);
 
 class Peer : public MessageProcess {
  public:
@@ -58,7 +60,7 @@ class Peer : public MessageProcess {
     command("burst", &Peer::c__burst, {"n", "bytes"});
     command("size", &Peer::c__size, {"s"});  // const
   }
-  ~Peer() override { stop(2s); }
+  ~Peer() override { stop(test::slow(2s)); }
 
  private:
   std::int64_t c__echo(std::int64_t x) { return x; }
@@ -127,7 +129,7 @@ TEST(Edges, ABackendThatClosedItsChannelAndLivesOnEndsEachWaitAtItsTimeout) {
 TEST(Edges, AStoppedBackendMakesEveryWaitEndAtItsTimeout) {
   Peer p;
   p.start();
-  ASSERT_EQ(p.call("echo", {{"x", 1}}, 5s).as<std::int64_t>(), 1);
+  ASSERT_EQ(p.call("echo", {{"x", 1}}, test::slow(5s)).as<std::int64_t>(), 1);
   ASSERT_EQ(::kill(p.pid(), SIGSTOP), 0);
   for (Timeout t : {Timeout::zero(), Timeout(-5), 1ms, 150ms}) {
     SCOPED_TRACE(t.count());
@@ -194,7 +196,7 @@ TEST(Edges, AStoppedForkServerHoldsNoWaitPastItsTimeout) {
   const pid_t serverPid = ForkServer::pid();
   ASSERT_GT(serverPid, 0);
   p.start();
-  ASSERT_EQ(p.call("echo", {{"x", 1}}, 5s).as<std::int64_t>(), 1);
+  ASSERT_EQ(p.call("echo", {{"x", 1}}, test::slow(5s)).as<std::int64_t>(), 1);
   ASSERT_EQ(::kill(serverPid, SIGSTOP), 0);
   ::kill(p.pid(), SIGKILL);
   const auto callTook = timed([&] { EXPECT_THROW(p.call("echo", {{"x", 2}}, 200ms), ProcessDied); });
@@ -204,7 +206,7 @@ TEST(Edges, AStoppedForkServerHoldsNoWaitPastItsTimeout) {
   EXPECT_LT(startTook, 300ms + kMargin);
   EXPECT_TRUE(contains(e, "did not answer")) << e;
   ASSERT_EQ(::kill(serverPid, SIGCONT), 0);
-  const ExitStatus s = p.stop(2s);  // now relayed
+  const ExitStatus s = p.stop(test::slow(2s));  // now relayed
   EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
   server.reset();
 }
@@ -217,7 +219,7 @@ TEST(Edges, ABackendThatIsGoneEndsEveryWaitAtOnceWhateverItsTimeout) {
     Peer p;
     p.start();
     ::kill(p.pid(), SIGKILL);
-    while (p.isAlive()) std::this_thread::sleep_for(1ms);
+    ASSERT_TRUE(test::eventually([&] { return !p.isAlive(); }, 10s));
     const auto took = timed([&] {
       EXPECT_TRUE(contains(test::thrown<ProcessDied>([&] { p.call("echo", {{"x", 1}}, t); }), "SIGKILL"));
       EXPECT_THROW(p.recv(t), ProcessDied);
@@ -238,13 +240,13 @@ TEST(Edges, ALateReplyIsNeverDeliveredToALaterCall) {
     auto f = p.callAsync("slow", {{"x", 200 + round}, {"ms", 100}}, 10ms);
     EXPECT_EQ(f.result().kind(), CallResult::Kind::Timeout);
     // Sent while the late replies are still to come: each gets its own.
-    auto g = p.callAsync("echo", {{"x", 300 + round}}, 5s);
-    EXPECT_EQ(p.call("echo", {{"x", round}}, 5s).as<std::int64_t>(), round);
+    auto g = p.callAsync("echo", {{"x", 300 + round}}, test::slow(5s));
+    EXPECT_EQ(p.call("echo", {{"x", round}}, test::slow(5s)).as<std::int64_t>(), round);
     EXPECT_EQ(g.get().as<std::int64_t>(), 300 + round);
   }
   // Once the late replies came (and were dropped), calls still get theirs.
-  std::this_thread::sleep_for(300ms);
-  EXPECT_EQ(p.call("echo", {{"x", 7}}, 5s).as<std::int64_t>(), 7);
+  std::this_thread::sleep_for(test::slow(300ms));
+  EXPECT_EQ(p.call("echo", {{"x", 7}}, test::slow(5s)).as<std::int64_t>(), 7);
   EXPECT_FALSE(p.tryRecv().has_value());
 }
 
@@ -472,7 +474,7 @@ TEST(Edges, AnUnknownValueOfAnEnvironmentVariableIsAnErrorNamingIt) {
       ::setenv("FORKLIFT_IN_PROCESS", v, 1);
       Peer p;
       p.start();
-      if (p.call("echo", {{"x", 5}}, 5s).as<std::int64_t>() != 5) return 24;
+      if (p.call("echo", {{"x", 5}}, test::slow(5s)).as<std::int64_t>() != 5) return 24;
     }
     return 0;
   });
@@ -484,18 +486,18 @@ TEST(Edges, AnUnknownValueOfAnEnvironmentVariableIsAnErrorNamingIt) {
 TEST(Edges, ConstHandlersAndTheKindOfEveryResult) {
   Peer p;
   p.start();
-  EXPECT_EQ(p.call("twice", {{"x", 21}}, 5s).as<std::int64_t>(), 42);
-  EXPECT_EQ(p.call("constant", {}, 5s).as<std::string>(), "same");
-  auto ok = p.callAsync("echo", {{"x", 1}}, 5s);
+  EXPECT_EQ(p.call("twice", {{"x", 21}}, test::slow(5s)).as<std::int64_t>(), 42);
+  EXPECT_EQ(p.call("constant", {}, test::slow(5s)).as<std::string>(), "same");
+  auto ok = p.callAsync("echo", {{"x", 1}}, test::slow(5s));
   EXPECT_EQ(ok.result().kind(), CallResult::Kind::Ok);
-  auto remote = p.callAsync("boom", {}, 5s);
+  auto remote = p.callAsync("boom", {}, test::slow(5s));
   EXPECT_EQ(remote.result().kind(), CallResult::Kind::Remote);
-  auto unknown = p.callAsync("no such command", {}, 5s);
+  auto unknown = p.callAsync("no such command", {}, test::slow(5s));
   EXPECT_EQ(unknown.result().kind(), CallResult::Kind::Remote);
   auto late = p.callAsync("slow", {{"x", 1}, {"ms", 200}}, 10ms);
   EXPECT_EQ(late.result().kind(), CallResult::Kind::Timeout);
   EXPECT_STREQ(kindName(late.result().kind()), "timeout");
-  auto dies = p.callAsync("slow", {{"x", 1}, {"ms", 5000}}, 10s);
+  auto dies = p.callAsync("slow", {{"x", 1}, {"ms", 5000}}, test::slow(10s));
   ::kill(p.pid(), SIGKILL);
   const CallResult r = dies.result();
   EXPECT_EQ(r.kind(), CallResult::Kind::ProcessDied) << r.what();
@@ -514,14 +516,14 @@ TEST(Edges, EverySizeAndSpinValue) {
     SCOPED_TRACE(outQueue);
     ProcessOptions o;
     o.outQueueBytes = outQueue;
-    o.outWait = 10s;
+    o.outWait = test::slow(10s);
     Peer p(o);
     p.start();
-    auto f = p.callAsync("burst", {{"n", 40}, {"bytes", 100000}}, 30s);
+    auto f = p.callAsync("burst", {{"n", 40}, {"bytes", 100000}}, test::slow(30s));
     int got = 0;
     while (got < 40) {
       std::this_thread::sleep_for(2ms);  // a frontend slower than the backend
-      if (auto m = p.recv(10s)) ++got;
+      if (auto m = p.recv(test::slow(10s))) ++got;
       else break;
     }
     EXPECT_EQ(got, 40);
@@ -534,8 +536,8 @@ TEST(Edges, EverySizeAndSpinValue) {
     o.queueBytes = q;
     Peer p(o);
     p.start();
-    EXPECT_EQ(p.call("echo", {{"x", 9}}, 5s).as<std::int64_t>(), 9);
-    EXPECT_EQ(p.call("size", {{"s", std::string(20000, 'y')}}, 5s).as<std::int64_t>(), 20000);
+    EXPECT_EQ(p.call("echo", {{"x", 9}}, test::slow(5s)).as<std::int64_t>(), 9);
+    EXPECT_EQ(p.call("size", {{"s", std::string(20000, 'y')}}, test::slow(5s)).as<std::int64_t>(), 20000);
   }
   for (std::size_t q : {ProcessOptions::kMaxQueueBytes + 1, std::numeric_limits<std::size_t>::max()}) {
     ProcessOptions o;
@@ -553,7 +555,7 @@ TEST(Edges, EverySizeAndSpinValue) {
     o.spin = spin;
     Peer p(o);
     p.start();
-    EXPECT_EQ(p.call("echo", {{"x", 3}}, 5s).as<std::int64_t>(), 3);
+    EXPECT_EQ(p.call("echo", {{"x", 3}}, test::slow(5s)).as<std::int64_t>(), 3);
   }
 }
 
@@ -577,7 +579,7 @@ TEST(Edges, EveryTimeoutValueOnCallsRecvAndStop) {
     EXPECT_EQ(p.call("echo", {{"x", 4}}, 1ms).as<std::int64_t>(), 4);
   } catch (const TimeoutError&) {
   }
-  for (Timeout t : {Timeout(10s), kForever / 2, kForever - 1ms, kForever}) {
+  for (Timeout t : {Timeout(test::slow(10s)), kForever / 2, kForever - 1ms, kForever}) {
     SCOPED_TRACE(t.count());
     EXPECT_EQ(p.call("slow", {{"x", 2}, {"ms", 20}}, t).as<std::int64_t>(), 2);
     EXPECT_EQ(p.callAsync("slow", {{"x", 3}, {"ms", 20}}, t).get().as<std::int64_t>(), 3);
@@ -593,11 +595,12 @@ TEST(Edges, EveryTimeoutValueOnCallsRecvAndStop) {
   // wrapped into a timer that never fired), a period below 1 ms is refused.
   for (std::int64_t ms : {std::int64_t{0}, std::int64_t{-1}, std::numeric_limits<std::int64_t>::min()}) {
     SCOPED_TRACE(ms);
-    EXPECT_EQ(p.call("after", {{"ms", ms}}, 5s).as<std::string>(), "fired");
+    EXPECT_EQ(p.call("after", {{"ms", ms}}, test::slow(5s)).as<std::string>(), "fired");
   }
   for (std::int64_t ms : {std::int64_t{0}, std::int64_t{-1}})
-    EXPECT_TRUE(contains(test::thrown<RemoteError>([&] { p.call("every", {{"ms", ms}}, 5s); }), "1 ms or more"));
-  p.call("every", {{"ms", 1}}, 5s);
+    EXPECT_TRUE(
+        contains(test::thrown<RemoteError>([&] { p.call("every", {{"ms", ms}}, test::slow(5s)); }), "1 ms or more"));
+  p.call("every", {{"ms", 1}}, test::slow(5s));
   // stop with the largest finite timeout stops as kForever would.
   const ExitStatus s = p.stop(kForever - 1ms);
   EXPECT_TRUE(s.ok()) << s.describe();

@@ -83,7 +83,7 @@ TEST(PoolOnManager, ResultsArriveByCallbacksWithoutAnyPollTimer) {
   // from a thread (no timer on the loop; nothing forks here).
   std::atomic<bool> over{false};
   std::thread watchdog([&] {
-    for (auto t0 = Clock::now(); !over && Clock::now() - t0 < 30s;) std::this_thread::sleep_for(10ms);
+    for (auto t0 = Clock::now(); !over && Clock::now() - t0 < test::slow(30s);) std::this_thread::sleep_for(10ms);
     if (!over) m.requestStop();  // safe from any thread
   });
   EXPECT_EQ(m.run(), 0);
@@ -124,8 +124,8 @@ TEST(PoolOnManager, ADeathAndATimeoutAreHandledInTheManagersLoop) {
   });
   // A bound on the whole test (a timer: a thread would stop the replacements
   // from forking).
-  m.after(30s, [&] {
-    ADD_FAILURE() << "the events did not all come within 30 s";
+  m.after(test::slow(30s), [&] {
+    ADD_FAILURE() << "the events did not all come within " << test::slow(30s).count() << " ms";
     m.requestStop();
   });
   EXPECT_EQ(m.run(), 0);
@@ -234,10 +234,10 @@ TEST(PoolOnManager, AManagersWorkerObeysSigtermOnlyFromItsFrontend) {
     const pid_t other = test::forkChild([pid] { return ::kill(pid, SIGTERM) == 0 ? 0 : 1; });
     ASSERT_EQ(test::exitCodeOf(test::waitChild(other, 5s)), 0);
     // Delivered before the worker reads the next command: it still serves.
-    EXPECT_EQ(w.call("square", {{"x", 3}}, 5s).as<double>(), 9.0);
+    EXPECT_EQ(w.call("square", {{"x", 3}}, test::slow(5s)).as<double>(), 9.0);
     // From its frontend: obeyed.
     w.signal(SIGTERM);
-    const ExitStatus s = w.waitStop(5s);
+    const ExitStatus s = w.waitStop(test::slow(5s));
     EXPECT_EQ(s.how, ExitStatus::How::Signaled) << s.describe();
     EXPECT_EQ(s.signal, SIGTERM);
   }

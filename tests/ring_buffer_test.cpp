@@ -79,7 +79,7 @@ TEST(RingBuffer, SlotsArriveInOrderWithTheirMetadata) {
   auto w = ring.writer();
   auto r = ring.reader();
   for (int i = 0; i < 3; ++i) {
-    WriteSlot s = w.reserve(1s);
+    WriteSlot s = w.reserve(test::slow(1s));
     ASSERT_TRUE(s);
     EXPECT_EQ(s.capacity(), 100u);
     EXPECT_EQ(s.sequence(), static_cast<std::uint64_t>(i + 1));
@@ -93,7 +93,7 @@ TEST(RingBuffer, SlotsArriveInOrderWithTheirMetadata) {
   }
   const auto before = detail::monotonicNs();
   for (int i = 0; i < 3; ++i) {
-    auto s = r.next(1s);
+    auto s = r.next(test::slow(1s));
     ASSERT_TRUE(s);
     EXPECT_EQ(s->sequence(), static_cast<std::uint64_t>(i + 1));
     EXPECT_EQ(s->bytes(), 10u);
@@ -119,23 +119,23 @@ TEST(RingBuffer, PushAndPullCopy) {
   auto r = ring.reader();
   const std::vector<std::byte> data{std::byte{1}, std::byte{2}, std::byte{3}};
   const std::int64_t user[] = {7, 8};
-  w.push(data, 1s, user);
+  w.push(data, test::slow(1s), user);
   Bytes out;
-  const auto info = r.pull(out, 1s);
+  const auto info = r.pull(out, test::slow(1s));
   ASSERT_TRUE(info);
   EXPECT_EQ(out, (Bytes{1, 2, 3}));
   EXPECT_EQ(info->user[1], 8);
   const std::vector<std::byte> big(17);
-  EXPECT_TRUE(test::contains(test::thrown<LimitError>([&] { w.push(big, 1s); }),
+  EXPECT_TRUE(test::contains(test::thrown<LimitError>([&] { w.push(big, test::slow(1s)); }),
                              "17 bytes do not fit a slot of 16"));
 }
 
 TEST(RingBuffer, AbandonedSlotGoesBackAndBlockTimesOut) {
   auto ring = RingBuffer::create("ring-full", 2, 8);
   auto w = ring.writer();
-  { WriteSlot s = w.reserve(1s); }  // dropped unpublished
-  w.push({}, 1s);
-  w.push({}, 1s);
+  { WriteSlot s = w.reserve(test::slow(1s)); }  // dropped unpublished
+  w.push({}, test::slow(1s));
+  w.push({}, test::slow(1s));
   EXPECT_FALSE(w.tryReserve());
   const auto t0 = Clock::now();
   EXPECT_TRUE(test::contains(test::thrown<TimeoutError>([&] { w.reserve(30ms); }), "stayed full for 30 ms"));
@@ -169,20 +169,20 @@ TEST(RingBuffer, TheWriterReusesTheWarmestSlotForWhereTheReaderRuns) {
     std::vector<const std::byte*> committed;
     onCpu(0, [&] {
       for (int i = 0; i < 4; ++i) {
-        WriteSlot s = w.reserve(1s);
+        WriteSlot s = w.reserve(test::slow(1s));
         committed.push_back(s.data());
         s.commit();
       }
     });
     onCpu(readerCpu, [&] {
-      for (int i = 0; i < 2; ++i) ASSERT_TRUE(r.next(1s));  // released at once
+      for (int i = 0; i < 2; ++i) ASSERT_TRUE(r.next(test::slow(1s)));  // released at once
     });
     const std::byte* next = nullptr;
     onCpu(0, [&] {
-      WriteSlot s = w.reserve(1s);
+      WriteSlot s = w.reserve(test::slow(1s));
       next = s.data();
       s.commit();
-      for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.next(1s));  // empties the ring for the next round
+      for (int i = 0; i < 3; ++i) ASSERT_TRUE(r.next(test::slow(1s)));  // empties the ring for the next round
     });
     committed.push_back(next);
     return committed;
@@ -206,8 +206,8 @@ TEST(RingBuffer, BadSizesAndMisuseAreNamed) {
   auto ring = RingBuffer::create("ring-misuse", 4, 8);
   auto w = ring.writer();
   EXPECT_TRUE(test::contains(test::thrown<Error>([&] { ring.writer(); }), "this process is its writer already"));
-  WriteSlot s = w.reserve(1s);
-  EXPECT_TRUE(test::contains(test::thrown<Error>([&] { w.reserve(1s); }), "holds a reserved slot already"));
+  WriteSlot s = w.reserve(test::slow(1s));
+  EXPECT_TRUE(test::contains(test::thrown<Error>([&] { w.reserve(test::slow(1s)); }), "holds a reserved slot already"));
   EXPECT_TRUE(test::contains(test::thrown<LimitError>([&] { s.setUser(4, 1); }), "index 4 is out of range"));
   s.commit();
   auto r = ring.reader();
@@ -222,7 +222,7 @@ TEST(RingBuffer, ArraySlotsAreTensorViews) {
   EXPECT_EQ(ring.format().slotBytes, 60u);
   auto w = ring.writer();
   auto r = ring.reader();
-  WriteSlot s = w.reserve(1s);
+  WriteSlot s = w.reserve(test::slow(1s));
   auto t = s.tensor<std::uint8_t, 3>();
   EXPECT_EQ(t.dimension(0), 4);
   EXPECT_EQ(t.dimension(2), 3);
@@ -233,7 +233,7 @@ TEST(RingBuffer, ArraySlotsAreTensorViews) {
                              "hold 3 slots of uint8[4x5x3] row-major, drop-oldest, not float32 of rank 3"));
   EXPECT_TRUE(test::contains(test::thrown<TypeError>([&] { s.tensor<std::uint8_t, 2>(); }), "not uint8 of rank 2"));
   s.commit();
-  auto got = r.next(1s);
+  auto got = r.next(test::slow(1s));
   ASSERT_TRUE(got);
   const auto v = got->tensor<std::uint8_t, 3>();
   EXPECT_EQ(v(3, 4, 2), 192);
@@ -241,11 +241,11 @@ TEST(RingBuffer, ArraySlotsAreTensorViews) {
 
   auto m = RingBuffer::createArray<double>("ring-matrix", 2, {2, 3});
   auto mw = m.writer();
-  WriteSlot ms = mw.reserve(1s);
+  WriteSlot ms = mw.reserve(test::slow(1s));
   ms.matrix<double>() << 1, 2, 3, 4, 5, 6;
   ms.commit();
   auto mr = m.reader();
-  auto mg = mr.next(1s);
+  auto mg = mr.next(test::slow(1s));
   ASSERT_TRUE(mg);
   EXPECT_EQ(mg->matrix<double>()(1, 0), 4.0);
 }
@@ -272,7 +272,7 @@ RunResult runPolicy(RingPolicy policy, std::size_t slots, std::size_t bytes, std
     auto w = ring.writer();
     w.setSpin(spin);
     for (std::uint64_t i = 1; i <= frames; ++i) {
-      WriteSlot s = w.reserve(10s);
+      WriteSlot s = w.reserve(test::slow(10s));
       fillPayload(s.data(), bytes, s.sequence());
       s.setUser(0, checksum(s.data(), bytes));
       s.commit();
@@ -283,7 +283,7 @@ RunResult runPolicy(RingPolicy policy, std::size_t slots, std::size_t bytes, std
   for (;;) {
     std::optional<ReadSlot> s;
     try {
-      s = reader.next(10s);
+      s = reader.next(test::slow(10s));
     } catch (const PeerClosed&) {
       res.endedClosed = true;
       break;
@@ -406,7 +406,7 @@ std::size_t freeSlotsSeenByANewWriter(RingBuffer& ring) {
     return 0;
   });
   std::uint64_t n = 0;
-  EXPECT_TRUE(p.get(n, 10s));
+  EXPECT_TRUE(p.get(n, test::slow(10s)));
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), 0);
   return n;
 }
@@ -417,14 +417,14 @@ TEST(RingBufferDeath, AKilledWriterIsSeenAtOnceAndASuccessorAttaches) {
   const pid_t child = test::forkChild([&] {
     auto w = ring.writer();
     for (;;) {
-      WriteSlot s = w.reserve(10s);  // also holds a reserved slot when killed
+      WriteSlot s = w.reserve(test::slow(10s));  // also holds a reserved slot when killed
       s.setUser(0, 42);
       s.commit();
     }
     return 0;
   });
   for (int i = 0; i < 50; ++i) {
-    auto s = reader.next(10s);
+    auto s = reader.next(test::slow(10s));
     ASSERT_TRUE(s);
     EXPECT_EQ(s->user(0), 42);
   }
@@ -434,12 +434,12 @@ TEST(RingBufferDeath, AKilledWriterIsSeenAtOnceAndASuccessorAttaches) {
   std::string what;
   for (int i = 0; i < 10 && what.empty(); ++i) {
     try {
-      (void)reader.next(10s);
+      (void)reader.next(test::slow(10s));
     } catch (const ProcessDied& e) {
       what = e.what();
     }
   }
-  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_LT(Clock::now() - t0, test::slow(2s));
   EXPECT_TRUE(test::contains(what, "the writer (pid " + std::to_string(child) + ") died"));
   EXPECT_TRUE(reader.writerGone());
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
@@ -449,11 +449,11 @@ TEST(RingBufferDeath, AKilledWriterIsSeenAtOnceAndASuccessorAttaches) {
   const std::uint64_t before = ring.stats().committed;
   EXPECT_EQ(freeSlotsSeenByANewWriter(ring), 4u);
   for (std::uint64_t i = 1; i <= 4; ++i) {
-    auto s = reader.next(5s);
+    auto s = reader.next(test::slow(5s));
     ASSERT_TRUE(s);
     EXPECT_EQ(s->sequence(), before + i);
   }
-  EXPECT_THROW(reader.next(5s), PeerClosed);  // the successor detached in order
+  EXPECT_THROW(reader.next(test::slow(5s)), PeerClosed);  // the successor detached in order
 }
 
 TEST(RingBufferDeath, AKilledReaderIsSeenAtOnceByABlockedWriterAndASuccessorReads) {
@@ -462,23 +462,23 @@ TEST(RingBufferDeath, AKilledReaderIsSeenAtOnceByABlockedWriterAndASuccessorRead
   Pipe p;
   const pid_t child = test::forkChild([&] {
     auto r = ring.reader();
-    auto s = r.next(10s);  // holds it until killed
+    auto s = r.next(test::slow(10s));  // holds it until killed
     p.put(s ? s->sequence() : 0);
     ::pause();
     return 0;
   });
-  for (int i = 0; i < 4; ++i) writer.push({}, 10s);
+  for (int i = 0; i < 4; ++i) writer.push({}, test::slow(10s));
   std::uint64_t held = 0;
-  ASSERT_TRUE(p.get(held, 10s));
+  ASSERT_TRUE(p.get(held, test::slow(10s)));
   EXPECT_EQ(held, 1u);  // the child holds sequence 1; 2, 3, 4 wait: the ring is full
   const auto t0 = Clock::now();
   std::thread killer([&] {
     std::this_thread::sleep_for(50ms);
     ::kill(child, SIGKILL);
   });
-  const std::string what = test::thrown<ProcessDied>([&] { writer.push({}, 10s); });
+  const std::string what = test::thrown<ProcessDied>([&] { writer.push({}, test::slow(10s)); });
   killer.join();
-  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_LT(Clock::now() - t0, 50ms + test::slow(1950ms));  // the kill's delay, then the bound
   EXPECT_TRUE(test::contains(what, "is full and its reader (pid " + std::to_string(child) + ") died"));
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
 
@@ -488,7 +488,7 @@ TEST(RingBufferDeath, AKilledReaderIsSeenAtOnceByABlockedWriterAndASuccessorRead
     auto r = ring.reader();
     std::uint64_t seqs = 0;
     for (int i = 0; i < 3; ++i) {
-      auto s = r.next(5s);
+      auto s = r.next(test::slow(5s));
       if (!s) return 3;
       seqs = seqs * 10 + s->sequence();
     }
@@ -496,7 +496,7 @@ TEST(RingBufferDeath, AKilledReaderIsSeenAtOnceByABlockedWriterAndASuccessorRead
     return 0;
   });
   std::uint64_t seqs = 0;
-  ASSERT_TRUE(q.get(seqs, 10s));
+  ASSERT_TRUE(q.get(seqs, test::slow(10s)));
   EXPECT_EQ(seqs, 234u);
   EXPECT_EQ(test::exitCodeOf(test::waitChild(next, 10s)), 0);
   // All four slots are free again, none lost with the killed reader, none twice.
@@ -523,17 +523,17 @@ TEST(RingBufferDeath, WithoutPidfdsADeadWriterIsSeenOnceReaped) {
   auto reader = ring.reader();
   const pid_t child = test::forkChild([&] {
     auto w = ring.writer();
-    w.push({}, 1s);
+    w.push({}, test::slow(1s));
     ::pause();
     return 0;
   });
-  EXPECT_TRUE(reader.next(10s).has_value());
+  EXPECT_TRUE(reader.next(test::slow(10s)).has_value());
   EXPECT_FALSE(reader.next(100ms).has_value());  // alive: the wait runs to its timeout
   ::kill(child, SIGKILL);
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);  // reaped: kill(pid, 0) says ESRCH
   const auto t0 = Clock::now();
-  EXPECT_TRUE(test::contains(test::thrown<ProcessDied>([&] { reader.next(10s); }), "died"));
-  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_TRUE(test::contains(test::thrown<ProcessDied>([&] { reader.next(test::slow(10s)); }), "died"));
+  EXPECT_LT(Clock::now() - t0, test::slow(2s));
   EXPECT_EQ(reader.writerFd(), -1);
 }
 
@@ -557,7 +557,7 @@ std::uint64_t slotsBeforeFirstDrop(RingWriter& w, std::size_t slots) {
   const std::uint64_t d0 = w.stats().drops;
   std::uint64_t n = 0;
   while (n < 2 * slots) {
-    WriteSlot s = w.reserve(1s);
+    WriteSlot s = w.reserve(test::slow(1s));
     if (w.stats().drops != d0) break;
     s.commit();
     ++n;
@@ -579,7 +579,7 @@ TEST_P(RingKills, KilledAtAnyMomentNoSlotIsLostOrDuplicated) {
       const pid_t child = test::forkChild([&] {
         auto w = ring.writer();
         for (;;) {
-          WriteSlot s = w.reserve(10s);
+          WriteSlot s = w.reserve(test::slow(10s));
           fillPayload(s.data(), 512, s.sequence());
           s.setUser(0, checksum(s.data(), 512));
           s.commit();
@@ -589,12 +589,12 @@ TEST_P(RingKills, KilledAtAnyMomentNoSlotIsLostOrDuplicated) {
       const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
       int bad = 0;
       while (Clock::now() < until)
-        if (auto s = reader.next(1s); s && checksum(s->data(), 512) != s->user(0)) ++bad;
+        if (auto s = reader.next(test::slow(1s)); s && checksum(s->data(), 512) != s->user(0)) ++bad;
       ::kill(child, SIGKILL);
       EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
       for (;;) {  // drain up to the death
         try {
-          if (auto s = reader.next(5s); s && checksum(s->data(), 512) != s->user(0)) ++bad;
+          if (auto s = reader.next(test::slow(5s)); s && checksum(s->data(), 512) != s->user(0)) ++bad;
         } catch (const ProcessDied&) {
           break;
         }
@@ -607,7 +607,7 @@ TEST_P(RingKills, KilledAtAnyMomentNoSlotIsLostOrDuplicated) {
         return 0;
       });
       std::uint64_t n = 0;
-      ASSERT_TRUE(p.get(n, 10s));
+      ASSERT_TRUE(p.get(n, test::slow(10s)));
       EXPECT_EQ(n, kSlots) << "round " << round << ", writer killed";
       EXPECT_EQ(test::exitCodeOf(test::waitChild(next, 10s)), 0);
     }
@@ -617,7 +617,7 @@ TEST_P(RingKills, KilledAtAnyMomentNoSlotIsLostOrDuplicated) {
       const pid_t child = test::forkChild([&] {
         auto r = ring.reader();
         for (;;) {
-          auto s = r.next(10s);
+          auto s = r.next(test::slow(10s));
           const auto until = Clock::now() + 50us;  // hold it: killed holding one, often
           while (Clock::now() < until) {
           }
@@ -625,7 +625,7 @@ TEST_P(RingKills, KilledAtAnyMomentNoSlotIsLostOrDuplicated) {
         return 0;
       });
       const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
-      while (Clock::now() < until) writer.push({}, 1s);
+      while (Clock::now() < until) writer.push({}, test::slow(1s));
       ::kill(child, SIGKILL);
       EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
       auto reader = ring.reader();  // the successor, in this process
@@ -781,14 +781,14 @@ TEST(RingDoorbell, AReaderAsleepInAnotherProcessWakesForOneCommit) {
   const pid_t child = test::forkChild([&] {
     auto w = ring.writer();
     std::this_thread::sleep_for(100ms);  // the reader is asleep by now
-    w.push({}, 1s);
+    w.push({}, test::slow(1s));
     std::this_thread::sleep_for(200ms);
     return 0;
   });
   const auto t0 = Clock::now();
-  auto s = reader.next(10s);
+  auto s = reader.next(test::slow(10s));
   EXPECT_TRUE(s.has_value());
-  EXPECT_LT(Clock::now() - t0, 5s);
+  EXPECT_LT(Clock::now() - t0, 100ms + test::slow(4900ms));  // the writer's 100 ms, then the bound
   s.reset();
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), 0);
 }
@@ -805,7 +805,7 @@ class RingProcess : public MessageProcess {
     auto rb = RingBuffer::open(ring);
     auto w = rb.writer();
     for (int i = 0; i < count; ++i) {
-      WriteSlot s = w.reserve(5s);
+      WriteSlot s = w.reserve(test::slow(5s));
       s.tensor<float, 2>().setConstant(static_cast<float>(i));
       s.commit();
     }
@@ -822,11 +822,11 @@ TEST(RingBufferTransport, ARingMadeAfterStartTravelsAsADescriptor) {
     auto reader = ring.reader();
     EXPECT_EQ(p.call("produce", {{"ring", ring.describe()}, {"count", 3}}).as<int>(), 4);
     for (int i = 0; i < 3; ++i) {
-      auto s = reader.next(5s);
+      auto s = reader.next(test::slow(5s));
       ASSERT_TRUE(s);
       EXPECT_EQ((s->tensor<float, 2>()(2, 1)), static_cast<float>(i));
     }
-    EXPECT_THROW(reader.next(5s), PeerClosed);  // the handler's writer went with it
+    EXPECT_THROW(reader.next(test::slow(5s)), PeerClosed);  // the handler's writer went with it
     EXPECT_TRUE(test::contains(test::thrown<TypeError>([] { RingBuffer::open(Value(Map{{"kind", "ring"}})); }),
                                "no 'segment'"));
     EXPECT_TRUE(test::contains(test::thrown<TypeError>([] { RingBuffer::open(Value(3)); }), "is a map, int found"));

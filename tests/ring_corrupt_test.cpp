@@ -50,7 +50,7 @@ struct Peer {
 };
 
 void commit(RingWriter& w, std::int64_t frame) {
-  WriteSlot s = w.reserve(1s);
+  WriteSlot s = w.reserve(test::slow(1s));
   s.setUser(0, frame);
   s.commit();
 }
@@ -94,8 +94,8 @@ TEST(RingCorrupt, AHeadFarAheadOfTheTail) {
   EXPECT_TRUE(test::contains(corruptError([&] { r.tryNext(); }), "the delivery queue holds 1000 slots, of 4"));
   // A wait meets it too, at once, not at its timeout.
   const auto t0 = std::chrono::steady_clock::now();
-  corruptError([&] { r.next(5s); });
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+  corruptError([&] { r.next(test::slow(5s)); });
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(2s));
 }
 
 TEST(RingCorrupt, AHeadThatGoesBack) {
@@ -155,7 +155,7 @@ TEST(RingCorrupt, ANegativePeerPid) {
   auto r = ring.reader();
   peer.h->writerPid.store(-5);
   peer.h->writerEpoch.fetch_add(1);
-  EXPECT_TRUE(test::contains(corruptError([&] { r.next(1s); }), "the peer's pid is -5"));
+  EXPECT_TRUE(test::contains(corruptError([&] { r.next(test::slow(1s)); }), "the peer's pid is -5"));
   peer.h->writerPid.store(0);
   auto ring2 = RingBuffer::create("ring-bad-pid2", 4, 64);
   Peer peer2(ring2);
@@ -204,8 +204,8 @@ TEST(RingCorrupt, AReturnEndFarAhead) {
                              "the return queue's end 100 is not within 4 slots of its read position 0"));
   // A blocked Block writer meets it at once, not at its timeout.
   const auto t0 = std::chrono::steady_clock::now();
-  corruptError([&] { w.reserve(5s); });
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+  corruptError([&] { w.reserve(test::slow(5s)); });
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, test::slow(2s));
 }
 
 // R gives back a slot the writer holds in its spare list: read when the
@@ -301,7 +301,7 @@ TEST(RingCorrupt, ReadRingEndsWithTheError) {
         ended = true;
         what = e.what();
       });
-  EXPECT_TRUE(m.runUntil([&] { return ended; }, 10s));
+  EXPECT_TRUE(m.runUntil([&] { return ended; }, test::slow(10s)));
   EXPECT_EQ(m.finish(), 0);
   EXPECT_TRUE(test::contains(what, "the delivery queue names slot 99 of 4"));
 }

@@ -25,7 +25,7 @@ namespace {
 using namespace std::chrono_literals;
 
 void commitFrame(RingWriter& w, std::int64_t frame) {
-  WriteSlot s = w.reserve(1s);
+  WriteSlot s = w.reserve(test::slow(1s));
   std::memset(s.data(), static_cast<int>(frame & 0xff), s.capacity());
   s.setUser(0, frame);
   s.commit();
@@ -159,7 +159,7 @@ TEST(RingHeldView, AnotherProcessReadsAHeldSlotInPlace) {
     return 0;
   });
   std::int64_t sum = 0;
-  ASSERT_TRUE(p.get(sum, 10s));
+  ASSERT_TRUE(p.get(sum, test::slow(10s)));
   EXPECT_EQ(sum, 7 * 4 * 8 * 3);
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), 0);
 
@@ -187,7 +187,7 @@ TEST(RingHeldRecovery, ADeadReadersHeldSlotsComeBack) {
     return 0;
   });
   std::int64_t n = 0;
-  const bool reported = p.get(n, 10s);
+  const bool reported = p.get(n, test::slow(10s));
   ::kill(child, SIGKILL);
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), -1);
   ASSERT_TRUE(reported);
@@ -219,7 +219,7 @@ TEST(RingHeldRecovery, ANewWriterDoesNotTakeHeldSlots) {
     return 0;
   });
   std::int64_t n = 0;
-  const bool reported = p.get(n, 10s);
+  const bool reported = p.get(n, test::slow(10s));
   auto a = r.tryNext();
   auto b = r.tryNext();
   ::kill(child, SIGKILL);
@@ -265,7 +265,7 @@ pid_t writeChecksummed(RingBuffer& ring, std::size_t bytes, std::uint64_t frames
   return test::forkChild([&ring, bytes, frames] {
     auto w = ring.writer();
     for (std::uint64_t i = 1; i <= frames; ++i) {
-      WriteSlot s = w.reserve(10s);
+      WriteSlot s = w.reserve(test::slow(10s));
       fillPayload(s.data(), bytes, s.sequence());
       s.setUser(0, checksum(s.data(), bytes));
       s.commit();
@@ -298,7 +298,7 @@ TEST_P(RingHeldStream, HeldSlotsSurviveAWriterAtFullSpeed) {
   while (!closed) {
     if (held.size() == 3) giveBack(static_cast<std::size_t>(std::rand()) % 3);
     try {
-      auto s = r.next(10s);
+      auto s = r.next(test::slow(10s));
       if (!s) break;  // a timeout: the counts below fail
       if (s->sequence() <= lastSeq) ++outOfOrder;
       lastSeq = s->sequence();
@@ -338,7 +338,7 @@ std::uint64_t slotsBeforeFirstDrop(RingWriter& w, std::size_t slots) {
   const std::uint64_t d0 = w.stats().drops;
   std::uint64_t n = 0;
   while (n < 2 * slots) {
-    WriteSlot s = w.reserve(1s);
+    WriteSlot s = w.reserve(test::slow(1s));
     if (w.stats().drops != d0) break;
     s.commit();
     ++n;
@@ -360,7 +360,7 @@ TEST_P(RingHeldKills, KilledAtAnyMomentNoHeldSlotIsLostOrDuplicated) {
       const pid_t child = test::forkChild([&] {
         auto w = ring.writer();
         for (;;) {
-          WriteSlot s = w.reserve(10s);
+          WriteSlot s = w.reserve(test::slow(10s));
           fillPayload(s.data(), kBytes, s.sequence());
           s.setUser(0, checksum(s.data(), kBytes));
           s.commit();
@@ -377,12 +377,12 @@ TEST_P(RingHeldKills, KilledAtAnyMomentNoHeldSlotIsLostOrDuplicated) {
         }
       };
       const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
-      while (Clock::now() < until || held.size() < 2) take(1s);
+      while (Clock::now() < until || held.size() < 2) take(test::slow(1s));
       ::kill(child, SIGKILL);
       EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
       for (;;) {  // drain up to the death, holding 2
         try {
-          take(5s);
+          take(test::slow(5s));
         } catch (const ProcessDied&) {
           break;
         }
@@ -402,12 +402,12 @@ TEST_P(RingHeldKills, KilledAtAnyMomentNoHeldSlotIsLostOrDuplicated) {
         std::deque<ReadSlot> held;
         for (;;) {
           if (held.size() == 2) held.pop_front();
-          if (auto s = r.next(10s)) held.push_back(std::move(*s));
+          if (auto s = r.next(test::slow(10s))) held.push_back(std::move(*s));
         }
         return 0;
       });
       const auto until = Clock::now() + std::chrono::microseconds(200 + std::rand() % 3000);
-      while (Clock::now() < until) writer.push({}, 1s);
+      while (Clock::now() < until) writer.push({}, test::slow(1s));
       ::kill(child, SIGKILL);
       EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 5s)), -1);
       auto reader = ring.reader();  // the successor gives the dead one's slots back

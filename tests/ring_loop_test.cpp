@@ -29,7 +29,7 @@ pid_t writeFrames(RingBuffer& ring, int n, bool die) {
   return test::forkChild([&ring, n, die] {
     auto w = ring.writer();
     for (int i = 1; i <= n; ++i) {
-      WriteSlot s = w.reserve(10s);
+      WriteSlot s = w.reserve(test::slow(10s));
       std::memset(s.data(), i, s.capacity());
       s.setUser(0, i);
       s.commit();
@@ -71,7 +71,7 @@ TEST(RingLoop, ACallbackThatThrowsDoesNotSilenceTheRing) {
       },
       recordEnd(end));
   const auto t0 = Clock::now();
-  EXPECT_TRUE(m.runUntil([&] { return end.ended; }, 10s));
+  EXPECT_TRUE(m.runUntil([&] { return end.ended; }, test::slow(10s)));
   const auto took = Clock::now() - t0;
   EXPECT_EQ(m.finish(), 0);
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), 0);
@@ -79,7 +79,7 @@ TEST(RingLoop, ACallbackThatThrowsDoesNotSilenceTheRing) {
   for (int i = 0; i < kFrames; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], i + 1);
   EXPECT_FALSE(end.died);
   EXPECT_TRUE(test::contains(end.what, "the writer detached"));
-  EXPECT_LT(took, 5s);  // the end is seen at the detach, not at a timeout
+  EXPECT_LT(took, test::slow(5s));  // the end is seen at the detach, not at a timeout
   EXPECT_EQ(reader.stats().consumed, static_cast<std::uint64_t>(kFrames));  // the throwing frame's slot came back
   EXPECT_EQ(reader.held(), 0u);
   EXPECT_TRUE(test::contains(err.text(), "the callback threw on frame 5 of ring 'anon."));
@@ -96,8 +96,8 @@ TEST(RingLoop, AKilledWriterIsReportedAfterItsLastFrames) {
   Ended end;
   m.readRing(reader, [&](ReadSlot& s) { got.push_back(s.user(0)); }, recordEnd(end));
   const auto t0 = Clock::now();
-  EXPECT_TRUE(m.runUntil([&] { return end.ended; }, 10s));
-  EXPECT_LT(Clock::now() - t0, 5s);  // the pidfd, not a timeout
+  EXPECT_TRUE(m.runUntil([&] { return end.ended; }, test::slow(10s)));
+  EXPECT_LT(Clock::now() - t0, test::slow(5s));  // the pidfd, not a timeout
   EXPECT_EQ(m.finish(), 0);
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), -1);
   EXPECT_EQ(got, (std::vector<std::int64_t>{1, 2, 3}));
@@ -131,7 +131,7 @@ TEST(RingLoop, KeptSlotsPauseTheReadingUntilTheyComeBack) {
           });
       },
       recordEnd(end));
-  EXPECT_TRUE(m.runUntil([&] { return end.ended; }, 10s));
+  EXPECT_TRUE(m.runUntil([&] { return end.ended; }, test::slow(10s)));
   EXPECT_EQ(m.finish(), 0);
   EXPECT_EQ(test::exitCodeOf(test::waitChild(child, 10s)), 0);
   ASSERT_EQ(got.size(), static_cast<std::size_t>(kFrames));
