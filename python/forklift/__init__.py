@@ -5,6 +5,15 @@ Arrays
     b = forklift.create((3, 4), "uint8", named=True)     # /dev/shm/fk.<pid>.<n>.<hint>
     c = forklift.open(d)   # d: a descriptor dict (forklift.describe(a)), a name, or an int fd
 
+Rings
+    r = forklift.create_ring(4, shape=(720, 1280, 3), dtype="uint8", policy="drop-oldest")
+    w = r.writer();  rd = forklift.open_ring(r.describe()).reader()   # usually in two processes
+    with w.reserve(timeout=1.0) as s:          # commits on leaving, abandons on an exception
+        s.array[...] = frame; s.set_user(0, 7)
+    with rd.next(timeout=1.0) as s:            # released on leaving
+        use(s.array, s.sequence, s.timestamp_ns, s.user)
+    rd.fileno()   # the doorbell: selectors, select.poll, asyncio's loop.add_reader
+
 Every array is a numpy.ndarray over the segment's own pages; its base chain
 leads to a forklift.Segment, which keeps the mapping alive. describe() and
 open() take and give the same descriptors as C++ ShmTensor::describe() and
@@ -19,13 +28,14 @@ from . import _forklift
 from ._forklift import (  # noqa: F401
     Error, SystemError, TypeError, DecodeError, StreamCorrupt, LimitError, TimeoutError,
     PeerClosed, ProcessDied, RemoteError, CommandError, ShmNameError, ShmFormatError,
-    Fd, Segment,
+    Fd, Segment, Ring, RingWriter, RingReader, WriteSlot, ReadSlot,
 )
 
 __all__ = [
     "Error", "SystemError", "TypeError", "DecodeError", "StreamCorrupt", "LimitError", "TimeoutError",
     "PeerClosed", "ProcessDied", "RemoteError", "CommandError", "ShmNameError", "ShmFormatError",
     "Fd", "Segment", "create", "zeros", "open", "describe", "segment",
+    "Ring", "RingWriter", "RingReader", "WriteSlot", "ReadSlot", "create_ring", "open_ring",
 ]
 
 
@@ -102,3 +112,25 @@ def describe(array):
     if seg is None:
         raise TypeError("describe(): this array is not a view of forklift shared memory")
     return seg.describe()
+
+
+def create_ring(slots, *, slot_bytes=None, shape=None, dtype=None, policy="block", name="", named=False, exact=False,
+                order="C"):
+    """A new ring of `slots` slots: of `slot_bytes` bytes each, or each an array of `shape` and `dtype`.
+
+    policy: "block" (the writer waits for a free slot), "drop-oldest" or
+    "keep-latest" (the writer never waits; the reader's stats() count drops).
+    Naming as in create(): anonymous by default.
+    """
+    if named and exact:
+        raise TypeError("create_ring(): named and exact exclude each other")
+    mode = "exact" if exact else "named" if named else "anonymous"
+    if isinstance(shape, _numbers.Integral):
+        shape = (int(shape),)
+    return Ring.create(slots, slot_bytes, None if shape is None else [int(n) for n in shape],
+                       None if dtype is None else _dtype_name(dtype), policy, name, mode, order)
+
+
+def open_ring(descriptor):
+    """Opens a ring from its describe() dict, made here or in C++ (RingBuffer::describe())."""
+    return Ring.open(descriptor)
