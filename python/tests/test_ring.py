@@ -226,3 +226,64 @@ def test_python_writer_cpp_reader_checksummed_frames(peer):
     assert code == 0, out
     assert f"read {frames} frames, checksums ok" in out
     assert ring.stats()["consumed"] == frames
+
+
+WAITER = r"""
+import sys, forklift
+ring = forklift.create_ring(2, slot_bytes=8)
+w, r = ring.writer(), ring.reader()
+w.push(b"a", timeout=1)
+w.push(b"b", timeout=1)
+print("blocking", flush=True)
+try:
+    if sys.argv[1] == "reserve":
+        w.reserve(timeout=None)      # full: waits for good
+    else:
+        r.next(timeout=1.0).release(); r.next(timeout=1.0).release()
+        r.next(timeout=None)         # empty: waits for good
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("wait", ["reserve", "next"])
+def test_ctrl_c_ends_a_wait_without_timeout(wait):
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", WAITER, wait], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ})
+    try:
+        assert proc.stdout.readline().strip() == "blocking"
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and out.strip() == "interrupted", out
+
+
+def test_a_killed_cpp_writer_ends_the_readers_wait(peer):
+    import signal
+    p = peer("ring-write", 1000000, 4, "block")
+    ring = forklift.open_ring(p.recv_descriptor())
+    r = ring.reader()
+    p.send_byte()
+    for _ in range(3):
+        with r.next(timeout=10) as s:
+            a = s.array
+            assert sums(a) == s.user[:2]
+            del a
+    p.proc.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(forklift.ProcessDied):
+        while True:  # what it committed before dying is still read
+            s = r.next(timeout=10)
+            assert s is not None, "the death ended the wait, not the timeout"
+            s.release()
+    assert time.monotonic() - t0 < 1.0
+    assert r.writer_gone()
