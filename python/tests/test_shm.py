@@ -117,6 +117,35 @@ def test_bad_arguments_are_clear_exceptions():
         forklift.create((2,), "uint8", name="no/slash", exact=True)
     with pytest.raises(forklift.TypeError):
         forklift.open(3.5)
+    with pytest.raises(forklift.LimitError, match="negative dimension"):
+        forklift.create((2, -1), "uint8")
+    with pytest.raises(forklift.LimitError, match="too large"):
+        forklift.create((1 << 40, 1 << 40), "uint8")
+    assert forklift.create((3, 0), "float32").shape == (3, 0)
+
+
+FINALIZED = r"""
+import forklift, sys
+a = forklift.create((100, 100), "float64", name="fin", named=True)
+print(forklift.segment(a).name, flush=True)
+ring = forklift.create_ring(2, shape=(8,), dtype="int32")
+w, r = ring.writer(), ring.reader()
+w.push(bytes(32), timeout=1)
+held = r.next(timeout=1).array      # a slot held by a live view at exit
+cycle = [a]; cycle.append(cycle)    # and a segment only a cycle holds
+"""
+
+
+def test_interpreter_exit_with_live_views_is_clean():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FINALIZED], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    name = out.stdout.strip()
+    assert name.startswith("fk.")
+    # The creator's Segment went at finalization, and its name with it.
+    assert not os.path.exists("/dev/shm/" + name)
 
 
 def test_forged_and_wrong_segments_raise_never_crash(tmp_path):
@@ -227,3 +256,22 @@ def test_cpp_refuses_what_python_forged(peer):
     p.send_descriptor({**forklift.describe(a), "dtype": "float32"})
     code, out = p.finish()
     assert code == 1 and out.startswith("error: ") and "float32" in out, out
+
+
+def test_a_forked_child_writes_the_same_pages_and_never_removes_the_name():
+    a = forklift.create((4,), "int64", name="fork", named=True)
+    name = forklift.segment(a).name
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the Segment does not own the name
+        code = 1
+        try:
+            a[0] = 42
+            assert not forklift.segment(a).owns
+            del a
+            gc.collect()
+            code = 0 if os.path.exists("/dev/shm/" + name) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert a[0] == 42 and os.path.exists("/dev/shm/" + name)
