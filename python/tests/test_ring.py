@@ -134,6 +134,58 @@ def test_the_doorbell_in_selectors():
         sel.close()
 
 
+def test_the_doorbells_in_select_poll_reader_and_blocked_writer():
+    import select
+    ring = forklift.create_ring(2, slot_bytes=8)
+    w, r = ring.writer(), ring.reader()
+    p = select.poll()
+    p.register(r.fileno(), select.POLLIN)
+    p.register(w.fileno(), select.POLLIN)
+    assert r.arm() is True
+    w.push(b"1", timeout=1.0)
+    w.push(b"2", timeout=1.0)
+    assert dict(p.poll(1000)).get(r.fileno()) == select.POLLIN
+    r.drain_doorbell()
+    w.drain_doorbell()  # the protocol: drain, try, then arm (an attach may have rung it)
+    assert w.try_reserve() is None and w.arm() is True, "full: the writer arms for room"
+    assert w.fileno() not in dict(p.poll(50))
+    r.next(timeout=1.0).release()
+    assert dict(p.poll(1000)).get(w.fileno()) == select.POLLIN, "a returned slot rang the blocked writer"
+    w.drain_doorbell()
+    s = w.try_reserve()
+    assert s is not None
+    s.abandon()
+
+
+DEADLOCK = r"""
+import threading, forklift
+ring = forklift.create_ring(2, slot_bytes=8)
+w, r = ring.writer(), ring.reader()
+got = []
+def read():
+    for _ in range(200):
+        with r.next(timeout=None) as s:   # waits with the GIL released
+            got.append(bytes(s.array[:1]))
+t = threading.Thread(target=read)
+t.start()
+for i in range(200):
+    w.push(bytes([i % 256]), timeout=None)  # waits with the GIL released too
+t.join()
+assert got == [bytes([i % 256]) for i in range(200)]
+print("ok")
+"""
+
+
+def test_waits_release_the_gil_for_other_threads():
+    import subprocess
+    import sys
+    try:  # in a child: a wait that held the GIL would hang, not fail
+        out = subprocess.run([sys.executable, "-c", DEADLOCK], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("DEADLOCK, most likely: a ring wait kept the GIL")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_bad_ring_descriptors(peer):
     ring = forklift.create_ring(2, slot_bytes=8)
     d = ring.describe()
