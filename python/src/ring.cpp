@@ -252,8 +252,12 @@ void registerRing(py::module_& m) {
       })
       .def("push", [](PyWriter& p, py::buffer data, py::object timeout, std::vector<std::int64_t> user) {
         py::buffer_info b = data.request();
-        if (b.ndim > 0 && b.strides.back() != b.itemsize)
-          throw forklift::TypeError("push(): the data is not contiguous");
+        py::ssize_t expect = b.itemsize;  // C-contiguous: each stride the size of what follows
+        for (py::ssize_t k = b.ndim; k-- > 0;) {
+          if (b.shape[k] > 1 && b.strides[k] != expect)
+            throw forklift::TypeError("push(): the data is not C-contiguous (numpy.ascontiguousarray() it)");
+          expect *= b.shape[k];
+        }
         const std::span<const std::byte> bytes(static_cast<const std::byte*>(b.ptr),
                                                static_cast<std::size_t>(b.size * b.itemsize));
         const Timeout t = toTimeout(timeout);

@@ -103,6 +103,25 @@ def test_block_waits_and_times_out():
     assert r.stats()["drops"] == 0
 
 
+def test_push_takes_contiguous_buffers_only():
+    ring = forklift.create_ring(4, slot_bytes=64)
+    w, r = ring.writer(), ring.reader()
+    grid = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    w.push(grid, timeout=1.0, user=[1, 2, 3, 4])
+    with pytest.raises(forklift.TypeError, match="C-contiguous"):
+        w.push(grid[:, ::2], timeout=1.0)
+    with pytest.raises(forklift.TypeError, match="C-contiguous"):
+        w.push(grid.T, timeout=1.0)
+    with pytest.raises(forklift.LimitError):
+        w.push(bytes(65), timeout=1.0)
+    with pytest.raises(forklift.Error):
+        w.push(b"x", timeout=1.0, user=[0] * 5)
+    with r.next(timeout=1.0) as s:
+        assert s.bytes == 16 and s.user == (1, 2, 3, 4)
+        assert bytes(s.array) == grid.tobytes()
+    assert r.next(timeout=0) is None
+
+
 @pytest.mark.parametrize("policy,first", [("drop-oldest", 4), ("keep-latest", 6)])
 def test_drop_policies_count_their_drops(policy, first):
     ring = forklift.create_ring(3, slot_bytes=8, policy=policy)
