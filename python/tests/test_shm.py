@@ -200,7 +200,7 @@ def test_forged_and_wrong_segments_raise_never_crash(tmp_path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_makes_python_opens_by_descriptor(peer, dtype):
-    for shape in [(5,), (3, 4), (2, 3, 4), (2, 1, 2, 1, 2, 1, 2, 3)]:
+    for shape in SHAPES:
         p = peer("array-make", dtype, "-", *shape)
         d = p.recv_descriptor()
         assert isinstance(d["fd"], forklift.Fd) and d["dtype"] == dtype and d["shape"] == list(shape)
@@ -215,7 +215,7 @@ def test_cpp_makes_python_opens_by_descriptor(peer, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_python_makes_cpp_opens_by_descriptor(peer, dtype):
-    for shape in [(5,), (3, 4), (2, 3, 4), (2, 1, 2, 1, 2, 1, 2, 3)]:
+    for shape in SHAPES:
         a = forklift.create(shape, dtype, name="tocpp")
         a[...] = pattern(shape, dtype, 97)
         p = peer("array-check")
@@ -224,6 +224,21 @@ def test_python_makes_cpp_opens_by_descriptor(peer, dtype):
         np.testing.assert_array_equal(a, pattern(shape, dtype, 89))
         code, out = p.finish()
         assert code == 0, out
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16", "float64"])
+def test_python_makes_fortran_order_cpp_opens_it_column_major(peer, dtype):
+    for shape in [(3, 4), (2, 3, 4), (2, 1, 3, 1, 2)]:
+        a = forklift.create(shape, dtype, order="F")
+        flat = a.T.reshape(-1)  # the pages in memory order (a view: a.T is C-contiguous)
+        assert flat.base is not None and np.shares_memory(flat, a)
+        flat[...] = pattern(flat.shape, dtype, 97)
+        p = peer("array-check")
+        p.send_descriptor(forklift.describe(a))
+        assert p.recv_byte() == b"x"
+        np.testing.assert_array_equal(flat, pattern(flat.shape, dtype, 89))
+        code, out = p.finish()
+        assert code == 0 and "column-major" in out, out
 
 
 def test_python_makes_named_cpp_opens_by_name(peer):
