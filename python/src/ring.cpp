@@ -7,6 +7,13 @@
 // while a view of the slot still lives: del the views first. The waits
 // (reserve, next, push) release the GIL in slices of 50 ms and let Ctrl-C
 // through; fileno() is the doorbell, for selectors, poll and asyncio.
+//
+// Threads: C++ uses a role and the slots it handed out from one thread at a
+// time. Python code runs one thread at a time under the GIL, except while a
+// wait has released it; so a wait marks its role busy, any other call on the
+// role or its slots meanwhile raises forklift.Error, and a read slot that
+// another thread releases (or drops) meanwhile is released by the waiting
+// thread when its wait returns.
 #include <memory>
 #include <optional>
 
@@ -17,10 +24,48 @@ namespace forklift::python {
 
 namespace {
 
+// One role (reader or writer) as Python shares it with its slots. Touched
+// with the GIL held only.
+struct Role {
+  bool busy = false;                // a wait runs with the GIL released
+  std::vector<ReadSlot> deferred;   // released by the waiting thread after its wait
+  const char* what = "ring role";
+};
+
+void checkIdle(const Role& r) {
+  if (r.busy)
+    throw Error(std::string("this ") + r.what +
+                " is waiting in another thread: a role and its slots are used by one thread at a time");
+}
+
+// Marks a role busy for one wait.
+struct Busy {
+  Role& r;
+  explicit Busy(Role& role) : r(role) {
+    checkIdle(r);
+    r.busy = true;
+  }
+  Busy(const Busy&) = delete;
+  Busy& operator=(const Busy&) = delete;
+  ~Busy() {
+    r.busy = false;
+    r.deferred.clear();  // releases what other threads gave back meanwhile
+  }
+};
+
 // A slot held for Python: the wrapper and every numpy view's lease share it.
 template <class Slot>
 struct Held {
   Slot slot;
+  std::shared_ptr<Role> role;
+  Held(Slot s, std::shared_ptr<Role> r) : slot(std::move(s)), role(std::move(r)) {}
+  Held(const Held&) = delete;
+  Held& operator=(const Held&) = delete;
+  ~Held() {
+    if constexpr (std::is_same_v<Slot, ReadSlot>) {
+      if (slot.valid() && role && role->busy) role->deferred.push_back(std::move(slot));
+    }
+  }
 };
 
 // What a numpy view's base holds.
@@ -83,6 +128,7 @@ struct PyWriteSlot {
 
   WriteSlot& slot() const {
     if (!h || !h->slot.valid()) throw Error("this slot was committed or abandoned already");
+    checkIdle(*h->role);
     return h->slot;
   }
   void commit() {
@@ -93,6 +139,7 @@ struct PyWriteSlot {
   }
   void abandon() {
     if (!h || !h->slot.valid()) return;
+    checkIdle(*h->role);
     checkNoViews(h, "abandon");
     h->slot.abandon();
     h.reset();
@@ -112,27 +159,37 @@ struct PyReadSlot {
   void release() {
     if (!h || !h->slot.valid()) return;
     checkNoViews(h, "release");
-    h->slot.release();
-    h.reset();
+    h.reset();  // ~Held releases it, or hands it to a wait in progress
   }
 };
 
-// Holds the reader or writer and the ring alive together.
 struct PyWriter {
   RingWriter w;
+  std::shared_ptr<Role> role = std::make_shared<Role>(Role{false, {}, "ring writer"});
+  RingWriter& idle() {
+    checkIdle(*role);
+    return w;
+  }
+  PyWriteSlot wrap(WriteSlot s) {
+    return PyWriteSlot{std::make_shared<Held<WriteSlot>>(std::move(s), role), &w.format()};
+  }
 };
 struct PyReader {
   RingReader r;
+  std::shared_ptr<Role> role = std::make_shared<Role>(Role{false, {}, "ring reader"});
+  RingReader& idle() {
+    checkIdle(*role);
+    return r;
+  }
+  PyReadSlot wrap(ReadSlot s) {
+    PyReadSlot p;
+    p.info = s.info();
+    p.index = s.index();
+    p.format = &r.format();
+    p.h = std::make_shared<Held<ReadSlot>>(std::move(s), role);
+    return p;
+  }
 };
-
-PyReadSlot wrap(ReadSlot s, const RingFormat& f) {
-  PyReadSlot p;
-  p.info = s.info();
-  p.index = s.index();
-  p.format = &f;
-  p.h = std::make_shared<Held<ReadSlot>>(Held<ReadSlot>{std::move(s)});
-  return p;
-}
 
 RingPolicy policyFromName(const std::string& p) {
   for (RingPolicy r : {RingPolicy::Block, RingPolicy::DropOldest, RingPolicy::KeepLatest})
@@ -224,7 +281,11 @@ void registerRing(py::module_& m) {
       })
       .def_property_readonly("index", [](const PyReadSlot& s) { return s.index; })
       .def("info", [](const PyReadSlot& s) { return infoDict(s.info); })
-      .def("intact", [](const PyReadSlot& s) { return s.slot().intact(); },
+      .def("intact", [](const PyReadSlot& s) {
+        ReadSlot& r = s.slot();
+        checkIdle(*s.h->role);
+        return r.intact();
+      },
            "False when the writer reused the slot meanwhile (a drop policy).")
       .def("release", &PyReadSlot::release, "Gives the slot back to the writer.")
       .def("__enter__", [](py::object self) { return self; })
@@ -234,6 +295,7 @@ void registerRing(py::module_& m) {
       .def("reserve", [](PyWriter& p, py::object timeout) {
         const Timeout t = toTimeout(timeout);
         std::optional<WriteSlot> got;
+        const Busy busy(*p.role);
         const bool ok = waitInSlices(t, [&](Timeout slice) {
           try {
             got.emplace(p.w.reserve(slice));
@@ -243,12 +305,12 @@ void registerRing(py::module_& m) {
           }
         });
         if (!ok) throw forklift::TimeoutError("reserve(): no free slot within the timeout (the reader holds them all)");
-        return PyWriteSlot{std::make_shared<Held<WriteSlot>>(Held<WriteSlot>{std::move(*got)}), &p.w.format()};
+        return p.wrap(std::move(*got));
       }, py::arg("timeout") = py::none(), "A free slot; Block rings wait up to timeout seconds (None: forever).")
       .def("try_reserve", [](PyWriter& p) -> py::object {
-        auto s = p.w.tryReserve();
+        auto s = p.idle().tryReserve();
         if (!s) return py::none();
-        return py::cast(PyWriteSlot{std::make_shared<Held<WriteSlot>>(Held<WriteSlot>{std::move(*s)}), &p.w.format()});
+        return py::cast(p.wrap(std::move(*s)));
       })
       .def("push", [](PyWriter& p, py::buffer data, py::object timeout, std::vector<std::int64_t> user) {
         py::buffer_info b = data.request();
@@ -261,6 +323,7 @@ void registerRing(py::module_& m) {
         const std::span<const std::byte> bytes(static_cast<const std::byte*>(b.ptr),
                                                static_cast<std::size_t>(b.size * b.itemsize));
         const Timeout t = toTimeout(timeout);
+        const Busy busy(*p.role);
         const bool ok = waitInSlices(t, [&](Timeout slice) {
           try {
             p.w.push(bytes, slice, user);
@@ -272,39 +335,40 @@ void registerRing(py::module_& m) {
         if (!ok) throw forklift::TimeoutError("push(): no free slot within the timeout (the reader holds them all)");
       }, py::arg("data"), py::arg("timeout") = py::none(), py::arg("user") = std::vector<std::int64_t>{})
       .def("fileno", [](const PyWriter& p) { return p.w.fd(); }, "Readable when a blocked writer may retry.")
-      .def("arm", [](PyWriter& p) { return p.w.arm(); })
-      .def("drain_doorbell", [](PyWriter& p) { p.w.drainDoorbell(); })
-      .def("reader_fd", [](PyWriter& p) { return p.w.readerFd(); }, "The reader's pidfd; -1 while none attached.")
-      .def("stats", [](const PyWriter& p) { return statsDict(p.w.stats()); });
+      .def("arm", [](PyWriter& p) { return p.idle().arm(); })
+      .def("drain_doorbell", [](PyWriter& p) { p.idle().drainDoorbell(); })
+      .def("reader_fd", [](PyWriter& p) { return p.idle().readerFd(); }, "The reader's pidfd; -1 while none attached.")
+      .def("stats", [](PyWriter& p) { return statsDict(p.idle().stats()); });
 
   py::class_<PyReader>(m, "RingReader")
       .def("next", [](PyReader& p, py::object timeout) -> py::object {
         const Timeout t = toTimeout(timeout);
         std::optional<ReadSlot> got;
+        const Busy busy(*p.role);
         waitInSlices(t, [&](Timeout slice) {
           got = p.r.next(slice);
           return got.has_value();
         });
         if (!got) return py::none();
-        return py::cast(wrap(std::move(*got), p.r.format()));
+        return py::cast(p.wrap(std::move(*got)));
       }, py::arg("timeout") = py::none(),
          "The next committed slot, waiting up to timeout seconds (None: forever); None when none came. "
          "ProcessDied / PeerClosed once drained and the writer is gone.")
       .def("try_next", [](PyReader& p) -> py::object {
-        auto s = p.r.tryNext();
+        auto s = p.idle().tryNext();
         if (!s) return py::none();
-        return py::cast(wrap(std::move(*s), p.r.format()));
+        return py::cast(p.wrap(std::move(*s)));
       })
-      .def_property_readonly("held", [](const PyReader& p) { return p.r.held(); })
+      .def_property_readonly("held", [](PyReader& p) { return p.idle().held() + p.role->deferred.size(); })
       .def_property_readonly("max_held", [](const PyReader& p) { return p.r.maxHeld(); })
       .def("fileno", [](const PyReader& p) { return p.r.fd(); },
            "The doorbell: readable when slots may wait. On readable: drain_doorbell(), try_next() until None, "
            "then arm(); False from arm() means a slot came meanwhile.")
-      .def("arm", [](PyReader& p) { return p.r.arm(); })
-      .def("drain_doorbell", [](PyReader& p) { p.r.drainDoorbell(); })
-      .def("writer_fd", [](PyReader& p) { return p.r.writerFd(); })
-      .def("writer_gone", [](PyReader& p) { return p.r.writerGone(); })
-      .def("stats", [](const PyReader& p) { return statsDict(p.r.stats()); });
+      .def("arm", [](PyReader& p) { return p.idle().arm(); })
+      .def("drain_doorbell", [](PyReader& p) { p.idle().drainDoorbell(); })
+      .def("writer_fd", [](PyReader& p) { return p.idle().writerFd(); })
+      .def("writer_gone", [](PyReader& p) { return p.idle().writerGone(); })
+      .def("stats", [](PyReader& p) { return statsDict(p.idle().stats()); });
 }
 
 }  // namespace forklift::python

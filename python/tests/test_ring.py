@@ -358,3 +358,33 @@ def test_a_killed_cpp_writer_ends_the_readers_wait(peer):
             s.release()
     assert time.monotonic() - t0 < 1.0
     assert r.writer_gone()
+
+
+def test_a_role_waiting_in_one_thread_is_not_used_by_another():
+    import threading
+    ring = forklift.create_ring(4, slot_bytes=8)
+    w, r = ring.writer(), ring.reader(max_held=2)
+    w.push(b"1", timeout=1.0)
+    first = r.next(timeout=1.0)
+    got = []
+    t = threading.Thread(target=lambda: got.append(r.next(timeout=10.0)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while True:  # until the thread is in its wait
+        try:
+            r.try_next()
+        except forklift.Error as e:
+            assert "waiting in another thread" in str(e)
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(forklift.Error, match="waiting in another thread"):
+        r.stats()
+    first.release()  # handed to the waiting thread, which releases it after its wait
+    w.push(b"2", timeout=1.0)
+    t.join(10)
+    assert not t.is_alive() and got[0] is not None
+    assert r.held == 1 and r.stats()["consumed"] == 1
+    assert bytes(got[0].array[:1]) == b"2"
+    got[0].release()
+    assert r.held == 0
