@@ -290,3 +290,18 @@ def test_a_forked_child_writes_the_same_pages_and_never_removes_the_name():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert a[0] == 42 and os.path.exists("/dev/shm/" + name)
+
+
+def test_release_keeps_the_name_and_remove_takes_it():
+    a = forklift.create((2,), "uint32", name="kept", named=True)
+    seg = forklift.segment(a)
+    name = seg.name
+    seg.release()
+    assert not seg.owns
+    del a, seg
+    gc.collect()
+    assert os.path.exists("/dev/shm/" + name)
+    b = forklift.open(name, dtype="uint32")
+    assert forklift.Segment.remove(name) and not os.path.exists("/dev/shm/" + name)
+    assert b.shape == (2,), "the mapping outlives the name"
+    assert not forklift.Segment.remove(name)
