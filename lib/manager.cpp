@@ -334,6 +334,10 @@ std::uint64_t Manager::after(Timeout delay, std::function<void()> fn) {
   return sources_->addTimer(delay, Timeout::zero(), std::move(fn));
 }
 std::uint64_t Manager::every(Timeout period, std::function<void()> fn) {
+  // libuv takes a repeat of 0 for "once": a period under a tick would
+  // silently become after().
+  if (period < Timeout(1))
+    throw Error("Manager::every: the period must be 1 ms or more, not " + std::to_string(period.count()) + " ms");
   uv_update_time(&loop_);
   return sources_->addTimer(period, period, std::move(fn));
 }

@@ -28,8 +28,10 @@
 #include <thread>
 
 #include "forklift/fork_server.hpp"
+#include "forklift/manager.hpp"
 #include "forklift/pool.hpp"
 #include "forklift/process.hpp"
+#include "forklift/ring_buffer.hpp"
 #include "forklift/shm_array.hpp"
 #include "posix.hpp"
 #include "support.hpp"
@@ -632,6 +634,44 @@ TEST(Edges, APoolTaskWithTheLargestFiniteTimeoutRunsToItsEnd) {
     SCOPED_TRACE(t.count());
     EXPECT_EQ(pool.submitWith(TaskOptions{t, 0}, 5).get(), 6);
   }
+}
+
+// A ring's waits and a Manager's timers at the extremes of a Timeout: zero
+// and negative look once, the largest finite values wait as kForever does
+// (never "expired at once"), and a period under a tick is refused.
+TEST(Edges, RingWaitsAndManagerTimersAtTheirExtremes) {
+  RingBuffer ring = RingBuffer::create("extremes", 2, 16);
+  RingWriter w = ring.writer();
+  RingReader r = ring.reader();
+  for (Timeout t : {Timeout::zero(), Timeout(-5), Timeout::min()}) {
+    SCOPED_TRACE(t.count());
+    const auto t0 = Clock::now();
+    EXPECT_FALSE(r.next(t).has_value());
+    EXPECT_LT(Clock::now() - t0, test::slow(500ms));
+  }
+  for (Timeout t : {Timeout(24h), kForever - 1ms, kForever}) {
+    SCOPED_TRACE(t.count());
+    w.push({}, t);  // room: returns at once
+    EXPECT_TRUE(r.next(t).has_value()) << "a slot waits: it is taken, not timed out";
+  }
+  w.push({}, Timeout::zero());
+  w.push({}, Timeout::zero());  // Block: the ring is full now
+  for (Timeout t : {Timeout::zero(), Timeout(-5), Timeout::min()})
+    EXPECT_THROW(w.push({}, t), TimeoutError) << t.count();
+
+  Manager m;
+  int fired = 0;
+  m.after(Timeout(-5), [&] { ++fired; });
+  m.after(Timeout::min(), [&] { ++fired; });
+  m.after(Timeout::zero(), [&] { ++fired; });
+  bool late = false;
+  m.after(kForever - 1ms, [&] { late = true; });
+  m.after(Timeout(24h), [&] { late = true; });
+  EXPECT_TRUE(m.runUntil([&] { return fired == 3; }, test::slow(2s)));
+  m.runUntil([] { return false; }, 50ms);
+  EXPECT_FALSE(late) << "a timer far away fired at once";
+  for (Timeout p : {Timeout::zero(), Timeout(-5), Timeout::min()})
+    EXPECT_TRUE(test::contains(test::thrown<Error>([&] { m.every(p, [] {}); }), "1 ms or more")) << p.count();
 }
 
 }  // namespace

@@ -207,6 +207,9 @@ class Manager {
   // then or the manager's end. Error for an empty reader.
   void readRing(const RingReader& reader, std::function<void(ReadSlot&)> onSlot,
                 std::function<void(const Error& e)> onEnd = {});
+  // `fn` once after `delay` (zero or negative: on the next turn; the largest
+  // finite values: as good as never), or every `period` (1 ms or more; Error
+  // otherwise). A timer's id for cancel().
   std::uint64_t after(Timeout delay, std::function<void()> fn);
   std::uint64_t every(Timeout period, std::function<void()> fn);
   void cancel(std::uint64_t timerId);
