@@ -580,15 +580,20 @@ std::string deathSummary(const std::deque<std::pair<Deadline::Clock::time_point,
 }
 
 // A start that may work when tried again: the system was short of
-// processes, memory or descriptors for a moment. Anything else (the
-// refusal to fork while threads run, a worker whose preRun__ throws, a
-// fork server that is gone) fails the same way every time.
+// processes, memory or descriptors for a moment, or the new worker died
+// while it started (a crash, the OOM killer: whether it happens again is
+// not known, so it is tried again, and restartLimit failures in a row
+// break the pool with the last one's text). Anything else (the refusal to
+// fork while threads run, a fork server that is gone) fails the same way
+// every time.
 bool transientStartFailure(std::exception_ptr e) {
   try {
     std::rethrow_exception(e);
   } catch (const SystemError& se) {
     const int c = se.code().value();
     return c == EAGAIN || c == ENOMEM || c == EMFILE || c == ENFILE || c == EINTR;
+  } catch (const ProcessDied&) {
+    return true;
   } catch (...) {
     return false;
   }

@@ -714,5 +714,59 @@ TEST(Pool, AReplacementThatFailsToStartForAMomentIsTriedAgain) {
   g_forkFailures = 0;
 }
 
+// A worker that dies in preRun__ (before it is ready), as a crash or the
+// OOM killer would end it there.
+class DiesStarting : public Jobs {
+ public:
+  using Jobs::Jobs;
+
+ private:
+  void preRun__() override { ::kill(::getpid(), SIGKILL); }
+};
+
+// A replacement that dies while it starts is not a permanent cause (it was
+// one, and broke the pool at once, when a loaded machine crashed a starting
+// worker): it is tried again, and only restartLimit failures in a row break
+// the pool, with the last one's text.
+TEST(Pool, AReplacementThatDiesWhileStartingIsTriedAgain) {
+  PoolOptions o = workers(1);
+  o.retries = 0;
+  o.restartLimit = 3;
+  int dying = 0;  // replacements to make that die while starting
+  WorkerPool pool(
+      [&dying](std::size_t i) -> std::unique_ptr<MessageProcess> {
+        if (dying > 0) {
+          --dying;
+          return std::make_unique<DiesStarting>(i);
+        }
+        return std::make_unique<Jobs>(i);
+      },
+      o);
+  std::vector<WorkerEvent> events;
+  pool.onWorkerEvent([&](const WorkerEvent& e) { events.push_back(e); });
+  auto count = [&](WorkerEvent::Kind k) {
+    return std::count_if(events.begin(), events.end(), [k](const WorkerEvent& e) { return e.kind == k; });
+  };
+  dying = 2;
+  pool.submit("crash").result();
+  auto f = pool.submit("square", {{"x", 3}});
+  ASSERT_TRUE(f.wait(test::slow(10s))) << "the task never reached a replacement";
+  EXPECT_EQ(f.get().as<double>(), 9.0);
+  EXPECT_EQ(count(WorkerEvent::Kind::StartFailed), 2);
+  EXPECT_EQ(count(WorkerEvent::Kind::Restarted), 1);
+  for (const auto& e : events) {
+    if (e.kind == WorkerEvent::Kind::StartFailed) {
+      EXPECT_TRUE(test::contains(e.what, "SIGKILL")) << e.what;
+    }
+  }
+
+  dying = 100;
+  pool.submit("crash").result();
+  auto g = pool.submit("square", {{"x", 4}});
+  ASSERT_TRUE(g.wait(test::slow(10s)));  // 4 tries 50 to 400 ms apart
+  const std::string err = test::thrown<PoolBroken>([&] { g.get(); });
+  EXPECT_TRUE(test::contains(err, "worker 0 did not start 4 times in a row; the last time: ")) << err;
+}
+
 }  // namespace
 }  // namespace forklift

@@ -47,7 +47,9 @@
 // fails with PoolBroken saying how many died and how, and later submits
 // throw it. A replacement that cannot start breaks the pool at once with
 // the reason, unless the system was short of processes, memory or
-// descriptors for a moment (EAGAIN, ENOMEM, EMFILE, ENFILE): that start is
+// descriptors for a moment (EAGAIN, ENOMEM, EMFILE, ENFILE), or the new
+// worker died while it started (ProcessDied: a crash, the OOM killer, a
+// preRun__ that throws): that start is
 // tried again 50 ms, 100 ms, ... up to 1 s later, and more than
 // `restartLimit` failures in a row break the pool. Workers may
 // be recycled (replaced by fresh ones) after `recycleAfter` tasks or above a
