@@ -23,6 +23,12 @@
 #include <vector>
 
 #include <spdlog/logger.h>
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#define FORKLIFT_ON_VALGRIND() (RUNNING_ON_VALGRIND != 0)
+#else
+#define FORKLIFT_ON_VALGRIND() false
+#endif
 
 #include "forklift/error.hpp"
 #include "fork_server.hpp"
@@ -375,7 +381,12 @@ void setUpChild(const ChildSetup& setup, pid_t parent, int deathWrite) {
   if (deathWrite >= 0) g_frontendFds.push_back(deathWrite);
   // Other backends' queues: MADV_DONTFORK kept them out of this process
   // already; unmapping the empty ranges tells valgrind so (see frontend_maps).
-  for (const Range& r : g_frontendMaps) ::munmap(r.base, r.bytes);
+  // Only under valgrind, which keeps the ranges for itself: elsewhere a
+  // range is a hole here, and a runtime's mapping made since the fork (a
+  // sanitizer's, a large malloc in an atfork handler) may sit in it by now;
+  // unmapping it crashed a starting worker under ThreadSanitizer.
+  if (FORKLIFT_ON_VALGRIND())
+    for (const Range& r : g_frontendMaps) ::munmap(r.base, r.bytes);
   g_frontendMaps.clear();
   setProcessTitle(setup.comm, setup.title);
   setMetricsIdentity("backend", setup.title);

@@ -67,8 +67,10 @@ std::vector<int> snapshot();
 }  // namespace frontend_fds
 
 // The frontend's shared-memory queues of every running backend, mapped
-// MADV_DONTFORK so that backends forked later do not inherit them. A newly
-// forked backend also unmaps these ranges (where the kernel mapped nothing):
+// MADV_DONTFORK so that backends forked later do not inherit them. Under
+// valgrind a newly forked backend also unmaps these ranges (where the
+// kernel mapped nothing; elsewhere a runtime may have mapped something new
+// there since the fork, so it does not):
 // valgrind knows no MADV_DONTFORK and would otherwise take the ranges for
 // mapped memory of the child, and its leak check at the child's exit then
 // faults once per 8-byte word of every earlier backend's queues (seconds per
