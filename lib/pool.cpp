@@ -566,7 +566,8 @@ namespace {
 // window died, most frequent first.
 std::string deathSummary(const std::deque<std::pair<Deadline::Clock::time_point, std::string>>& deaths) {
   std::vector<std::pair<std::string, int>> kinds;
-  for (const auto& [when, how] : deaths) {
+  for (const auto& death : deaths) {
+    const std::string& how = death.second;  // clang 14 cannot capture a structured binding
     auto k = std::find_if(kinds.begin(), kinds.end(), [&](const auto& p) { return p.first == how; });
     if (k == kinds.end())
       kinds.emplace_back(how, 1);
