@@ -46,6 +46,8 @@ std::optional<int> launcherRank() {
   return std::nullopt;
 }
 
+// Every message of the pool and its agents begins so (World::route).
+constexpr const char* kPrefix = "__cluster_";
 constexpr const char* kHello = "__cluster_hello";
 constexpr const char* kTask = "__cluster_task";
 constexpr const char* kResult = "__cluster_result";
@@ -141,7 +143,8 @@ int Agent::serve(World& world) {
     }
   });
 
-  world.deliverTo(impl_->manager, [&](int source, Message& m) {
+  auto box = world.route(kPrefix);
+  box->deliverTo(impl_->manager, [&](int source, Message& m) {
     if (m.command() == kStop) {
       impl_->manager.requestStop();
       return;
@@ -167,7 +170,8 @@ int Agent::serve(World& world) {
   });
   world.send(0, Message(kHello, {{"workers", static_cast<std::int64_t>(pool.pool().size())}, {"host", host}}));
   const int rc = impl_->manager.run();
-  world.deliverToInbox();
+  box->deliverToInbox();
+  world.unroute(kPrefix);
   return rc;
 }
 
@@ -187,9 +191,11 @@ struct ClusterTask {
 
 class PoolCore {
  public:
-  explicit PoolCore(World& w) : world(w) {}
+  explicit PoolCore(World& w) : world(w), box(w.route(kPrefix)) {}
+  ~PoolCore() { world.unroute(kPrefix); }
 
   World& world;
+  std::shared_ptr<Mailbox> box;  // this pool's messages
   struct Agent {
     std::size_t capacity = 0;
     std::size_t inflight = 0;
@@ -280,7 +286,7 @@ class PoolCore {
 
   // Takes one message (waiting up to `timeout`); false when none came.
   bool pump(Timeout timeout) {
-    auto r = world.recv(timeout);
+    auto r = box->recv(timeout);
     if (!r) return false;
     if (r->message.command() == kResult && r->source > 0 && static_cast<std::size_t>(r->source) < agents.size())
       onResult(r->source, r->message);
@@ -334,7 +340,7 @@ Pool::Pool(World& world) : core_(std::make_shared<detail::PoolCore>(world)) {
     if (d.expired())
       throw TimeoutError("cluster::Pool: " + std::to_string(world.size() - 1 - hellos) +
                          " agent(s) did not say hello within 60 s");
-    auto r = world.recv(std::chrono::ceil<Timeout>(d.remaining()));
+    auto r = core_->box->recv(std::chrono::ceil<Timeout>(d.remaining()));
     if (!r) continue;
     if (r->message.command() != kHello || r->source <= 0) {
       poolLog()->warn("driver: '{}' from rank {} before the agents' hello; dropped", r->message.command(), r->source);

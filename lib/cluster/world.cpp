@@ -2,8 +2,6 @@
 #include "forklift/cluster/world.hpp"
 
 #include <mpi.h>
-#include <poll.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -13,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -71,12 +70,10 @@ struct World::Impl {
   bool stopping = false;
   bool abort = false;
 
-  // The inbox.
-  mutable std::mutex inMutex;
-  std::deque<Received> inbox;
-  int eventFd = -1;
-  Manager* manager = nullptr;
-  std::shared_ptr<std::function<void(int, Message&)>> handler;
+  // Where received messages go: the inbox, or a routed prefix's mailbox.
+  Mailbox inbox;
+  mutable std::mutex routeMutex;
+  std::map<std::string, std::shared_ptr<Mailbox>> routes;
 
   std::atomic<std::uint64_t> sent{0}, received{0}, refused{0}, wakeups{0};
 
@@ -84,6 +81,7 @@ struct World::Impl {
 
   void run();
   void deliver(int source, const std::vector<char>& bytes);
+  Mailbox& mailboxForLocked(const std::string& command);  // routeMutex held
   bool receiveSome();
 };
 
@@ -98,16 +96,22 @@ void World::Impl::deliver(int source, const std::vector<char>& bytes) {
     return;
   }
   received.fetch_add(1, std::memory_order_relaxed);
-  std::lock_guard lock(inMutex);
-  if (manager) {
-    auto fn = handler;
-    manager->post([fn, source, msg = std::move(m)]() mutable { (*fn)(source, msg); });
-    return;
-  }
-  inbox.push_back(Received{source, std::move(m)});
-  std::uint64_t one = 1;
-  if (::write(eventFd, &one, sizeof one) < 0 && errno != EAGAIN)
-    clusterLog()->error("rank {}: write to the inbox's eventfd: {}", rank, std::strerror(errno));
+  // Chosen and filled under routeMutex, so route() cannot move the inbox's
+  // messages between the two.
+  std::lock_guard lock(routeMutex);
+  mailboxForLocked(m.command()).put(Received{source, std::move(m)});
+}
+
+Mailbox& World::Impl::mailboxForLocked(const std::string& command) {
+  Mailbox* best = nullptr;
+  std::size_t bestSize = 0;
+  for (const auto& [prefix, box] : routes)  // few: one per consumer
+    if (prefix.size() > bestSize && command.compare(0, prefix.size(), prefix) == 0) {
+      best = box.get();
+      bestSize = prefix.size();
+    }
+  if (best) return *best;
+  return inbox;
 }
 
 // Takes the messages waiting on forklift's tag (at most a few per turn, so
@@ -283,8 +287,6 @@ World::World(WorldOptions options) {
   try {
     impl_ = std::make_unique<Impl>();
     impl_->options = std::move(options);
-    impl_->eventFd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE);
-    if (impl_->eventFd < 0) throw SystemError(errno, "cluster::World: eventfd");
     // Before MPI_Init, which starts threads (see "Forks" in world.hpp).
     if (impl_->options.forkServer) impl_->forkServer.emplace();
     impl_->thread = std::thread([impl = impl_.get()] { impl->run(); });
@@ -299,7 +301,6 @@ World::World(WorldOptions options) {
     size_ = impl_->size;
     hosts_ = impl_->hosts;
   } catch (...) {
-    if (impl_ && impl_->eventFd >= 0) ::close(impl_->eventFd);
     world_state = 2;
     throw;
   }
@@ -307,12 +308,8 @@ World::World(WorldOptions options) {
 
 World::~World() {
   if (!impl_ || impl_->owner != ::getpid()) return;  // a forked child's copy
-  {
-    // What comes during the end waits in the inbox: the manager may be gone.
-    std::lock_guard lock(impl_->inMutex);
-    impl_->manager = nullptr;
-    impl_->handler.reset();
-  }
+  // What comes during the end waits in the inbox: the manager may be gone.
+  impl_->inbox.deliverToInbox();
   {
     std::lock_guard lock(impl_->outMutex);
     if (std::uncaught_exceptions() > 0)
@@ -322,7 +319,6 @@ World::~World() {
   }
   impl_->outCv.notify_all();
   impl_->thread.join();
-  ::close(impl_->eventFd);
   world_state = 2;
 }
 
@@ -354,45 +350,40 @@ void World::queue(int dest, std::vector<char> bytes, const std::string& command)
   impl_->outCv.notify_one();
 }
 
-std::optional<Received> World::tryRecv() {
-  std::lock_guard lock(impl_->inMutex);
-  if (impl_->inbox.empty()) return std::nullopt;
-  std::uint64_t v;
-  (void)!::read(impl_->eventFd, &v, sizeof v);  // semaphore: one per message
-  Received r = std::move(impl_->inbox.front());
-  impl_->inbox.pop_front();
-  return r;
-}
-
-std::optional<Received> World::recv(Timeout timeout) {
-  Deadline deadline(timeout);
-  for (;;) {
-    if (auto r = tryRecv()) return r;
-    if (deadline.expired()) return std::nullopt;
-    pollfd p{impl_->eventFd, POLLIN, 0};
-    if (::poll(&p, 1, deadline.pollMillis()) < 0 && errno != EINTR) throw SystemError(errno, "cluster::World::recv: poll");
-  }
-}
-
-int World::fd() const noexcept { return impl_->eventFd; }
+std::optional<Received> World::tryRecv() { return impl_->inbox.tryRecv(); }
+std::optional<Received> World::recv(Timeout timeout) { return impl_->inbox.recv(timeout); }
+int World::fd() const noexcept { return impl_->inbox.fd(); }
+Mailbox& World::inbox() noexcept { return impl_->inbox; }
 
 void World::deliverTo(Manager& manager, std::function<void(int source, Message&)> fn) {
-  auto h = std::make_shared<std::function<void(int, Message&)>>(std::move(fn));
-  std::lock_guard lock(impl_->inMutex);
-  while (!impl_->inbox.empty()) {
-    std::uint64_t v;
-    (void)!::read(impl_->eventFd, &v, sizeof v);
-    manager.post([h, r = std::move(impl_->inbox.front())]() mutable { (*h)(r.source, r.message); });
-    impl_->inbox.pop_front();
-  }
-  impl_->manager = &manager;
-  impl_->handler = std::move(h);
+  impl_->inbox.deliverTo(manager, std::move(fn));
 }
 
-void World::deliverToInbox() {
-  std::lock_guard lock(impl_->inMutex);
-  impl_->manager = nullptr;
-  impl_->handler.reset();
+void World::deliverToInbox() { impl_->inbox.deliverToInbox(); }
+
+std::shared_ptr<Mailbox> World::route(const std::string& prefix) {
+  if (prefix.empty()) throw Error("cluster::World::route: an empty prefix (it would take every message)");
+  auto box = std::make_shared<Mailbox>();
+  std::lock_guard lock(impl_->routeMutex);
+  if (!impl_->routes.emplace(prefix, box).second)
+    throw Error("cluster::World::route: '" + prefix + "' is routed already");
+  // Those of the prefix that wait in the inbox move, in order; the MPI
+  // thread, which takes routeMutex to choose a mailbox, puts nothing
+  // meanwhile.
+  std::vector<Received> keep;
+  while (auto r = impl_->inbox.tryRecv()) {
+    if (&impl_->mailboxForLocked(r->message.command()) == box.get())
+      box->put(std::move(*r));
+    else
+      keep.push_back(std::move(*r));
+  }
+  for (auto& r : keep) impl_->inbox.put(std::move(r));
+  return box;
+}
+
+void World::unroute(const std::string& prefix) {
+  std::lock_guard lock(impl_->routeMutex);
+  impl_->routes.erase(prefix);
 }
 
 World::Stats World::stats() const {

@@ -8,6 +8,7 @@
 // case and "N passed, N failed" for the whole job. A rank with a failed check
 // exits 1 (so mpirun does). The meson test sets FORKLIFT_CLUSTER_HOST=host{rank}
 // (3 ranks = 3 hosts) and WORLD_TEST_RANKS=3.
+#include <poll.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -210,6 +211,109 @@ void managerDelivery(World& w) {
   }
 }
 
+// Routes: each agent sends messages of three prefixes and plain ones, some
+// before the driver routes (they wait in the inbox and move), some after;
+// each mailbox gets exactly its own (the longest prefix wins), in order, its
+// fd readable while one waits; the inbox keeps the rest; an unrouted prefix
+// goes back to the inbox; a prefix routed twice or an empty one is refused.
+void routes(World& w) {
+  constexpr int kN = 20;
+  if (w.isDriver()) {
+    // Until every agent's "early_sent": its early messages came before it.
+    // They go back to the inbox, in order, for route() to sort.
+    std::vector<forklift::cluster::Received> early;
+    int sent = 0;
+    const auto until = std::chrono::steady_clock::now() + 30s;
+    while (sent < w.size() - 1 && std::chrono::steady_clock::now() < until) {
+      auto r = w.recv(1s);
+      if (!r) continue;
+      if (r->message.command() == "early_sent")
+        ++sent;
+      else
+        early.push_back(std::move(*r));
+    }
+    CHECK(sent == w.size() - 1);
+    for (auto& r : early) w.inbox().put(std::move(r));
+    // The longer first: route() moves what waits by the routes of its time.
+    auto camStats = w.route("cam.stats");
+    auto cam = w.route("cam.");
+    bool threw = false;
+    try {
+      (void)w.route("cam.");
+    } catch (const forklift::Error&) {
+      threw = true;
+    }
+    CHECK(threw);
+    threw = false;
+    try {
+      (void)w.route("");
+    } catch (const forklift::Error&) {
+      threw = true;
+    }
+    CHECK(threw);
+    for (int a = 1; a < w.size(); ++a) w.send(a, Message("send_late"));
+    // Per agent: 2 * kN "cam.frame", 2 * kN "cam.stats.n", 2 * kN plain "plain".
+    const std::size_t agents = static_cast<std::size_t>(w.size() - 1);
+    std::vector<int> frames(static_cast<std::size_t>(w.size()), 0), stats(frames), plain(frames);
+    bool inOrder = true, wrongBox = false;
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    std::vector<forklift::cluster::Received> others;  // the agents' "end_routes" (sync)
+    auto take = [&](forklift::cluster::Mailbox& box, const std::string& want, std::vector<int>& seen) {
+      while (auto r = box.tryRecv()) {
+        if (&box == &w.inbox() && r->message.command().rfind("end_", 0) == 0) {
+          others.push_back(std::move(*r));
+          continue;
+        }
+        if (r->message.command() != want) wrongBox = true;
+        auto& n = seen[static_cast<std::size_t>(r->source)];
+        if (r->message.get<int>("n", -1) != n) inOrder = false;
+        ++n;
+      }
+    };
+    auto all = [&](const std::vector<int>& v) {
+      for (std::size_t a = 1; a <= agents; ++a)
+        if (v[a] != 2 * kN) return false;
+      return true;
+    };
+    while (!(all(frames) && all(stats) && all(plain)) && std::chrono::steady_clock::now() < deadline) {
+      pollfd p[3] = {{cam->fd(), POLLIN, 0}, {camStats->fd(), POLLIN, 0}, {w.fd(), POLLIN, 0}};
+      ::poll(p, 3, 100);
+      take(*cam, "cam.frame", frames);
+      take(*camStats, "cam.stats.n", stats);
+      take(w.inbox(), "plain", plain);
+    }
+    CHECK(all(frames));
+    CHECK(all(stats));
+    CHECK(all(plain));
+    CHECK(inOrder);
+    CHECK(!wrongBox);
+    CHECK(cam->size() == 0 && camStats->size() == 0);
+    for (auto& r : others) w.inbox().put(std::move(r));
+    // Unrouted: "cam.stats..." now goes to "cam.", the longest left.
+    w.unroute("cam.stats");
+    w.send(1, Message("send_one_stat"));
+    auto r = cam->recv(30s);
+    CHECK(r && r->message.command() == "cam.stats.n");
+    w.unroute("cam.");
+  } else {
+    auto send = [&](int from, int to) {
+      for (int n = from; n < to; ++n) {
+        w.send(0, Message("cam.frame", {{"n", n}}));
+        w.send(0, Message("cam.stats.n", {{"n", n}}));
+        w.send(0, Message("plain", {{"n", n}}));
+      }
+    };
+    send(0, kN);
+    w.send(0, Message("early_sent"));
+    expectFrom(w, 0, "send_late");
+    send(kN, 2 * kN);
+    if (w.rank() == 1) {
+      expectFrom(w, 0, "send_one_stat");
+      w.send(0, Message("cam.stats.n", {{"n", 0}}));
+    }
+  }
+}
+
 // Rank 1 sends bytes that are no message, then a good one: the driver drops
 // the garbage (counted), still gets the good one, and goes on.
 void garbageRefused(World& w) {
@@ -312,6 +416,7 @@ const Case kCases[] = {
     {"send_refuses_bad_rank", sendRefusesBadRank},
     {"ping_pong", pingPong},
     {"manager_delivery", managerDelivery},
+    {"routes", routes},
     {"garbage_refused", garbageRefused},
     {"idle_cpu", idleCpu},
 };

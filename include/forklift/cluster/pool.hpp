@@ -34,10 +34,10 @@
 // with the most free room (workers x 2 tasks in flight each); beyond that
 // tasks wait on the driver.
 //
-// The Pool reads the driver's World: while it waits (its constructor, wait,
-// finalize, a future's wait or get) it takes every message that comes, and
-// drops (with a warning) those that are not its own. Exchange other messages
-// with the agents before the Pool is made or after finalize(). An agent rank
+// The Pool and the agents take only the World's messages whose command
+// begins with "__cluster_" (World::route); every other message stays in the
+// World's inbox for the program, on the driver and on the agents (while an
+// agent serves, the World's inbox is the agent's program's to read). An agent rank
 // that dies aborts the job (Open MPI 4.1 has no fault tolerance): its tasks
 // never end, so the driver's waits end with the job.
 //

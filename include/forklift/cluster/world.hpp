@@ -40,14 +40,17 @@
 // Messages. `send(rank, message)` encodes the message on the caller's thread
 // (TypeError, LimitError there: a descriptor cannot cross hosts) and queues it
 // to the MPI thread; it returns at once. Messages from one rank to another
-// arrive in the order sent. Received messages wait in this World's inbox:
-// `recv`/`tryRecv` take them, and `fd()` (an eventfd) is readable while one
-// waits, so any loop can watch it; or `deliverTo(manager, fn)` hands every
-// message to a forklift Manager's loop (`Manager::post`), in order. Bytes on
-// forklift's tag that do not decode (a rank sending garbage) are logged,
-// counted (`stats().refused`) and dropped; the rank goes on. The inbox has no
-// bound: a rank that never reads it keeps what comes. Messages that come
-// while the World ends (see "The end") are dropped with it.
+// arrive in the order sent. Each received message goes to one Mailbox
+// (mailbox.hpp): the one `route(prefix)` gave for its command's longest routed
+// prefix, else this World's inbox, which `recv`/`tryRecv` read, whose `fd()`
+// (an eventfd) is readable while one waits, so any loop can watch it, and
+// which `deliverTo(manager, fn)` hands to a forklift Manager's loop
+// (`Manager::post`), in order. Bytes on forklift's tag that do not decode (a
+// rank sending garbage) are logged, counted (`stats().refused`) and dropped;
+// the rank goes on. Mailboxes have no bound: a rank that never reads one
+// keeps what comes. Messages that come while the World ends (see "The end")
+// wait in their mailboxes; those the World's own inbox held are dropped with
+// it.
 //
 // Forks. Open MPI starts threads of its own in MPI_Init, and forking after it
 // "could result in memory corruption" (Open MPI's warning); forklift forks
@@ -90,6 +93,7 @@
 #include <string>
 #include <vector>
 
+#include "forklift/cluster/mailbox.hpp"
 #include "forklift/error.hpp"
 #include "forklift/message.hpp"
 #include "forklift/timeout.hpp"
@@ -128,11 +132,6 @@ struct WorldOptions {
   std::chrono::milliseconds idleAfter{1000};
 };
 
-struct Received {
-  int source = -1;  // the rank that sent it
-  Message message;
-};
-
 class World;
 
 namespace detail {
@@ -166,22 +165,25 @@ class World {
   // TypeError/LimitError when `m` cannot be encoded (descriptors, limits).
   void send(int dest, const Message& m);
 
-  // The next received message, if one waits.
+  // The inbox: the mailbox (mailbox.hpp) of every received message whose
+  // command no route() takes. These five call its methods of the same names.
   std::optional<Received> tryRecv();
   // Waits up to `timeout` for the next message; nullopt when none came.
   std::optional<Received> recv(Timeout timeout);
   // Readable while a received message waits in the inbox (an eventfd).
   int fd() const noexcept;
-
-  // From now on, every received message (those waiting first, in order) runs
-  // `fn(source, message)` on `manager`'s loop thread, through Manager::post;
-  // recv/tryRecv then see nothing, until deliverToInbox(). Call that before
-  // the manager is destroyed (messages posted to a manager whose loop ended
-  // do not run: they are lost, so end the exchange first).
   void deliverTo(Manager& manager, std::function<void(int source, Message&)> fn);
-  // Received messages wait in the inbox again (recv, tryRecv, fd). When it
-  // returns, the MPI thread posts nothing more to the manager.
   void deliverToInbox();
+  Mailbox& inbox() noexcept;
+
+  // From now on, received messages whose command begins with `prefix` go to
+  // the returned mailbox, not to the inbox (the longest prefix routed wins);
+  // those of that prefix that wait in the inbox move there, in order. Error
+  // for an empty prefix or one routed already. From any thread.
+  std::shared_ptr<Mailbox> route(const std::string& prefix);
+  // Messages of `prefix` go to the inbox again (those waiting in its mailbox
+  // stay there). No effect for a prefix not routed.
+  void unroute(const std::string& prefix);
 
   struct Stats {
     std::uint64_t sent = 0;      // messages whose send completed
