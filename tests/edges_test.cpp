@@ -365,23 +365,20 @@ TEST(Edges, RunningOutOfDescriptorsIsOneMessageWhereverItHappens) {
         ProcessOptions o;
         o.transport = transport;
         Peer p(o);
-        rlimit lim{};
-        ::getrlimit(RLIMIT_NOFILE, &lim);
-        const rlim_t saved = lim.rlim_cur;
-        lim.rlim_cur = static_cast<rlim_t>(base + extra);
-        if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) return 10;
         std::string error;
-        try {
-          p.start();
-        } catch (const SystemError& e) {
-          error = e.what();
-          if (e.code().value() != EMFILE) {
-            std::fprintf(stderr, "not EMFILE: %s\n", error.c_str());
-            return 11;
+        {
+          test::ScopedFdLimit limit(base + extra);
+          if (!limit.ok()) return 10;
+          try {
+            p.start();
+          } catch (const SystemError& e) {
+            error = e.what();
+            if (e.code().value() != EMFILE) {
+              std::fprintf(stderr, "not EMFILE: %s\n", error.c_str());
+              return 11;
+            }
           }
         }
-        lim.rlim_cur = saved;
-        ::setrlimit(RLIMIT_NOFILE, &lim);
         if (error.empty()) break;  // enough descriptors from here on
         ++failed;
         const std::string expect = "peer: cannot start the backend: out of file descriptors (this process holds ";
@@ -409,19 +406,15 @@ TEST(Edges, RunningOutOfDescriptorsIsOneMessageWhereverItHappens) {
         ProcessOptions o;
         o.transport = transport;
         Peer p(o);
-        rlimit lim{};
-        ::getrlimit(RLIMIT_NOFILE, &lim);
-        const rlim_t saved = lim.rlim_cur;
-        lim.rlim_cur = static_cast<rlim_t>(limitLeaving(room));
-        ::setrlimit(RLIMIT_NOFILE, &lim);
         bool started = true;
-        try {
-          p.start();
-        } catch (const SystemError&) {
-          started = false;
+        {
+          test::ScopedFdLimit limit(limitLeaving(room));
+          try {
+            p.start();
+          } catch (const SystemError&) {
+            started = false;
+          }
         }
-        lim.rlim_cur = saved;
-        ::setrlimit(RLIMIT_NOFILE, &lim);
         if (started != (room == peak)) {
           std::fprintf(stderr, "with room for %d descriptors the start %s\n", room, started ? "worked" : "failed");
           return 15;

@@ -14,6 +14,7 @@
 #include "forklift/fork_server.hpp"
 #include "forklift/manager.hpp"
 #include "forklift/pool.hpp"
+#include "jobs.hpp"
 #include "support.hpp"
 
 namespace forklift {
@@ -21,31 +22,8 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
-
-class Jobs : public MessageProcess {
- public:
-  explicit Jobs(std::size_t i) : MessageProcess("jobs-" + std::to_string(i)) {
-    command("square", &Jobs::c__square, {"x"});
-    command("hang", &Jobs::c__hang);
-    command("crash", &Jobs::c__crash);
-    command("nap", &Jobs::c__nap, {"ms"});
-  }
-
- private:
-  double c__square(double x) { return x * x; }
-  void c__hang() {
-    for (;;) ::pause();
-  }
-  void c__crash() { ::kill(::getpid(), SIGKILL); }
-  int c__nap(int ms) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
-    return ms;
-  }
-};
-
-WorkerPool::Factory jobs() {
-  return [](std::size_t i) { return std::make_unique<Jobs>(i); };
-}
+using test::Jobs;
+using test::jobs;
 
 Manager::Options quiet() {
   Manager::Options o;

@@ -15,6 +15,7 @@
 
 #include "forklift/manager.hpp"
 #include "seams.hpp"
+#include "jobs.hpp"
 #include "support.hpp"
 
 namespace forklift {
@@ -22,53 +23,8 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
-
-class Jobs : public MessageProcess {
- public:
-  explicit Jobs(std::size_t i) : MessageProcess("jobs-" + std::to_string(i)) {
-    command("square", &Jobs::c__square, {"x"});
-    command("hang", &Jobs::c__hang);
-    command("crash", &Jobs::c__crash);
-    command("crash_once", &Jobs::c__crashOnce, {"path"});
-    command("pid", &Jobs::c__pid);
-    command("nap", &Jobs::c__nap, {"ms"});
-    command("fail", &Jobs::c__fail);
-    command("grow", &Jobs::c__grow, {"mib"});
-  }
-
- private:
-  double c__square(double x) { return x * x; }
-  void c__hang() {
-    for (;;) ::pause();
-  }
-  void c__crash() { ::kill(::getpid(), SIGKILL); }
-  // Dies the first time (the file does not exist yet), answers the second.
-  std::string c__crashOnce(std::string path) {
-    if (std::FILE* f = std::fopen(path.c_str(), "r")) {
-      std::fclose(f);
-      return "second time";
-    }
-    if (std::FILE* f = std::fopen(path.c_str(), "w")) std::fclose(f);
-    ::kill(::getpid(), SIGKILL);
-    return "not reached";
-  }
-  int c__pid() { return static_cast<int>(::getpid()); }
-  int c__nap(int ms) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
-    return ms;
-  }
-  void c__fail() { throw std::runtime_error("this task fails"); }
-  // Keeps `mib` MiB more, touched, so they count as resident.
-  int c__grow(int mib) {
-    ballast_.emplace_back(static_cast<std::size_t>(mib) << 20, 'x');
-    return static_cast<int>(::getpid());
-  }
-  std::vector<std::string> ballast_;
-};
-
-WorkerPool::Factory jobs() {
-  return [](std::size_t i) { return std::make_unique<Jobs>(i); };
-}
+using test::Jobs;
+using test::jobs;
 
 PoolOptions workers(std::size_t n) {
   PoolOptions o;

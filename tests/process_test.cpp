@@ -275,10 +275,8 @@ TEST(Process, ALaterBackendInheritsNoneOfAnEarlierBackendsQueues) {
 
 TEST(Process, StartingPastTheDescriptorLimitIsAClearErrorAndLeaksNothing) {
   const pid_t pid = test::forkChild([] {
-    rlimit lim{};
-    ::getrlimit(RLIMIT_NOFILE, &lim);
-    lim.rlim_cur = 96;
-    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) return 10;
+    test::ScopedFdLimit limit(96);
+    if (!limit.ok()) return 10;
     std::vector<std::unique_ptr<EchoProcess>> running;
     std::string error;
     bool inStart = false;  // it ran out in start(), not in a constructor's Event

@@ -241,25 +241,8 @@ TEST(RingHeldRecovery, ANewWriterDoesNotTakeHeldSlots) {
 
 using Clock = std::chrono::steady_clock;
 
-// A payload that depends on its sequence number, and its checksum.
-void fillPayload(std::byte* p, std::size_t n, std::uint64_t seq) {
-  std::uint64_t x = seq * 0x9e3779b97f4a7c15ull + 1;
-  for (std::size_t i = 0; i < n; i += 8) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    std::memcpy(p + i, &x, std::min<std::size_t>(8, n - i));
-  }
-}
-std::int64_t checksum(const std::byte* p, std::size_t n) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (std::size_t i = 0; i < n; i += 8) {
-    std::uint64_t w = 0;
-    std::memcpy(&w, p + i, std::min<std::size_t>(8, n - i));
-    h = (h ^ w) * 1099511628211ull;
-  }
-  return static_cast<std::int64_t>(h & 0x7fffffffffffffffull);
-}
+using test::checksum;
+using test::fillPayload;
 
 pid_t writeChecksummed(RingBuffer& ring, std::size_t bytes, std::uint64_t frames) {
   return test::forkChild([&ring, bytes, frames] {

@@ -2,6 +2,9 @@
 
 #include "forklift/process.hpp"
 
+#include <sys/resource.h>
+#include <algorithm>
+#include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -176,6 +179,41 @@ CaptureStderr::~CaptureStderr() {
 std::string CaptureStderr::text() const {
   std::fflush(stderr);
   return readFile(file_);
+}
+
+void fillPayload(std::byte* p, std::size_t n, std::uint64_t seq) {
+  std::uint64_t x = seq * 0x9e3779b97f4a7c15ull + 1;
+  for (std::size_t i = 0; i < n; i += 8) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    std::memcpy(p + i, &x, std::min<std::size_t>(8, n - i));
+  }
+}
+std::int64_t checksum(const std::byte* p, std::size_t n) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (std::size_t i = 0; i < n; i += 8) {
+    std::uint64_t w = 0;
+    std::memcpy(&w, p + i, std::min<std::size_t>(8, n - i));
+    h = (h ^ w) * 1099511628211ull;
+  }
+  return static_cast<std::int64_t>(h & 0x7fffffffffffffffull);
+}
+
+ScopedFdLimit::ScopedFdLimit(long limit) {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  saved_ = static_cast<long>(lim.rlim_cur);
+  lim.rlim_cur = static_cast<rlim_t>(limit);
+  ok_ = ::setrlimit(RLIMIT_NOFILE, &lim) == 0;
+}
+
+ScopedFdLimit::~ScopedFdLimit() {
+  if (!ok_) return;
+  rlimit lim{};
+  ::getrlimit(RLIMIT_NOFILE, &lim);
+  lim.rlim_cur = static_cast<rlim_t>(saved_);
+  ::setrlimit(RLIMIT_NOFILE, &lim);
 }
 
 }  // namespace forklift::test

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -148,5 +149,25 @@ std::string thrown(Fn&& fn) {
 
 // Polls `pred` every millisecond until it holds or slow(timeout) passes.
 bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
+
+// A payload of n bytes that depends on `seq` (a ring frame's, say), and a
+// checksum of any n bytes: a reader checks what a writer filled.
+void fillPayload(std::byte* p, std::size_t n, std::uint64_t seq);
+std::int64_t checksum(const std::byte* p, std::size_t n);
+
+// Lowers this process's soft RLIMIT_NOFILE to `limit` while alive and puts
+// the old one back when destroyed. ok() is false when setrlimit refused.
+class ScopedFdLimit {
+ public:
+  explicit ScopedFdLimit(long limit);
+  ~ScopedFdLimit();
+  ScopedFdLimit(const ScopedFdLimit&) = delete;
+  ScopedFdLimit& operator=(const ScopedFdLimit&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  long saved_ = -1;
+  bool ok_ = false;
+};
 
 }  // namespace forklift::test
