@@ -15,6 +15,7 @@
 #include "forklift/log.hpp"
 #include "forklift/manager.hpp"
 #include "fork_server.hpp"
+#include "timeout_text.hpp"
 
 namespace forklift {
 namespace detail {
@@ -25,8 +26,6 @@ std::shared_ptr<spdlog::logger> poolLog() {
   static auto log = makeLogger("WorkerPool");
   return log;
 }
-
-std::string ms(Timeout t) { return std::to_string(t.count()) + " ms"; }
 
 // Resident memory of a forked worker (0 in-process, or when unknown).
 std::size_t residentBytes(const MessageProcess& p) {
@@ -344,13 +343,8 @@ void PoolCore::send(Slot& s, Task& t) {
   if (s.inFlight.size() == 1) armTimer(s);
   // The pool's own timer ends a task that runs too long; the call's deadline
   // is only a backstop for one that never reached the front.
-  // Saturated: a timeout near kForever times the queue's depth would
-  // overflow into the past and end the call at once.
-  const auto depth = static_cast<Timeout::rep>(options_.queueDepth + 1);
-  const Timeout::rep slack = std::chrono::milliseconds(std::chrono::seconds(5)).count();
-  const Timeout backstop = t.timeout == kForever || t.timeout.count() > (kForever.count() - slack) / depth
-                               ? kForever
-                               : t.timeout * depth + Timeout(slack);
+  const Timeout backstop =
+      scaledTimeout(t.timeout, static_cast<Timeout::rep>(options_.queueDepth + 1), std::chrono::seconds(5));
   const std::uint64_t token = t.token;
   try {
     if (own_)  // {this, token} fits std::function's inline storage: no allocation per task

@@ -23,6 +23,7 @@
 #include "posix.hpp"
 #include "requests.hpp"
 #include "seams.hpp"
+#include "timeout_text.hpp"
 
 namespace forklift {
 
@@ -94,8 +95,6 @@ std::string className(const std::type_info& t) {
 // The process object whose backend runs on this thread (in the forked child:
 // its main thread), so a method can tell which side of the fork calls it.
 thread_local const MessageProcess* t_backendOf = nullptr;
-
-std::string ms(Timeout t) { return std::to_string(t.count()) + " ms"; }
 
 // The descriptors this process holds: /proc/self/fd, or, when even that
 // cannot be opened (no descriptor left), a look at each number below the
@@ -584,9 +583,12 @@ void MessageProcess::stopAll(std::span<MessageProcess* const> processes, Timeout
   });
   for (MessageProcess* p : running) {
     const ExitStatus s = p->child_->wait(Timeout::zero());
-    if (s.how == ExitStatus::How::Abandoned)
+    if (s.how == ExitStatus::How::Abandoned && timeout > Timeout::zero())
       p->logger().error("the in-process backend did not stop within {} and a thread cannot be killed; abandoned it",
                         ms(timeout));
+    else if (s.how == ExitStatus::How::Abandoned)  // stop(0): the caller chose not to wait (a pool's task timeout)
+      p->logger().warn("the in-process backend was still running when stop was asked not to wait, and a thread "
+                       "cannot be killed; abandoned it");
     if (s.ended()) p->finishRun(s);
     if (lifecycleLogged()) p->logger().debug("ended: {}", s.describe());
   }

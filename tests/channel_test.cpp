@@ -71,6 +71,19 @@ TEST(Deadline, CountsFromNowOrFromTheMomentGiven) {
 // wait, one tick waits one tick, the largest finite values are far in the
 // future (they overflowed the clock's nanoseconds into "expired at once"),
 // kForever has no bound.
+TEST(Timeout, ScaledSaturatesAtForeverAndNeverOverflows) {
+  using std::chrono::seconds;
+  EXPECT_EQ(scaledTimeout(Timeout(100), 3, Timeout(5)), Timeout(305));
+  EXPECT_EQ(scaledTimeout(Timeout(0), 9, Timeout(0)), Timeout(0));
+  EXPECT_EQ(scaledTimeout(kForever, 1, Timeout(0)), kForever);
+  EXPECT_EQ(scaledTimeout(Timeout(1), 1, kForever), kForever);
+  const Timeout big(kForever.count() / 2);
+  EXPECT_EQ(scaledTimeout(big, 2, seconds(5)), kForever);      // the product would pass kForever
+  EXPECT_EQ(scaledTimeout(kForever - Timeout(1), 1, Timeout(2)), kForever);  // the sum would
+  EXPECT_EQ(scaledTimeout(big, 1, Timeout(1)), big + Timeout(1));
+  static_assert(scaledTimeout(Timeout(2), 2, Timeout(1)) == Timeout(5));
+}
+
 TEST(Deadline, EveryTimeoutFromNegativeToForever) {
   const auto now = Deadline::Clock::now();
   for (Timeout t : {Timeout::zero(), Timeout(-1), Timeout(-1000), Timeout::min(), Timeout::min() + 1ms}) {

@@ -25,6 +25,15 @@ namespace forklift {
 using Timeout = std::chrono::milliseconds;
 inline constexpr Timeout kForever = Timeout::max();
 
+// `t * n + extra` for n >= 1 and extra >= 0, saturated: kForever, and any
+// product or sum that would pass it, is kForever (never an overflow into the
+// past, which would mean "expired at once").
+constexpr Timeout scaledTimeout(Timeout t, Timeout::rep n, Timeout extra) noexcept {
+  const Timeout::rep max = kForever.count();
+  if (t == kForever || extra == kForever || t.count() > (max - extra.count()) / n) return kForever;
+  return Timeout(t.count() * n + extra.count());
+}
+
 class Deadline {
  public:
   using Clock = std::chrono::steady_clock;
