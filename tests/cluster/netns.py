@@ -135,6 +135,7 @@ class Hosts:
 
     def _make(self):
         self.dir = tempfile.mkdtemp(prefix=self.base + ".")
+        self.made_etc_netns = not os.path.isdir("/etc/netns")
         self._add_ns(self.bridge_ns)
         _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.bridge_ns, "addr", "add", BRIDGE_ADDR + "/24", "dev", "br0")
@@ -193,6 +194,18 @@ exec ip netns exec "$host" unshare -u sh -c 'hostname "$1" && exec /bin/sh -c "$
                 "--mca", "btl_tcp_if_include", net,
                 *extra_mca, *program]
 
+    def port_bytes(self):
+        """Bytes each host's veth moved through the bridge (rx + tx of its
+        port), by host name."""
+        out = {}
+        for i, ns in enumerate(self.names):
+            total = 0
+            for way in ("rx_bytes", "tx_bytes"):
+                p = _ip("netns", "exec", self.bridge_ns, "cat", f"/sys/class/net/port{i}/statistics/{way}")
+                total += int(p.stdout.strip())
+            out[ns] = total
+        return out
+
     def leftovers(self):
         """Processes still running in the namespaces, by namespace."""
         return {ns: pids_in(ns) for ns in self.made if pids_in(ns)}
@@ -207,6 +220,11 @@ exec ip netns exec "$host" unshare -u sh -c 'hostname "$1" && exec /bin/sh -c "$
             _ip("netns", "del", ns, check=False)
             shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
         self.made = []
+        if getattr(self, "made_etc_netns", False):
+            try:
+                os.rmdir("/etc/netns")  # only when empty: another run may use it now
+            except OSError:
+                pass
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Runs netns_prog with every rank in a network namespace of its own (fake
+hosts that really are separate network stacks; see netns.py), mpirun in a
+fourth one beside the bridge, MPI's traffic over TCP (btl tcp,self) on
+198.18.0.0/24 only. Passes when the job exits 0 with every check of the
+program passed, the three ranks printed three different network namespaces,
+the agents' veths carried the job's bytes, and nothing is left: no
+namespace, no process in them or of the program, no /dev/shm segment.
+
+  netns_test.py MPIRUN EXE
+
+Exits 77 (skipped) with the reason when this machine cannot make network
+namespaces (not root, no iproute2).
+"""
+import os
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import netns  # noqa: E402
+from slowdown import slow  # noqa: E402
+
+
+def procs_running(exe):
+    real = os.path.realpath(exe)
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.path.realpath(f"/proc/{pid}/exe") == real:
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def shm_of(pids):
+    """Named segments (/dev/shm/fk.<pid>.*) made by any of `pids`."""
+    names = []
+    for name in os.listdir("/dev/shm"):
+        m = re.match(r"^fk\.(\d+)\.", name)
+        if m and int(m.group(1)) in pids:
+            names.append(name)
+    return names
+
+
+def main():
+    mpirun, exe = sys.argv[1], sys.argv[2]
+    try:
+        netns.check_can_run()
+    except netns.Skip as e:
+        print(f"skipped: {e}")
+        return 77
+    gone = netns.remove_stale()
+    if gone:
+        print(f"removed namespaces an earlier run left: {gone}")
+
+    failures = []
+    out = ""
+    took = None
+    with netns.Hosts(3) as hosts:
+        argv = hosts.mpirun_argv(mpirun, [exe, "--tasks", "200"])
+        print(" ".join(argv))
+        t0 = time.monotonic()
+        # The ranks' host names are their namespaces' (the rsh agent sets
+        # them), not the one-machine seam's.
+        env = {k: v for k, v in os.environ.items() if k != "FORKLIFT_CLUSTER_HOST"}
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True, env=env)
+        try:
+            out, _ = p.communicate(timeout=slow(60))
+            took = time.monotonic() - t0
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            out, _ = p.communicate()
+            failures.append(f"the job did not end within {slow(60)} s")
+        print(out)
+        if p.returncode != 0:
+            failures.append(f"mpirun exited {p.returncode}")
+        m = re.search(r"^(\d+) passed, (\d+) failed$", out, re.M)
+        if not m or m.group(2) != "0" or m.group(1) == "0":
+            failures.append("the driver's checks did not all pass")
+        named = re.findall(r"^rank (\d) host (\S+) netns (net:\[\d+\]) pid \d+$", out, re.M)
+        ranks = {r: n for r, _, n in named}
+        if sorted(h for _, h, _ in named) != sorted(hosts.names):
+            failures.append(f"the ranks' host names are not the namespaces': {named}")
+        if len(ranks) != 3 or len(set(ranks.values())) != 3:
+            failures.append(f"the ranks did not report 3 different network namespaces: {ranks}")
+        own = os.readlink("/proc/self/ns/net")
+        if own in ranks.values():
+            failures.append(f"a rank ran in the host's network namespace {own}")
+        pids = {int(x) for x in re.findall(r" pid (\d+)$", out, re.M)}
+        # A host's veth is its namespace's only way out: each one carried
+        # the job's traffic (launch, MPI's wire-up and the tasks).
+        moved = hosts.port_bytes()
+        print(f"bytes through the bridge by host: {moved}")
+        if any(b < 200 for b in moved.values()):
+            failures.append(f"a host's veth carried (almost) nothing: {moved}")
+        time.sleep(0.2)
+        left = hosts.leftovers()
+        if left:
+            failures.append(f"processes left in the namespaces: {left}")
+    left_ns = [ns for ns in netns.namespaces() if ns.startswith(hosts.base)]
+    if left_ns:
+        failures.append(f"namespaces left: {left_ns}")
+    if os.path.exists(f"/etc/netns/{hosts.names[0]}"):
+        failures.append("/etc/netns entries left")
+    left = procs_running(exe)
+    if left:
+        failures.append(f"processes of {exe} left: {left}")
+    segs = shm_of(pids)
+    if segs:
+        failures.append(f"/dev/shm segments left: {segs}")
+    if took is not None:
+        print(f"figure: the 3-host job over separate network stacks took {took:.2f} s")
+    for f in failures:
+        print("FAILED:", f)
+    print(f"{0 if failures else 1} passed, {1 if failures else 0} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
