@@ -53,11 +53,20 @@ def main():
     except netns.Skip as e:
         print(f"skipped: {e}")
         return 77
-    gone = netns.remove_stale()
-    if gone:
-        print(f"removed namespaces an earlier run left: {gone}")
-
     failures = []
+    # What a run killed before its cleanup leaves is removed by the next: a
+    # namespace named for a process that is gone (a child that exited).
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    planted = f"fk{child}a"
+    subprocess.run(["ip", "netns", "add", planted], check=True, timeout=30)
+    gone = netns.remove_stale()
+    print(f"removed namespaces of processes that are gone: {gone}")
+    if planted not in gone or planted in netns.namespaces():
+        failures.append(f"a stale namespace {planted} was not removed: {netns.namespaces()}")
+        subprocess.run(["ip", "netns", "del", planted], timeout=30)
     out = ""
     took = None
     with netns.Hosts(3) as hosts:
