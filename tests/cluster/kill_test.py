@@ -28,6 +28,16 @@ from slowdown import slow  # noqa: E402
 BOUND = 5.0
 RESULTS_BEFORE_KILL = 50
 TASKS = 2000
+running = []  # the job under way, ended if this script is
+
+
+def end_running(*_):
+    for p in running:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(143)
 
 
 def procs_running(exe):
@@ -67,6 +77,7 @@ def one_run(mpirun, exe, failures):
     argv = [mpirun, "--oversubscribe", "--allow-run-as-root", "-np", "3", exe, "--tasks", str(TASKS), "--ms", "20"]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                          start_new_session=True)
+    running.append(p)
     lines = []
     rank_pids = {}
     results = 0
@@ -101,6 +112,7 @@ def one_run(mpirun, exe, failures):
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         failures.append("mpirun did not end within the run's bound")
+    running.remove(p)
     lines += p.stdout.readlines()
     sel.close()
     p.stdout.close()
@@ -166,6 +178,8 @@ def one_run(mpirun, exe, failures):
 
 def main():
     mpirun, exe = sys.argv[1], sys.argv[2]
+    # meson's timeout sends SIGTERM: unwind, so the cleanup still runs.
+    signal.signal(signal.SIGTERM, end_running)
     runs = 3
     if "--runs" in sys.argv:
         runs = int(sys.argv[sys.argv.index("--runs") + 1])

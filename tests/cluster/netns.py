@@ -129,8 +129,8 @@ class Hosts:
         return False
 
     def _add_ns(self, ns):
+        self.made.append(ns)  # first: an `ip` killed half-way leaves an entry too
         _ip("netns", "add", ns)
-        self.made.append(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
 
     def _make(self):

@@ -14,6 +14,7 @@ namespaces (not root, no iproute2).
 """
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,12 @@ def shm_of(pids):
 
 def main():
     mpirun, exe = sys.argv[1], sys.argv[2]
+    # meson's timeout sends SIGTERM: unwind, so the cleanup still runs
+    # (and is not cut short by a second one).
+    def on_term(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, on_term)
     try:
         netns.check_can_run()
     except netns.Skip as e:
@@ -61,12 +68,15 @@ def main():
         os._exit(0)
     os.waitpid(child, 0)
     planted = f"fk{child}a"
-    subprocess.run(["ip", "netns", "add", planted], check=True, timeout=30)
-    gone = netns.remove_stale()
-    print(f"removed namespaces of processes that are gone: {gone}")
-    if planted not in gone or planted in netns.namespaces():
-        failures.append(f"a stale namespace {planted} was not removed: {netns.namespaces()}")
-        subprocess.run(["ip", "netns", "del", planted], timeout=30)
+    try:
+        subprocess.run(["ip", "netns", "add", planted], check=True, timeout=30)
+        gone = netns.remove_stale()
+        print(f"removed namespaces of processes that are gone: {gone}")
+        if planted not in gone or planted in netns.namespaces():
+            failures.append(f"a stale namespace {planted} was not removed: {netns.namespaces()}")
+    finally:
+        if planted in netns.namespaces():
+            subprocess.run(["ip", "netns", "del", planted], timeout=30)
     out = ""
     took = None
     with netns.Hosts(3) as hosts:
