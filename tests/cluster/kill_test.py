@@ -7,7 +7,8 @@ before, each once and right.
 
   kill_test.py MPIRUN EXE [--runs N]
 
-Runs kill_prog under mpirun -np 3 N times (3 by default); each run kills
+Runs kill_prog under mpirun -np 3 once unkilled (it must finish every task
+and exit 0), then N times (3 by default); each of those kills
 rank 1 (its pid from the program's "rank 1 pid P") once the driver printed
 50 results, and measures the time from the kill to mpirun's exit. Prints the
 median. The 5 s bound is what the issue promises, scaled by
@@ -184,6 +185,14 @@ def main():
     if "--runs" in sys.argv:
         runs = int(sys.argv[sys.argv.index("--runs") + 1])
     failures = []
+    # The control: unkilled, the same program finishes every task and exits
+    # 0, so what the killed runs show comes from the kill.
+    p = subprocess.run([mpirun, "--oversubscribe", "--allow-run-as-root", "-np", "3", exe, "--tasks", "100", "--ms", "1"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=slow(60))
+    n = len(set(re.findall(r"^result (\d+) ", p.stdout, re.M)))
+    print(f"control run, nothing killed: exit {p.returncode}, {n} results")
+    if p.returncode != 0 or n != 100 or "all 100 results" not in p.stdout:
+        failures.append(f"the control run failed (exit {p.returncode}, {n} results):\n{p.stdout[-2000:]}")
     times = []
     for _ in range(runs):
         took = one_run(mpirun, exe, failures)
