@@ -3,7 +3,8 @@
 fault tolerance, so the job must end, non-zero, within 5 s, leave nothing
 behind (no process of the program: ranks, fork servers, workers; no
 /dev/shm segment), and the driver must have printed the results that came
-before, each once and right.
+before, each once and right. The /dev/shm files the ranks mapped before the
+kill (Open MPI's shared-memory segments) must be gone too.
 
   kill_test.py MPIRUN EXE [--runs N]
 
@@ -73,6 +74,22 @@ def shm_of(pids):
     return out
 
 
+def shm_mapped(pids):
+    """Every /dev/shm file the processes map (Open MPI's shared-memory
+    segments, forklift's named ones)."""
+    files = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.split(maxsplit=5)[5].strip() if len(line.split(maxsplit=5)) == 6 else ""
+                    if path.startswith("/dev/shm/"):
+                        files.add(path.removesuffix(" (deleted)"))
+        except OSError:
+            pass
+    return files
+
+
 def one_run(mpirun, exe, failures):
     """One job, one kill; returns the seconds from the kill to mpirun's exit."""
     argv = [mpirun, "--oversubscribe", "--allow-run-as-root", "-np", "3", exe, "--tasks", str(TASKS), "--ms", "20"]
@@ -81,6 +98,7 @@ def one_run(mpirun, exe, failures):
     running.append(p)
     lines = []
     rank_pids = {}
+    mapped = set()
     results = 0
     killed_at = None
     ended_at = None
@@ -104,6 +122,7 @@ def one_run(mpirun, exe, failures):
         if line.startswith("result "):
             results += 1
         if killed_at is None and results >= RESULTS_BEFORE_KILL and 1 in rank_pids:
+            mapped = shm_mapped(rank_pids.values())
             os.kill(rank_pids[1], signal.SIGKILL)
             killed_at = time.monotonic()
     try:
@@ -166,11 +185,12 @@ def one_run(mpirun, exe, failures):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    segs = shm_of(set(rank_pids.values()))
+    segs = shm_of(set(rank_pids.values())) + sorted(f for f in mapped if os.path.exists(f))
     if segs:
         failures.append(f"/dev/shm segments left: {segs}")
     tail = [line for line in out.splitlines() if not line.startswith("result ")]
     print("\n".join(tail[-12:]))
+    print(f"/dev/shm files the ranks mapped before the kill (checked gone after): {sorted(mapped)}")
     print(f"run: {len(seen)} results printed (rank 1: {list(seen.values()).count(1)}, "
           f"rank 2: {list(seen.values()).count(2)}), mpirun exited {p.returncode}"
           + (f", {took:.2f} s after the kill" if took is not None else ""))
