@@ -87,42 +87,53 @@ class PoolCore {
     poolLog()->warn("driver: '{}' from rank {} refused: {}", command, source, why);
   }
 
-  // The serving host with the most free room; not the one the task last
-  // failed on when another has room. -1: none has room.
+  // The serving host with the most free room for `t`: another than the one
+  // its last attempt failed on while another serves. -1: none has room.
   int choose(const ClusterTask& t) const {
-    int best = -1, other = -1;
-    std::size_t bestFree = 0, otherFree = 0;
+    bool elsewhere = false;
+    for (std::size_t r = 1; r < hosts.size(); ++r)
+      elsewhere = elsewhere || (hosts[r].s.serving && static_cast<int>(r) != t.lastRank);
+    int best = -1;
+    std::size_t bestFree = 0;
     for (std::size_t r = 1; r < hosts.size(); ++r) {
       const auto& h = hosts[r];
-      if (!h.s.serving) continue;
+      if (!h.s.serving || (elsewhere && static_cast<int>(r) == t.lastRank)) continue;
       const std::size_t free = h.capacity > h.s.inFlight ? h.capacity - h.s.inFlight : 0;
       if (free > bestFree) {
         bestFree = free;
         best = static_cast<int>(r);
       }
-      if (static_cast<int>(r) != t.lastRank && free > otherFree) {
-        otherFree = free;
-        other = static_cast<int>(r);
-      }
     }
-    return other >= 0 ? other : best;
+    return best;
   }
 
+  bool anyRoom() const {
+    for (std::size_t r = 1; r < hosts.size(); ++r)
+      if (hosts[r].s.serving && hosts[r].capacity > hosts[r].s.inFlight) return true;
+    return false;
+  }
+
+  // Sends queued tasks, in order, to hosts with room; a retried task that
+  // waits for another host than its last does not hold up the ones behind.
   void dispatch() {
-    while (!queued.empty() && !suspended) {
-      if (!anyServing()) {
-        const std::string why = brokenText();
-        while (!queued.empty()) {
-          auto t = queued.front();
-          queued.pop_front();
-          fail(*t, std::make_exception_ptr(PoolBroken("task " + std::to_string(t->id) + " '" + t->fn + "': " + why)));
-        }
-        return;
+    if (suspended) return;
+    if (!anyServing()) {
+      const std::string why = brokenText();
+      while (!queued.empty()) {
+        auto t = queued.front();
+        queued.pop_front();
+        fail(*t, std::make_exception_ptr(PoolBroken("task " + std::to_string(t->id) + " '" + t->fn + "': " + why)));
       }
-      auto t = queued.front();
-      const int rank = choose(*t);
-      if (rank < 0) return;
-      queued.pop_front();
+      return;
+    }
+    for (auto it = queued.begin(); it != queued.end() && anyRoom();) {
+      const int rank = choose(**it);
+      if (rank < 0) {
+        ++it;
+        continue;
+      }
+      auto t = std::move(*it);
+      it = queued.erase(it);
       Message m(kTask, {{"id", static_cast<std::int64_t>(t->id)}, {"fn", t->fn}, {"args", t->args}});
       if (t->timeout) m.set("timeout_ms", static_cast<std::int64_t>(t->timeout->count()));
       try {
@@ -159,10 +170,11 @@ class PoolCore {
   // Takes a sent task back from `rank` (it ended or never started there).
   std::shared_ptr<ClusterTask> take(std::uint64_t id, int rank) {
     auto it = running.find(id);
-    if (it == running.end() || runningOn[id] != rank) return nullptr;
+    auto on = runningOn.find(id);
+    if (it == running.end() || on == runningOn.end() || on->second != rank) return nullptr;
     auto t = std::move(it->second);
     running.erase(it);
-    runningOn.erase(id);
+    runningOn.erase(on);
     --hosts[static_cast<std::size_t>(rank)].s.inFlight;
     return t;
   }

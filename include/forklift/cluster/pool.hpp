@@ -31,8 +31,7 @@
 //
 // How a task travels. submit() queues the task on the driver; it is sent to
 // the serving agent with the most free room (each agent holds at most
-// `tasksPerWorker` x its workers tasks sent and not answered; on a tie, not
-// the host its last attempt failed on). The agent starts a task only on an
+// `tasksPerWorker` x its workers tasks sent and not answered). The agent starts a task only on an
 // idle worker of its local pool, the others wait on the agent in order. The
 // result, or the error, comes back with where it ran: `place()` (rank, host,
 // worker index, the worker's pid). Results, deaths and host reports are seen
@@ -45,9 +44,10 @@
 // start in a worker: the worker is killed and replaced); with WorkerDied when
 // its worker died (crash, _exit, a signal; replaced), `status()` saying how;
 // with Error when its arguments or its result cannot travel (Limits; the
-// text says so). A task whose worker died or timed out runs again, on
-// whichever host has room (another one when it can), while it has retries
-// left (TaskOptions::retries, else PoolOptions::retries, 1 by default);
+// text says so). A task whose worker died or timed out runs again while it
+// has retries left (TaskOptions::retries, else PoolOptions::retries, 1 by
+// default), on another host than its last attempt's while another serves
+// (it waits for room there; the tasks behind it do not wait for it).
 // RemoteError and Error are never retried. Every error's text names the
 // task, its function, and for each attempt the host, rank, worker and how it
 // ended ("task 7 'crash' failed 2 attempts: [1] on host1 (rank 1), worker 0
