@@ -61,22 +61,26 @@
 // more tasks; the tasks that waited on that agent and never started go back
 // to the driver's queue (no attempt counted) and run on the other hosts; the
 // tasks running there end as they end (retried elsewhere if they fail and
-// may). When no host is left, every task not done fails with PoolBroken
-// naming each host's reason, and submit() throws it. `hostStats()` tells
+// may). When no host is left, every task waiting for one fails with
+// PoolBroken naming each host's reason (a task still running on a host that
+// is out ends as it ends), and submit() throws it. `hostStats()` tells
 // each host's state and counts: tasks ended there, failed there, and the
 // replacements its agent made (the agent's own count, reported as each
 // replacement starts).
 //
 // suspend() stops tasks from starting on every host: the driver sends no
-// more, each agent returns the tasks waiting on it to the driver's queue and
-// acknowledges, so when suspend() returns no task starts anywhere until
-// resume(); tasks running finish and their results come in. wait() while
+// more, and each agent hands no more to its workers and returns the tasks
+// waiting on it to the driver's queue, then acknowledges. So once suspend()
+// returns, no task is handed to a worker anywhere until resume(); the ones
+// handed before (at most one per worker, which may begin to run a moment
+// after suspend() returned) finish and their results come in. wait() while
 // suspended with tasks queued throws Error (they would never run).
 //
 // The progress callback (onResult) runs on the driver's thread, inside its
 // waits, once for each task as it ends, ok or not, with its id, function,
 // attempts and place; a program that prints there has reported every result
-// that arrived, even if a lost host later aborts the job.
+// that arrived, even if a lost host later aborts the job. Waiting on the
+// pool from the callback (get, wait, map, poll, ...) throws Error.
 //
 // Bad input. Bytes that do not decode are the World's (World::stats()
 // .refused). A "__cluster_" message that decodes but is wrong (a missing or
