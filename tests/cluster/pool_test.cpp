@@ -78,6 +78,10 @@ void defineAll() {
     raise(SIGSEGV);
     return Value();
   });
+  cluster::define("hangAll", [](const List&) -> Value {
+    std::this_thread::sleep_for(60s);
+    return Value();
+  });
   cluster::define("throws", [](const List&) -> Value { throw std::runtime_error("on purpose"); });
   cluster::define("big", [](const List& a) { return Value(std::string(a.at(0).as<std::size_t>(), 'x')); });
   // On rank args[0] it misbehaves as args[1] says; elsewhere it returns the rank.
@@ -136,6 +140,7 @@ constexpr std::size_t kWrongToAgent = 3;
 void mainPhase(cluster::World& world) {
   cluster::PoolOptions po;
   po.restartLimit = 100;  // this phase's failures on host1 must not take it out
+  po.taskTimeout = slow(1000ms);  // the pool's default: every task here but "hangAll" takes far less
   cluster::Pool pool(world, po);
 
   // 2,000 tasks over both agents: every future once, every result right,
@@ -225,6 +230,16 @@ void mainPhase(cluster::World& world) {
     check(has(e, "on purpose") && has(e, "worker"), "a function that throws: RemoteError: " + e);
     e = failsWith<RemoteError>(pool.submit("square", {Value("seven")}));
     check(has(e, "string found, double wanted"), "an argument of the wrong type: RemoteError: " + e);
+    e = failsWith<Error>(pool.submit("square", {Value(std::string(std::size_t{17} << 20, 'x'))}));
+    check(has(e, "cannot be sent") && has(e, "limit"), "arguments over the limits: Error: " + e.substr(0, 300));
+    TaskOptions once;
+    once.retries = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    e = failsWith<TaskTimeout>(pool.submitWith("hangAll", {}, once));
+    const auto took = std::chrono::steady_clock::now() - t0;
+    check(has(e, "ran longer than its timeout of " + std::to_string(po.taskTimeout.count()) + " ms") &&
+              took >= po.taskTimeout && took < po.taskTimeout + slow(5000ms),
+          "the pool's default timeout: TaskTimeout: " + e);
     e = failsWith<Error>(pool.submit("big", {Value(std::int64_t{17} << 20)}));
     check(has(e, "limit") || has(e, "Limit") || has(e, "too large") || has(e, "bytes"),
           "a result over the limits: " + e.substr(0, 300));
@@ -409,8 +424,9 @@ void outPhase(cluster::World& world) {
   check(std::all_of(r.begin(), r.end(), [](const Value& v) { return v.as<int>() == 2; }),
         "50 more tasks all ran on host2");
 
-  // Now host2 crashes every task too: when it is out, every task left fails
-  // with PoolBroken and submit throws it.
+  // Now host2 crashes every task too: its local pool breaks (a crash loop);
+  // with no host left every task waiting fails with PoolBroken and submit
+  // throws it.
   TaskOptions o;
   o.retries = 0;
   fs.clear();
@@ -428,7 +444,9 @@ void outPhase(cluster::World& world) {
     } catch (...) {
     }
   }
-  check(died >= 3 && broken >= 1 && died + broken == 12 && has(brokenText, "every host is out") &&
+  check(!pool.hostStats()[1].serving && has(pool.hostStats()[1].reason, "its local pool broke"),
+        "host2 is out: " + pool.hostStats()[1].reason);
+  check(died >= 1 && broken >= 1 && died + broken == 12 && has(brokenText, "every host is out") &&
             has(brokenText, "host1") && has(brokenText, "host2"),
         std::to_string(died) + " died on host2, " + std::to_string(broken) + " PoolBroken: " + brokenText);
   std::string e;
@@ -458,6 +476,8 @@ int main(int argc, char** argv) {
   // The main phase loses many workers on host1 on purpose: its local pool's
   // crash-loop limit must not take it out (the out phase tests that).
   if (!out) ao.pool.restartLimit = 1000;
+  // The out phase: host2's local pool breaks at its 2nd death (a crash loop).
+  if (out && myRank() == 2) ao.pool.restartLimit = 1;
   cluster::Agent agent(ao);  // before the World: workers forked before MPI_Init
   cluster::World world;
   if (!world.isDriver()) {
