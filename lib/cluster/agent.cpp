@@ -148,8 +148,8 @@ struct Agent::Impl {
     ExitStatus status;
     if (!r.ok()) kind = kindOf(r.error(), what, status);
     if (kind == "broken" && info.attempts == 0) {  // it never started: another host runs it
+      goOut("its local pool broke: " + what);        // first: the driver then sends it elsewhere
       world->send(0, Message(kReturned, {{"ids", List{Value(id)}}}));
-      goOut("its local pool broke: " + what);
       return;
     }
     const pid_t pid = info.worker < pids.size() ? pids[info.worker] : -1;

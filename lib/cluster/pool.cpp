@@ -179,7 +179,7 @@ class PoolCore {
     return t;
   }
 
-  void onTaskResult(int source, const Message& m) {
+  void onTaskResult(int source, Message& m) {
     // Every field is read before anything changes: a malformed result changes nothing.
     const auto id = m.get<std::int64_t>("id");
     const bool ok = m.get<bool>("ok");
@@ -207,7 +207,7 @@ class PoolCore {
     t->place = TaskPlace{source, h.host, worker < 0 ? 0 : static_cast<std::size_t>(worker), static_cast<pid_t>(pid)};
     if (ok) {
       Value v;
-      if (const Value* p = m.find("value")) v = *p;
+      if (Value* p = m.find("value")) v = std::move(*p);
       return finish(*t, CallResult(std::move(v)));
     }
     ++h.failed;
@@ -244,10 +244,13 @@ class PoolCore {
 
   // Tasks `source` gives back unstarted: to the front of the queue, in
   // order, no attempt counted.
-  void giveBack(int source, const Message& m) {
-    const List ids = m.get<List>("ids");
+  static List idsOf(const Message& m) {
+    List ids = m.get<List>("ids");
     for (const auto& v : ids)
       if (v.kind() != Value::Kind::Int) throw TypeError("'ids' holds a " + v.typeName());
+    return ids;
+  }
+  void giveBack(int source, const Message& m, const List& ids) {
     for (auto i = ids.rbegin(); i != ids.rend(); ++i) {
       const auto id = static_cast<std::uint64_t>(i->as<std::int64_t>());
       auto t = take(id, source);
@@ -260,7 +263,7 @@ class PoolCore {
     }
   }
 
-  void handle(int source, const Message& m) {
+  void handle(int source, Message& m) {
     const std::string& c = m.command();
     if (source <= 0 || static_cast<std::size_t>(source) >= hosts.size())
       return refuse(source, c, "not from an agent");
@@ -273,17 +276,18 @@ class PoolCore {
       h.s.replacements = std::max(h.s.replacements, static_cast<std::size_t>(n));
     } else if (c == kOut) {
       const std::string reason = m.get<std::string>("reason");
-      (void)m.get<List>("ids");
+      const List ids = idsOf(m);
       if (!h.s.serving) return refuse(source, c, "the host is out already");
       h.s.serving = false;
       h.s.reason = reason;
       poolLog()->error("driver: {} (rank {}) is out of the rotation: {}", h.s.host, source, reason);
-      giveBack(source, m);
+      giveBack(source, m, ids);
     } else if (c == kReturned) {
-      giveBack(source, m);
+      giveBack(source, m, idsOf(m));
     } else if (c == kSuspended) {
+      const List ids = idsOf(m);
       if (!suspended || h.acked) return refuse(source, c, "no suspension asked");
-      giveBack(source, m);
+      giveBack(source, m, ids);
       h.acked = true;
     } else if (c == kHello) {
       refuse(source, c, "a second hello");
@@ -340,7 +344,7 @@ bool ClusterFuture::wait(Timeout timeout) {
   auto core = core_.lock();
   if (!core) throw Error("cluster::ClusterFuture: its Pool is gone and the task did not end");
   if (timeout == Timeout::zero()) {
-    core->poll();
+    if (!core->inCallback) core->poll();  // from the callback: a look only
     return t_->done;
   }
   return core->waitFor([t = t_.get()] { return t->done; }, timeout);
