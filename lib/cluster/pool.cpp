@@ -211,8 +211,8 @@ class PoolCore {
       return finish(*t, CallResult(std::move(v)));
     }
     ++h.failed;
-    std::string where = "on " + h.host + " (rank " + std::to_string(source) + ")";
-    if (worker >= 0) where += ", worker " + std::to_string(worker) + " (pid " + std::to_string(pid) + ")";
+    std::string where = "on host " + h.host + " (rank " + std::to_string(source) + ")";
+    if (worker >= 0) where += ", worker " + std::to_string(worker);
     t->history.push_back(where + ": " + what);
     const bool retriable = kind == "died" || kind == "timeout" || kind == "broken";
     if (retriable && t->attempts <= t->retries) {
@@ -221,13 +221,11 @@ class PoolCore {
       queued.push_front(std::move(t));
       return;
     }
-    std::string text = "task " + std::to_string(t->id) + " '" + t->fn + "' ";
-    if (t->history.size() == 1) {
-      text += t->history[0];
-    } else {
-      text += "failed " + std::to_string(t->history.size()) + " attempts:";
-      for (std::size_t i = 0; i < t->history.size(); ++i) text += " [" + std::to_string(i + 1) + "] " + t->history[i];
-    }
+    // The first attempt, then each other one; the last attempt's words end it.
+    std::string text = "task " + std::to_string(t->id) + " '" + t->fn + "' " + t->history[0];
+    const auto n = t->history.size();
+    for (std::size_t i = 1; i < n; ++i)
+      text += "; attempt " + std::to_string(i + 1) + " of " + std::to_string(n) + " " + t->history[i];
     std::exception_ptr e;
     if (kind == "timeout")
       e = std::make_exception_ptr(TaskTimeout(text));

@@ -50,8 +50,10 @@
 // (it waits for room there; the tasks behind it do not wait for it).
 // RemoteError and Error are never retried. Every error's text names the
 // task, its function, and for each attempt the host, rank, worker and how it
-// ended ("task 7 'crash' failed 2 attempts: [1] on host1 (rank 1), worker 0
-// (pid 811): ... [2] on host2 ..."); its type is the last attempt's.
+// ended ("task 7 'crash' on host host1 (rank 1), worker 0: ... died (killed
+// by SIGSEGV); attempt 2 of 2 on host host2 (rank 2), worker 1: ..."); its
+// type is the last attempt's (a WorkerDied's status() too); place() is the
+// last attempt's, with the worker's pid.
 //
 // Hosts out of the rotation. An agent takes its host out, and tells the
 // driver why, when its local pool breaks (AgentOptions::pool's crash loop,
