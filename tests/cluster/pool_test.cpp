@@ -9,11 +9,11 @@
 //
 // Bounds on how long something may take are multiplied by
 // FORKLIFT_TEST_SLOWDOWN (tests/support.hpp's rule).
+#include <errno.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -32,6 +32,7 @@ using namespace std::chrono_literals;
 namespace {
 
 int failures = 0, passes = 0;
+std::set<pid_t> workerPids;  // every worker a result came from (one machine: checked gone at the end)
 
 void check(bool ok, const std::string& what) {
   std::printf("[ %s ] %s\n", ok ? "    OK" : "FAILED", what.c_str());
@@ -161,6 +162,7 @@ void mainPhase(cluster::World& world) {
       auto& f = fs[static_cast<std::size_t>(i)];
       if (f.get().as<double>() == static_cast<double>(i) * i) ++right;
       hosts.insert(f.place().host);
+      workerPids.insert(f.place().pid);
     }
     const bool once = std::all_of(calls.begin() + 1, calls.end(), [](int c) { return c == 1; });
     check(right == 2000 && pool.completed() == 2000 && pool.submitted() == 2000 && pool.failedTasks() == 0,
@@ -407,7 +409,10 @@ void outPhase(cluster::World& world) {
   std::vector<cluster::ClusterFuture> fs;
   for (int i = 0; i < 20; ++i) fs.push_back(pool.submit("onRank", {Value(1), Value("segv")}));
   std::size_t on2 = 0;
-  for (auto& f : fs) on2 += f.result().ok() && f.get().as<int>() == 2 && f.place().rank == 2;
+  for (auto& f : fs) {
+    on2 += f.result().ok() && f.get().as<int>() == 2 && f.place().rank == 2;
+    workerPids.insert(f.place().pid);
+  }
   auto s = pool.hostStats();
   check(on2 == 20 && ends == 20 && maxAttempts <= 2, "host2 finished all 20 tasks: " + std::to_string(on2));
   check(!s[0].serving && has(s[0].reason, "in a row") && s[1].serving && s[0].inFlight == 0,
@@ -479,23 +484,36 @@ int main(int argc, char** argv) {
   // The out phase: host2's local pool breaks at its 2nd death (a crash loop).
   if (out && myRank() == 2) ao.pool.restartLimit = 1;
   cluster::Agent agent(ao);  // before the World: workers forked before MPI_Init
-  cluster::World world;
-  if (!world.isDriver()) {
-    std::thread hook([&world] { misbehaveOnRequest(world); });
-    const int rc = agent.serve(world);
-    world.send(world.rank(), Message("test.quit"));
-    hook.join();
-    const std::size_t expected = out ? 0 : kWrongToAgent;
-    if (agent.refused() != expected) {
-      std::printf("FAILED: rank %d refused %zu wrong messages, expected %zu\n", world.rank(), agent.refused(), expected);
-      return 1;
+  {
+    cluster::World world;
+    if (!world.isDriver()) {
+      std::thread hook([&world] { misbehaveOnRequest(world); });
+      const int rc = agent.serve(world);
+      world.send(world.rank(), Message("test.quit"));
+      hook.join();
+      const std::size_t expected = out ? 0 : kWrongToAgent;
+      if (agent.refused() != expected) {
+        std::printf("FAILED: rank %d refused %zu wrong messages, expected %zu\n", world.rank(), agent.refused(),
+                    expected);
+        return 1;
+      }
+      return rc;
     }
-    return rc;
-  }
-  if (out)
-    outPhase(world);
-  else
-    mainPhase(world);
+    if (out)
+      outPhase(world);
+    else
+      mainPhase(world);
+  }  // every rank's World ended: each agent's serve() returned and stopped its workers
+  std::size_t alive = 0;
+  const auto end = std::chrono::steady_clock::now() + slow(5000ms);
+  do {
+    alive = 0;
+    for (pid_t p : workerPids) alive += p > 0 && (kill(p, 0) == 0 || errno != ESRCH);
+    if (alive) std::this_thread::sleep_for(20ms);
+  } while (alive && std::chrono::steady_clock::now() < end);
+  check(workerPids.size() >= 2 && alive == 0,
+        "no worker left once the job ended: " + std::to_string(workerPids.size()) + " seen, " + std::to_string(alive) +
+            " alive");
   std::printf("%d passed, %d failed\n", passes, failures);
   std::fflush(stdout);
   return failures == 0 ? 0 : 1;
