@@ -345,7 +345,14 @@ bool ClusterFuture::wait(Timeout timeout) {
     if (!core->inCallback) core->poll();  // from the callback: a look only
     return t_->done;
   }
-  return core->waitFor([t = t_.get()] { return t->done; }, timeout);
+  // Queued while suspended, it would never run: say so instead of waiting.
+  auto done = [c = core.get(), t = t_.get()] {
+    if (!t->done && c->suspended && c->running.count(t->id) == 0)
+      throw Error("cluster::ClusterFuture::wait: task " + std::to_string(t->id) +
+                  " is queued and the pool is suspended (it would never run)");
+    return t->done;
+  };
+  return core->waitFor(done, timeout);
 }
 
 const CallResult& ClusterFuture::result() {
@@ -463,10 +470,14 @@ void Pool::onResult(std::function<void(const TaskEnd&, const CallResult&)> fn) {
 
 bool Pool::wait(Timeout timeout) {
   auto* c = core_.get();
-  if (c->suspended && !c->queued.empty())
-    throw Error("cluster::Pool::wait: suspended with " + std::to_string(c->queued.size()) +
-                " tasks queued (they would never run)");
-  return c->waitFor([c] { return c->completed == c->submitted; }, timeout);
+  return c->waitFor(
+      [c] {
+        if (c->suspended && !c->queued.empty())  // also when a host that went out gave tasks back
+          throw Error("cluster::Pool::wait: suspended with " + std::to_string(c->queued.size()) +
+                      " tasks queued (they would never run)");
+        return c->completed == c->submitted;
+      },
+      timeout);
 }
 
 void Pool::poll() {

@@ -148,11 +148,12 @@ void mainPhase(cluster::World& world) {
   // the progress callback once per task.
   {
     std::vector<int> calls(2001, 0);
-    std::size_t callbacks = 0, badPlace = 0;
+    std::size_t callbacks = 0, badPlace = 0, maxInFlight = 0;
     pool.onResult([&](const cluster::TaskEnd& e, const CallResult& r) {
       ++callbacks;
       if (e.id < calls.size()) ++calls[e.id];
       if (!r.ok() || e.place.rank < 1 || e.place.host != world.host(e.place.rank) || e.attempts != 1) ++badPlace;
+      for (const auto& h : pool.hostStats()) maxInFlight = std::max(maxInFlight, h.inFlight);
     });
     std::vector<cluster::ClusterFuture> fs;
     for (int i = 0; i < 2000; ++i) fs.push_back(pool.submit("square", {Value(static_cast<double>(i))}));
@@ -169,6 +170,8 @@ void mainPhase(cluster::World& world) {
           "2000 squares right: " + std::to_string(right) + ", completed " + std::to_string(pool.completed()));
     check(callbacks == 2000 && once && badPlace == 0,
           "the progress callback ran once per task (" + std::to_string(callbacks) + "), each with its place");
+    check(maxInFlight >= 3 && maxInFlight <= 4, "at most tasksPerWorker x workers = 4 tasks in flight on a host; the most seen: " +
+                                std::to_string(maxInFlight));
     const auto per = pool.perRank();
     const auto stats = pool.hostStats();
     check(hosts.size() == 2 && per.size() == 3 && per[1] >= 400 && per[2] >= 400 && per[1] + per[2] == 2000 &&
@@ -339,6 +342,14 @@ void mainPhase(cluster::World& world) {
     } catch (const Error&) {
       threw = true;
     }
+    std::size_t queuedThrew = 0;  // the tasks the agents gave back: their waits throw
+    for (auto& f : fs) {
+      try {
+        f.wait(1ms);
+      } catch (const Error&) {
+        ++queuedThrew;
+      }
+    }
     eventually(pool, 600ms, [] { return false; });
     const auto during = pool.completed() - before;
     const auto resumedAt = nowNs();
@@ -346,10 +357,11 @@ void mainPhase(cluster::World& world) {
     const bool all = pool.wait(slow(10000ms));
     std::size_t startedBefore = 0;
     for (auto& f : fs) startedBefore += f.get().as<std::int64_t>() <= resumedAt;
-    check(all && !pool.suspended() && startedBefore <= 4 && during <= 4 && threw,
+    check(all && !pool.suspended() && startedBefore <= 4 && during <= 4 && threw && queuedThrew >= 4 &&
+              queuedThrew == 8 - startedBefore,
           "suspend: " + std::to_string(startedBefore) + " of 8 tasks started before resume() (at most one per worker), " +
               std::to_string(during) + " ended while suspended; wait() while suspended with tasks queued threw: " +
-              std::to_string(threw));
+              std::to_string(threw) + ", so did the waits of the " + std::to_string(queuedThrew) + " queued");
   }
 
   // Bad input: wrong "__cluster_" messages both ways; everyone goes on.

@@ -75,8 +75,9 @@
 // waiting on it to the driver's queue, then acknowledges. So once suspend()
 // returns, no task is handed to a worker anywhere until resume(); the ones
 // handed before (at most one per worker, which may begin to run a moment
-// after suspend() returned) finish and their results come in. wait() while
-// suspended with tasks queued throws Error (they would never run).
+// after suspend() returned) finish and their results come in. Waiting
+// while suspended for a task that is queued (Pool::wait with tasks queued,
+// a queued task's get or wait) throws Error: it would never run.
 //
 // The progress callback (onResult) runs on the driver's thread, inside its
 // waits, once for each task as it ends, ok or not, with its id, function,
