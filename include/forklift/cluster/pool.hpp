@@ -31,9 +31,9 @@
 //
 // How a task travels. submit() queues the task on the driver; it is sent to
 // the serving agent with the most free room (each agent holds at most
-// `tasksPerWorker` x its workers tasks sent and not answered). The agent starts a task only on an
-// idle worker of its local pool, the others wait on the agent in order. The
-// result, or the error, comes back with where it ran: `place()` (rank, host,
+// `tasksPerWorker` x its workers tasks sent and not answered). The agent
+// hands a task only to an idle worker of its local pool; the others wait on
+// the agent, in order. The result, or the error, comes back with where it ran: `place()` (rank, host,
 // worker index, the worker's pid). Results, deaths and host reports are seen
 // inside the driver's waits (get, wait, map, poll, suspend, finalize).
 //
@@ -44,7 +44,8 @@
 // start in a worker: the worker is killed and replaced); with WorkerDied when
 // its worker died (crash, _exit, a signal; replaced), `status()` saying how;
 // with Error when its arguments or its result cannot travel (Limits; the
-// text says so). A task whose worker died or timed out runs again while it
+// text says so; RemoteError when the worker itself could not send its
+// result). A task whose worker died or timed out runs again while it
 // has retries left (TaskOptions::retries, else PoolOptions::retries, 1 by
 // default), on another host than its last attempt's while another serves
 // (it waits for room there; the tasks behind it do not wait for it).
@@ -58,8 +59,8 @@
 // Hosts out of the rotation. An agent takes its host out, and tells the
 // driver why, when its local pool breaks (AgentOptions::pool's crash loop,
 // or a replacement that cannot start) or when more than
-// PoolOptions::restartLimit of its workers were lost in a row (died or timed
-// out, with no task ending well between them). The driver then sends it no
+// PoolOptions::restartLimit tasks in a row there lost their worker (it died,
+// or was killed for a timeout) with no task ending well between them. The driver then sends it no
 // more tasks; the tasks that waited on that agent and never started go back
 // to the driver's queue (no attempt counted) and run on the other hosts; the
 // tasks running there end as they end (retried elsewhere if they fail and
@@ -83,7 +84,8 @@
 // waits, once for each task as it ends, ok or not, with its id, function,
 // attempts and place; a program that prints there has reported every result
 // that arrived, even if a lost host later aborts the job. Waiting on the
-// pool from the callback (get, wait, map, poll, ...) throws Error.
+// pool from the callback (get, wait, map, poll, ...) throws Error; a
+// future's ready() there only looks.
 //
 // Bad input. Bytes that do not decode are the World's (World::stats()
 // .refused). A "__cluster_" message that decodes but is wrong (a missing or
