@@ -136,7 +136,7 @@ void misbehaveOnRequest(cluster::World& world) {
 }
 constexpr std::size_t kWrongPerAgent = 7;  // the "__cluster_" messages above
 // What the driver sends each agent that is wrong (see the bad input case).
-constexpr std::size_t kWrongToAgent = 3;
+constexpr std::size_t kWrongToAgent = 4;
 
 void mainPhase(cluster::World& world) {
   cluster::PoolOptions po;
@@ -376,6 +376,8 @@ void mainPhase(cluster::World& world) {
       world.send(r, Message("__cluster_task", {{"fn", "square"}}));                    // no id
       world.send(r, Message("__cluster_task", {{"id", 555555}, {"fn", 7}}));           // ill-typed: answered
       world.send(r, Message("__cluster_bogus"));                                       // no such command
+      world.send(r, Message("__cluster_config", {{"restart_limit", "many"}}));          // ill-typed
+      cluster::detail::sendRaw(world, r, {'\x93', '\xff', 'x'});                          // undecodable
       world.send(r, Message("test.misbehave"));
     }
     int sent = 0;
@@ -508,9 +510,11 @@ int main(int argc, char** argv) {
       world.send(world.rank(), Message("test.quit"));
       hook.join();
       const std::size_t expected = out ? 0 : kWrongToAgent;
-      if (agent.refused() != expected) {
-        std::printf("FAILED: rank %d refused %zu wrong messages, expected %zu\n", world.rank(), agent.refused(),
-                    expected);
+      const std::uint64_t garbage = out ? 0 : 1;
+      if (agent.refused() != expected || world.stats().refused != garbage) {
+        std::printf("FAILED: rank %d refused %zu wrong messages and %llu undecodable, expected %zu and %llu\n",
+                    world.rank(), agent.refused(), static_cast<unsigned long long>(world.stats().refused), expected,
+                    static_cast<unsigned long long>(garbage));
         return 1;
       }
       return rc;
