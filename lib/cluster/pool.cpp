@@ -249,6 +249,9 @@ class PoolCore {
     return ids;
   }
   void giveBack(int source, const Message& m, const List& ids) {
+    if (!ids.empty())
+      poolLog()->info("driver: {} (rank {}) gave back {} tasks that did not start",
+                      hosts[static_cast<std::size_t>(source)].s.host, source, ids.size());
     for (auto i = ids.rbegin(); i != ids.rend(); ++i) {
       const auto id = static_cast<std::uint64_t>(i->as<std::int64_t>());
       auto t = take(id, source);

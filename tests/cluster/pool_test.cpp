@@ -416,10 +416,11 @@ void outPhase(cluster::World& world) {
   cluster::PoolOptions po;
   po.restartLimit = 2;  // the 3rd worker lost in a row takes a host out
   cluster::Pool pool(world, po);
-  std::size_t ends = 0;
+  std::size_t ends = 0, attempts = 0;
   int maxAttempts = 0;
   pool.onResult([&](const cluster::TaskEnd& e, const CallResult&) {
     ++ends;
+    attempts += static_cast<std::size_t>(e.attempts);
     maxAttempts = std::max(maxAttempts, e.attempts);
   });
 
@@ -437,6 +438,10 @@ void outPhase(cluster::World& world) {
         "host1 is out of the rotation: " + s[0].reason);
   check(s[0].failed >= 3 && s[0].failed <= 3 + 1 && s[0].ran == s[0].failed,
         "host1 lost " + std::to_string(s[0].failed) + " workers before it was out (limit 2, a 2nd worker may be busy)");
+  // Each failure on host1 cost one retry; the tasks it gave back unstarted cost none.
+  check(attempts == 20 + s[0].failed && s[1].ran == 20,
+        "attempts: " + std::to_string(attempts) + " = 20 tasks + " + std::to_string(s[0].failed) +
+            " retries; host2 ran " + std::to_string(s[1].ran));
   const bool settled = eventually(pool, slow(5000ms), [&] { return pool.hostStats()[0].replacements == s[0].failed; });
   check(settled && pool.hostStats()[1].replacements == 0,
         "replacements as the agents count them: host1 " + std::to_string(pool.hostStats()[0].replacements) +
