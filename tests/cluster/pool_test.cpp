@@ -6,6 +6,7 @@
 //                           suspend/resume, bad input
 //   cluster_pool_test out   the restart limit takes host1 out, host2 does
 //                           the work; then host2 out too: PoolBroken
+//   cluster_pool_test start misuse at start-up; agents that never say hello
 //
 // Bounds on how long something may take are multiplied by
 // FORKLIFT_TEST_SLOWDOWN (tests/support.hpp's rule).
@@ -495,10 +496,52 @@ void outPhase(cluster::World& world) {
   check(has(e, "finalized"), "submit after finalize: Error: " + e);
 }
 
+// Start-up and misuse: a Pool on an agent rank, serve() on the driver, a
+// Pool whose agents never say hello.
+void startPhase(cluster::World& world, cluster::Agent& agent) {
+  std::string e;
+  try {
+    agent.serve(world);
+  } catch (const Error& x) {
+    e = x.what();
+  }
+  check(has(e, "rank 0 is the driver"), "Agent::serve on the driver: Error: " + e);
+  cluster::PoolOptions po;
+  po.startTimeout = 500ms;
+  e.clear();
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    cluster::Pool pool(world, po);
+  } catch (const TimeoutError& x) {
+    e = x.what();
+  }
+  const auto took = std::chrono::steady_clock::now() - t0;
+  check(has(e, "2 agent(s) did not say hello within 500 ms") && took >= 500ms && took < 500ms + slow(5000ms),
+        "agents that never say hello: TimeoutError: " + e);
+  for (int r = 1; r < world.size(); ++r) world.send(r, Message("test.quit"));
+}
+
+// The agents' side of the start phase: they do not serve.
+int notServing(cluster::World& world) {
+  std::string e;
+  try {
+    cluster::Pool pool(world);
+  } catch (const Error& x) {
+    e = x.what();
+  }
+  auto r = world.recv(slow(60000ms));
+  if (!has(e, "only the driver") || !r || r->message.command() != "test.quit") {
+    std::printf("FAILED: rank %d: a Pool on an agent rank: %s\n", world.rank(), e.c_str());
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool out = argc > 1 && std::strcmp(argv[1], "out") == 0;
+  const std::string phase = argc > 1 ? argv[1] : "";
+  const bool out = phase == "out";
   defineAll();
   cluster::AgentOptions ao;
   // The main phase loses many workers on host1 on purpose: its local pool's
@@ -509,6 +552,7 @@ int main(int argc, char** argv) {
   cluster::Agent agent(ao);  // before the World: workers forked before MPI_Init
   {
     cluster::World world;
+    if (!world.isDriver() && phase == "start") return notServing(world);
     if (!world.isDriver()) {
       std::thread hook([&world] { misbehaveOnRequest(world); });
       const int rc = agent.serve(world);
@@ -524,7 +568,9 @@ int main(int argc, char** argv) {
       }
       return rc;
     }
-    if (out)
+    if (phase == "start")
+      startPhase(world, agent);
+    else if (out)
       outPhase(world);
     else
       mainPhase(world);
@@ -536,7 +582,7 @@ int main(int argc, char** argv) {
     for (pid_t p : workerPids) alive += p > 0 && (kill(p, 0) == 0 || errno != ESRCH);
     if (alive) std::this_thread::sleep_for(20ms);
   } while (alive && std::chrono::steady_clock::now() < end);
-  check(workerPids.size() >= 2 && alive == 0,
+  check((phase == "start" || workerPids.size() >= 2) && alive == 0,
         "no worker left once the job ended: " + std::to_string(workerPids.size()) + " seen, " + std::to_string(alive) +
             " alive");
   std::printf("%d passed, %d failed\n", passes, failures);
