@@ -8,6 +8,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "forklift/cluster/remote.hpp"
 #include "forklift/cluster/world.hpp"
 #include "forklift/log.hpp"
 #include "forklift/manager.hpp"
@@ -169,6 +170,7 @@ int Agent::serve(World& world) {
     }
   });
   world.send(0, Message(kHello, {{"workers", static_cast<std::int64_t>(pool.pool().size())}, {"host", host}}));
+  RemoteHost remotes(world);  // the driver's remote backends (remote.hpp), on a thread of their own
   const int rc = impl_->manager.run();
   box->deliverToInbox();
   world.unroute(kPrefix);
