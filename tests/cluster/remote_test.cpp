@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -99,6 +100,11 @@ class Broken : public MessageProcess {
   explicit Broken(std::string name) : MessageProcess(std::move(name)) { throw Error("Broken refuses to be made"); }
 };
 
+class NeverDefined : public MessageProcess {
+ public:
+  explicit NeverDefined(std::string name) : MessageProcess(std::move(name)) {}
+};
+
 Map camArgs(const std::string& device) { return {{"device", device}, {"fps", 30}}; }
 
 bool gone(pid_t pid) {
@@ -114,9 +120,16 @@ bool gone(pid_t pid) {
 int main() {
   cluster::defineProcess<Camera, std::string, int>("Camera", {"device", "fps"});
   cluster::defineProcess<Broken>("Broken");
+  const std::string twice = failsWith<Error>([] { cluster::defineProcess<Broken>("Camera"); });
   cluster::Agent agent;  // then the Agent, then the World (remote.hpp, "Registering")
   cluster::World world;
   if (!world.isDriver()) return agent.serve(world);
+
+  check(has(twice, "'Camera' is defined already"), "a class name defined twice: " + twice);
+  std::string e = failsWith<Error>([] { cluster::defineProcess<Broken>("Late"); });
+  check(has(e, "before the World"), "a class defined after the World: " + e);
+  e = failsWith<Error>([&] { cluster::RemoteHost h(world); });
+  check(has(e, "driver"), "no RemoteHost on the driver: " + e);
 
   std::vector<pid_t> pids;
   {
@@ -149,7 +162,7 @@ int main() {
 
     // A send that fails in the backend: CommandError through recv().
     cam1.send("nope");
-    std::string e = failsWith<CommandError>([&] { (void)cam1.recv(Timeout(slowMs(5000))); });
+    e = failsWith<CommandError>([&] { (void)cam1.recv(Timeout(slowMs(5000))); });
     check(has(e, "nope") && has(e, "host1"), "an unknown command sent: CommandError from recv: " + e);
 
     // A call past its timeout; the backend serves after.
@@ -213,19 +226,40 @@ int main() {
     e = failsWith<Error>([&] { (void)cluster::RemoteProcess(world, 1, "Nope", "x"); });
     check(has(e, "no process class 'Nope'") && has(e, "host1"), "an unknown class: " + e);
     e = failsWith<Error>([&] { (void)cluster::RemoteProcess(world, 1, "Camera", "x", {{"device", "d"}, {"fps", "thirty"}}); });
-    check(has(e, "'fps'"), "a constructor argument of the wrong type: " + e);
+    check(has(e, "'fps'") && !has(e, "preRun__"), "a constructor argument of the wrong type, refused before a fork: " + e);
     e = failsWith<Error>([&] { (void)cluster::RemoteProcess(world, 2, "Camera", "x", {{"fps", 1}}); });
     check(has(e, "'device'"), "a missing constructor argument: " + e);
     e = failsWith<Error>([&] { (void)cluster::RemoteProcess(world, 2, "Broken", "x"); });
     check(has(e, "Broken refuses to be made"), "a constructor that throws in the backend: " + e);
     e = failsWith<Error>([&] { (void)cluster::RemoteProcess(world, 7, "Camera", "x", camArgs("d")); });
     check(has(e, "no agent"), "a rank that is no agent: " + e);
+    e = failsWith<Error>([&] { (void)cluster::start<Camera>(world, "nohost", "x", camArgs("d")); });
+    check(has(e, "no agent runs on host 'nohost'"), "a host with no agent: " + e);
+    e = failsWith<Error>([&] { (void)cluster::start<NeverDefined>(world, 1, "x"); });
+    check(has(e, "was not defined"), "a class never defined: " + e);
     auto again = cluster::start<Camera>(world, 2, "again", camArgs("/dev/video9"));
     pids.push_back(again.pid());
     check(Message("info", again.call("info").as<Map>()).get<std::string>("device") == "/dev/video9",
           "the agent starts backends after the bad starts");
 
+    // Calls from several threads at once, each matched to its own reply.
+    std::vector<std::thread> callers;
+    std::atomic<int> matched{0};
+    for (int t = 0; t < 4; ++t)
+      callers.emplace_back([&, t] {
+        for (int i = 0; i < 50; ++i)
+          if (again.call("add", {{"a", i}, {"b", 1000 * t}}).as<int>() == i + 1000 * t) ++matched;
+      });
+    for (auto& c : callers) c.join();
+    check(matched == 200, "4 threads x 50 calls, each its own reply: " + std::to_string(matched.load()));
+
+    // A backend the driver never stops: the agent's RemoteHost stops it when
+    // the agent's serve() ends (leaked on purpose: its destructor would stop it).
+    auto* orphan = new cluster::RemoteProcess(world, 1, "Camera", "orphan", camArgs("/dev/null"));
+    pids.push_back(orphan->pid());
+
     // An orderly stop: exit 0, recv says PeerClosed (not ProcessDied).
+    check(cam1.exitStatus().how == ExitStatus::How::Running && cam1.isAlive(), "exitStatus() is Running before the end");
     cam1.send("emit", {{"n", 2}});
     const ExitStatus s1 = cam1.stop();
     check(s1.ok(), "stop(): " + s1.describe());
