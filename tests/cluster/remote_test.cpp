@@ -242,6 +242,21 @@ int main() {
     check(Message("info", again.call("info").as<Map>()).get<std::string>("device") == "/dev/video9",
           "the agent starts backends after the bad starts");
 
+    // A send the backend does not read within sendTimeout: CommandError from
+    // recv() saying it was not delivered; the backend is stopped as any other.
+    {
+      cluster::RemoteOptions o;
+      o.sendTimeout = Timeout(300);
+      cluster::RemoteProcess busy(world, 2, "Camera", "busy", camArgs("/dev/null"), o);
+      pids.push_back(busy.pid());
+      busy.send("sleep", {{"ms", 2000}});
+      busy.send("add", {{"a", Bytes(8u << 20, 7)}, {"b", 1}});  // more than its socket holds
+      e = failsWith<CommandError>([&] { (void)busy.recv(Timeout(slowMs(5000))); });
+      check(has(e, "could not be delivered") && has(e, "'add'"), "a send not read within sendTimeout: " + e);
+      const ExitStatus sb = busy.stop(Timeout(slowMs(3000)));
+      check(sb.ended(), "the busy backend stopped: " + sb.describe());
+    }
+
     // Calls from several threads at once, each matched to its own reply.
     std::vector<std::thread> callers;
     std::atomic<int> matched{0};
