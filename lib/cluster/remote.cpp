@@ -501,6 +501,11 @@ struct RemoteCore {
     return std::make_exception_ptr(ProcessDied(endText()));
   }
 
+  CallResult timedOut(const RemoteCall& c) const {
+    return CallResult(std::make_exception_ptr(TimeoutError(fullName + ": call '" + c.command + "' timed out after " +
+                                                           std::to_string(c.timeout.count()) + " ms")));
+  }
+
   void complete(RemoteCall& c, CallResult r) {  // mu held
     if (c.done) return;
     c.done = true;
@@ -529,8 +534,8 @@ struct RemoteCore {
         case CallResult::Kind::Remote:
           complete(*c, CallResult(std::make_exception_ptr(RemoteError(prefix + text))));
           break;
-        case CallResult::Kind::Timeout:
-          complete(*c, CallResult(std::make_exception_ptr(TimeoutError(prefix + text))));
+        case CallResult::Kind::Timeout:  // the agent's clock ran out just before ours
+          complete(*c, timedOut(*c));
           break;
         case CallResult::Kind::ProcessDied:
           // The agent reports the end next, with the status: the call fails then.
@@ -591,10 +596,7 @@ struct RemoteCore {
     const Deadline& d = (!c.deadline.forever() && (mine.forever() || c.deadline.at() < mine.at())) ? c.deadline : mine;
     waitUntil([&] { return c.done; }, d);
     std::lock_guard lock(mu);
-    if (!c.done && c.deadline.expired())
-      complete(c, CallResult(std::make_exception_ptr(TimeoutError(
-                      fullName + ": call '" + c.command + "' timed out after " + std::to_string(c.timeout.count()) +
-                      " ms"))));
+    if (!c.done && c.deadline.expired()) complete(c, timedOut(c));
     return c.done;
   }
 

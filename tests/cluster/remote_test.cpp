@@ -235,6 +235,10 @@ int main() {
     check(has(e, "no agent"), "a rank that is no agent: " + e);
     e = failsWith<Error>([&] { (void)cluster::start<Camera>(world, "nohost", "x", camArgs("d")); });
     check(has(e, "no agent runs on host 'nohost'"), "a host with no agent: " + e);
+    e = failsWith<Error>([&] {
+      (void)cluster::RemoteProcess(world, 1, "Camera", "x", {{"device", std::string(100u << 10, 'd')}, {"fps", 1}});
+    });
+    check(has(e, "over the fork server's limit"), "constructor arguments over the fork server's limit: " + e);
     e = failsWith<Error>([&] { (void)cluster::start<NeverDefined>(world, 1, "x"); });
     check(has(e, "was not defined"), "a class never defined: " + e);
     auto again = cluster::start<Camera>(world, 2, "again", camArgs("/dev/video9"));
