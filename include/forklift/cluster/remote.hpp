@@ -68,14 +68,19 @@
 //     then PeerClosed (asked to stop) or ProcessDied (died by itself).
 //   - stop(timeout): the agent runs the local MessageProcess::stop ladder
 //     (ask, wait `timeout`, SIGTERM, 500 ms, SIGKILL) and the driver returns
-//     the ExitStatus it reports (escalation included). The destructor stops
-//     a running backend (RemoteOptions::stopTimeout) and logs what fails.
+//     the ExitStatus it reports (escalation included); How::Running, logged,
+//     when no end was reported within `timeout` + 10 s (the ladder's graces
+//     and the travel). The destructor stops a running backend
+//     (RemoteOptions::stopTimeout) and logs what fails.
 //   - exitStatus(): the status once ended (ExitStatus::How::Running before).
 // A start fails with Error naming the class, the host and the reason: an
 // unknown class, a wrong or missing constructor argument (TypeError's text),
 // a constructor or preRun__ that threw, no fork server on the agent; the
 // agent goes on serving. Every error's text names the backend, its host and
-// rank. Waits are bounded by their timeouts whatever the agent does.
+// rank. Waits are bounded by their timeouts whatever the agent does. A
+// start that timed out on the driver is followed by a stop, so a backend
+// that starts late is ended; what it sent meanwhile reaches no
+// RemoteProcess (the World's inbox, or the Pool's route, which drops it).
 //
 // A death: a backend that crashes or _exits kills its forked process only;
 // its agent sees the pidfd at once and the driver learns it within the
@@ -214,7 +219,7 @@ class RemoteProcess {
 
   ExitStatus stop();
   ExitStatus stop(Timeout timeout);
-  // Ended (as far as the driver has heard).
+  // Not ended, as far as the driver has heard.
   bool isAlive() const;
   // How it ended; How::Running while it runs.
   ExitStatus exitStatus() const;
