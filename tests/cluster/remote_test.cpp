@@ -75,6 +75,7 @@ class Camera : public MessageProcess {
     command("throws", &Camera::c__throws);
     command("crash", &Camera::c__crash);
     command("stubborn", &Camera::c__stubborn);
+    command("quit", &Camera::c__quit, {"code"});
   }
 
  private:
@@ -88,6 +89,7 @@ class Camera : public MessageProcess {
   }
   void c__throws() { throw std::runtime_error("thrown on purpose"); }
   void c__crash() { ::raise(SIGSEGV); }
+  void c__quit(int code) { ::_exit(code); }
   void c__stubborn() {
     ::signal(SIGTERM, SIG_IGN);
     for (;;) ::pause();
@@ -217,11 +219,22 @@ int main() {
           "a crash: ProcessDied with its status: " + e);
     check(seen < slowMs(1000), "the crash was seen by the driver within 1 s: " + std::to_string(seen) + " ms");
     std::printf("figure: crash seen by the driver %lld ms after the call was made\n", static_cast<long long>(seen));
+    check(readable(cam2.fd(), static_cast<int>(slowMs(5000))), "fd() is readable for the end");
     e = failsWith<ProcessDied>([&] { (void)cam2.recv(Timeout(slowMs(5000))); });
     check(has(e, "died"), "recv after the crash: ProcessDied: " + e);
     e = failsWith<ProcessDied>([&] { cam2.call("add", {{"a", 1}, {"b", 1}}); });
     check(has(e, "SIGSEGV"), "a call after the crash: ProcessDied at once: " + e);
     check(cam2.stop().signal == SIGSEGV, "stop() after the crash returns its status");
+
+    // A backend that leaves with _exit(9) in a handler: ProcessDied with its code.
+    {
+      auto quitter = cluster::start<Camera>(world, 1, "quitter", camArgs("/dev/null"));
+      pids.push_back(quitter.pid());
+      e = failsWith<ProcessDied>([&] { quitter.call("quit", {{"code", 9}}); });
+      check(has(e, "exited with code 9") && quitter.exitStatus().how == ExitStatus::How::Exited &&
+                quitter.exitStatus().code == 9,
+            "a backend that calls _exit(9): ProcessDied: " + e);
+    }
 
     // A backend that ignores SIGTERM: stop() escalates to SIGKILL.
     auto stubborn = cluster::start<Camera>(world, 2, "stubborn", camArgs("/dev/null"));
