@@ -170,12 +170,21 @@ struct RemoteHost::Impl {
     std::vector<std::pair<std::int64_t, CallFuture>> calls;  // the driver's call id, ours
   };
 
+  struct Start {
+    std::uint64_t id;
+    std::unique_ptr<RemoteBackend> proc;
+    std::string error;  // empty: it runs
+  };
+
   World& world;
   std::shared_ptr<Mailbox> box;
   forklift::detail::UniqueFd wake;
   std::atomic<bool> quit{false};
   mutable std::mutex mu;  // backends' map (size() reads it from other threads)
   std::map<std::uint64_t, Hosted> backends;
+  std::map<std::uint64_t, std::thread> starters;      // starts under way
+  std::vector<Start> started;                          // starts ended, for startsDone
+  std::map<std::uint64_t, Timeout> stopsWaiting;      // stops of starts under way
   std::string where;
   std::thread thread;
 
@@ -216,7 +225,8 @@ struct RemoteHost::Impl {
         throw Error("the agent's fork server does not run or was started before the class was defined" + where);
       {
         std::lock_guard lock(mu);
-        if (backends.count(id)) throw Error("a backend with id " + std::to_string(id) + " runs already" + where);
+        if (backends.count(id) || starters.count(id))
+          throw Error("a backend with id " + std::to_string(id) + " runs already" + where);
       }
       ProcessOptions o;
       o.startTimeout = Timeout(m.get<std::int64_t>("start_ms"));
@@ -227,15 +237,65 @@ struct RemoteHost::Impl {
       Buffer bytes;
       encode(description, bytes);
       forklift::detail::recipes::bind(proc.get(), recipe, 0, std::string(bytes.data(), bytes.size()));
-      proc->start();
-      reply.set("ok", true);
-      reply.set("pid", static_cast<std::int64_t>(proc->pid()));
+      // The start waits for preRun__ (up to startTimeout): on a thread of its
+      // own, so the other backends are served meanwhile (startsDone takes it).
       std::lock_guard lock(mu);
-      backends[id].proc = std::move(proc);
+      starters[id] = std::thread([this, id, p = std::move(proc)]() mutable {
+        std::string error;
+        try {
+          p->start();
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+        {
+          std::lock_guard l(mu);
+          started.push_back(Start{id, std::move(p), std::move(error)});
+        }
+        const std::uint64_t one = 1;
+        (void)!::write(wake.get(), &one, sizeof one);
+      });
+      return;
     } catch (const std::exception& e) {
       reply.set("what", std::string(e.what()));
     }
     send0(reply);
+  }
+
+  // Starts that ended: their replies, and the backends into the poll set.
+  void startsDone() {
+    std::vector<Start> done;
+    {
+      std::lock_guard lock(mu);
+      done.swap(started);
+    }
+    for (Start& st : done) {
+      std::thread t;
+      std::optional<Timeout> stopEarly;
+      {
+        std::lock_guard lock(mu);
+        t = std::move(starters[st.id]);
+        starters.erase(st.id);
+        if (auto it = stopsWaiting.find(st.id); it != stopsWaiting.end()) {
+          stopEarly = it->second;
+          stopsWaiting.erase(it);
+        }
+      }
+      if (t.joinable()) t.join();  // the destructor joined it already
+      Message reply(replyPrefix(st.id) + "started", {{"ok", st.error.empty()}});
+      if (!st.error.empty()) {
+        reply.set("what", st.error);
+        send0(reply);
+        continue;
+      }
+      reply.set("pid", static_cast<std::int64_t>(st.proc->pid()));
+      {
+        std::lock_guard lock(mu);
+        backends[st.id].proc = std::move(st.proc);
+      }
+      send0(reply);
+      if (stopEarly)  // the driver gave up on the start meanwhile
+        onStop(Message(kStop, {{"id", static_cast<std::int64_t>(st.id)}, {"timeout_ms", stopEarly->count()}}));
+    }
   }
 
   Hosted* find(std::uint64_t id) {
@@ -272,6 +332,13 @@ struct RemoteHost::Impl {
 
   void onStop(const Message& m) {
     const auto id = static_cast<std::uint64_t>(m.get<std::int64_t>("id"));
+    {
+      std::lock_guard lock(mu);
+      if (starters.count(id)) {  // stopped once it started (startsDone)
+        stopsWaiting[id] = Timeout(m.get<std::int64_t>("timeout_ms"));
+        return;
+      }
+    }
     Hosted* h = find(id);
     if (!h || h->stopAsked) return;  // it ended (its end was reported) or is stopping
     h->stopAsked = true;
@@ -388,6 +455,7 @@ struct RemoteHost::Impl {
         std::uint64_t n;
         (void)!::read(wake.get(), &n, sizeof n);
       }
+      startsDone();
       while (auto r = box->tryRecv()) onCommand(r->source, r->message);
       std::vector<std::uint64_t> dead;
       for (std::size_t i = 0; i < who.size(); ++i) {
@@ -426,6 +494,18 @@ RemoteHost::~RemoteHost() {
   const std::uint64_t one = 1;
   (void)!::write(impl_->wake.get(), &one, sizeof one);
   impl_->thread.join();
+  // Starts under way end within their startTimeout.
+  for (;;) {
+    std::thread t;
+    {
+      std::lock_guard lock(impl_->mu);
+      if (impl_->starters.empty()) break;
+      t = std::move(impl_->starters.begin()->second);
+      impl_->starters.erase(impl_->starters.begin());
+    }
+    t.join();
+  }
+  impl_->startsDone();
   // Backends still running: stopped together, each end reported.
   std::vector<MessageProcess*> running;
   for (auto& [id, h] : impl_->backends) {

@@ -103,6 +103,16 @@ class Broken : public MessageProcess {
   explicit Broken(std::string name) : MessageProcess(std::move(name)) { throw Error("Broken refuses to be made"); }
 };
 
+// A backend whose preRun__ takes 1.5 s.
+class SlowStart : public MessageProcess {
+ public:
+  explicit SlowStart(std::string name) : MessageProcess(std::move(name)) { command("ping", &SlowStart::c__ping); }
+
+ private:
+  void preRun__() override { std::this_thread::sleep_for(1500ms); }
+  int c__ping() { return 1; }
+};
+
 class NeverDefined : public MessageProcess {
  public:
   explicit NeverDefined(std::string name) : MessageProcess(std::move(name)) {}
@@ -123,6 +133,7 @@ bool gone(pid_t pid) {
 int main() {
   cluster::defineProcess<Camera, std::string, int>("Camera", {"device", "fps"});
   cluster::defineProcess<Broken>("Broken");
+  cluster::defineProcess<SlowStart>("SlowStart");
   const std::string twice = failsWith<Error>([] { cluster::defineProcess<Broken>("Camera"); });
   cluster::Agent agent;  // then the Agent, then the World (remote.hpp, "Registering")
   cluster::World world;
@@ -286,6 +297,34 @@ int main() {
       check(has(e, "could not be delivered") && has(e, "'add'"), "a send not read within sendTimeout: " + e);
       const ExitStatus sb = busy.stop(Timeout(slowMs(3000)));
       check(sb.ended(), "the busy backend stopped: " + sb.describe());
+    }
+
+    // A slow start (preRun__ of 1.5 s) on rank 1 does not hold up cam1 there.
+    {
+      std::string slowStarted;
+      std::thread starter([&] {
+        try {
+          cluster::RemoteProcess slow(world, 1, "SlowStart", "slow");
+          slowStarted = slow.call("ping").as<int>() == 1 ? "ok" : "wrong reply";
+        } catch (const std::exception& x) {
+          slowStarted = x.what();
+        }
+      });
+      std::this_thread::sleep_for(300ms);  // the start is under way
+      std::int64_t longest = 0;
+      for (int i = 0; i < 5; ++i) {
+        const auto c0 = std::chrono::steady_clock::now();
+        (void)cam1.call("add", {{"a", i}, {"b", i}});
+        longest = std::max(longest, msSince(c0));
+      }
+      starter.join();
+      check(slowStarted == "ok", "a backend with a slow preRun__ starts: " + slowStarted);
+      check(longest < 1000, "calls to another backend of that agent meanwhile: the longest took " +
+                                std::to_string(longest) + " ms");
+      cluster::RemoteOptions o;
+      o.startTimeout = Timeout(200);
+      e = failsWith<Error>([&] { (void)cluster::RemoteProcess(world, 1, "SlowStart", "late", {}, o); });
+      check(has(e, "not ready within 200 ms"), "a start past its startTimeout: " + e);
     }
 
     // Calls from several threads at once, each matched to its own reply.

@@ -43,10 +43,11 @@
 // Hosting. The agent serves remote backends on a thread of its own
 // (RemoteHost, which Agent::serve makes), beside its pool: commands come
 // through World::route("__cluster_proc."), and the thread polls every
-// backend's out channel, replies and pidfd, and forwards what comes. A start,
-// a send to a backend that does not read, and a stop occupy that thread up to
-// their timeouts (a stop's ladder runs on a thread of its own); other
-// backends of that agent wait meanwhile.
+// backend's out channel, replies and pidfd, and forwards what comes. A start
+// (preRun__ included) and a stop's ladder run on threads of their own, so
+// the other backends are served meanwhile; a send to a backend that does not
+// read occupies the host's thread up to RemoteOptions::sendTimeout, and the
+// other backends of that agent wait that long.
 //
 // The driver's handle, RemoteProcess, keeps MessageProcess's semantics:
 //   - call(command, args[, timeout]): what the handler returned; RemoteError
