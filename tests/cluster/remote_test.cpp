@@ -356,8 +356,11 @@ int main() {
           "after stop, the messages sent before, then PeerClosed: " + e);
     e = failsWith<ProcessDied>([&] { cam1.send("add", {{"a", 1}, {"b", 1}}); });
     check(has(e, "stopped"), "a send after stop: ProcessDied: " + e);
-    // `again` is stopped by its destructor.
+    // `again` is left running: the agent stops it when finalize() ends its
+    // serve(), and reports that end.
     pool.finalize();
+    const ExitStatus sa = again.stop();
+    check(sa.ok() && !again.isAlive(), "a backend left running is stopped by its agent's end: " + sa.describe());
   }
   // Nothing is left behind on the hosts (one machine here: the pids are ours to see).
   bool allGone = true;
