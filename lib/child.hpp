@@ -101,6 +101,7 @@ struct ServedStart {
   int cmdFd = -1;
   int outFd = -1;
   int bellFd = -1;
+  std::string payload;  // for the served child (fork_server.hpp, "Payloads")
 };
 
 struct ChildSetup {

@@ -32,6 +32,7 @@ struct Bound {
   std::uint64_t own = 0;  // the recipe the object registered for itself
   std::uint64_t key = 0;
   std::uint64_t arg = 0;
+  std::string payload;
 };
 
 struct Recipes {
@@ -76,12 +77,16 @@ std::uint64_t nextKey() {
   return g.next;
 }
 
-void bind(const void* object, std::uint64_t key, std::uint64_t arg) {
+void bind(const void* object, std::uint64_t key, std::uint64_t arg, std::string payload) {
+  if (payload.size() > kMaxRecipePayload)
+    throw LimitError("forklift: a recipe's payload of " + std::to_string(payload.size()) +
+                     " bytes is over the fork server's limit of " + std::to_string(kMaxRecipePayload) + " bytes");
   Recipes& g = registry();
   std::lock_guard lock(g.mu);
   Bound& b = g.objects[object];
   b.key = key;
   b.arg = arg;
+  b.payload = std::move(payload);
 }
 
 void bindOwn(const void* object, Recipe r) {
@@ -89,7 +94,7 @@ void bindOwn(const void* object, Recipe r) {
   std::lock_guard lock(g.mu);
   const std::uint64_t key = g.next++;
   g.byKey.emplace(key, std::move(r));
-  g.objects[object] = Bound{key, key, 0};
+  g.objects[object] = Bound{key, key, 0, {}};
 }
 
 void forget(const void* object) {
@@ -106,7 +111,7 @@ std::optional<Binding> bound(const void* object) {
   std::lock_guard lock(g.mu);
   auto it = g.objects.find(object);
   if (it == g.objects.end()) return std::nullopt;
-  return Binding{it->second.key, it->second.arg};
+  return Binding{it->second.key, it->second.arg, it->second.payload};
 }
 
 }  // namespace recipes
@@ -116,7 +121,8 @@ std::optional<Binding> bound(const void* object) {
 namespace {
 
 // One record per SOCK_SEQPACKET message; a spawn request is followed by the
-// title's bytes and carries 3 descriptors, a spawn reply 1 (when err is 0).
+// title's bytes and the payload's, and carries 3 descriptors, a spawn reply
+// 1 (when err is 0).
 struct Wire {
   char type = 0;          // 'S' spawn, 'K' signal; 'P' spawned, 'X' exited
   std::uint8_t flag = 0;  // S: ignore SIGINT; P: the descriptor is a pidfd
@@ -124,11 +130,13 @@ struct Wire {
   std::int32_t b = 0;     // P: pid; X: si_status
   std::uint64_t id = 0;   // S: recipe; K, P, X: spawn id
   std::uint64_t arg = 0;  // S: the recipe's argument
+  std::uint32_t titleBytes = 0;  // S: the tail's first bytes; the payload follows
   char comm[16] = {};     // S
   char what[32] = {};     // P: the call that failed
 };
 
 constexpr std::size_t kMaxTitle = 1024;
+constexpr std::size_t kMaxTail = kMaxTitle + kMaxRecipePayload;
 
 void copyTo(char* dst, std::size_t size, const std::string& s) {
   const std::size_t n = std::min(size - 1, s.size());
@@ -157,11 +165,12 @@ ssize_t sendWire(int sock, const Wire& w, const std::string& tail, const int* fd
 // Reads one message; received descriptors go to `fds` (owned, close-on-exec).
 // Returns the bytes read (0 at EOF) or -1.
 ssize_t recvWire(int sock, Wire& w, std::string* tail, std::vector<UniqueFd>& fds) {
-  char buf[kMaxTitle];
-  iovec iov[2] = {{&w, sizeof w}, {buf, sizeof buf}};
+  // Only requests have a tail (the server's reads); replies are records alone.
+  std::vector<char> buf(tail ? kMaxTail : 0);
+  iovec iov[2] = {{&w, sizeof w}, {buf.data(), buf.size()}};
   msghdr msg{};
   msg.msg_iov = iov;
-  msg.msg_iovlen = 2;
+  msg.msg_iovlen = tail ? 2 : 1;
   alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))] = {};
   msg.msg_control = control;
   msg.msg_controllen = sizeof control;
@@ -180,14 +189,14 @@ ssize_t recvWire(int sock, Wire& w, std::string* tail, std::vector<UniqueFd>& fd
     errno = EPROTO;  // every message starts with a whole record
     return -1;
   }
-  if (tail) tail->assign(buf, static_cast<std::size_t>(r) - sizeof w);
+  if (tail) tail->assign(buf.data(), static_cast<std::size_t>(r) - sizeof w);
   return r;
 }
 
 // ---------------------------------------------------------------- the server
 
 // One spawn: answers with 'P' (and the child's death descriptor).
-void serveSpawn(int sock, const Wire& req, const std::string& title, std::vector<UniqueFd>& fds,
+void serveSpawn(int sock, const Wire& req, const std::string& tail, std::vector<UniqueFd>& fds,
                 std::unordered_map<pid_t, std::uint64_t>& children, std::uint64_t& nextId) {
   Wire reply;
   reply.type = 'P';
@@ -198,6 +207,8 @@ void serveSpawn(int sock, const Wire& req, const std::string& title, std::vector
     sendWire(sock, reply, {}, nullptr, 0);
   };
   if (fds.size() != 3) return fail(EINVAL, "descriptors");
+  if (req.titleBytes > tail.size()) return fail(EINVAL, "title");
+  const std::string title = tail.substr(0, req.titleBytes);
   const Recipe* recipe = nullptr;
   {
     Recipes& g = registry();
@@ -218,7 +229,8 @@ void serveSpawn(int sock, const Wire& req, const std::string& title, std::vector
     deathRead.reset(p[0]);
     deathWrite.reset(p[1]);
   }
-  ServedCall call{fds[0].get(), fds[1].get(), fds[2].get(), static_cast<pid_t>(req.a), req.arg};
+  ServedCall call{fds[0].get(), fds[1].get(), fds[2].get(), static_cast<pid_t>(req.a), req.arg,
+                  tail.substr(req.titleBytes)};
   const pid_t pid = forkBackend(setup, [&] { return (*recipe)(call); }, deathWrite.get(), deathRead.get());
   const int forkErr = errno;
   fds.clear();
@@ -289,16 +301,16 @@ int serveForever(int sock) {
     if (!flush()) return 1;
     if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       Wire req;
-      std::string title;
+      std::string tail;
       std::vector<UniqueFd> fds;
-      const ssize_t r = recvWire(sock, req, &title, fds);
+      const ssize_t r = recvWire(sock, req, &tail, fds);
       if (r == 0) return 0;  // the frontend is gone: so are we, and our children with us
       if (r < 0) {
         if (errno == EAGAIN) continue;
         return 1;
       }
       if (req.type == 'S') {
-        serveSpawn(sock, req, title, fds, children, nextId);
+        serveSpawn(sock, req, tail, fds, children, nextId);
       } else if (req.type == 'K') {
         for (const auto& [pid, id] : children)
           if (id == req.id) ::kill(pid, req.a);
@@ -487,9 +499,14 @@ ForkServerConn::Spawned ForkServerConn::spawn(const ChildSetup& setup, const Ser
   req.id = s.recipe;
   req.arg = s.arg;
   copyTo(req.comm, sizeof req.comm, setup.comm);
-  const std::string title = setup.title.substr(0, kMaxTitle);
+  if (s.payload.size() > kMaxRecipePayload)
+    throw LimitError(who + "the start's payload of " + std::to_string(s.payload.size()) +
+                     " bytes is over the fork server's limit of " + std::to_string(kMaxRecipePayload) + " bytes");
+  std::string tail = setup.title.substr(0, kMaxTitle);
+  req.titleBytes = static_cast<std::uint32_t>(tail.size());
+  tail += s.payload;
   const int fds[3] = {s.cmdFd, s.outFd, s.bellFd};
-  if (sendWire(sock_.get(), req, title, fds, 3) < 0) {
+  if (sendWire(sock_.get(), req, tail, fds, 3) < 0) {
     const int e = errno;
     markLost(std::string("cannot be written to: ") + std::strerror(e));
     throw Error(who + "cannot start it through the fork server: " + *lost_);

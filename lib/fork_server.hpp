@@ -18,6 +18,14 @@
 // thread talks to the server at a time (a mutex); no wait is unbounded.
 // Served children hold the connection (shared_ptr); once no ForkServer
 // handle does (`retire`), the server ends when its last child's status came.
+//
+// Payloads: a binding may carry bytes (up to kMaxRecipePayload) that travel
+// with each start to the served child (`ServedCall::payload`): one recipe
+// registered before the server started can then make objects the server has
+// no copy of, from a description (the cluster's remote backends: a class
+// name and constructor arguments). Only a served start carries it: a start
+// the server cannot serve runs the object's own backend in a fork of this
+// process, so a caller that needs the payload checks `Child::wouldServe`.
 #pragma once
 
 #include <sys/types.h>
@@ -49,7 +57,11 @@ struct ServedCall {
   int bellFd = -1;
   pid_t frontendPid = 0;
   std::uint64_t arg = 0;
+  std::string payload;  // the binding's bytes (see "Payloads")
 };
+// The most bytes a binding's payload may hold (it travels in one datagram).
+inline constexpr std::size_t kMaxRecipePayload = 60u << 10;
+
 // Runs in the served child; returns the exit code.
 using Recipe = std::function<int(ServedCall&)>;
 
@@ -58,8 +70,9 @@ std::uint64_t add(Recipe r);
 void remove(std::uint64_t key);
 // The next key to be given (a server started now knows the keys below it).
 std::uint64_t nextKey();
-// `object` starts through `key` with `arg`.
-void bind(const void* object, std::uint64_t key, std::uint64_t arg);
+// `object` starts through `key` with `arg` and `payload` (LimitError past
+// kMaxRecipePayload bytes; the binding is unchanged then).
+void bind(const void* object, std::uint64_t key, std::uint64_t arg, std::string payload = {});
 // Registers a recipe owned by `object` and binds the object to it.
 void bindOwn(const void* object, Recipe r);
 // Unbinds `object` and removes the recipe it owns.
@@ -67,6 +80,7 @@ void forget(const void* object);
 struct Binding {
   std::uint64_t key;
   std::uint64_t arg;
+  std::string payload;
 };
 std::optional<Binding> bound(const void* object);
 }  // namespace recipes

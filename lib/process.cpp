@@ -267,7 +267,8 @@ void MessageProcess::start() {
     setup.allowThreads = options_.allowThreads;
     auto back = std::make_shared<std::pair<Channel, Channel>>(std::move(cmdBack), std::move(outBack));
     if (recipe)
-      setup.served = detail::ServedStart{recipe->key, recipe->arg, back->first.fd(), back->second.fd(), bell};
+      setup.served =
+          detail::ServedStart{recipe->key, recipe->arg, back->first.fd(), back->second.fd(), bell, recipe->payload};
     // Until the Requests own them, a failed start removes these itself.
     bellFd = bell;
     child_ = detail::Child::start(

@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "forklift/cluster/pool.hpp"
+#include "forklift/cluster/remote.hpp"
 #include "forklift/cluster/world.hpp"
 #include "forklift/manager.hpp"
 #include "protocol.hpp"
@@ -266,6 +267,10 @@ int Agent::serve(World& world) {
                                         {"pid", static_cast<std::int64_t>(e.pid)}}));
   });
 
+  // The driver's remote backends (remote.hpp), on a thread of their own;
+  // routed before the pool's "__cluster_", so a start that came early moves
+  // from the inbox to them, not to the pool.
+  RemoteHost remotes(world);
   auto box = world.route(kPrefix);
   box->deliverTo(a.manager, [&a](int source, Message& m) { a.onMessage(source, m); });
   world.send(0, Message(kHello, {{"workers", static_cast<std::int64_t>(local.size())}, {"host", world.host()}}));

@@ -150,9 +150,10 @@ class Agent {
   Agent(const Agent&) = delete;
   Agent& operator=(const Agent&) = delete;
 
-  // The agent's side of the job: serves the driver's tasks on this thread
-  // until the driver's Pool finalizes; returns 0 (1 when the local pool's
-  // loop ended badly). Error on the driver.
+  // The agent's side of the job: serves the driver's tasks on this thread,
+  // and its remote backends (remote.hpp) on a thread of their own, until the
+  // driver's Pool finalizes; returns 0 (1 when the local pool's loop ended
+  // badly). Error on the driver.
   int serve(World& world);
 
   // Well-formed but wrong "__cluster_" messages this agent dropped.
