@@ -88,6 +88,7 @@
 #include "forklift/exit_status.hpp"
 #include "forklift/message.hpp"
 #include "forklift/process.hpp"
+#include "forklift/shm.hpp"
 #include "forklift/timeout.hpp"
 #include "forklift/value.hpp"
 
