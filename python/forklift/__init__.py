@@ -18,6 +18,12 @@ Every array is a numpy.ndarray over the segment's own pages; its base chain
 leads to a forklift.Segment, which keeps the mapping alive. describe() and
 open() take and give the same descriptors as C++ ShmTensor::describe() and
 ShmTensor::open(), so an array made in C++ opens here and the reverse.
+
+C++ backends
+    A user's pybind11 module binds a C++ MessageProcess subclass with one
+    line, forklift::python::bindProcess<Camera, Args...>(m, "Camera")
+    (forklift/python.hpp); its call_async() returns a forklift.CallFuture,
+    its stop() a forklift.ExitStatus, and it raises the classes here.
 """
 
 import numbers as _numbers
@@ -28,7 +34,7 @@ from . import _forklift
 from ._forklift import (  # noqa: F401
     Error, SystemError, TypeError, DecodeError, StreamCorrupt, LimitError, TimeoutError,
     PeerClosed, ProcessDied, RemoteError, CommandError, ShmNameError, ShmFormatError,
-    Fd, Segment, Ring, RingWriter, RingReader, WriteSlot, ReadSlot,
+    Fd, Segment, Ring, RingWriter, RingReader, WriteSlot, ReadSlot, CallFuture, ExitStatus,
 )
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "PeerClosed", "ProcessDied", "RemoteError", "CommandError", "ShmNameError", "ShmFormatError",
     "Fd", "Segment", "create", "zeros", "open", "describe", "segment",
     "Ring", "RingWriter", "RingReader", "WriteSlot", "ReadSlot", "create_ring", "open_ring",
+    "CallFuture", "ExitStatus",
 ]
 
 

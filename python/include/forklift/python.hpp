@@ -232,7 +232,13 @@ inline Value fromPython(py::handle o, const std::string& key = {}, bool shmAsDes
       if (!seg.is_none()) return fromPython(seg.attr("describe")(), key);
     }
     auto a = py::array::ensure(o, py::array::c_style);
-    const DType t = dtypeFromName(py::str(a.dtype().attr("name")).cast<std::string>());
+    const std::string dtype = py::str(a.dtype().attr("name")).cast<std::string>();
+    DType t{};
+    try {
+      t = dtypeFromName(dtype);
+    } catch (const forklift::TypeError& e) {
+      throw forklift::TypeError(where + ": a numpy array of " + e.what());
+    }
     std::vector<std::int64_t> shape(a.shape(), a.shape() + a.ndim());
     const auto* p = static_cast<const std::uint8_t*>(a.data());
     return Value(Array(t, std::move(shape), Bytes(p, p + a.nbytes())));
