@@ -189,9 +189,10 @@ def test_call_async_futures(echo):
     short = echo.call_async("sleep", seconds=0.5, timeout=0.05)
     with pytest.raises(forklift.TimeoutError):
         short.result()  # the call's own timeout
-    died = echo.call_async("crash", signal=signal.SIGKILL)
-    with pytest.raises(forklift.ProcessDied):
+    died = echo.call_async("crash", signal=signal.SIGABRT)
+    with pytest.raises(forklift.ProcessDied) as info:
         died.result(5 * SLOW)
+    assert info.value.status.signal == signal.SIGABRT
 
 
 def test_four_threads_call_one_backend(echo):

@@ -37,7 +37,8 @@
 // backend's message (CommandError from recv() for a failed send()),
 // forklift.TimeoutError (a builtin TimeoutError too), forklift.ProcessDied
 // (a PeerClosed) when the backend died, with the backend's forklift.ExitStatus
-// in its `status` attribute, forklift.Error for a misuse.
+// in its `status` attribute (from the object's methods and its futures),
+// forklift.Error for a misuse.
 //
 // Waits (call, result, recv, stop, wait_stop) release the GIL and wait in
 // slices of at most 50 ms, checking signals between them: Ctrl-C raises
@@ -354,11 +355,14 @@ inline void useForkliftErrors(const py::module_& forklift) {
 
 // A call's future in Python (forklift.CallFuture): result(timeout) waits
 // with the GIL released, in slices (Ctrl-C gets through); done() never
-// blocks. Safe from several threads (one waits at a time).
+// blocks. Safe from several threads (one waits at a time). It keeps its
+// process object alive.
 struct PyCallFuture {
-  explicit PyCallFuture(CallFuture f) : future(std::make_shared<CallFuture>(std::move(f))) {}
+  PyCallFuture(CallFuture f, py::object process)
+      : future(std::make_shared<CallFuture>(std::move(f))), owner(std::move(process)) {}
   std::shared_ptr<CallFuture> future;
   std::shared_ptr<std::mutex> lock = std::make_shared<std::mutex>();
+  py::object owner;  // the Python process object: its wait_stop() gives a ProcessDied its status
 
   bool done() {
     py::gil_scoped_release nogil;
@@ -382,6 +386,11 @@ struct PyCallFuture {
       py::gil_scoped_release nogil;
       const std::lock_guard<std::mutex> g(*lock);
       r = future->result();
+    }
+    if (r.kind() == CallResult::Kind::ProcessDied && !owner.is_none()) {
+      py::object status = owner.attr("wait_stop")(0.5);  // it died: its status is there or about to be
+      impl::raise(impl::errorClasses().processDied, py::make_tuple(r.what()), {{"status", status}});
+      throw py::error_already_set();
     }
     return toPython(r.get());  // or throws what call() would have thrown
   }
@@ -520,11 +529,12 @@ py::class_<P, std::unique_ptr<P, impl::ReleasingDelete>> bindProcess(py::module_
           "timeout: seconds (None: the class's ProcessOptions::callTimeout).")
       .def(
           "call_async",
-          [](P& p, const std::string& command, const py::object& args, const py::object& timeout,
+          [](const py::object& self, const std::string& command, const py::object& args, const py::object& timeout,
              const py::kwargs& fields) {
+            P& p = self.cast<P&>();
             Map a = impl::messageArgs(args, fields);
             const Timeout t = impl::optionOr(timeout, p.options().callTimeout);
-            return PyCallFuture(p.callAsync(command, std::move(a), t));
+            return PyCallFuture(p.callAsync(command, std::move(a), t), self);
           },
           py::arg("command"), py::arg("args") = py::none(), py::arg("timeout") = py::none(),
           "The same call without waiting: a forklift.CallFuture (result(timeout), done()).")
