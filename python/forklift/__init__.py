@@ -42,8 +42,32 @@ __all__ = [
     "PeerClosed", "ProcessDied", "RemoteError", "CommandError", "ShmNameError", "ShmFormatError",
     "Fd", "Segment", "create", "zeros", "open", "describe", "segment",
     "Ring", "RingWriter", "RingReader", "WriteSlot", "ReadSlot", "create_ring", "open_ring",
-    "CallFuture", "ExitStatus",
+    "CallFuture", "ExitStatus", "MessageProcess",
 ]
+
+
+class MessageProcess(_forklift._PyProcess):
+    """A backend written in Python: a fork of this interpreter running forklift's loop.
+
+        class Pinger(forklift.MessageProcess):
+            def c__ping(self, x):          # backend side: runs in the fork
+                return x + 1
+        p = Pinger("pinger"); p.start(); p.call("ping", x=1)   # -> 2
+
+    Each c__<command> method is a command; the message's fields are its
+    keyword arguments, its return value the call's result, an exception it
+    raises the caller's forklift.RemoteError (the backend serves on).
+    preRun__/postRun__ run in the backend before and after its loop;
+    sendOut__(command, **fields) there reaches the frontend's recv(). The
+    frontend side is the same as a C++ backend's (forklift/python.hpp):
+    call, call_async, send, recv, fileno, stop, with. start() runs from the
+    main thread, while no other thread runs (forklift's fork rule).
+    """
+
+    def __init__(self, name):
+        super().__init__(name)
+        cls = type(self)
+        self._register_commands(self, [n for n in dir(cls) if n.startswith("c__") and callable(getattr(cls, n))])
 
 
 def _dtype_name(dtype):

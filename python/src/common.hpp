@@ -20,6 +20,7 @@ void registerErrors(py::module_& m);
 void registerValue(py::module_& m);
 void registerShm(py::module_& m);
 void registerRing(py::module_& m);
+void registerBackend(py::module_& m);  // backend.cpp: Python backends
 
 // toPython, fromPython, dtypeFromName, numpyDtype, toTimeout and
 // waitInSlices are in forklift/python.hpp, shared with users' modules.

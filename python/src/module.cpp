@@ -10,4 +10,5 @@ PYBIND11_MODULE(_forklift, m) {
   fp::registerShm(m);
   fp::registerRing(m);
   fp::registerProcessTypes(m);
+  fp::registerBackend(m);
 }

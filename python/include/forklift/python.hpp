@@ -347,8 +347,8 @@ inline void useForkliftErrors(const py::module_& forklift) {
     c.command = forklift.attr("CommandError");
     c.shmName = forklift.attr("ShmNameError");
     c.shmFormat = forklift.attr("ShmFormatError");
+    py::register_local_exception_translator(impl::translate);
   }
-  py::register_local_exception_translator(impl::translate);
 }
 
 // ---------------------------------------------------------------- processes
@@ -477,10 +477,16 @@ auto withStatus(MessageProcess& p, F&& f) -> decltype(f()) {
 // `m`, constructed from CtorArgs (none: from one std::string). See the top
 // of this header for what the Python class does.
 template <class P, class... CtorArgs>
-py::class_<P, std::unique_ptr<P, impl::ReleasingDelete>> bindProcess(py::module_& m, const char* name) {
+py::class_<P, std::unique_ptr<P, impl::ReleasingDelete>> bindProcess(py::module_& m, const char* name);
+
+namespace impl {
+// bindProcess, with forklift's module given (forklift._forklift binds its
+// own classes while it is being imported).
+template <class P, class... CtorArgs>
+py::class_<P, std::unique_ptr<P, ReleasingDelete>> bindProcessWith(py::module_& m, const char* name,
+                                                                   const py::module_& fk) {
   static_assert(std::is_base_of_v<MessageProcess, P>, "bindProcess<P>: P is a forklift::MessageProcess subclass");
-  using Class = py::class_<P, std::unique_ptr<P, impl::ReleasingDelete>>;
-  const py::module_ fk = py::module_::import("forklift._forklift");
+  using Class = py::class_<P, std::unique_ptr<P, ReleasingDelete>>;
   useForkliftErrors(fk);
   static bool atExit = false;  // once per module
   if (!atExit) {
@@ -633,6 +639,12 @@ py::class_<P, std::unique_ptr<P, impl::ReleasingDelete>> bindProcess(py::module_
         return "<" + (p.fullName().empty() ? p.name() : p.fullName()) + ": " + state + ">";
       });
   return c;
+}
+}  // namespace impl
+
+template <class P, class... CtorArgs>
+py::class_<P, std::unique_ptr<P, impl::ReleasingDelete>> bindProcess(py::module_& m, const char* name) {
+  return impl::bindProcessWith<P, CtorArgs...>(m, name, py::module_::import("forklift._forklift"));
 }
 
 // Registers forklift.CallFuture and forklift.ExitStatus in forklift's own

@@ -1,0 +1,121 @@
+"""Python backends: forklift.MessageProcess subclasses whose backend is a fork of the interpreter."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import forklift
+
+SLOW = float(os.environ.get("FORKLIFT_TEST_SLOWDOWN", "1"))
+
+
+class Pinger(forklift.MessageProcess):
+    def preRun__(self):
+        self.started_in = os.getpid()
+
+    def c__ping(self, x):
+        return x + 1
+
+    def c__where(self):
+        return os.getpid()
+
+    def c__started_in(self):
+        return self.started_in
+
+    def c__raise(self, text):
+        raise ValueError(text)
+
+    def c__sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def c__frames(self, n):
+        for i in range(n):
+            self.sendOut__("frame", index=i, pixels=np.full((2, 3), i, dtype=np.uint16))
+
+    def c__total(self, array):
+        return float(np.asarray(array).sum())
+
+    def c__nothing(self):
+        return {1, 2}  # a set has no forklift form
+
+
+@pytest.fixture
+def pinger():
+    p = Pinger("pinger")
+    p.start()
+    yield p
+    p.stop(timeout=1.0)
+
+
+def test_handlers_run_in_the_fork_with_their_fields(pinger):
+    assert pinger.call("ping", x=41) == 42
+    assert pinger.call("where") == pinger.pid != os.getpid()
+    assert pinger.call("started_in") == pinger.pid  # preRun__ ran in the backend
+    assert pinger.call("total", array=np.arange(5, dtype=np.float32)) == 10.0
+    assert [pinger.call_async("ping", x=i).result(5 * SLOW) for i in range(5)] == [1, 2, 3, 4, 5]
+
+
+def test_a_raising_handler_is_a_remote_error_and_the_backend_serves_on(pinger):
+    with pytest.raises(forklift.RemoteError, match="ValueError: no good"):
+        pinger.call("raise", text="no good")
+    with pytest.raises(forklift.RemoteError, match="x"):
+        pinger.call("ping")  # a missing field: Python's TypeError, in the backend
+    with pytest.raises(forklift.RemoteError, match="set"):
+        pinger.call("nothing")
+    with pytest.raises(forklift.RemoteError, match="nosuch"):
+        pinger.call("nosuch")
+    assert pinger.call("ping", x=1) == 2
+
+
+def test_send_out_reaches_recv(pinger):
+    pinger.send("frames", n=3)
+    for i in range(3):
+        cmd, fields = pinger.recv(timeout=5 * SLOW)
+        assert cmd == "frame" and fields["index"] == i and (fields["pixels"] == i).all()
+        assert fields["pixels"].dtype == np.uint16
+
+
+def test_send_out_on_the_frontend_side_is_refused(pinger):
+    with pytest.raises(forklift.Error, match="sendOut__"):
+        pinger.sendOut__("frame", index=0)
+
+
+def test_sigkill_mid_call_is_process_died_within_a_second(pinger):
+    timer = threading.Timer(0.2, os.kill, (pinger.pid, signal.SIGKILL))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(forklift.ProcessDied) as info:
+            pinger.call("sleep", seconds=30, timeout=60)
+    finally:
+        timer.join()
+    assert time.monotonic() - t0 < 0.2 + 1.0 * SLOW
+    assert info.value.status.signal == signal.SIGKILL
+
+
+def test_stop_runs_post_run_and_exits_cleanly():
+    with Pinger("clean") as p:
+        assert p.call("ping", x=0) == 1
+    s = p.stop()
+    assert s.ok, str(s)
+
+
+def test_start_from_another_thread_is_refused():
+    p = Pinger("threaded")
+    errors = []
+
+    def run():
+        try:
+            p.start()
+        except forklift.Error as e:
+            errors.append(str(e))
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10 * SLOW)
+    assert len(errors) == 1 and "main thread" in errors[0]
+    assert not p.alive
