@@ -14,6 +14,7 @@
 // thread would wait for the GIL the frontend holds in start()).
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 
 #include "common.hpp"
 #include "forklift/error.hpp"
@@ -81,6 +82,17 @@ class PyProcess : public MessageProcess {
     PyOS_AfterFork_Parent();
   }
 
+  // Backend: timers on its loop running Python callables. An exception of
+  // the callable is logged (as any timer's) and the loop goes on.
+  std::uint64_t afterFromPython(const py::object& seconds, const py::function& fn) {
+    return after__(toTimeout(seconds), pythonCallback(fn));
+  }
+  std::uint64_t everyFromPython(const py::object& seconds, const py::function& fn) {
+    return every__(toTimeout(seconds), pythonCallback(fn));
+  }
+  void cancelFromPython(std::uint64_t id) { cancel__(id); }
+  void stopLoopFromPython() { stopLoop__(); }
+
   // Backend: a message to the frontend's recv().
   void sendOutFromPython(const std::string& command, const py::kwargs& fields) {
     Value v = fromPython(fields);
@@ -106,6 +118,17 @@ class PyProcess : public MessageProcess {
 
  private:
   py::object self() const { return py::reinterpret_borrow<py::object>(self_); }
+  // The callable runs with the GIL (the backend's thread holds it anyway).
+  static std::function<void()> pythonCallback(const py::function& fn) {
+    return [fn]() {
+      py::gil_scoped_acquire gil;
+      try {
+        fn();
+      } catch (py::error_already_set& e) {
+        throw Error(describePythonError(e));
+      }
+    };
+  }
   void callHook(const char* name) {
     py::gil_scoped_acquire gil;
     if (!self_ || !py::hasattr(self(), name)) return;
@@ -144,7 +167,14 @@ void registerBackend(py::module_& m) {
       },
       py::name("__enter__"), py::is_method(c));
   c.def("sendOut__", &PyProcess::sendOutFromPython, py::arg("command"),
-        "Backend side: sends (command, fields) to the frontend's recv().");
+        "Backend side: sends (command, fields) to the frontend's recv().")
+      .def("after__", &PyProcess::afterFromPython, py::arg("seconds"), py::arg("fn"),
+           "Backend side: runs fn() once after `seconds` on the backend's loop; returns the timer's id.")
+      .def("every__", &PyProcess::everyFromPython, py::arg("seconds"), py::arg("fn"),
+           "Backend side: runs fn() every `seconds` (at least 1 ms); returns the timer's id.")
+      .def("cancel__", &PyProcess::cancelFromPython, py::arg("timer"), "Backend side: cancels a timer.")
+      .def("stopLoop__", &PyProcess::stopLoopFromPython,
+           "Backend side: ends the loop after the current handler, as a stop request would.");
 }
 
 }  // namespace forklift::python

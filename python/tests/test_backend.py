@@ -43,6 +43,21 @@ class Pinger(forklift.MessageProcess):
     def c__nothing(self):
         return {1, 2}  # a set has no forklift form
 
+    def c__tick(self, n, period):
+        count = [0]
+
+        def tick():
+            count[0] += 1
+            self.sendOut__("tick", n=count[0])
+            if count[0] == n:
+                self.cancel__(timer)
+                self.after__(0, lambda: self.sendOut__("done"))
+        timer = self.every__(period, tick)
+        return timer
+
+    def c__quit(self):
+        self.stopLoop__()
+
 
 @pytest.fixture
 def pinger():
@@ -80,9 +95,29 @@ def test_send_out_reaches_recv(pinger):
         assert fields["pixels"].dtype == np.uint16
 
 
-def test_send_out_on_the_frontend_side_is_refused(pinger):
+def test_send_out_and_timers_on_the_frontend_side_are_refused(pinger):
     with pytest.raises(forklift.Error, match="sendOut__"):
         pinger.sendOut__("frame", index=0)
+    with pytest.raises(forklift.Error, match="after__"):
+        pinger.after__(0, lambda: None)
+
+
+def test_timers_in_the_backend(pinger):
+    pinger.call("tick", n=3, period=0.01)
+    got = [pinger.recv(timeout=5 * SLOW) for _ in range(4)]
+    assert got == [("tick", {"n": 1}), ("tick", {"n": 2}), ("tick", {"n": 3}), ("done", {})]
+    assert pinger.recv(timeout=0.1) is None  # cancelled
+    with pytest.raises(forklift.RemoteError, match="1 ms"):
+        pinger.call("tick", n=1, period=0)
+    assert pinger.call("ping", x=1) == 2
+
+
+def test_stop_loop_ends_the_backend_cleanly(pinger):
+    pinger.call("quit")
+    status = pinger.wait_stop(timeout=5 * SLOW)
+    assert status.ok, str(status)
+    with pytest.raises(forklift.PeerClosed):
+        pinger.recv(timeout=1)
 
 
 def test_sigkill_mid_call_is_process_died_within_a_second(pinger):
