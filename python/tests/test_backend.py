@@ -12,6 +12,18 @@ import forklift
 
 SLOW = float(os.environ.get("FORKLIFT_TEST_SLOWDOWN", "1"))
 
+# Set by Python's at-fork hook in a forked child: a backend must run it
+# (PyOS_AfterFork_Child), as os.fork() does.
+FORKED_AS = None
+
+
+def _after_in_child():
+    global FORKED_AS
+    FORKED_AS = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_in_child)
+
 
 class Pinger(forklift.MessageProcess):
     def preRun__(self):
@@ -58,6 +70,12 @@ class Pinger(forklift.MessageProcess):
     def c__quit(self):
         self.stopLoop__()
 
+    def c__forked_as(self):
+        return FORKED_AS
+
+    def c__call_myself(self):
+        return self.call("ping", x=1)  # a frontend method, on the backend side
+
 
 @pytest.fixture
 def pinger():
@@ -73,6 +91,34 @@ def test_handlers_run_in_the_fork_with_their_fields(pinger):
     assert pinger.call("started_in") == pinger.pid  # preRun__ ran in the backend
     assert pinger.call("total", array=np.arange(5, dtype=np.float32)) == 10.0
     assert [pinger.call_async("ping", x=i).result(5 * SLOW) for i in range(5)] == [1, 2, 3, 4, 5]
+
+
+def test_the_backend_ran_pythons_at_fork_hooks(pinger):
+    assert pinger.call("forked_as") == pinger.pid
+    assert FORKED_AS is None  # not in the frontend
+
+
+def test_a_frontend_method_in_a_handler_raises_at_once(pinger):
+    with pytest.raises(forklift.RemoteError, match="call"):
+        pinger.call("call_myself", timeout=5 * SLOW)
+    assert pinger.call("ping", x=2) == 3
+
+
+def test_four_python_threads_call_one_python_backend(pinger):
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(25):
+                assert pinger.call("ping", x=k * 100 + i) == k * 100 + i + 1
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30 * SLOW)
+    assert not errors and not any(t.is_alive() for t in threads)
 
 
 def test_a_raising_handler_is_a_remote_error_and_the_backend_serves_on(pinger):
@@ -154,3 +200,28 @@ def test_start_from_another_thread_is_refused():
     t.join(10 * SLOW)
     assert len(errors) == 1 and "main thread" in errors[0]
     assert not p.alive
+
+
+EXIT_SCRIPT = """
+import sys, forklift
+class Writer(forklift.MessageProcess):
+    def postRun__(self):
+        with open(sys.argv[1], "w") as f:
+            f.write("postRun__ ran")
+w = Writer("writer")
+w.start()
+print(w.pid, flush=True)
+# no stop(): the interpreter's exit stops it
+"""
+
+
+def test_interpreter_exit_stops_a_running_backend_in_order(tmp_path):
+    import subprocess
+    import sys
+    mark = tmp_path / "mark"
+    out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(mark)], capture_output=True, text=True,
+                         timeout=30 * SLOW)
+    assert out.returncode == 0, out.stderr
+    backend = int(out.stdout)
+    assert mark.read_text() == "postRun__ ran"  # stopped (atexit), not killed with its parent
+    assert not os.path.exists(f"/proc/{backend}")
