@@ -64,8 +64,10 @@ class MessageProcess(_forklift._PyProcess):
     main thread, while no other thread runs (forklift's fork rule).
     """
 
-    def __init__(self, name):
-        super().__init__(name)
+    def __init__(self, name, **options):
+        """options: start_timeout, call_timeout, send_timeout, stop_timeout (seconds; None: forever),
+        allow_threads, ignore_sigint (bools) and transport ("shm" or "socket"), as C++ ProcessOptions."""
+        super().__init__(name, options)
         cls = type(self)
         self._register_commands(self, [n for n in dir(cls) if n.startswith("c__") and callable(getattr(cls, n))])
 

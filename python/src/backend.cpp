@@ -40,9 +40,40 @@ std::string describePythonError(py::error_already_set& e) {
   return text.empty() ? type : type + ": " + text;
 }
 
+// ProcessOptions from the keyword arguments of forklift.MessageProcess's
+// constructor; a key it does not know is a forklift.TypeError naming them.
+ProcessOptions optionsFrom(const py::dict& given) {
+  ProcessOptions o;
+  const auto seconds = [](py::handle v) { return toTimeout(py::reinterpret_borrow<py::object>(v)); };
+  for (auto kv : given) {
+    const std::string key = py::str(kv.first);
+    if (key == "start_timeout") {
+      o.startTimeout = seconds(kv.second);
+    } else if (key == "call_timeout") {
+      o.callTimeout = seconds(kv.second);
+    } else if (key == "send_timeout") {
+      o.sendTimeout = seconds(kv.second);
+    } else if (key == "stop_timeout") {
+      o.stopTimeout = seconds(kv.second);
+    } else if (key == "allow_threads") {
+      o.allowThreads = kv.second.cast<bool>();
+    } else if (key == "ignore_sigint") {
+      o.ignoreSigint = kv.second.cast<bool>();
+    } else if (key == "transport") {
+      const std::string t = py::str(kv.second);
+      if (t != "shm" && t != "socket") throw forklift::TypeError("transport '" + t + "': 'shm' or 'socket'");
+      o.transport = t == "shm" ? Transport::SharedMemory : Transport::Socket;
+    } else {
+      throw forklift::TypeError("option '" + key + "': the options are start_timeout, call_timeout, send_timeout, "
+                                "stop_timeout (seconds), allow_threads, ignore_sigint and transport");
+    }
+  }
+  return o;
+}
+
 class PyProcess : public MessageProcess {
  public:
-  explicit PyProcess(std::string name) : MessageProcess(std::move(name)) {}
+  PyProcess(std::string name, const py::dict& options) : MessageProcess(std::move(name), optionsFrom(options)) {}
   ~PyProcess() override { stop(); }
 
   // Frontend, from the Python base class's __init__: the c__ methods of
@@ -145,7 +176,7 @@ class PyProcess : public MessageProcess {
 }  // namespace
 
 void registerBackend(py::module_& m) {
-  auto c = impl::bindProcessWith<PyProcess>(m, "_PyProcess", m);
+  auto c = impl::bindProcessWith<PyProcess, std::string, py::dict>(m, "_PyProcess", m);
   c.def("_register_commands", &PyProcess::registerCommands, py::arg("self"), py::arg("methods"));
   // Replaces bindProcess's start(), which releases the GIL through the fork.
   c.attr("start") = py::cpp_function(

@@ -225,3 +225,31 @@ def test_interpreter_exit_stops_a_running_backend_in_order(tmp_path):
     backend = int(out.stdout)
     assert mark.read_text() == "postRun__ ran"  # stopped (atexit), not killed with its parent
     assert not os.path.exists(f"/proc/{backend}")
+
+
+def test_options_from_keywords():
+    with pytest.raises(forklift.TypeError, match="call_timeout"):
+        Pinger("bad", call_timeuot=1)
+    with pytest.raises(forklift.TypeError, match="socket"):
+        Pinger("bad", transport="pigeon")
+    with Pinger("opts", call_timeout=0.1, stop_timeout=0.1, transport="socket") as p:
+        with pytest.raises(forklift.TimeoutError):
+            p.call("sleep", seconds=0.5 * SLOW)  # the option, not call()'s own default of 10 s
+        p.send("sleep", seconds=30)
+        t0 = time.monotonic()
+        s = p.stop()
+        assert s.signal == signal.SIGTERM and time.monotonic() - t0 < 2 * SLOW
+
+
+def test_allow_threads_forks_beside_a_running_thread():
+    done = threading.Event()
+    t = threading.Thread(target=done.wait)
+    t.start()
+    try:
+        with pytest.raises(forklift.Error, match="threads"):
+            Pinger("refused").start()
+        with Pinger("allowed", allow_threads=True) as p:
+            assert p.call("ping", x=1) == 2
+    finally:
+        done.set()
+        t.join()
