@@ -253,3 +253,17 @@ def test_allow_threads_forks_beside_a_running_thread():
     finally:
         done.set()
         t.join()
+
+
+def test_keyboard_interrupt_in_a_call_to_a_python_backend(pinger):
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pinger.call("sleep", seconds=30, timeout=60)
+        assert time.monotonic() - t0 < 0.2 + 1.0 * SLOW
+    finally:
+        timer.cancel()
+        timer.join()
+    assert pinger.stop(timeout=0.1).escalation == 1  # still in the handler: SIGTERM

@@ -365,3 +365,59 @@ def test_errors_are_forkliftss_own_classes():
     assert issubclass(forklift.TimeoutError, TimeoutError)
     assert issubclass(forklift.ProcessDied, forklift.PeerClosed)
     assert issubclass(forklift.CommandError, forklift.RemoteError)
+
+
+def test_a_descriptor_travels_both_ways(echo):
+    r, w = os.pipe()
+    try:
+        got = echo.call("echo", value=forklift.Fd(w))
+        assert isinstance(got, forklift.Fd) and got.fileno() != w
+        os.write(got.fileno(), b"x")
+        assert os.read(r, 1) == b"x"
+        got.close()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_waits_release_the_gil(echo):
+    count = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+            time.sleep(0.001)
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        before = count[0]
+        echo.call("sleep", seconds=0.3)
+        during_call = count[0] - before
+        echo.send("sleep", seconds=0.3)
+        before = count[0]
+        assert echo.recv(timeout=0.3) is None
+        during_recv = count[0] - before
+    finally:
+        stop.set()
+        t.join()
+    assert during_call > 10 and during_recv > 10
+
+
+def test_a_future_keeps_its_process_and_serves_several_threads():
+    def make():
+        e = em.Echo("kept", 1)
+        e.start()
+        return e.call_async("sleep", seconds=0.2), e.pid
+    f, pid = make()
+    gc.collect()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(f.result(5 * SLOW))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10 * SLOW)
+    assert results == [0.2, 0.2, 0.2]
+    del f, threads
+    gc.collect()
+    assert gone(pid, within=5 * SLOW)  # the last reference went with the future
