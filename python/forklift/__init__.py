@@ -18,6 +18,12 @@ Every array is a numpy.ndarray over the segment's own pages; its base chain
 leads to a forklift.Segment, which keeps the mapping alive. describe() and
 open() take and give the same descriptors as C++ ShmTensor::describe() and
 ShmTensor::open(), so an array made in C++ opens here and the reverse.
+
+C++ backends
+    A user's pybind11 module binds a C++ MessageProcess subclass with one
+    line, forklift::python::bindProcess<Camera, Args...>(m, "Camera")
+    (forklift/python.hpp); its call_async() returns a forklift.CallFuture,
+    its stop() a forklift.ExitStatus, and it raises the classes here.
 """
 
 import numbers as _numbers
@@ -28,7 +34,7 @@ from . import _forklift
 from ._forklift import (  # noqa: F401
     Error, SystemError, TypeError, DecodeError, StreamCorrupt, LimitError, TimeoutError,
     PeerClosed, ProcessDied, RemoteError, CommandError, ShmNameError, ShmFormatError,
-    Fd, Segment, Ring, RingWriter, RingReader, WriteSlot, ReadSlot,
+    Fd, Segment, Ring, RingWriter, RingReader, WriteSlot, ReadSlot, CallFuture, ExitStatus,
 )
 
 __all__ = [
@@ -36,7 +42,34 @@ __all__ = [
     "PeerClosed", "ProcessDied", "RemoteError", "CommandError", "ShmNameError", "ShmFormatError",
     "Fd", "Segment", "create", "zeros", "open", "describe", "segment",
     "Ring", "RingWriter", "RingReader", "WriteSlot", "ReadSlot", "create_ring", "open_ring",
+    "CallFuture", "ExitStatus", "MessageProcess",
 ]
+
+
+class MessageProcess(_forklift._PyProcess):
+    """A backend written in Python: a fork of this interpreter running forklift's loop.
+
+        class Pinger(forklift.MessageProcess):
+            def c__ping(self, x):          # backend side: runs in the fork
+                return x + 1
+        p = Pinger("pinger"); p.start(); p.call("ping", x=1)   # -> 2
+
+    Each c__<command> method is a command; the message's fields are its
+    keyword arguments, its return value the call's result, an exception it
+    raises the caller's forklift.RemoteError (the backend serves on).
+    preRun__/postRun__ run in the backend before and after its loop;
+    sendOut__(command, **fields) there reaches the frontend's recv(). The
+    frontend side is the same as a C++ backend's (forklift/python.hpp):
+    call, call_async, send, recv, fileno, stop, with. start() runs from the
+    main thread, while no other thread runs (forklift's fork rule).
+    """
+
+    def __init__(self, name, **options):
+        """options: start_timeout, call_timeout, send_timeout, stop_timeout (seconds; None: forever),
+        allow_threads, ignore_sigint (bools) and transport ("shm" or "socket"), as C++ ProcessOptions."""
+        super().__init__(name, options)
+        cls = type(self)
+        self._register_commands(self, [n for n in dir(cls) if n.startswith("c__") and callable(getattr(cls, n))])
 
 
 def _dtype_name(dtype):

@@ -4,9 +4,11 @@
 
 PYBIND11_MODULE(_forklift, m) {
   namespace fp = forklift::python;
-  m.doc() = "forklift: shared-memory arrays and rings as numpy views (see the package forklift)";
+  m.doc() = "forklift: shared-memory arrays and rings as numpy views, C++ backends' types (see the package forklift)";
   fp::registerErrors(m);
   fp::registerValue(m);
   fp::registerShm(m);
   fp::registerRing(m);
+  fp::registerProcessTypes(m);
+  fp::registerBackend(m);
 }
