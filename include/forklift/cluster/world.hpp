@@ -114,11 +114,25 @@ class MpiError : public Error {
   int code_;
 };
 
+// How large the forklift arrays a message carries may be (see "Arrays").
+// The sender throws LimitError past them; the receiver refuses a header past
+// its own before it allocates anything.
+struct ArrayLimits {
+  std::uint64_t maxBytes = std::uint64_t{4} << 30;             // one array
+  std::uint64_t maxBytesPerMessage = std::uint64_t{16} << 30;  // all arrays of one message
+  // Arrays cross in MPI messages of at most this many bytes (4 KiB to
+  // 64 MiB; Error otherwise): counts stay far below INT_MAX, and a refused
+  // array is drained through a buffer of this size.
+  std::size_t chunk = std::size_t{64} << 20;
+};
+
 struct WorldOptions {
   // Make (or share) this process's ForkServer before MPI_Init (see "Forks").
   bool forkServer = true;
   // Of every message sent and received (forklift/message.hpp).
   Limits limits;
+  // Of the forklift arrays in them (see "Arrays").
+  ArrayLimits arrays;
   // The MPI thread's back-off when a turn moved nothing: it spins this long,
   // then sleeps 10 us, 20 us, ... up to maxBackoff between turns; once
   // nothing moved for idleAfter, up to idleBackoff (see "The MPI thread").
@@ -137,8 +151,9 @@ class World;
 
 namespace detail {
 // For tests: queues `bytes` for rank `dest` as they are, on forklift's tag
-// (a rank sending garbage).
+// (a rank sending garbage, or a forged array header).
 void sendRaw(World& world, int dest, std::vector<char> bytes);
+struct Outgoing;  // one queued send (world.cpp)
 }  // namespace detail
 
 class World {
@@ -186,7 +201,9 @@ class World {
   struct Stats {
     std::uint64_t sent = 0;      // messages whose send completed
     std::uint64_t received = 0;  // messages decoded and delivered
-    std::uint64_t refused = 0;   // received bytes that did not decode: dropped
+    std::uint64_t refused = 0;   // received messages refused (bad bytes, bad array headers): dropped
+    std::uint64_t arraysSent = 0;      // arrays whose bytes left with a message counted in `sent`
+    std::uint64_t arraysReceived = 0;  // arrays that came whole in a message counted in `received`
     std::uint64_t wakeups = 0;   // turns of the MPI thread after a sleep
   };
   Stats stats() const;
@@ -196,7 +213,7 @@ class World {
 
  private:
   friend void detail::sendRaw(World&, int, std::vector<char>);
-  void queue(int dest, std::vector<char> bytes, const std::string& command);
+  void queue(detail::Outgoing out, const std::string& command);
   struct Impl;
   std::unique_ptr<Impl> impl_;
   int rank_ = -1;
