@@ -127,8 +127,9 @@ bool dtypeFromName(const std::string& s, DType& out) {
   return false;
 }
 
-// Reads and checks one table entry; "" when it is good.
-std::string readSpec(const Value& entry, const ArrayLimits& limits, ArraySpec& s) {
+// Reads one table entry and checks that it is what a World sends: "" when
+// it is (its size against the limits is the caller's).
+std::string readSpec(const Value& entry, ArraySpec& s) {
   const Map* m = entry.getIf<Map>();
   if (!m) return entry.typeName() + " found, map wanted";
   try {
@@ -149,38 +150,34 @@ std::string readSpec(const Value& entry, const ArrayLimits& limits, ArraySpec& s
       s.layout = Layout::ColMajor;
     else
       return "unknown layout '" + layout.substr(0, 32) + "'";
-    const List& shape = get("shape").as<List>();
+    const List shape = get("shape").as<List>();
     if (shape.empty() || shape.size() > forklift::detail::kShmMaxRank)
       return "rank " + std::to_string(shape.size()) + " (1 to " + std::to_string(forklift::detail::kShmMaxRank) + ")";
-    // Counted against the per-array limit as it grows, so no product overflows.
+    // No product of a World's array reaches 2^62 bytes; a larger one is absurd.
+    constexpr std::uint64_t kAbsurd = std::uint64_t{1} << 62;
     const std::uint64_t size = dtypeSize(s.dtype);
-    const std::uint64_t maxElements = limits.maxBytes / size;
-    std::uint64_t elements = 1;
-    bool over = false;
+    std::uint64_t bytes = size;
+    bool absurd = false;
     s.shape.clear();
     for (const Value& d : shape) {
       const auto n = d.as<std::int64_t>();
       if (n < 0) return "negative dimension " + std::to_string(n);
       s.shape.push_back(n);
-      if (n == 0) elements = 0;
-      if (elements != 0 && !over) {
-        if (static_cast<std::uint64_t>(n) > maxElements / elements)
-          over = true;
+      if (n == 0) {
+        bytes = 0;
+        absurd = false;
+      } else if (bytes != 0 && !absurd) {
+        if (static_cast<std::uint64_t>(n) > kAbsurd / bytes)
+          absurd = true;
         else
-          elements *= static_cast<std::uint64_t>(n);
+          bytes *= static_cast<std::uint64_t>(n);
       }
     }
-    if (over && elements != 0)
-      return "shape " + Value(shape).toString() + " of " + dtype + " holds more than the limit of " +
-             std::to_string(limits.maxBytes) + " bytes (WorldOptions::arrays.maxBytes)";
-    const auto bytes = get("bytes").as<std::int64_t>();
-    if (bytes < 0 || static_cast<std::uint64_t>(bytes) != elements * size)
-      return "says " + std::to_string(bytes) + " bytes, but its shape and dtype make " +
-             std::to_string(elements * size);
-    s.bytes = static_cast<std::uint64_t>(bytes);
-    if (s.bytes > limits.maxBytes)
-      return std::to_string(s.bytes) + " bytes, over the limit of " + std::to_string(limits.maxBytes) +
-             " (WorldOptions::arrays.maxBytes)";
+    if (absurd && bytes != 0) return "shape " + Value(shape).toString() + " of " + dtype + " is absurdly large";
+    const auto said = get("bytes").as<std::int64_t>();
+    if (said < 0 || static_cast<std::uint64_t>(said) != bytes)
+      return "says " + std::to_string(said) + " bytes, but its shape and dtype make " + std::to_string(bytes);
+    s.bytes = bytes;
     const auto chunks = get("chunks").as<std::int64_t>();
     if (chunks < 0) return "a negative chunk count";
     s.chunks = static_cast<std::uint64_t>(chunks);
@@ -247,7 +244,6 @@ ArrayHeader readArrayHeader(const char* bytes, std::size_t size, const Limits& l
     h.error = "an array header of " + std::to_string(size) + " bytes, shorter than its prefix";
     return h;
   }
-  h.framed = true;
   h.seq = getLe(bytes + 4, 8);
   const std::uint64_t tableSize = getLe(bytes + 12, 4);
   if (tableSize > size - kArrayPrefixBytes) {
@@ -264,25 +260,12 @@ ArrayHeader readArrayHeader(const char* bytes, std::size_t size, const Limits& l
   h.body = bytes + kArrayPrefixBytes + tableSize;
   h.bodySize = size - kArrayPrefixBytes - tableSize;
   try {
-    const auto& list = table.get<List>("arrays");
-    const auto chunk = table.get<std::int64_t>("chunk");
-    // What the sender says follows, read before anything is checked.
-    std::uint64_t claimed = 0;
-    for (const Value& e : list) {
-      const Map* m = e.getIf<Map>();
-      const Value* c = m ? field(*m, "chunks") : nullptr;
-      const std::int64_t* n = c ? c->getIf<std::int64_t>() : nullptr;
-      if (!n || *n < 0) {
-        claimed = 0;
-        break;
-      }
-      claimed = std::min<std::uint64_t>(claimed + static_cast<std::uint64_t>(*n), std::uint64_t{1} << 40);
-    }
-    h.claimedChunks = claimed;
     if (table.command() != "arrays") {
       h.error = "its table is '" + table.command().substr(0, 32) + "', not 'arrays'";
       return h;
     }
+    const auto list = table.get<List>("arrays");
+    const auto chunk = table.get<std::int64_t>("chunk");
     if (chunk < static_cast<std::int64_t>(kMinArrayChunk) || chunk > static_cast<std::int64_t>(kMaxArrayChunk)) {
       h.error = "a chunk of " + std::to_string(chunk) + " bytes (" + std::to_string(kMinArrayChunk) + " to " +
                 std::to_string(kMaxArrayChunk) + ")";
@@ -294,10 +277,9 @@ ArrayHeader readArrayHeader(const char* bytes, std::size_t size, const Limits& l
       h.error = std::to_string(list.size()) + " arrays (1 to " + std::to_string(maxArrays) + ", Limits::maxFds)";
       return h;
     }
-    std::uint64_t total = 0;
     for (std::size_t i = 0; i < list.size(); ++i) {
       ArraySpec s;
-      std::string why = readSpec(list[i], arrays, s);
+      std::string why = readSpec(list[i], s);
       if (why.empty() && s.chunks != chunksFor(s.bytes, h.chunk))
         why = "says " + std::to_string(s.chunks) + " chunks, but " + std::to_string(s.bytes) + " bytes in chunks of " +
               std::to_string(h.chunk) + " make " + std::to_string(chunksFor(s.bytes, h.chunk));
@@ -305,17 +287,27 @@ ArrayHeader readArrayHeader(const char* bytes, std::size_t size, const Limits& l
         h.error = "array " + std::to_string(i) + ": " + why;
         return h;
       }
-      total += s.bytes;
-      if (total > arrays.maxBytesPerMessage) {
-        h.error = "its arrays hold more than " + std::to_string(arrays.maxBytesPerMessage) +
-                  " bytes together (WorldOptions::arrays.maxBytesPerMessage)";
-        return h;
-      }
       h.arrays.push_back(std::move(s));
     }
   } catch (const TypeError& e) {
     h.error = std::string("its table: ") + e.what();
+    return h;
   }
+  // A header a World could send: its chunks follow. The limits are this
+  // rank's choice, checked last.
+  h.wellFormed = true;
+  std::uint64_t total = 0;
+  for (std::size_t i = 0; i < h.arrays.size(); ++i) {
+    const ArraySpec& s = h.arrays[i];
+    h.chunks += s.chunks;
+    total += s.bytes;
+    if (s.bytes > arrays.maxBytes && h.refusal.empty())
+      h.refusal = "array " + std::to_string(i) + " holds " + std::to_string(s.bytes) + " bytes, over the limit of " +
+                  std::to_string(arrays.maxBytes) + " (WorldOptions::arrays.maxBytes)";
+  }
+  if (total > arrays.maxBytesPerMessage && h.refusal.empty())
+    h.refusal = "its arrays hold " + std::to_string(total) + " bytes together, over the limit of " +
+                std::to_string(arrays.maxBytesPerMessage) + " (WorldOptions::arrays.maxBytesPerMessage)";
   return h;
 }
 

@@ -66,24 +66,27 @@ struct ArraySpec {
   std::uint64_t chunks = 0;
 };
 
-// What the receiver reads from a header. `framed`: the prefix was read, so
-// `seq` is known; `claimedChunks`: the payload messages the table says
-// follow (what to drain when the message is refused), 0 when unreadable.
-// `error` is empty when everything was read and checked.
+// What the receiver reads from a header.
+//
+// `error`: the header is not what a World sends (it does not frame or
+// decode, a size does not match dtype x shape, a dimension is negative or
+// absurd, the rank is not 1..8, a chunk size or count does not fit, more
+// arrays than Limits::maxFds): no chunks can belong to it. Otherwise it is
+// `wellFormed`, `chunks` is the number of payload messages that follow it,
+// and `refusal` says when this rank will not take it (over
+// WorldOptions::arrays' limits): its chunks are then drained. Everything is
+// checked before anything is allocated.
 struct ArrayHeader {
-  bool framed = false;
-  std::uint64_t seq = 0;
-  std::uint64_t claimedChunks = 0;
+  bool wellFormed = false;
   std::string error;
+  std::string refusal;
+  std::uint64_t seq = 0;
   std::uint64_t chunk = 0;
+  std::uint64_t chunks = 0;
   std::vector<ArraySpec> arrays;
   const char* body = nullptr;
   std::size_t bodySize = 0;
 };
-// Checks everything before anything is allocated: sizes that do not match
-// dtype x shape, negative dimensions, ranks outside 1..8, a chunk size or
-// count that does not fit, an array or message over `arrays`' limits, more
-// arrays than `limits.maxFds`.
 ArrayHeader readArrayHeader(const char* bytes, std::size_t size, const Limits& limits, const ArrayLimits& arrays);
 
 // The receiver's new segments for `h`, then the body decoded with each

@@ -164,19 +164,18 @@ void World::Impl::take(int source, const std::vector<char>& bytes) {
 
 void World::Impl::takeArrays(int source, const std::vector<char>& bytes) {
   const auto h = detail::readArrayHeader(bytes.data(), bytes.size(), options.limits, options.arrays);
+  if (!h.wellFormed)
+    return refuse(source, bytes.size(), "array header: " + h.error + " (sent by no World: nothing drained)");
   // Only the next header in the source's sequence owns the chunks that come
   // next on the data tag; one out of sequence was sent by no World.
   std::uint64_t& expected = recvSeq[source];
-  if (!h.framed || h.seq != expected) {
-    std::string why = h.error;
-    if (h.framed && h.seq != expected)
-      why = "array message number " + std::to_string(h.seq) + ", expected " + std::to_string(expected) +
-            (why.empty() ? "" : "; " + why);
-    return refuse(source, bytes.size(), "array header: " + why + " (nothing drained)");
-  }
+  if (h.seq != expected)
+    return refuse(source, bytes.size(),
+                  "array header number " + std::to_string(h.seq) + ", expected " + std::to_string(expected) +
+                      " (sent by no World: nothing drained)");
   ++expected;
   Incoming in;
-  std::string why = h.error;
+  std::string why = h.refusal;
   if (why.empty()) {
     try {
       in.segments = detail::makeArrays(h);
@@ -187,17 +186,18 @@ void World::Impl::takeArrays(int source, const std::vector<char>& bytes) {
   }
   if (!why.empty()) {
     refuse(source, bytes.size(),
-           "array header: " + why + " (its " + std::to_string(h.claimedChunks) + " chunks are drained and dropped)");
-    if (h.claimedChunks == 0) return;
+           "array header: " + why + " (its " + std::to_string(h.chunks) + " chunks are drained and dropped)");
+    if (h.chunks == 0) return;
     in = Incoming{};
     in.refused = true;
-    in.drainLeft = h.claimedChunks;
+    in.drainLeft = h.chunks;
   } else {
     in.arrays = in.segments.size();
     for (std::size_t i = 0; i < h.arrays.size(); ++i) {
       char* base = static_cast<char*>(in.segments[i].data());
       for (std::uint64_t at = 0; at < h.arrays[i].bytes; at += h.chunk)
-        in.chunks.push_back({base + at, static_cast<std::size_t>(std::min<std::uint64_t>(h.chunk, h.arrays[i].bytes - at))});
+        in.chunks.push_back(
+            {base + at, static_cast<std::size_t>(std::min<std::uint64_t>(h.chunk, h.arrays[i].bytes - at))});
     }
   }
   auto& q = incoming[source];
