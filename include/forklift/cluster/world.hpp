@@ -38,8 +38,8 @@
 // 0.4 % of a CPU on that VM, 0.8-1.5 % in the second after a message.
 //
 // Messages. `send(rank, message)` encodes the message on the caller's thread
-// (TypeError, LimitError there: a descriptor cannot cross hosts) and queues it
-// to the MPI thread; it returns at once. Messages from one rank to another
+// (TypeError, LimitError there) and queues it to the MPI thread; it returns
+// at once. Messages from one rank to another
 // arrive in the order sent. Received messages wait in this World's inbox:
 // `recv`/`tryRecv` take them, and `fd()` (an eventfd) is readable while one
 // waits, so any loop can watch it; or `deliverTo(manager, fn)` hands every
@@ -48,6 +48,50 @@
 // counted (`stats().refused`) and dropped; the rank goes on. The inbox has no
 // bound: a rank that never reads it keeps what comes. Messages that come
 // while the World ends (see "The end") are dropped with it.
+//
+// Arrays. A forklift shared-memory array (ShmArray, ShmTensor: any dtype,
+// float16 included, rank 1 to 8, either layout) travels as its describe()
+// value, anywhere in a message (an argument, a list item, a map entry, at
+// any depth), exactly as to a backend on one host:
+//
+//   world.send(1, Message("frame", {{"image", frame.describe()}}));
+//   // rank 1:  auto f = ShmTensor<std::uint8_t, 3>::open(m.get<Value>("image"));
+//
+// Its bytes cross MPI once, straight from the sender's pages (no copy into
+// the message): the message carries a placeholder (dtype, shape, layout, byte
+// size, the array's name hint), and the bytes follow as MPI messages of at
+// most `WorldOptions::arrays.chunk` bytes on a second tag. The receiving
+// rank's MPI thread makes a new anonymous array of that dtype, shape and
+// layout and receives the bytes into its pages; the message is delivered,
+// in its order among the others from that rank, once the array is whole,
+// with the placeholder replaced by the new array's describe(). Open it there
+// with ShmTensor/ShmArray::open, in place, or hand it on to a local worker:
+// it is a shared-memory array of that host like any other, freed when the
+// last descriptor and mapping of it go. An array with no element crosses too.
+// The sender's segment stays mapped by the World until its bytes are sent,
+// whatever the caller does with its own array; but they are read while the
+// MPI thread sends them, after send() returned: do not write the array until
+// the peer said it has it (or send a new array each time). A named array
+// (ShmName::named) is not sent: its descriptor has no memfd, and it travels
+// as the plain map it is (its name means nothing on another host).
+//
+// Only arrays cross: a message holding any other descriptor (a socket, a
+// pipe, an eventfd, a segment of raw bytes) throws TypeError at send, naming
+// the argument. One message carries at most Limits::maxFds arrays (64 by
+// default; LimitError), each of at most `arrays.maxBytes` and together
+// `arrays.maxBytesPerMessage` (LimitError at send). The receiver checks
+// every placeholder against its own limits before it allocates: a header
+// that is not what a World sends (a size that does not match dtype x shape,
+// a negative or absurd dimension, a rank outside 1..8, a chunk size or count
+// that does not fit, a table cut short, a sequence number out of order) is
+// refused, logged and counted in stats().refused, and nothing of what comes
+// after it is taken for its bytes; one that is well formed but over this
+// rank's limits, or whose array cannot be made (no memory: SystemError) is
+// refused likewise, and its bytes are received into a buffer of one chunk
+// and dropped; a chunk of another size than announced refuses its message
+// and drains the rest. The rank goes on serving, and no torn array is ever
+// delivered. A peer is trusted this far: a header that a World could have
+// sent (well formed, in sequence) is taken to be followed by its bytes.
 //
 // Forks. Open MPI starts threads of its own in MPI_Init, and forking after it
 // "could result in memory corruption" (Open MPI's warning); forklift forks
