@@ -61,8 +61,9 @@ struct detail::Outgoing {
   int dest = -1;
   std::vector<char> bytes;
   bool arrays = false;  // bytes is an array header: its seq is set when posted
+  std::vector<std::vector<char>> rawChunks;  // after the segments' (tests only)
   std::vector<SharedMemory> segments;
-  std::size_t chunk = 0;
+  std::size_t chunkBytes = 0;
 };
 
 namespace {
@@ -389,11 +390,15 @@ void World::Impl::run() {
         // The arrays' bytes, straight from their pages, after the header.
         for (SharedMemory& shm : p.out.segments) {
           const char* base = static_cast<const char*>(shm.data());
-          for (std::size_t at = 0; at < shm.bytes(); at += p.out.chunk) {
-            const auto n = static_cast<int>(std::min(p.out.chunk, shm.bytes() - at));
+          for (std::size_t at = 0; at < shm.bytes(); at += p.out.chunkBytes) {
+            const auto n = static_cast<int>(std::min(p.out.chunkBytes, shm.bytes() - at));
             detail::check("MPI_Isend", MPI_Isend(base + at, n, MPI_BYTE, dest, kDataTag, comm, &r));
             p.requests.push_back(r);
           }
+        }
+        for (auto& c : p.out.rawChunks) {
+          detail::check("MPI_Isend", MPI_Isend(c.data(), static_cast<int>(c.size()), MPI_BYTE, dest, kDataTag, comm, &r));
+          p.requests.push_back(r);
         }
         progress = true;
       }
@@ -566,7 +571,7 @@ void World::send(int dest, const Message& m) {
     o.bytes = std::move(packed.header);
     o.arrays = true;
     o.segments = std::move(packed.arrays);
-    o.chunk = packed.chunk;
+    o.chunkBytes = packed.chunk;
   } else {
     Buffer buf;
     encode(m, buf, impl_->options.limits);
@@ -646,6 +651,18 @@ void detail::sendRaw(World& world, int dest, std::vector<char> bytes) {
   o.dest = dest;
   o.bytes = std::move(bytes);
   world.queue(std::move(o), "(raw bytes)");
+}
+
+void detail::sendRawArrays(World& world, int dest, std::vector<char> header, std::vector<std::vector<char>> chunks) {
+  if (dest < 0 || dest >= world.size()) throw Error("cluster::detail::sendRawArrays: rank out of range");
+  if (!isArrayHeader(header.data(), header.size()) || header.size() < kArrayPrefixBytes)
+    throw Error("cluster::detail::sendRawArrays: not an array header");
+  Outgoing o;
+  o.dest = dest;
+  o.bytes = std::move(header);
+  o.arrays = true;
+  o.rawChunks = std::move(chunks);
+  world.queue(std::move(o), "(raw arrays)");
 }
 
 bool World::exists() noexcept { return world_state.load() == 1; }

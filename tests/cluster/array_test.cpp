@@ -250,11 +250,15 @@ void send(World& w, int dest, const Message& m) {
 
 // ---- cases -----------------------------------------------------------------
 
+// This rank's counters when the case began (taken before any message of
+// the case could come: see sync).
+World::Stats atCaseStart;
+
 // 16 MiB each way between the driver and both agents; the receiver opens
 // the array as a ShmTensor and as a ShmArray, writes through one and reads
 // through the other (the same pages).
 void bigBothWays(World& w) {
-  const auto s0 = w.stats();
+  const auto s0 = atCaseStart;
   if (w.isDriver()) {
     auto a = made<double, 2>("big", {2048, 1024}, 1);
     for (int r = 1; r < w.size(); ++r) send(w, r, Message("big", {{"array", a.describe()}, {"sum", sumOf(a)}}));
@@ -538,7 +542,7 @@ void forgedHeaders(World& w) {
   constexpr int kForged = 8;
   const std::int64_t chunk = 1 << 20;
   if (w.isDriver()) {
-    const auto before = w.stats();
+    const auto before = atCaseStart;
     Message m = expectFrom(w, 1, "after_forged");
     CHECK((arrives<std::uint8_t, 1>(m.get<Value>("a", Value()), {2 << 20}, m.get<std::int64_t>("sum", 0))));
     CHECK(w.stats().refused - before.refused == kForged);
@@ -577,7 +581,7 @@ void forgedHeaders(World& w) {
 // over its own limit (LimitError at send).
 void overLimitDrained(World& w) {
   if (w.isDriver()) {
-    const auto before = w.stats();
+    const auto before = atCaseStart;
     Message m = expectFrom(w, 1, "after_big");
     CHECK(m.get<int>("n", 0) == 7);
     CHECK((arrives<std::uint8_t, 1>(m.get<Value>("a", Value()), {1 << 20}, m.get<std::int64_t>("sum", 0))));
@@ -599,6 +603,28 @@ void overLimitDrained(World& w) {
     }
     auto a = made<std::uint8_t, 1>("small", {1 << 20}, 6);
     send(w, 0, Message("after_big", {{"n", 7}, {"a", a.describe()}, {"sum", sumOf(a)}}));
+  }
+}
+
+// A header as a World sends it (in sequence, true to its sizes), whose
+// second chunk is shorter than announced: the driver refuses the message
+// (counted), drains its other chunks, and the next array message arrives.
+void badChunk(World& w) {
+  constexpr std::int64_t kChunk = 1 << 20;
+  if (w.isDriver()) {
+    const auto before = atCaseStart;
+    Message m = expectFrom(w, 1, "after_bad_chunk");
+    CHECK((arrives<std::uint8_t, 1>(m.get<Value>("a", Value()), {5000}, m.get<std::int64_t>("sum", 0))));
+    const auto after = w.stats();
+    CHECK(after.refused - before.refused == 1);
+    CHECK(after.arraysReceived - before.arraysReceived == 1);
+  } else if (w.rank() == 1) {
+    ++arrayMessagesTo[0];  // numbered by the World
+    cluster::detail::sendRawArrays(w, 0, forgedHeader(0, kChunk, entry("uint8", {3 * kChunk}, 3 * kChunk, 3)),
+                                   {std::vector<char>(kChunk, 'a'), std::vector<char>(kChunk / 2, 'b'),
+                                    std::vector<char>(kChunk, 'c')});
+    auto a = made<std::uint8_t, 1>("good", {5000}, 78);
+    send(w, 0, Message("after_bad_chunk", {{"a", a.describe()}, {"sum", sumOf(a)}}));
   }
 }
 
@@ -636,8 +662,10 @@ void notArrays(World& w) {
 void sync(World& w, const char* name) {
   if (w.isDriver()) {
     for (int r = 1; r < w.size(); ++r) expectFrom(w, r, std::string("end_") + name);
+    atCaseStart = w.stats();  // before any agent can send the next case's messages
     for (int r = 1; r < w.size(); ++r) w.send(r, Message(std::string("go_") + name));
   } else {
+    atCaseStart = w.stats();
     w.send(0, Message(std::string("end_") + name));
     expectFrom(w, 0, std::string("go_") + name);
   }
@@ -657,6 +685,7 @@ const Case kCases[] = {
     {"order_kept", orderKept},
     {"forged_headers", forgedHeaders},
     {"over_limit_drained", overLimitDrained},
+    {"bad_chunk", badChunk},
     {"not_arrays", notArrays},
 };
 

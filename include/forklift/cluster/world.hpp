@@ -197,6 +197,11 @@ namespace detail {
 // For tests: queues `bytes` for rank `dest` as they are, on forklift's tag
 // (a rank sending garbage, or a forged array header).
 void sendRaw(World& world, int dest, std::vector<char> bytes);
+// For tests: queues an array message made by hand: `header` numbered in
+// this World's sequence to `dest` (as a World numbers its own), then
+// `chunks` as they are on the arrays' tag (e.g. one of another size than
+// the header announced).
+void sendRawArrays(World& world, int dest, std::vector<char> header, std::vector<std::vector<char>> chunks);
 struct Outgoing;  // one queued send (world.cpp)
 }  // namespace detail
 
@@ -257,6 +262,7 @@ class World {
 
  private:
   friend void detail::sendRaw(World&, int, std::vector<char>);
+  friend void detail::sendRawArrays(World&, int, std::vector<char>, std::vector<std::vector<char>>);
   void queue(detail::Outgoing out, const std::string& command);
   struct Impl;
   std::unique_ptr<Impl> impl_;
