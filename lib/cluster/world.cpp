@@ -138,6 +138,9 @@ struct World::Impl {
   void takeArrays(int source, const std::vector<char>& bytes);
   void refuse(int source, std::size_t bytes, const std::string& why);
   bool progress(int source, Incoming& in);
+  bool receivingPages() const;
+  std::size_t sendingPages = 0;  // pending sends that carry array bytes
+  bool transferring() const { return sendingPages > 0 || receivingPages(); }
   bool receiveSome();
 };
 
@@ -261,6 +264,14 @@ bool World::Impl::progress(int source, Incoming& in) {
     --in.drainLeft;
   }
   return moved;
+}
+
+// True while receives into pages (or a drain) are posted.
+bool World::Impl::receivingPages() const {
+  return std::any_of(incoming.begin(), incoming.end(), [](const auto& q) {
+    return std::any_of(q.second.begin(), q.second.end(),
+                       [](const Incoming& in) { return !in.requests.empty() || in.drain != MPI_REQUEST_NULL; });
+  });
 }
 
 void World::Impl::deliver(int source, Message m) {
@@ -400,6 +411,7 @@ void World::Impl::run() {
           detail::check("MPI_Isend", MPI_Isend(c.data(), static_cast<int>(c.size()), MPI_BYTE, dest, kDataTag, comm, &r));
           p.requests.push_back(r);
         }
+        if (p.requests.size() > 1) ++sendingPages;
         progress = true;
       }
       batch.clear();
@@ -411,6 +423,7 @@ void World::Impl::run() {
         if (done) {
           sent.fetch_add(1, std::memory_order_relaxed);
           arraysSent.fetch_add(pending[i].out.segments.size(), std::memory_order_relaxed);
+          if (pending[i].requests.size() > 1) --sendingPages;
           pending[i] = std::move(pending.back());
           pending.pop_back();
           progress = true;
@@ -437,6 +450,10 @@ void World::Impl::run() {
       sleep = std::min<std::chrono::microseconds>(idle ? std::max(options.idleBackoff, options.maxBackoff)
                                                        : options.maxBackoff,
                                                   sleep * 2);
+      // While array bytes move, MPI needs its progress calls on both sides
+      // (shared memory moves a large message in fragments): the shortest
+      // sleeps, until the transfer ends.
+      if (transferring()) sleep = minSleep;
     }
     bool aborting;
     {
@@ -472,10 +489,7 @@ void World::Impl::run() {
     sleep = minSleep;
     for (int quiet = 0; quiet < 20;) {
       const bool moved = receiveSome();
-      const bool posted = std::any_of(incoming.begin(), incoming.end(), [](const auto& q) {
-        return std::any_of(q.second.begin(), q.second.end(),
-                           [](const Incoming& in) { return !in.requests.empty() || in.drain != MPI_REQUEST_NULL; });
-      });
+      const bool posted = receivingPages();
       if (!posted && std::all_of(incoming.begin(), incoming.end(), [](const auto& q) { return q.second.empty(); }))
         break;
       quiet = moved || posted ? 0 : quiet + 1;
