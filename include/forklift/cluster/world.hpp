@@ -34,6 +34,9 @@
 // 0.3 %. The price: the first message to a rank idle for a second waits up
 // to 10 ms more; a task of a second or more pays at most 1 % for it. A send
 // wakes the thread at once (a condition variable), whatever its sleep.
+// While an array's bytes move (see "Arrays") the sleeps stay at 10 us: a
+// large MPI message crosses shared memory in fragments, each waiting for
+// both sides' next MPI call.
 // tests/cluster measures an idle rank (every thread of the process): about
 // 0.4 % of a CPU on that VM, 0.8-1.5 % in the second after a message.
 //
@@ -111,8 +114,10 @@
 //
 // The end. The destructor is collective, as MPI_Finalize is: it stops taking
 // sends, completes the ones queued, then waits (still receiving, so no peer's
-// send hangs) until every rank's World ended (MPI_Ibarrier), then calls
-// MPI_Finalize. A World destroyed while an exception unwinds the stack
+// send hangs) until every rank's World ended (MPI_Ibarrier), lets the
+// receives of array bytes still posted finish (a message still waiting for
+// chunks no rank sent, after a forged header, is dropped with a warning),
+// then calls MPI_Finalize. A World destroyed while an exception unwinds the stack
 // (std::uncaught_exceptions) calls MPI_Abort instead: a rank that fails must
 // not strand the others in the barrier (Boost.MPI's rule); mpirun then ends
 // the whole job non-zero. An MPI call that fails on the MPI thread is logged
