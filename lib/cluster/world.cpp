@@ -4,6 +4,7 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <climits>
@@ -11,8 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <map>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -20,14 +21,17 @@
 #include "forklift/fork_server.hpp"
 #include "forklift/log.hpp"
 #include "forklift/manager.hpp"
+#include "array_wire.hpp"
 #include "mpi_error.hpp"
 
 namespace forklift::cluster {
 
 namespace {
 
-// forklift's tag on MPI_COMM_WORLD's duplicate.
+// forklift's tag on MPI_COMM_WORLD's duplicate; arrays' bytes travel on the
+// next one (see "Arrays" in world.hpp).
 constexpr int kTag = 0x466b;  // "Fk"
+constexpr int kDataTag = kTag + 1;
 
 // 0: no World yet; 1: one lives; 2: one ended (MPI cannot start again).
 std::atomic<int> world_state{0};
@@ -49,6 +53,46 @@ std::string hostName(int rank, const char* mpiName) {
 
 }  // namespace
 
+// One queued send: a plain message, or an array header and the segments
+// whose pages follow it (kept mapped until every chunk's send completed).
+struct detail::Outgoing {
+  int dest = -1;
+  std::vector<char> bytes;
+  bool arrays = false;  // bytes is an array header: its seq is set when posted
+  std::vector<std::vector<char>> rawChunks;  // after the segments' (tests only)
+  std::vector<SharedMemory> segments;
+  std::size_t chunkBytes = 0;
+};
+
+namespace {
+
+// A message from one rank that waits for its arrays' bytes, or for an
+// earlier one from that rank to be delivered (messages keep their order).
+struct Incoming {
+  Message message;
+  std::size_t arrays = 0;
+  std::vector<SharedMemory> segments;  // the pages the chunks land in
+  struct Chunk {
+    char* to;
+    std::size_t bytes;
+  };
+  std::vector<Chunk> chunks;
+  std::size_t next = 0;                 // the next chunk to match
+  std::vector<MPI_Request> requests;    // receives into the pages
+  // Refused: its chunks (those still to come: drainLeft) go to the scratch
+  // buffer, one at a time, and nothing is delivered.
+  bool refused = false;
+  std::uint64_t drainLeft = 0;
+  MPI_Request drain = MPI_REQUEST_NULL;
+  std::vector<char> scratch;  // at most one chunk
+
+  bool done() const {
+    return next == chunks.size() && requests.empty() && drainLeft == 0 && drain == MPI_REQUEST_NULL;
+  }
+};
+
+}  // namespace
+
 struct World::Impl {
   WorldOptions options;
   pid_t owner = ::getpid();
@@ -66,7 +110,7 @@ struct World::Impl {
   // The MPI thread's queue of sends; stop/abort requests.
   std::mutex outMutex;
   std::condition_variable outCv;
-  std::deque<std::pair<int, std::vector<char>>> out;
+  std::deque<detail::Outgoing> out;
   bool stopping = false;
   bool abort = false;
 
@@ -75,26 +119,159 @@ struct World::Impl {
   mutable std::mutex routeMutex;
   std::map<std::string, std::shared_ptr<Mailbox>> routes;
 
-  std::atomic<std::uint64_t> sent{0}, received{0}, refused{0}, wakeups{0};
+  std::atomic<std::uint64_t> sent{0}, received{0}, refused{0}, wakeups{0}, arraysSent{0}, arraysReceived{0};
 
   MPI_Comm comm = MPI_COMM_NULL;
 
+  // The MPI thread's: array messages sent to each rank, expected from each
+  // rank; what waits, per source.
+  std::map<int, std::uint64_t> sendSeq, recvSeq;
+  std::map<int, std::deque<Incoming>> incoming;
+
   void run();
-  void deliver(int source, const std::vector<char>& bytes);
+  void deliver(int source, Message m);
   Mailbox& mailboxForLocked(const std::string& command);  // routeMutex held
+  void take(int source, const std::vector<char>& bytes);
+  void takeArrays(int source, const std::vector<char>& bytes);
+  void refuse(int source, std::size_t bytes, const std::string& why);
+  bool progress(int source, Incoming& in);
+  bool receivingPages() const;
+  std::size_t sendingPages = 0;  // pending sends that carry array bytes
+  bool transferring() const { return sendingPages > 0 || receivingPages(); }
   bool receiveSome();
 };
 
-void World::Impl::deliver(int source, const std::vector<char>& bytes) {
+void World::Impl::refuse(int source, std::size_t bytes, const std::string& why) {
+  refused.fetch_add(1, std::memory_order_relaxed);
+  clusterLog()->warn("rank {}: {} bytes from rank {} on forklift's tag refused: {}", rank, bytes, source, why);
+}
+
+// A header taken off forklift's tag: delivered now when nothing from its
+// source waits before it, else queued behind.
+void World::Impl::take(int source, const std::vector<char>& bytes) {
+  if (detail::isArrayHeader(bytes.data(), bytes.size())) return takeArrays(source, bytes);
   Message m;
   try {
     m = decode(bytes.data(), bytes.size(), options.limits);
   } catch (const std::exception& e) {
-    refused.fetch_add(1, std::memory_order_relaxed);
-    clusterLog()->warn("rank {}: {} bytes from rank {} on forklift's tag refused: {}", rank, bytes.size(), source,
-                       e.what());
-    return;
+    return refuse(source, bytes.size(), e.what());
   }
+  auto q = incoming.find(source);
+  if (q == incoming.end() || q->second.empty()) return deliver(source, std::move(m));
+  Incoming in;
+  in.message = std::move(m);
+  q->second.push_back(std::move(in));
+}
+
+void World::Impl::takeArrays(int source, const std::vector<char>& bytes) {
+  const auto h = detail::readArrayHeader(bytes.data(), bytes.size(), options.limits, options.arrays);
+  if (!h.wellFormed)
+    return refuse(source, bytes.size(), "array header: " + h.error + " (sent by no World: nothing drained)");
+  // Only the next header in the source's sequence owns the chunks that come
+  // next on the data tag; one out of sequence was sent by no World.
+  std::uint64_t& expected = recvSeq[source];
+  if (h.seq != expected)
+    return refuse(source, bytes.size(),
+                  "array header number " + std::to_string(h.seq) + ", expected " + std::to_string(expected) +
+                      " (sent by no World: nothing drained)");
+  ++expected;
+  Incoming in;
+  std::string why = h.refusal;
+  if (why.empty()) {
+    try {
+      in.segments = detail::makeArrays(h);
+      in.message = detail::decodeWithArrays(h, in.segments, options.limits);
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+  }
+  if (!why.empty()) {
+    refuse(source, bytes.size(),
+           "array header: " + why + " (its " + std::to_string(h.chunks) + " chunks are drained and dropped)");
+    if (h.chunks == 0) return;
+    in = Incoming{};
+    in.refused = true;
+    in.drainLeft = h.chunks;
+  } else {
+    in.arrays = in.segments.size();
+    for (std::size_t i = 0; i < h.arrays.size(); ++i) {
+      char* base = static_cast<char*>(in.segments[i].data());
+      for (std::uint64_t at = 0; at < h.arrays[i].bytes; at += h.chunk)
+        in.chunks.push_back(
+            {base + at, static_cast<std::size_t>(std::min<std::uint64_t>(h.chunk, h.arrays[i].bytes - at))});
+    }
+  }
+  auto& q = incoming[source];
+  q.push_back(std::move(in));
+  if (q.size() == 1) progress(source, q.front());
+}
+
+// Moves the front message of `source` on: completes receives, matches the
+// chunks that came (straight into the pages; a chunk of another size than
+// announced refuses the message), drains a refused one's. True on progress.
+bool World::Impl::progress(int source, Incoming& in) {
+  bool moved = false;
+  for (std::size_t i = 0; i < in.requests.size();) {
+    int done = 0;
+    detail::check("MPI_Test", MPI_Test(&in.requests[i], &done, MPI_STATUS_IGNORE));
+    if (done) {
+      in.requests[i] = in.requests.back();
+      in.requests.pop_back();
+      moved = true;
+    } else {
+      ++i;
+    }
+  }
+  if (in.drain != MPI_REQUEST_NULL) {
+    int done = 0;
+    detail::check("MPI_Test", MPI_Test(&in.drain, &done, MPI_STATUS_IGNORE));
+    if (done) moved = true;
+  }
+  for (;;) {
+    const bool wantPage = !in.refused && in.next < in.chunks.size();
+    const bool wantDrain = in.refused && in.drainLeft > 0 && in.drain == MPI_REQUEST_NULL;
+    if (!wantPage && !wantDrain) break;
+    int flag = 0;
+    MPI_Message msg;
+    MPI_Status st;
+    detail::check("MPI_Improbe", MPI_Improbe(source, kDataTag, comm, &flag, &msg, &st));
+    if (!flag) break;
+    moved = true;
+    int n = 0;
+    detail::check("MPI_Get_count", MPI_Get_count(&st, MPI_BYTE, &n));
+    if (wantPage && static_cast<std::size_t>(n) == in.chunks[in.next].bytes) {
+      MPI_Request r;
+      detail::check("MPI_Imrecv", MPI_Imrecv(in.chunks[in.next].to, n, MPI_BYTE, &msg, &r));
+      in.requests.push_back(r);
+      ++in.next;
+      continue;
+    }
+    if (wantPage) {
+      refuse(source, static_cast<std::size_t>(n),
+             "array chunk " + std::to_string(in.next) + " of '" + in.message.command() + "' is " + std::to_string(n) +
+                 " bytes, its header said " + std::to_string(in.chunks[in.next].bytes) +
+                 "; the message is dropped, its other chunks drained");
+      in.refused = true;
+      in.drainLeft = in.chunks.size() - in.next;
+      in.next = in.chunks.size();
+    }
+    // Drained through the scratch buffer, one chunk at a time.
+    if (in.scratch.size() < static_cast<std::size_t>(n)) in.scratch.resize(static_cast<std::size_t>(n));
+    detail::check("MPI_Imrecv", MPI_Imrecv(in.scratch.data(), n, MPI_BYTE, &msg, &in.drain));
+    --in.drainLeft;
+  }
+  return moved;
+}
+
+// True while receives into pages (or a drain) are posted.
+bool World::Impl::receivingPages() const {
+  return std::any_of(incoming.begin(), incoming.end(), [](const auto& q) {
+    return std::any_of(q.second.begin(), q.second.end(),
+                       [](const Incoming& in) { return !in.requests.empty() || in.drain != MPI_REQUEST_NULL; });
+  });
+}
+
+void World::Impl::deliver(int source, Message m) {
   received.fetch_add(1, std::memory_order_relaxed);
   // Chosen and filled under routeMutex, so route() cannot move the inbox's
   // messages between the two.
@@ -129,8 +306,21 @@ bool World::Impl::receiveSome() {
     detail::check("MPI_Get_count", MPI_Get_count(&st, MPI_BYTE, &n));
     buf.resize(static_cast<std::size_t>(n));
     detail::check("MPI_Mrecv", MPI_Mrecv(buf.data(), n, MPI_BYTE, &msg, MPI_STATUS_IGNORE));
-    deliver(st.MPI_SOURCE, buf);
+    take(st.MPI_SOURCE, buf);
     any = true;
+  }
+  // Messages waiting for their arrays, each source's in order.
+  for (auto& [source, q] : incoming) {
+    while (!q.empty()) {
+      if (progress(source, q.front())) any = true;
+      if (!q.front().done()) break;
+      Incoming in = std::move(q.front());
+      q.pop_front();
+      if (in.refused) continue;
+      arraysReceived.fetch_add(in.arrays, std::memory_order_relaxed);
+      deliver(source, std::move(in.message));
+      any = true;
+    }
   }
   return any;
 }
@@ -183,11 +373,11 @@ void World::Impl::run() {
 
   // ---- serve -------------------------------------------------------------
   struct Pending {
-    std::vector<char> bytes;
-    MPI_Request request;
+    detail::Outgoing out;
+    std::vector<MPI_Request> requests;
   };
   std::vector<Pending> pending;
-  std::deque<std::pair<int, std::vector<char>>> batch;
+  std::deque<detail::Outgoing> batch;
   using Clock = std::chrono::steady_clock;
   const auto minSleep = std::chrono::microseconds(10);
   auto sleep = minSleep;
@@ -202,19 +392,41 @@ void World::Impl::run() {
         batch.swap(out);
         stop = stopping;
       }
-      for (auto& [dest, bytes] : batch) {
-        pending.push_back(Pending{std::move(bytes), MPI_REQUEST_NULL});
+      for (auto& o : batch) {
+        pending.push_back(Pending{std::move(o), {}});
         Pending& p = pending.back();
-        detail::check("MPI_Isend", MPI_Isend(p.bytes.data(), static_cast<int>(p.bytes.size()), MPI_BYTE, dest, kTag,
-                                             comm, &p.request));
+        const int dest = p.out.dest;
+        if (p.out.arrays) detail::setArraySeq(p.out.bytes, sendSeq[dest]++);
+        MPI_Request r;
+        detail::check("MPI_Isend", MPI_Isend(p.out.bytes.data(), static_cast<int>(p.out.bytes.size()), MPI_BYTE, dest,
+                                             kTag, comm, &r));
+        p.requests.push_back(r);
+        // The arrays' bytes, straight from their pages, after the header.
+        for (SharedMemory& shm : p.out.segments) {
+          const char* base = static_cast<const char*>(shm.data());
+          for (std::size_t at = 0; at < shm.bytes(); at += p.out.chunkBytes) {
+            const auto n = static_cast<int>(std::min(p.out.chunkBytes, shm.bytes() - at));
+            detail::check("MPI_Isend", MPI_Isend(base + at, n, MPI_BYTE, dest, kDataTag, comm, &r));
+            p.requests.push_back(r);
+          }
+        }
+        for (auto& c : p.out.rawChunks) {
+          detail::check("MPI_Isend", MPI_Isend(c.data(), static_cast<int>(c.size()), MPI_BYTE, dest, kDataTag, comm, &r));
+          p.requests.push_back(r);
+        }
+        if (p.requests.size() > 1) ++sendingPages;
         progress = true;
       }
       batch.clear();
       for (std::size_t i = 0; i < pending.size();) {
         int done = 0;
-        detail::check("MPI_Test", MPI_Test(&pending[i].request, &done, MPI_STATUS_IGNORE));
+        auto& reqs = pending[i].requests;
+        detail::check("MPI_Testall", MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &done,
+                                                 MPI_STATUSES_IGNORE));
         if (done) {
           sent.fetch_add(1, std::memory_order_relaxed);
+          arraysSent.fetch_add(pending[i].out.segments.size(), std::memory_order_relaxed);
+          if (pending[i].requests.size() > 1) --sendingPages;
           pending[i] = std::move(pending.back());
           pending.pop_back();
           progress = true;
@@ -241,6 +453,10 @@ void World::Impl::run() {
       sleep = std::min<std::chrono::microseconds>(idle ? std::max(options.idleBackoff, options.maxBackoff)
                                                        : options.maxBackoff,
                                                   sleep * 2);
+      // While array bytes move, MPI needs its progress calls on both sides
+      // (shared memory moves a large message in fragments): the shortest
+      // sleeps, until the transfer ends.
+      if (transferring()) sleep = minSleep;
     }
     bool aborting;
     {
@@ -268,7 +484,27 @@ void World::Impl::run() {
       std::this_thread::sleep_for(sleep);
       sleep = std::min<std::chrono::microseconds>(options.maxBackoff, sleep * 2);
     }
-    receiveSome();
+    // Every rank's sends completed, so whatever is still coming is here
+    // already: take it, and let the receives posted into pages finish before
+    // MPI ends (it is all dropped with the World). A message still waiting
+    // for chunks after some quiet turns waits for chunks no rank sent (a
+    // forged header): it is dropped, not waited for.
+    sleep = minSleep;
+    for (int quiet = 0; quiet < 20;) {
+      const bool moved = receiveSome();
+      const bool posted = receivingPages();
+      if (!posted && std::all_of(incoming.begin(), incoming.end(), [](const auto& q) { return q.second.empty(); }))
+        break;
+      quiet = moved || posted ? 0 : quiet + 1;
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min<std::chrono::microseconds>(options.maxBackoff, sleep * 2);
+    }
+    for (const auto& q : incoming)
+      if (!q.second.empty())
+        clusterLog()->warn("rank {}: {} message(s) from rank {} still waited for array chunks that never came at the "
+                           "end; dropped",
+                           rank, q.second.size(), q.first);
+    incoming.clear();
     MPI_Comm_free(&comm);
     detail::check("MPI_Finalize", MPI_Finalize());
   } catch (const std::exception& e) {
@@ -287,6 +523,10 @@ World::World(WorldOptions options) {
   try {
     impl_ = std::make_unique<Impl>();
     impl_->options = std::move(options);
+    const std::size_t chunk = impl_->options.arrays.chunk;
+    if (chunk < detail::kMinArrayChunk || chunk > detail::kMaxArrayChunk)
+      throw Error("cluster::World: WorldOptions::arrays.chunk is " + std::to_string(chunk) + " bytes; it must be " +
+                  std::to_string(detail::kMinArrayChunk) + " to " + std::to_string(detail::kMaxArrayChunk));
     // Before MPI_Init, which starts threads (see "Forks" in world.hpp).
     if (impl_->options.forkServer) impl_->forkServer.emplace();
     impl_->thread = std::thread([impl = impl_.get()] { impl->run(); });
@@ -333,19 +573,31 @@ void World::send(int dest, const Message& m) {
   if (dest < 0 || dest >= size_)
     throw Error("cluster::World::send '" + m.command() + "': rank " + std::to_string(dest) + " out of range (size " +
                 std::to_string(size_) + ")");
-  Buffer buf;
-  encode(m, buf, impl_->options.limits);
-  if (buf.size() > static_cast<std::size_t>(INT_MAX))
-    throw LimitError("cannot send '" + m.command() + "': " + std::to_string(buf.size()) + " bytes, more than MPI's int count");
-  queue(dest, std::vector<char>(buf.data(), buf.data() + buf.size()), m.command());
+  detail::Outgoing o;
+  o.dest = dest;
+  if (detail::holdsDescriptor(m)) {
+    auto packed = detail::packArrays(m, impl_->options.limits, impl_->options.arrays);
+    o.bytes = std::move(packed.header);
+    o.arrays = true;
+    o.segments = std::move(packed.arrays);
+    o.chunkBytes = packed.chunk;
+  } else {
+    Buffer buf;
+    encode(m, buf, impl_->options.limits);
+    o.bytes.assign(buf.data(), buf.data() + buf.size());
+  }
+  if (o.bytes.size() > static_cast<std::size_t>(INT_MAX))
+    throw LimitError("cannot send '" + m.command() + "': " + std::to_string(o.bytes.size()) +
+                     " bytes, more than MPI's int count");
+  queue(std::move(o), m.command());
 }
 
-void World::queue(int dest, std::vector<char> bytes, const std::string& command) {
+void World::queue(detail::Outgoing o, const std::string& command) {
   {
     std::lock_guard lock(impl_->outMutex);
     if (impl_->stopping || impl_->abort)
       throw Error("cluster::World::send '" + command + "': the World is ending");
-    impl_->out.emplace_back(dest, std::move(bytes));
+    impl_->out.push_back(std::move(o));
   }
   impl_->outCv.notify_one();
 }
@@ -392,12 +644,29 @@ World::Stats World::stats() const {
   s.received = impl_->received.load(std::memory_order_relaxed);
   s.refused = impl_->refused.load(std::memory_order_relaxed);
   s.wakeups = impl_->wakeups.load(std::memory_order_relaxed);
+  s.arraysSent = impl_->arraysSent.load(std::memory_order_relaxed);
+  s.arraysReceived = impl_->arraysReceived.load(std::memory_order_relaxed);
   return s;
 }
 
 void detail::sendRaw(World& world, int dest, std::vector<char> bytes) {
   if (dest < 0 || dest >= world.size()) throw Error("cluster::detail::sendRaw: rank out of range");
-  world.queue(dest, std::move(bytes), "(raw bytes)");
+  Outgoing o;
+  o.dest = dest;
+  o.bytes = std::move(bytes);
+  world.queue(std::move(o), "(raw bytes)");
+}
+
+void detail::sendRawArrays(World& world, int dest, std::vector<char> header, std::vector<std::vector<char>> chunks) {
+  if (dest < 0 || dest >= world.size()) throw Error("cluster::detail::sendRawArrays: rank out of range");
+  if (!isArrayHeader(header.data(), header.size()) || header.size() < kArrayPrefixBytes)
+    throw Error("cluster::detail::sendRawArrays: not an array header");
+  Outgoing o;
+  o.dest = dest;
+  o.bytes = std::move(header);
+  o.arrays = true;
+  o.rawChunks = std::move(chunks);
+  world.queue(std::move(o), "(raw arrays)");
 }
 
 bool World::exists() noexcept { return world_state.load() == 1; }

@@ -34,23 +34,69 @@
 // 0.3 %. The price: the first message to a rank idle for a second waits up
 // to 10 ms more; a task of a second or more pays at most 1 % for it. A send
 // wakes the thread at once (a condition variable), whatever its sleep.
+// While an array's bytes move (see "Arrays") the sleeps stay at 10 us: a
+// large MPI message crosses shared memory in fragments, each waiting for
+// both sides' next MPI call.
 // tests/cluster measures an idle rank (every thread of the process): about
 // 0.4 % of a CPU on that VM, 0.8-1.5 % in the second after a message.
 //
 // Messages. `send(rank, message)` encodes the message on the caller's thread
-// (TypeError, LimitError there: a descriptor cannot cross hosts) and queues it
-// to the MPI thread; it returns at once. Messages from one rank to another
-// arrive in the order sent. Each received message goes to one Mailbox
-// (mailbox.hpp): the one `route(prefix)` gave for its command's longest routed
-// prefix, else this World's inbox, which `recv`/`tryRecv` read, whose `fd()`
-// (an eventfd) is readable while one waits, so any loop can watch it, and
-// which `deliverTo(manager, fn)` hands to a forklift Manager's loop
-// (`Manager::post`), in order. Bytes on forklift's tag that do not decode (a
-// rank sending garbage) are logged, counted (`stats().refused`) and dropped;
-// the rank goes on. Mailboxes have no bound: a rank that never reads one
-// keeps what comes. Messages that come while the World ends (see "The end")
-// wait in their mailboxes; those the World's own inbox held are dropped with
-// it.
+// (TypeError, LimitError there) and queues it to the MPI thread; it returns
+// at once. Messages from one rank to another arrive in the order sent. Each
+// received message goes to one Mailbox (mailbox.hpp): the one `route(prefix)`
+// gave for its command's longest routed prefix, else this World's inbox,
+// which `recv`/`tryRecv` read, whose `fd()` (an eventfd) is readable while
+// one waits, so any loop can watch it, and which `deliverTo(manager, fn)`
+// hands to a forklift Manager's loop (`Manager::post`), in order. Bytes on
+// forklift's tag that do not decode (a rank sending garbage) are logged,
+// counted (`stats().refused`) and dropped; the rank goes on. Mailboxes have
+// no bound: a rank that never reads one keeps what comes. Messages that come
+// while the World ends (see "The end") wait in their mailboxes; those the
+// World's own inbox held are dropped with it.
+//
+// Arrays. A forklift shared-memory array (ShmArray, ShmTensor: any dtype,
+// float16 included, rank 1 to 8, either layout) travels as its describe()
+// value, anywhere in a message (an argument, a list item, a map entry, at
+// any depth), exactly as to a backend on one host:
+//
+//   world.send(1, Message("frame", {{"image", frame.describe()}}));
+//   // rank 1:  auto f = ShmTensor<std::uint8_t, 3>::open(m.get<Value>("image"));
+//
+// Its bytes cross MPI once, straight from the sender's pages (no copy into
+// the message): the message carries a placeholder (dtype, shape, layout, byte
+// size, the array's name hint), and the bytes follow as MPI messages of at
+// most `WorldOptions::arrays.chunk` bytes on a second tag. The receiving
+// rank's MPI thread makes a new anonymous array of that dtype, shape and
+// layout and receives the bytes into its pages; the message is delivered,
+// in its order among the others from that rank, once the array is whole,
+// with the placeholder replaced by the new array's describe(). Open it there
+// with ShmTensor/ShmArray::open, in place, or hand it on to a local worker:
+// it is a shared-memory array of that host like any other, freed when the
+// last descriptor and mapping of it go. An array with no element crosses too.
+// The sender's segment stays mapped by the World until its bytes are sent,
+// whatever the caller does with its own array; but they are read while the
+// MPI thread sends them, after send() returned: do not write the array until
+// the peer said it has it (or send a new array each time). A named array
+// (ShmName::named) is not sent: its descriptor has no memfd, and it travels
+// as the plain map it is (its name means nothing on another host).
+//
+// Only arrays cross: a message holding any other descriptor (a socket, a
+// pipe, an eventfd, a segment of raw bytes) throws TypeError at send, naming
+// the argument. One message carries at most Limits::maxFds arrays (64 by
+// default; LimitError), each of at most `arrays.maxBytes` and together
+// `arrays.maxBytesPerMessage` (LimitError at send). The receiver checks
+// every placeholder against its own limits before it allocates: a header
+// that is not what a World sends (a size that does not match dtype x shape,
+// a negative or absurd dimension, a rank outside 1..8, a chunk size or count
+// that does not fit, a table cut short, a sequence number out of order) is
+// refused, logged and counted in stats().refused, and nothing of what comes
+// after it is taken for its bytes; one that is well formed but over this
+// rank's limits, or whose array cannot be made (no memory: SystemError) is
+// refused likewise, and its bytes are received into a buffer of one chunk
+// and dropped; a chunk of another size than announced refuses its message
+// and drains the rest. The rank goes on serving, and no torn array is ever
+// delivered. A peer is trusted this far: a header that a World could have
+// sent (well formed, in sequence) is taken to be followed by its bytes.
 //
 // Forks. Open MPI starts threads of its own in MPI_Init, and forking after it
 // "could result in memory corruption" (Open MPI's warning); forklift forks
@@ -70,8 +116,10 @@
 //
 // The end. The destructor is collective, as MPI_Finalize is: it stops taking
 // sends, completes the ones queued, then waits (still receiving, so no peer's
-// send hangs) until every rank's World ended (MPI_Ibarrier), then calls
-// MPI_Finalize. A World destroyed while an exception unwinds the stack
+// send hangs) until every rank's World ended (MPI_Ibarrier), lets the
+// receives of array bytes still posted finish (a message still waiting for
+// chunks no rank sent, after a forged header, is dropped with a warning),
+// then calls MPI_Finalize. A World destroyed while an exception unwinds the stack
 // (std::uncaught_exceptions) calls MPI_Abort instead: a rank that fails must
 // not strand the others in the barrier (Boost.MPI's rule); mpirun then ends
 // the whole job non-zero. An MPI call that fails on the MPI thread is logged
@@ -118,11 +166,25 @@ class MpiError : public Error {
   int code_;
 };
 
+// How large the forklift arrays a message carries may be (see "Arrays").
+// The sender throws LimitError past them; the receiver refuses a header past
+// its own before it allocates anything.
+struct ArrayLimits {
+  std::uint64_t maxBytes = std::uint64_t{4} << 30;             // one array
+  std::uint64_t maxBytesPerMessage = std::uint64_t{16} << 30;  // all arrays of one message
+  // Arrays cross in MPI messages of at most this many bytes (4 KiB to
+  // 64 MiB; Error otherwise): counts stay far below INT_MAX, and a refused
+  // array is drained through a buffer of this size.
+  std::size_t chunk = std::size_t{64} << 20;
+};
+
 struct WorldOptions {
   // Make (or share) this process's ForkServer before MPI_Init (see "Forks").
   bool forkServer = true;
   // Of every message sent and received (forklift/message.hpp).
   Limits limits;
+  // Of the forklift arrays in them (see "Arrays").
+  ArrayLimits arrays;
   // The MPI thread's back-off when a turn moved nothing: it spins this long,
   // then sleeps 10 us, 20 us, ... up to maxBackoff between turns; once
   // nothing moved for idleAfter, up to idleBackoff (see "The MPI thread").
@@ -136,8 +198,14 @@ class World;
 
 namespace detail {
 // For tests: queues `bytes` for rank `dest` as they are, on forklift's tag
-// (a rank sending garbage).
+// (a rank sending garbage, or a forged array header).
 void sendRaw(World& world, int dest, std::vector<char> bytes);
+// For tests: queues an array message made by hand: `header` numbered in
+// this World's sequence to `dest` (as a World numbers its own), then
+// `chunks` as they are on the arrays' tag (e.g. one of another size than
+// the header announced).
+void sendRawArrays(World& world, int dest, std::vector<char> header, std::vector<std::vector<char>> chunks);
+struct Outgoing;  // one queued send (world.cpp)
 }  // namespace detail
 
 class World {
@@ -188,7 +256,9 @@ class World {
   struct Stats {
     std::uint64_t sent = 0;      // messages whose send completed
     std::uint64_t received = 0;  // messages decoded and delivered
-    std::uint64_t refused = 0;   // received bytes that did not decode: dropped
+    std::uint64_t refused = 0;   // received messages refused (bad bytes, bad array headers): dropped
+    std::uint64_t arraysSent = 0;      // arrays whose bytes left with a message counted in `sent`
+    std::uint64_t arraysReceived = 0;  // arrays that came whole in a message counted in `received`
     std::uint64_t wakeups = 0;   // turns of the MPI thread after a sleep
   };
   Stats stats() const;
@@ -198,7 +268,8 @@ class World {
 
  private:
   friend void detail::sendRaw(World&, int, std::vector<char>);
-  void queue(int dest, std::vector<char> bytes, const std::string& command);
+  friend void detail::sendRawArrays(World&, int, std::vector<char>, std::vector<std::vector<char>>);
+  void queue(detail::Outgoing out, const std::string& command);
   struct Impl;
   std::unique_ptr<Impl> impl_;
   int rank_ = -1;
