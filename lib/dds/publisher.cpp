@@ -22,6 +22,10 @@ struct PublisherState {
   Entity participant;
   Entity topic;
   Entity writer;
+  // The writer's handle for other threads (stats, matching, acks): the pump
+  // may delete the writer meanwhile, and Cyclone answers a deleted handle
+  // with an error, never touches freed memory.
+  std::atomic<dds_entity_t> writerHandle{0};
 
   std::atomic<std::uint64_t> published{0};
   std::atomic<std::uint64_t> writeTimeouts{0};
@@ -105,6 +109,7 @@ struct PublisherState {
     }
     if (!why.empty()) {
       // The source is gone: so is this publisher, at once, for its subscribers.
+      writerHandle.store(0);
       writer.reset();
       const std::lock_guard lock(m);
       pumpError = why;
@@ -125,6 +130,7 @@ Publisher::Publisher(const std::string& topic, const RingFormat& format, StreamO
   s_->topic = detail::Entity(dds_create_topic(s_->participant.get(), &forklift_dds_Frame_desc, topic.c_str(), nullptr, nullptr),
                      "dds_create_topic");
   s_->writer = detail::Entity(dds_create_writer(s_->participant.get(), s_->topic.get(), qos.get(), nullptr), "dds_create_writer");
+  s_->writerHandle.store(s_->writer.get());
   s_->lastAssert = std::chrono::steady_clock::now();
 }
 
@@ -175,10 +181,17 @@ std::string Publisher::pumpError() const {
   return s_->pumpError;
 }
 
+namespace {
+bool deleted(dds_return_t rc) { return rc == DDS_RETCODE_BAD_PARAMETER || rc == DDS_RETCODE_ALREADY_DELETED; }
+}  // namespace
+
 std::size_t Publisher::subscribers() const {
-  if (!s_->writer) return 0;
+  const dds_entity_t w = s_->writerHandle.load();
+  if (w == 0) return 0;
   dds_publication_matched_status_t st{};
-  detail::check(dds_get_publication_matched_status(s_->writer.get(), &st), "dds_get_publication_matched_status");
+  const dds_return_t rc = dds_get_publication_matched_status(w, &st);
+  if (deleted(rc)) return 0;
+  detail::check(rc, "dds_get_publication_matched_status");
   return st.current_count;
 }
 
@@ -192,10 +205,12 @@ bool Publisher::waitForSubscribers(std::size_t n, Timeout timeout) const {
 }
 
 bool Publisher::waitForAcks(Timeout timeout) const {
-  if (!s_->writer) return true;
+  const dds_entity_t w = s_->writerHandle.load();
+  if (w == 0) return true;
   const dds_duration_t t = timeout == kForever ? DDS_INFINITY : DDS_MSECS(timeout.count());
-  const dds_return_t rc = dds_wait_for_acks(s_->writer.get(), t);
+  const dds_return_t rc = dds_wait_for_acks(w, t);
   if (rc == DDS_RETCODE_TIMEOUT) return false;
+  if (deleted(rc)) return true;
   detail::check(rc, "dds_wait_for_acks");
   return true;
 }

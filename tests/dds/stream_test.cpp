@@ -1,4 +1,391 @@
+// libforklift-dds: frames from a ring, through Cyclone DDS, into a ring.
+//
+// The two-process tests run the publisher as this same binary
+// ("stream_test publish ..."), forked and exec'd before this process makes
+// any DDS entity of its own in that test, so no Cyclone thread is forked.
+// Cyclone is confined to loopback, without multicast, with 127.0.0.1 as its
+// only peer (CYCLONEDDS_URI, set in main), and each run uses its own domain
+// id and topic names (pid and a counter), so parallel runs do not meet.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "forklift/dds/error.hpp"
 #include "forklift/dds/publisher.hpp"
 #include "forklift/dds/subscriber.hpp"
-int main(int argc, char** argv) { ::testing::InitGoogleTest(&argc, argv); return RUN_ALL_TESTS(); }
+#include "forklift/error.hpp"
+#include "forklift/ring_buffer.hpp"
+#include "frame.h"
+#include "frame_check.hpp"
+#include "entity.hpp"
+#include "qos.hpp"
+#include "../support.hpp"
+
+namespace fl = forklift;
+namespace fd = forklift::dds;
+using namespace std::chrono_literals;
+using fl::test::slow;
+
+namespace {
+
+std::string g_self;     // this binary, for the publisher processes
+std::uint32_t g_domain = 0;
+
+std::string uniqueTopic(const char* what) {
+  static int n = 0;
+  return std::string("fk_test_") + what + "_" + std::to_string(::getpid()) + "_" + std::to_string(++n);
+}
+
+fd::StreamOptions options() {
+  fd::StreamOptions o;
+  o.domain = g_domain;
+  return o;
+}
+
+// A frame's bytes, from its number: cheap to make and to check.
+void fillFrame(std::byte* p, std::size_t n, std::uint64_t frame) {
+  std::uint64_t x = frame * 0x9E3779B97F4A7C15ull + 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i % 8 == 0) x = x * 6364136223846793005ull + 1442695040888963407ull;
+    p[i] = static_cast<std::byte>(x >> ((i % 8) * 8));
+  }
+}
+std::int64_t checksum(const std::byte* p, std::size_t n) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ static_cast<std::uint8_t>(p[i])) * 1099511628211ull;
+  return static_cast<std::int64_t>(h >> 1);
+}
+
+fl::RingPolicy policyFrom(const std::string& s) {
+  if (s == "block") return fl::RingPolicy::Block;
+  if (s == "drop-oldest") return fl::RingPolicy::DropOldest;
+  return fl::RingPolicy::KeepLatest;
+}
+
+// The publisher process: a ring of 4 slots of uint8[side x side x 3] (or
+// raw 1 MiB slots for side 0) pumped by a Publisher; its main thread writes
+// `frames` checksummed frames (0: until killed) every `periodUs`, then
+// waits until they are out and writes "published=N" to `out`.
+int publisherMain(int argc, char** argv) {
+  if (argc != 9) return 2;
+  const std::string topic = argv[2];
+  g_domain = static_cast<std::uint32_t>(std::stoul(argv[3]));
+  const fl::RingPolicy policy = policyFrom(argv[4]);
+  const long frames = std::stol(argv[5]);
+  const long side = std::stol(argv[6]);
+  const long periodUs = std::stol(argv[7]);
+  const std::string out = argv[8];
+  auto ring = side > 0 ? fl::RingBuffer::createArray<std::uint8_t>("dds-pub", 4, {side, side, 3}, policy)
+                       : fl::RingBuffer::create("dds-pub", 4, 1 << 20, policy);
+  fd::Publisher pub(topic, ring.format(), options());
+  if (!pub.waitForSubscribers(1, 20s)) return 3;
+  // Matched here is not yet matched there: the test says "go" once its
+  // subscriber sees this publisher alive (else the first frames miss it).
+  for (int i = 0; i < 20000 && ::access((out + ".go").c_str(), F_OK) != 0; ++i) std::this_thread::sleep_for(1ms);
+  pub.start(ring.reader());
+  {
+    fl::RingWriter w = ring.writer();
+    for (long i = 1; frames == 0 || i <= frames; ++i) {
+      fl::WriteSlot s = w.reserve(20s);
+      fillFrame(s.data(), s.capacity(), static_cast<std::uint64_t>(i));
+      s.setUser(0, i);
+      s.setUser(1, checksum(s.data(), s.capacity()));
+      s.commit();
+      if (periodUs > 0) std::this_thread::sleep_for(std::chrono::microseconds(periodUs));
+    }
+    // Everything committed is published (or dropped by the ring) before the
+    // writer detaches, which would end the pump.
+    const auto until = std::chrono::steady_clock::now() + 20s;
+    while (std::chrono::steady_clock::now() < until) {
+      const auto st = ring.stats();
+      if (st.consumed + st.drops >= st.committed) break;
+      std::this_thread::sleep_for(1ms);
+    }
+    if (!pub.waitForAcks(20s)) return 4;
+    std::ofstream(out) << "published=" << pub.stats().published << "\n";
+  }  // the ring's writer detaches: the pump ends and deletes the DDS writer
+  pub.stop();
+  return pub.pumpError().empty() ? 5 : 0;
+}
+
+// Forks and execs a publisher process.
+pid_t spawnPublisher(const std::string& topic, fl::RingPolicy policy, long frames, long side, long periodUs,
+                     const std::string& out) {
+  const std::string dom = std::to_string(g_domain), pol = fl::ringPolicyName(policy), fr = std::to_string(frames),
+                    sd = std::to_string(side), per = std::to_string(periodUs);
+  return fl::test::forkChild([&] {
+    ::execl(g_self.c_str(), g_self.c_str(), "publish", topic.c_str(), dom.c_str(), pol.c_str(), fr.c_str(), sd.c_str(),
+            per.c_str(), out.c_str(), static_cast<char*>(nullptr));
+    return 127;
+  });
+}
+
+std::uint64_t publishedBy(const std::string& out) {
+  std::ifstream in(out);
+  std::string line;
+  std::getline(in, line);
+  if (line.rfind("published=", 0) != 0) return 0;
+  return std::stoull(line.substr(10));
+}
+
+// Reads a ring until its writer is gone, checking every frame.
+struct Consumer {
+  std::uint64_t frames = 0, bad = 0, disorder = 0;
+  std::int64_t last = 0;
+  std::string end;
+  void run(fl::RingReader& r, std::chrono::microseconds pause, std::chrono::milliseconds bound) {
+    const auto until = std::chrono::steady_clock::now() + bound;
+    try {
+      while (std::chrono::steady_clock::now() < until) {
+        auto s = r.next(100ms);
+        if (!s) continue;
+        if (checksum(s->data(), s->bytes()) != s->user(1) || !s->intact()) ++bad;
+        if (s->user(0) <= last) ++disorder;
+        last = s->user(0);
+        ++frames;
+        s->release();
+        if (pause.count() > 0) std::this_thread::sleep_for(pause);
+      }
+      end = "timeout";
+    } catch (const fl::PeerClosed& e) {
+      end = e.what();
+    }
+  }
+};
+
+fl::RingBuffer smallRing(fl::RingPolicy p, std::size_t slots = 4) {
+  return fl::RingBuffer::createArray<std::uint8_t>("dds-sub", slots, {32, 32, 3}, p);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------ white box
+
+TEST(DdsQos, EachPolicyMapsToItsQosAndBack) {
+  for (const auto p : {fl::RingPolicy::Block, fl::RingPolicy::DropOldest, fl::RingPolicy::KeepLatest}) {
+    const auto q = fd::detail::qosFor(p, 4, options());
+    EXPECT_EQ(fd::detail::policyOf(q.get()), p) << fl::ringPolicyName(p);
+    dds_history_kind_t h{};
+    std::int32_t depth = 0;
+    ASSERT_TRUE(dds_qget_history(q.get(), &h, &depth));
+    dds_liveliness_kind_t lk{};
+    dds_duration_t lease = 0;
+    ASSERT_TRUE(dds_qget_liveliness(q.get(), &lk, &lease));
+    EXPECT_EQ(lk, DDS_LIVELINESS_MANUAL_BY_TOPIC);
+    EXPECT_EQ(lease, DDS_SECS(1));
+    std::int32_t maxSamples = 0, a = 0, b = 0;
+    if (p == fl::RingPolicy::Block) {
+      ASSERT_TRUE(dds_qget_resource_limits(q.get(), &maxSamples, &a, &b));
+      EXPECT_EQ(h, DDS_HISTORY_KEEP_ALL);
+      EXPECT_EQ(maxSamples, 4);
+    } else {
+      EXPECT_EQ(h, DDS_HISTORY_KEEP_LAST);
+      EXPECT_EQ(depth, p == fl::RingPolicy::KeepLatest ? 1 : 4);
+    }
+  }
+  auto o = options();
+  o.lease = 5ms;
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fl::LimitError>([&] { fd::detail::qosFor(fl::RingPolicy::Block, 4, o); }),
+                                 "lease must be 10 ms or more"));
+}
+
+TEST(DdsFrameCheck, RefusesEveryLie) {
+  auto ring = smallRing(fl::RingPolicy::Block);
+  const fl::RingFormat& f = ring.format();
+  std::vector<std::uint8_t> bytes(32 * 32 * 3 + 1);
+  std::vector<std::int64_t> shape{32, 32, 3};
+  forklift_dds_Frame fr{};
+  fr.seq = 7;
+  fr.dtype = static_cast<std::uint8_t>(fl::DType::U8);
+  auto set = [&](std::size_t n) {
+    fr.shape._buffer = shape.data();
+    fr.shape._length = static_cast<std::uint32_t>(shape.size());
+    fr.payload._buffer = bytes.data();
+    fr.payload._length = static_cast<std::uint32_t>(n);
+  };
+  set(32 * 32 * 3);
+  EXPECT_EQ(fd::detail::checkFrame(fr, f), "");
+  set(32 * 32 * 3 - 1);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "3071 payload bytes, but uint8 of its shape needs 3072"));
+  set(32 * 32 * 3 + 1);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "frame 7: 3073 payload bytes"));
+  shape = {32, 96, 1};  // the right size, the wrong shape
+  set(32 * 32 * 3);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "its shape is not the ring's"));
+  shape = {-32, -96};
+  set(32 * 32 * 3);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "axis 0 is negative"));
+  shape = {1ll << 40, 1ll << 40};
+  set(0);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "shape overflows"));
+  shape = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+  set(1);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "rank 9 is not 1 to 8"));
+  shape = {32 * 32 * 3 / 2};
+  fr.dtype = static_cast<std::uint8_t>(fl::DType::U16);  // the right size, the wrong dtype
+  set(32 * 32 * 3);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "uint16 arrays, but the ring holds uint8 arrays"));
+  fr.dtype = 200;
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "dtype 200 is not a forklift dtype"));
+  fr.dtype = 0;
+  shape.clear();
+  set(10);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "raw bytes, but the ring holds uint8 arrays"));
+  auto raw = fl::RingBuffer::create("dds-raw", 2, 100);
+  set(100);
+  EXPECT_EQ(fd::detail::checkFrame(fr, raw.format()), "");
+  bytes.resize(101);
+  set(101);
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, raw.format()), "101 bytes do not fit a slot of 100"));
+}
+
+// ------------------------------------------------------------ one process
+
+TEST(DdsStream, InProcessFramesArriveIntactAndCountersAddUp) {
+  const std::string topic = uniqueTopic("inproc");
+  auto subRing = smallRing(fl::RingPolicy::Block);
+  fl::RingReader reader = subRing.reader();
+  fd::Subscriber sub(topic, subRing, options());
+  auto pubRing = smallRing(fl::RingPolicy::Block);
+  std::optional<fd::Publisher> pubHolder;
+  fd::Publisher& pub = pubHolder.emplace(topic, pubRing.format(), options());
+  ASSERT_TRUE(pub.waitForSubscribers(1, slow(10s)));
+  Consumer c;
+  std::thread t([&] { c.run(reader, 0us, slow(60s)); });
+  std::vector<std::byte> frame(32 * 32 * 3);
+  constexpr int kFrames = 1000;
+  for (int i = 1; i <= kFrames; ++i) {
+    fillFrame(frame.data(), frame.size(), static_cast<std::uint64_t>(i));
+    fd::FrameMeta m;
+    m.user[0] = i;
+    m.user[1] = checksum(frame.data(), frame.size());
+    pub.publish(frame, m);
+  }
+  EXPECT_TRUE(pub.waitForAcks(slow(10s)));
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fl::LimitError>([&] { pub.publish(std::span(frame).first(10)); }),
+                                 "10 bytes, but a frame of"));
+  EXPECT_EQ(pub.stats().published, static_cast<std::uint64_t>(kFrames));  // the refused one is not counted
+  ASSERT_TRUE(sub.waitForPublishers(1, slow(5s)));
+  pubHolder.reset();  // deleted: the subscriber detaches, the reader sees PeerClosed
+  t.join();
+  EXPECT_TRUE(fl::test::contains(c.end, "the writer detached")) << c.end;
+  EXPECT_EQ(c.frames, static_cast<std::uint64_t>(kFrames));
+  EXPECT_EQ(c.bad, 0u);
+  EXPECT_EQ(c.disorder, 0u);
+  const auto s = sub.stats();
+  EXPECT_EQ(s.received, static_cast<std::uint64_t>(kFrames));
+  EXPECT_EQ(s.delivered, static_cast<std::uint64_t>(kFrames));
+  EXPECT_EQ(s.lost + s.missedAtJoin + s.rejectedFormat + s.rejectedSequence + s.undelivered, 0u);
+  EXPECT_EQ(s.publishersLost, 1u);
+  EXPECT_EQ(sub.publishersAlive(), 0u);
+  EXPECT_EQ(subRing.stats().committed, static_cast<std::uint64_t>(kFrames));
+}
+
+// ------------------------------------------------------------ two processes
+
+struct PolicyCase {
+  fl::RingPolicy policy;
+  bool slowReader;
+};
+
+class DdsTwoProcess : public ::testing::TestWithParam<PolicyCase> {};
+
+TEST_P(DdsTwoProcess, ThousandChecksummedFramesAndCountersAddUp) {
+  const PolicyCase pc = GetParam();
+  fl::test::TempDir dir;
+  const std::string out = (dir.path() / "published").string();
+  const std::string topic = uniqueTopic("two");
+  constexpr long kFrames = 1000;
+  const pid_t child = spawnPublisher(topic, pc.policy, kFrames, 32, 0, out);
+  auto ring = smallRing(pc.policy);
+  fl::RingReader reader = ring.reader();
+  Consumer c;
+  std::optional<int> status;
+  {
+    fd::Subscriber sub(topic, ring, options());
+    EXPECT_TRUE(sub.waitForPublishers(1, slow(20s)));
+    std::ofstream(out + ".go") << "go\n";
+    c.run(reader, pc.slowReader ? 1000us : 0us, slow(120s));
+    status = fl::test::waitChild(child, 20s);
+    const auto s = sub.stats();
+    const std::uint64_t published = publishedBy(out);
+    std::printf("[ dds ] %s %s reader: published %llu, received %llu, delivered %llu, lost %llu, missed at join %llu, ring drops %llu, read %llu\n",
+                fl::ringPolicyName(pc.policy), pc.slowReader ? "slow" : "fast", static_cast<unsigned long long>(published),
+                static_cast<unsigned long long>(s.received), static_cast<unsigned long long>(s.delivered),
+                static_cast<unsigned long long>(s.lost), static_cast<unsigned long long>(s.missedAtJoin),
+                static_cast<unsigned long long>(ring.stats().drops),
+                static_cast<unsigned long long>(c.frames));
+    EXPECT_TRUE(fl::test::contains(c.end, "the writer detached")) << c.end;
+    EXPECT_EQ(c.bad, 0u);
+    EXPECT_EQ(c.disorder, 0u);
+    EXPECT_EQ(s.rejectedFormat + s.rejectedSequence + s.undelivered, 0u);
+    EXPECT_EQ(s.received, s.delivered);
+    EXPECT_EQ(published, s.delivered + s.lost + s.missedAtJoin);
+    EXPECT_EQ(ring.stats().committed, s.delivered);
+    EXPECT_EQ(c.frames, s.delivered - ring.stats().drops);
+    if (pc.policy == fl::RingPolicy::Block) {
+      EXPECT_EQ(published, static_cast<std::uint64_t>(kFrames));
+      EXPECT_EQ(c.frames, static_cast<std::uint64_t>(kFrames));
+      EXPECT_EQ(s.lost + s.missedAtJoin, 0u);  // with the drop policies, the DDS history overwrites the first ones too
+      EXPECT_EQ(ring.stats().drops, 0u);
+    }
+    if (pc.slowReader && pc.policy != fl::RingPolicy::Block) {
+      EXPECT_LT(c.frames, static_cast<std::uint64_t>(kFrames));
+    }
+  }
+  EXPECT_EQ(fl::test::exitCodeOf(status), 0);
+  EXPECT_FALSE(fl::test::hasChildren());
+  EXPECT_TRUE(fl::test::forkliftSegments().empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, DdsTwoProcess,
+                         ::testing::Values(PolicyCase{fl::RingPolicy::Block, false}, PolicyCase{fl::RingPolicy::Block, true},
+                                           PolicyCase{fl::RingPolicy::DropOldest, false},
+                                           PolicyCase{fl::RingPolicy::DropOldest, true},
+                                           PolicyCase{fl::RingPolicy::KeepLatest, false},
+                                           PolicyCase{fl::RingPolicy::KeepLatest, true}),
+                         [](const auto& info) {
+                           std::string n = fl::ringPolicyName(info.param.policy);
+                           n.erase(std::remove(n.begin(), n.end(), '-'), n.end());
+                           return n + (info.param.slowReader ? "_slow" : "_fast");
+                         });
+
+int main(int argc, char** argv) {
+  g_self = "/proc/self/exe";
+  {
+    char buf[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+    if (n > 0) g_self.assign(buf, static_cast<std::size_t>(n));
+  }
+  // Loopback only, no multicast, the peers listed: Cyclone 0.10's words.
+  ::setenv("CYCLONEDDS_URI",
+           "<CycloneDDS><Domain Id=\"any\"><General><Interfaces><NetworkInterface name=\"lo\"/></Interfaces>"
+           "<AllowMulticast>false</AllowMulticast></General>"
+           "<Discovery><ParticipantIndex>auto</ParticipantIndex><MaxAutoParticipantIndex>40</MaxAutoParticipantIndex>"
+           "<Peers><Peer Address=\"127.0.0.1\"/></Peers></Discovery></Domain></CycloneDDS>",
+           0);
+  if (argc > 1 && std::strcmp(argv[1], "publish") == 0) {
+    try {
+      return publisherMain(argc, argv);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "publisher %d: %s\n", ::getpid(), e.what());
+      return 99;
+    }
+  }
+  g_domain = 1 + static_cast<std::uint32_t>(::getpid()) % 200;
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
