@@ -100,9 +100,11 @@ int publisherMain(int argc, char** argv) {
     fl::RingWriter w = ring.writer();
     for (long i = 1; frames == 0 || i <= frames; ++i) {
       fl::WriteSlot s = w.reserve(20s);
-      fillFrame(s.data(), s.capacity(), static_cast<std::uint64_t>(i));
       s.setUser(0, i);
-      s.setUser(1, checksum(s.data(), s.capacity()));
+      if (periodUs >= 0) {  // negative: a throughput run, bytes unchecked
+        fillFrame(s.data(), s.capacity(), static_cast<std::uint64_t>(i));
+        s.setUser(1, checksum(s.data(), s.capacity()));
+      }
       s.commit();
       if (periodUs > 0) std::this_thread::sleep_for(std::chrono::microseconds(periodUs));
     }
@@ -146,13 +148,18 @@ struct Consumer {
   std::uint64_t frames = 0, bad = 0, disorder = 0;
   std::int64_t last = 0;
   std::string end;
+  bool verify = true;
+  std::chrono::steady_clock::time_point first{}, lastAt{};
   void run(fl::RingReader& r, std::chrono::microseconds pause, std::chrono::milliseconds bound) {
     const auto until = std::chrono::steady_clock::now() + bound;
     try {
       while (std::chrono::steady_clock::now() < until) {
         auto s = r.next(100ms);
         if (!s) continue;
-        if (checksum(s->data(), s->bytes()) != s->user(1) || !s->intact()) ++bad;
+        lastAt = std::chrono::steady_clock::now();
+        if (frames == 0) first = lastAt;
+        if (verify && checksum(s->data(), s->bytes()) != s->user(1)) ++bad;
+        if (!s->intact()) ++bad;
         if (s->user(0) <= last) ++disorder;
         last = s->user(0);
         ++frames;
@@ -362,6 +369,198 @@ INSTANTIATE_TEST_SUITE_P(Policies, DdsTwoProcess,
                            n.erase(std::remove(n.begin(), n.end(), '-'), n.end());
                            return n + (info.param.slowReader ? "_slow" : "_fast");
                          });
+
+// ------------------------------------------------------------ death, joining, bad input
+
+TEST(DdsStream, KilledPublisherIsSeenWithinTheLeaseAndARestartedOneIsPickedUp) {
+  fl::test::TempDir dir;
+  const std::string out1 = (dir.path() / "p1").string(), out2 = (dir.path() / "p2").string();
+  const std::string topic = uniqueTopic("kill");
+  const pid_t first = spawnPublisher(topic, fl::RingPolicy::DropOldest, 0, 32, 2000, out1);
+  auto ring = smallRing(fl::RingPolicy::DropOldest);
+  fl::RingReader reader = ring.reader();
+  std::optional<int> st1, st2;
+  {
+    fd::Subscriber sub(topic, ring, options());
+    ASSERT_TRUE(sub.waitForPublishers(1, slow(20s)));
+    std::ofstream(out1 + ".go") << "go\n";
+    Consumer c1;
+    std::thread t1([&] { c1.run(reader, 0us, slow(30s)); });
+    EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().delivered >= 20; }, 10s));
+    ASSERT_EQ(::kill(first, SIGKILL), 0);
+    const auto killedAt = std::chrono::steady_clock::now();
+    EXPECT_TRUE(sub.waitForPublishers(0, slow(10s)));
+    const auto seen = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - killedAt);
+    std::printf("[ dds ] kill -9 of the publisher seen after %lld ms (lease %lld ms)\n", static_cast<long long>(seen.count()),
+                static_cast<long long>(options().lease.count()));
+    EXPECT_LE(seen, options().lease + slow(1s));
+    st1 = fl::test::waitChild(first, 10s);
+    t1.join();
+    // The local reader saw the remote writer's death as a local writer's.
+    EXPECT_TRUE(fl::test::contains(c1.end, "the writer detached")) << c1.end;
+    EXPECT_GE(c1.frames, 20u);
+    EXPECT_EQ(c1.bad + c1.disorder, 0u);
+    EXPECT_EQ(sub.stats().publishersLost, 1u);
+
+    // A new publisher process: its frames flow into the same ring, to the same reader.
+    const pid_t second = spawnPublisher(topic, fl::RingPolicy::DropOldest, 50, 32, 1000, out2);
+    EXPECT_TRUE(sub.waitForPublishers(1, slow(20s)));
+    std::ofstream(out2 + ".go") << "go\n";
+    Consumer c2;
+    c2.run(reader, 0us, slow(30s));
+    st2 = fl::test::waitChild(second, 20s);
+    EXPECT_TRUE(fl::test::contains(c2.end, "the writer detached")) << c2.end;
+    EXPECT_GT(c2.frames, 0u);
+    EXPECT_EQ(c2.bad + c2.disorder, 0u);
+    EXPECT_EQ(c2.last, 50);  // reliable: the last frame always arrives
+    const auto s = sub.stats();
+    EXPECT_EQ(s.publishersLost, 2u);
+    EXPECT_EQ(s.rejectedFormat + s.rejectedSequence + s.undelivered, 0u);
+    EXPECT_EQ(s.received, s.delivered);
+  }
+  EXPECT_TRUE(WIFSIGNALED(st1.value_or(0)) && WTERMSIG(st1.value_or(0)) == SIGKILL);
+  EXPECT_EQ(fl::test::exitCodeOf(st2), 0);
+  EXPECT_FALSE(fl::test::hasChildren());
+  EXPECT_TRUE(fl::test::forkliftSegments().empty());
+}
+
+TEST(DdsStream, ALateSubscriberCountsWhatItMissed) {
+  fl::test::TempDir dir;
+  const std::string out = (dir.path() / "p").string();
+  const std::string topic = uniqueTopic("late");
+  constexpr long kFrames = 600;
+  const pid_t child = spawnPublisher(topic, fl::RingPolicy::Block, kFrames, 32, 2000, out);
+  auto ring1 = smallRing(fl::RingPolicy::Block);
+  auto ring2 = smallRing(fl::RingPolicy::Block);
+  fl::RingReader r1 = ring1.reader(), r2 = ring2.reader();
+  std::optional<int> status;
+  {
+    fd::Subscriber early(topic, ring1, options());
+    ASSERT_TRUE(early.waitForPublishers(1, slow(20s)));
+    std::ofstream(out + ".go") << "go\n";
+    Consumer c1, c2;
+    std::thread t1([&] { c1.run(r1, 0us, slow(60s)); });
+    EXPECT_TRUE(fl::test::eventually([&] { return early.stats().delivered >= 100; }, 20s));
+    std::optional<fd::Subscriber> late;
+    late.emplace(topic, ring2, options());
+    std::thread t2([&] { c2.run(r2, 0us, slow(60s)); });
+    status = fl::test::waitChild(child, 30s);
+    t1.join();
+    t2.join();
+    const std::uint64_t published = publishedBy(out);
+    EXPECT_EQ(published, static_cast<std::uint64_t>(kFrames));
+    const auto e = early.stats(), l = late->stats();
+    EXPECT_EQ(e.delivered, published);
+    EXPECT_EQ(c1.frames, published);
+    EXPECT_GE(l.missedAtJoin, 100u);
+    EXPECT_EQ(l.delivered + l.missedAtJoin, published);  // Block: nothing lost after the join
+    EXPECT_EQ(c2.frames, l.delivered);
+    EXPECT_EQ(c1.bad + c1.disorder + c2.bad + c2.disorder, 0u);
+    std::printf("[ dds ] late subscriber: missed %llu at join, then got %llu\n",
+                static_cast<unsigned long long>(l.missedAtJoin), static_cast<unsigned long long>(l.delivered));
+  }
+  EXPECT_EQ(fl::test::exitCodeOf(status), 0);
+  EXPECT_FALSE(fl::test::hasChildren());
+}
+
+TEST(DdsStream, MalformedSamplesFromARawWriterAreRejectedAndCounted) {
+  const std::string topic = uniqueTopic("bad");
+  auto ring = smallRing(fl::RingPolicy::Block);
+  fl::RingReader reader = ring.reader();
+  fd::Subscriber sub(topic, ring, options());
+  // A foreign writer of the same type and QoS, writing what it likes.
+  namespace dd = fd::detail;
+  const auto qos = dd::qosFor(fl::RingPolicy::Block, 4, options());
+  dd::Entity participant(dds_create_participant(g_domain, nullptr, nullptr), "dds_create_participant");
+  dd::Entity tp(dds_create_topic(participant.get(), &forklift_dds_Frame_desc, topic.c_str(), nullptr, nullptr),
+                "dds_create_topic");
+  dd::Entity writer(dds_create_writer(participant.get(), tp.get(), qos.get(), nullptr), "dds_create_writer");
+  ASSERT_TRUE(sub.waitForPublishers(1, slow(10s)));
+  std::vector<std::uint8_t> bytes(32 * 32 * 3);
+  std::vector<std::int64_t> shape{32, 32, 3};
+  std::uint64_t frameNo = 0;
+  auto send = [&](std::uint64_t seq, std::uint8_t dtype, std::size_t n) {
+    forklift_dds_Frame f{};
+    f.seq = seq;
+    f.dtype = dtype;
+    ++frameNo;
+    bytes.resize(std::max<std::size_t>(bytes.size(), n));
+    fillFrame(reinterpret_cast<std::byte*>(bytes.data()), n, frameNo);
+    f.user[0] = static_cast<std::int64_t>(seq);
+    f.user[1] = checksum(reinterpret_cast<const std::byte*>(bytes.data()), n);
+    f.shape._buffer = shape.data();
+    f.shape._length = f.shape._maximum = static_cast<std::uint32_t>(shape.size());
+    f.payload._buffer = bytes.data();
+    f.payload._length = f.payload._maximum = static_cast<std::uint32_t>(n);
+    dd::check(dds_write(writer.get(), &f), "dds_write");
+  };
+  const auto u8 = static_cast<std::uint8_t>(fl::DType::U8);
+  send(1, u8, 32 * 32 * 3);      // good
+  send(2, u8, 32 * 32 * 3 - 5);  // short payload
+  send(3, u8, 32 * 32 * 3 + 5);  // long payload
+  shape = {64, 16, 3};
+  send(4, u8, 32 * 32 * 3);  // a lying shape of the right size
+  shape = {32, 32, 3};
+  send(5, 77, 32 * 32 * 3);      // no such dtype
+  send(3, u8, 32 * 32 * 3);      // backwards
+  send(5, u8, 32 * 32 * 3);      // repeated
+  send(9, u8, 32 * 32 * 3);      // good, after a gap of 3
+  ASSERT_EQ(dds_wait_for_acks(writer.get(), DDS_SECS(10)), DDS_RETCODE_OK);
+  EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().received == 8; }, 10s));
+  const auto s = sub.stats();
+  EXPECT_EQ(s.delivered, 2u);
+  EXPECT_EQ(s.rejectedFormat, 4u);
+  EXPECT_EQ(s.rejectedSequence, 2u);
+  EXPECT_EQ(s.lost, 3u);
+  // The identity of subscriber.hpp: last sequence 9 = delivered + format + lost + missed.
+  EXPECT_EQ(9u, s.delivered + s.undelivered + s.rejectedFormat + s.lost + s.missedAtJoin);
+  EXPECT_TRUE(fl::test::contains(sub.lastRejection(), "frame 5: not above the writer's last, 5"));
+  // Only the two good frames reached the ring, whole.
+  for (const std::int64_t want : {1, 9}) {
+    auto slot = reader.next(slow(5s));
+    ASSERT_TRUE(slot);
+    EXPECT_EQ(slot->user(0), want);
+    EXPECT_EQ(checksum(slot->data(), slot->bytes()), slot->user(1));
+  }
+  EXPECT_FALSE(reader.tryNext());
+  // The raw writer leaves: the subscriber reports it as the ring's writer gone.
+  writer.reset();
+  EXPECT_TRUE(sub.waitForPublishers(0, slow(5s)));
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fl::PeerClosed>([&] { reader.next(slow(5s)); }), "the writer detached"));
+}
+
+// 1 MiB frames between two processes over loopback, Block: printed, not
+// asserted (a figure of this machine, for the issue).
+TEST(DdsStream, OneMebibyteFramesPerSecond) {
+  fl::test::TempDir dir;
+  const std::string out = (dir.path() / "p").string();
+  const std::string topic = uniqueTopic("mib");
+  constexpr long kFrames = 300;
+  const pid_t child = spawnPublisher(topic, fl::RingPolicy::Block, kFrames, 0, -1, out);
+  auto ring = fl::RingBuffer::create("dds-mib", 4, 1 << 20, fl::RingPolicy::Block);
+  fl::RingReader reader = ring.reader();
+  std::optional<int> status;
+  Consumer c;
+  c.verify = false;
+  {
+    fd::Subscriber sub(topic, ring, options());
+    ASSERT_TRUE(sub.waitForPublishers(1, slow(20s)));
+    std::ofstream(out + ".go") << "go\n";
+    c.run(reader, 0us, slow(120s));
+    status = fl::test::waitChild(child, 30s);
+    EXPECT_EQ(sub.stats().delivered, static_cast<std::uint64_t>(kFrames));
+  }
+  EXPECT_EQ(c.frames, static_cast<std::uint64_t>(kFrames));
+  EXPECT_EQ(c.disorder + c.bad, 0u);
+  const double secs = std::chrono::duration<double>(c.lastAt - c.first).count();
+  if (c.frames > 1 && secs > 0) {
+    const double fps = static_cast<double>(c.frames - 1) / secs;
+    std::printf("[ dds ] 1 MiB frames, two processes over loopback (Block): %.0f frames/s, %.2f GB/s\n", fps,
+                fps * (1 << 20) / 1e9);
+  }
+  EXPECT_EQ(fl::test::exitCodeOf(status), 0);
+  EXPECT_FALSE(fl::test::hasChildren());
+}
 
 int main(int argc, char** argv) {
   g_self = "/proc/self/exe";
