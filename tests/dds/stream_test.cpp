@@ -301,6 +301,97 @@ TEST(DdsStream, InProcessFramesArriveIntactAndCountersAddUp) {
   EXPECT_EQ(subRing.stats().committed, static_cast<std::uint64_t>(kFrames));
 }
 
+TEST(DdsStream, BlockPushesBackOnADirectPublisherAndLosesNothing) {
+  const std::string topic = uniqueTopic("block");
+  auto o = options();
+  o.blockTimeout = 200ms;
+  auto subRing = smallRing(fl::RingPolicy::Block, 2);
+  fl::RingReader reader = subRing.reader();
+  fd::Subscriber sub(topic, subRing, o);
+  auto fmtRing = smallRing(fl::RingPolicy::Block, 2);
+  std::optional<fd::Publisher> holder;
+  fd::Publisher& pub = holder.emplace(topic, fmtRing.format(), o);
+  ASSERT_TRUE(pub.waitForSubscribers(1, slow(10s)));
+  ASSERT_TRUE(sub.waitForPublishers(1, slow(10s)));
+  std::vector<std::byte> frame(32 * 32 * 3);
+  // Nobody reads the local ring: its 2 slots, the reader's history (2) and
+  // the writer's (2) fill, then a write waits blockTimeout and throws.
+  int sent = 0;
+  std::string why;
+  for (int i = 1; i <= 50 && why.empty(); ++i) {
+    fillFrame(frame.data(), frame.size(), static_cast<std::uint64_t>(i));
+    fd::FrameMeta m;
+    m.user[0] = i;
+    m.user[1] = checksum(frame.data(), frame.size());
+    why = fl::test::thrown<fl::TimeoutError>([&] {
+      pub.publish(frame, m);
+      ++sent;
+      throw fl::TimeoutError("");
+    });
+  }
+  EXPECT_TRUE(fl::test::contains(why, "the subscribers made no room within 200 ms (Block)")) << why;
+  EXPECT_LT(sent, 50);
+  EXPECT_GE(sent, 4);
+  EXPECT_EQ(pub.stats().published, static_cast<std::uint64_t>(sent));
+  EXPECT_GE(pub.stats().writeTimeouts, 1u);
+  // Once the ring is read, every frame that was published arrives.
+  Consumer c;
+  std::thread t([&] { c.run(reader, 0us, slow(30s)); });
+  EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().delivered == static_cast<std::uint64_t>(sent); }, 10s));
+  EXPECT_TRUE(pub.waitForAcks(slow(10s)));
+  const auto s = sub.stats();
+  EXPECT_EQ(s.lost + s.missedAtJoin + s.undelivered, 0u);
+  holder.reset();  // the subscriber detaches: the consumer sees PeerClosed
+  t.join();
+  EXPECT_EQ(c.frames, static_cast<std::uint64_t>(sent));
+  EXPECT_EQ(c.bad + c.disorder, 0u);
+}
+
+TEST(DdsStream, AnIdlePublisherMustAssertItsLivelinessWithinTheLease) {
+  const std::string topic = uniqueTopic("lease");
+  auto o = options();
+  o.lease = 300ms;
+  auto ring = smallRing(fl::RingPolicy::DropOldest);
+  fd::Subscriber sub(topic, ring, o);
+  fd::Publisher pub(topic, ring.format(), o);
+  std::vector<std::byte> frame(32 * 32 * 3);
+  pub.publish(frame);
+  ASSERT_TRUE(sub.waitForPublishers(1, slow(10s)));
+  // Asserted every 50 ms for 3 leases: alive throughout.
+  for (int i = 0; i < 18; ++i) {
+    pub.assertAlive();
+    std::this_thread::sleep_for(50ms);
+    EXPECT_EQ(sub.publishersAlive(), 1u) << i;
+  }
+  // Silent: reported gone after the lease; a frame brings it back.
+  const auto silentAt = std::chrono::steady_clock::now();
+  EXPECT_TRUE(sub.waitForPublishers(0, slow(5s)));
+  EXPECT_GE(std::chrono::steady_clock::now() - silentAt, 250ms);
+  EXPECT_EQ(sub.stats().publishersLost, 1u);
+  pub.publish(frame);
+  EXPECT_TRUE(sub.waitForPublishers(1, slow(5s)));
+  EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().delivered == 2; }, 5s));
+}
+
+TEST(DdsStream, MisuseIsRefusedWithAClearError) {
+  const std::string topic = uniqueTopic("misuse");
+  auto ring = smallRing(fl::RingPolicy::Block);
+  fl::RingWriter other = ring.writer();
+  EXPECT_FALSE(fl::test::thrown<fl::Error>([&] { fd::Subscriber sub(topic, ring, options()); }).empty());
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fl::Error>([&] { fd::Subscriber sub(topic, ring, options()); }),
+                                 "writer"));
+  auto raw = fl::RingBuffer::create("dds-raw", 2, 100);
+  fd::Publisher pub(topic, ring.format(), options());
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fl::Error>([&] { pub.start(raw.reader()); }),
+                                 "start(): the ring holds 2 slots"));
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fd::DdsError>([&] { fd::Publisher bad("", ring.format(), options()); }),
+                                 "dds_create_topic: "));
+  auto o = options();
+  o.domain = 100000;
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fd::DdsError>([&] { fd::Publisher bad(topic, ring.format(), o); }),
+                                 "dds_create_participant: "));
+}
+
 // ------------------------------------------------------------ two processes
 
 struct PolicyCase {
