@@ -373,6 +373,57 @@ TEST(DdsStream, AnIdlePublisherMustAssertItsLivelinessWithinTheLease) {
   EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().delivered == 2; }, 5s));
 }
 
+TEST(DdsStream, APumpKeepsAnIdlePublisherAliveAndLeavesWithItsSource) {
+  const std::string topic = uniqueTopic("pump");
+  auto o = options();
+  o.lease = 300ms;
+  auto subRing = smallRing(fl::RingPolicy::DropOldest);
+  fd::Subscriber sub(topic, subRing, o);
+  auto src = smallRing(fl::RingPolicy::DropOldest);
+  fd::Publisher pub(topic, src.format(), o);
+  std::optional<fl::RingWriter> w(src.writer());
+  pub.start(src.reader());
+  w->push(std::vector<std::byte>(32 * 32 * 3), slow(1s));
+  ASSERT_TRUE(sub.waitForPublishers(1, slow(10s)));
+  for (int i = 0; i < 18; ++i) {  // 3 leases without a frame
+    std::this_thread::sleep_for(50ms);
+    EXPECT_EQ(sub.publishersAlive(), 1u) << i;
+  }
+  EXPECT_TRUE(pub.pumping());
+  EXPECT_EQ(pub.pumpError(), "");
+  // The source's writer detaches: the pump ends and the subscribers see the
+  // publisher leave before its lease could have run out.
+  const auto goneAt = std::chrono::steady_clock::now();
+  w.reset();
+  EXPECT_TRUE(sub.waitForPublishers(0, slow(5s)));
+  const auto seen = std::chrono::steady_clock::now() - goneAt;
+  EXPECT_LT(seen, o.lease) << std::chrono::duration_cast<std::chrono::milliseconds>(seen).count() << " ms";
+  EXPECT_TRUE(fl::test::eventually([&] { return !pub.pumping(); }, 5s));
+  EXPECT_TRUE(fl::test::contains(pub.pumpError(), "the writer detached"));
+  EXPECT_EQ(sub.stats().delivered, 1u);
+  EXPECT_TRUE(fl::test::contains(fl::test::thrown<fl::Error>([&] { pub.publish(std::vector<std::byte>(32 * 32 * 3)); }),
+                                 "the publisher's DDS writer is gone"));
+}
+
+TEST(DdsStream, FramesWithoutALocalReaderAreCountedUndelivered) {
+  const std::string topic = uniqueTopic("noreader");
+  auto ring = smallRing(fl::RingPolicy::Block, 2);
+  {
+    fl::RingReader r = ring.reader();  // attached, then gone
+  }
+  fd::Subscriber sub(topic, ring, options());
+  fd::Publisher pub(topic, ring.format(), options());
+  ASSERT_TRUE(pub.waitForSubscribers(1, slow(10s)));
+  std::vector<std::byte> frame(32 * 32 * 3);
+  for (int i = 0; i < 5; ++i) pub.publish(frame);
+  EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().received == 5; }, 10s));
+  const auto s = sub.stats();
+  EXPECT_EQ(s.delivered, 2u);  // the two free slots
+  EXPECT_EQ(s.undelivered, 3u);
+  EXPECT_EQ(s.received, s.delivered + s.undelivered);
+  EXPECT_TRUE(fl::test::contains(sub.lastRejection(), "no slot: "));
+}
+
 TEST(DdsStream, MisuseIsRefusedWithAClearError) {
   const std::string topic = uniqueTopic("misuse");
   auto ring = smallRing(fl::RingPolicy::Block);

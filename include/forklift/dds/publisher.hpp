@@ -83,7 +83,9 @@ class Publisher {
 
   // Starts the pump thread on `reader` (its format must be the publisher's).
   void start(RingReader reader);
-  // Stops the pump thread and waits for it (within ~50 ms plus one write).
+  // Stops the pump thread and waits for it: within 50 ms, or within
+  // blockTimeout while a Block write waits for room (that frame is then not
+  // published).
   void stop();
   bool pumping() const;
   // Why the pump ended by itself ("" while it runs or after stop()).
