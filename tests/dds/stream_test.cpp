@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <string>
@@ -175,6 +176,31 @@ struct Consumer {
 
 fl::RingBuffer smallRing(fl::RingPolicy p, std::size_t slots = 4) {
   return fl::RingBuffer::createArray<std::uint8_t>("dds-sub", slots, {32, 32, 3}, p);
+}
+
+// The subscriber process (for the network-namespace test): a ring of 4
+// slots of uint8[32x32x3] written by a Subscriber, read and checked until
+// the publisher leaves; "go" once the publisher is seen, the figures to
+// `out` at the end.
+int subscriberMain(int argc, char** argv) {
+  if (argc != 7) return 2;
+  const std::string topic = argv[2];
+  g_domain = static_cast<std::uint32_t>(std::stoul(argv[3]));
+  const fl::RingPolicy policy = policyFrom(argv[4]);
+  const long pauseUs = std::stol(argv[5]);
+  const std::string out = argv[6];
+  auto ring = smallRing(policy);
+  fl::RingReader reader = ring.reader();
+  fd::Subscriber sub(topic, ring, options());
+  if (!sub.waitForPublishers(1, 30s)) return 3;
+  std::ofstream(out + ".go") << "go\n";
+  Consumer c;
+  c.run(reader, std::chrono::microseconds(pauseUs), 120s);
+  const auto s = sub.stats();
+  std::ofstream(out) << s.received << " " << s.delivered << " " << s.lost << " " << s.missedAtJoin << " "
+                     << s.rejectedFormat + s.rejectedSequence + s.undelivered << " " << ring.stats().drops << " "
+                     << c.frames << " " << c.bad + c.disorder << "\n";
+  return c.end.find("the writer detached") != std::string::npos ? 0 : 6;
 }
 
 }  // namespace
@@ -671,6 +697,113 @@ TEST(DdsStream, MalformedSamplesFromARawWriterAreRejectedAndCounted) {
   EXPECT_TRUE(fl::test::contains(fl::test::thrown<fl::PeerClosed>([&] { reader.next(slow(5s)); }), "the writer detached"));
 }
 
+// ------------------------------------------------------------ two network stacks
+
+namespace {
+
+// Two network namespaces joined by a veth pair, 198.18.0.1 and .2 (the test
+// range), made here and removed with everything in them.
+class NetnsPair {
+ public:
+  NetnsPair() : a_("fkdds" + std::to_string(::getpid()) + "a"), b_("fkdds" + std::to_string(::getpid()) + "b") {}
+  ~NetnsPair() {
+    run("ip netns del " + a_ + " 2>/dev/null");
+    run("ip netns del " + b_ + " 2>/dev/null");
+  }
+  NetnsPair(const NetnsPair&) = delete;
+  NetnsPair& operator=(const NetnsPair&) = delete;
+  // "" when made, else what failed.
+  std::string make() {
+    for (const std::string& c :
+         {"ip netns add " + a_, "ip netns add " + b_, "ip link add " + a_ + " type veth peer name " + b_,
+          "ip link set " + a_ + " netns " + a_, "ip link set " + b_ + " netns " + b_,
+          "ip -n " + a_ + " addr add 198.18.0.1/24 dev " + a_, "ip -n " + b_ + " addr add 198.18.0.2/24 dev " + b_,
+          "ip -n " + a_ + " link set " + a_ + " up", "ip -n " + b_ + " link set " + b_ + " up",
+          "ip -n " + a_ + " link set lo up", "ip -n " + b_ + " link set lo up"}) {
+      if (run(c + " 2>/dev/null") != 0) return c;
+    }
+    return {};
+  }
+  const std::string& a() const { return a_; }
+  const std::string& b() const { return b_; }
+  bool gone() const {
+    return run("ip netns list | grep -q '^" + a_ + "'") != 0 && run("ip netns list | grep -q '^" + b_ + "'") != 0 &&
+           run("ip link show " + a_ + " >/dev/null 2>&1") != 0;
+  }
+  // Cyclone in namespace `ns`: its veth only, no multicast, the other end as peer.
+  static std::string config(const std::string& ifname, const std::string& peer) {
+    return "<CycloneDDS><Domain Id=\"any\"><General><Interfaces><NetworkInterface name=\"" + ifname +
+           "\"/></Interfaces><AllowMulticast>false</AllowMulticast></General><Discovery><ParticipantIndex>auto"
+           "</ParticipantIndex><Peers><Peer Address=\"" + peer + "\"/></Peers></Discovery></Domain></CycloneDDS>";
+  }
+
+ private:
+  static int run(const std::string& c) { return std::system(c.c_str()); }
+  std::string a_, b_;
+};
+
+pid_t spawnInNetns(const std::string& ns, const std::string& uri, const std::vector<std::string>& args) {
+  return fl::test::forkChild([&] {
+    ::setenv("CYCLONEDDS_URI", uri.c_str(), 1);
+    std::vector<char*> argv{const_cast<char*>("ip"), const_cast<char*>("netns"), const_cast<char*>("exec"),
+                            const_cast<char*>(ns.c_str()), const_cast<char*>(g_self.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execvp("ip", argv.data());
+    return 127;
+  });
+}
+
+}  // namespace
+
+TEST(DdsNetns, FramesCrossTwoNetworkStacks) {
+  if (::geteuid() != 0) GTEST_SKIP() << "network namespaces need root";
+  for (const auto policy : {fl::RingPolicy::Block, fl::RingPolicy::KeepLatest}) {
+    std::optional<int> pst, sst;
+    std::string made;
+    fl::test::TempDir dir;
+    const std::string pubOut = (dir.path() / "pub").string(), subOut = (dir.path() / "sub").string();
+    {
+      NetnsPair ns;
+      made = ns.make();
+      if (!made.empty()) GTEST_SKIP() << "cannot make network namespaces here: " << made;
+      const std::string topic = uniqueTopic("netns");
+      const std::string dom = std::to_string(g_domain), pol = fl::ringPolicyName(policy);
+      const auto slowReader = policy == fl::RingPolicy::KeepLatest;
+      const pid_t sub = spawnInNetns(ns.b(), NetnsPair::config(ns.b(), "198.18.0.1"),
+                                     {"subscribe", topic, dom, pol, slowReader ? "1000" : "0", subOut});
+      const pid_t pub = spawnInNetns(ns.a(), NetnsPair::config(ns.a(), "198.18.0.2"),
+                                     {"publish", topic, dom, pol, "1000", "32", "0", pubOut});
+      // The subscriber says "go" to the publisher (same file system) once it sees it.
+      EXPECT_TRUE(fl::test::eventually([&] { return ::access((subOut + ".go").c_str(), F_OK) == 0; }, 30s));
+      std::filesystem::copy_file(subOut + ".go", pubOut + ".go");
+      pst = fl::test::waitChild(pub, 60s);
+      sst = fl::test::waitChild(sub, 60s);
+    }
+    EXPECT_EQ(fl::test::exitCodeOf(pst), 0);
+    EXPECT_EQ(fl::test::exitCodeOf(sst), 0);
+    std::uint64_t received = 0, delivered = 0, lost = 0, missed = 0, rejected = 0, drops = 0, read = 0, bad = 0;
+    std::ifstream(subOut) >> received >> delivered >> lost >> missed >> rejected >> drops >> read >> bad;
+    const std::uint64_t published = publishedBy(pubOut);
+    std::printf("[ dds ] across two network namespaces, %s: published %llu, delivered %llu, lost %llu, missed %llu, "
+                "ring drops %llu, read %llu\n",
+                fl::ringPolicyName(policy), static_cast<unsigned long long>(published),
+                static_cast<unsigned long long>(delivered), static_cast<unsigned long long>(lost),
+                static_cast<unsigned long long>(missed), static_cast<unsigned long long>(drops),
+                static_cast<unsigned long long>(read));
+    EXPECT_GT(published, 0u);
+    EXPECT_EQ(published, delivered + lost + missed);
+    EXPECT_EQ(received, delivered);
+    EXPECT_EQ(rejected + bad, 0u);
+    EXPECT_EQ(read, delivered - drops);
+    if (policy == fl::RingPolicy::Block) {
+      EXPECT_EQ(read, 1000u);
+    }
+    EXPECT_FALSE(fl::test::hasChildren());
+    EXPECT_TRUE(NetnsPair().gone());
+  }
+}
+
 // 1 MiB frames between two processes over loopback, Block: printed, not
 // asserted (a figure of this machine, for the issue).
 TEST(DdsStream, OneMebibyteFramesPerSecond) {
@@ -718,6 +851,14 @@ int main(int argc, char** argv) {
            "<Discovery><ParticipantIndex>auto</ParticipantIndex><MaxAutoParticipantIndex>40</MaxAutoParticipantIndex>"
            "<Peers><Peer Address=\"127.0.0.1\"/></Peers></Discovery></Domain></CycloneDDS>",
            0);
+  if (argc > 1 && std::strcmp(argv[1], "subscribe") == 0) {
+    try {
+      return subscriberMain(argc, argv);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "subscriber %d: %s\n", ::getpid(), e.what());
+      return 99;
+    }
+  }
   if (argc > 1 && std::strcmp(argv[1], "publish") == 0) {
     try {
       return publisherMain(argc, argv);
