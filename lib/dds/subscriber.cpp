@@ -134,9 +134,10 @@ struct SubscriberState {
     check(dds_get_liveliness_changed_status(reader.get(), &st), "dds_get_liveliness_changed_status");
     const std::size_t before = alive.exchange(st.alive_count);
     if (st.alive_count == 0 && before > 0) {
-      // What they published is in the ring; local readers now see PeerClosed.
-      writer = RingWriter();
+      // What they published is in the ring; local readers now see PeerClosed
+      // (counted first, so a reader woken by it finds the count true).
       count(&SubscriberStats::publishersLost);
+      writer = RingWriter();
     } else if (st.alive_count > 0 && !writer.valid()) {
       attach();
     }
