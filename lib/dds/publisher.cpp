@@ -12,6 +12,8 @@
 
 namespace forklift::dds {
 
+static_assert(kRingUserInts == 4, "frame.idl carries 4 user integers, as a ring slot");
+
 namespace detail {
 
 struct PublisherState {

@@ -79,9 +79,9 @@ struct SubscriberState {
       reject(std::move(why), false);
       return;
     }
-    if (!writer.valid()) attach();
     WriteSlot slot;
     try {
+      if (!writer.valid()) attach();
       if (format.policy == RingPolicy::Block) {
         while (!slot) {
           try {
@@ -94,7 +94,8 @@ struct SubscriberState {
         slot = writer.reserve(std::chrono::milliseconds(0));
       }
     } catch (const std::exception& e) {
-      // Stopped while the ring was full, or its reader is gone.
+      // Stopped while the ring was full, its reader is gone, or another
+      // writer holds the ring.
       const std::lock_guard lock(m);
       ++stats.undelivered;
       lastRejection = "frame " + std::to_string(f.seq) + ": no slot: " + e.what();
@@ -139,7 +140,14 @@ struct SubscriberState {
       count(&SubscriberStats::publishersLost);
       writer = RingWriter();
     } else if (st.alive_count > 0 && !writer.valid()) {
-      attach();
+      try {
+        attach();
+      } catch (const std::exception& e) {
+        // Another writer took the ring meanwhile: frames count as undelivered
+        // until it leaves (handle() tries again).
+        const std::lock_guard lock(m);
+        lastRejection = std::string("cannot attach as the ring's writer: ") + e.what();
+      }
     }
   }
 

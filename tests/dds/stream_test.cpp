@@ -468,6 +468,31 @@ TEST(DdsStream, FramesWithoutALocalReaderAreCountedUndelivered) {
   EXPECT_TRUE(fl::test::contains(sub.lastRejection(), "no slot: "));
 }
 
+TEST(DdsStream, AnotherWriterOnTheRingMakesFramesUndeliveredUntilItLeaves) {
+  const std::string topic = uniqueTopic("taken");
+  auto ring = smallRing(fl::RingPolicy::DropOldest);
+  fl::RingReader reader = ring.reader();
+  fd::Subscriber sub(topic, ring, options());
+  std::vector<std::byte> frame(32 * 32 * 3);
+  {
+    fd::Publisher first(topic, ring.format(), options());
+    first.publish(frame);
+    ASSERT_TRUE(fl::test::eventually([&] { return sub.stats().delivered == 1; }, 10s));
+  }
+  ASSERT_TRUE(sub.waitForPublishers(0, slow(5s)));
+  std::optional<fl::RingWriter> other(ring.writer());  // the ring is free: someone else takes it
+  fd::Publisher second(topic, ring.format(), options());
+  second.publish(frame);
+  second.publish(frame);
+  EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().undelivered == 2; }, 10s));
+  EXPECT_TRUE(fl::test::contains(sub.lastRejection(), "is its writer already"));
+  other.reset();
+  second.publish(frame);
+  EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().delivered == 2; }, 10s));
+  const auto s = sub.stats();
+  EXPECT_EQ(s.received, s.delivered + s.undelivered);
+}
+
 TEST(DdsStream, MisuseIsRefusedWithAClearError) {
   const std::string topic = uniqueTopic("misuse");
   auto ring = smallRing(fl::RingPolicy::Block);

@@ -27,8 +27,9 @@
 // least once per lease while idle, or the subscribers report the publisher
 // dead. When the pumped ring's writer detaches or dies, the pump ends
 // (pumpError() says why) and the DDS writer is deleted: subscribers see
-// the publisher leave at once. The destructor stops the pump and deletes
-// the writer the same way.
+// the publisher leave at once, and this Publisher is done (publish() is an
+// Error; make a new one for a new source). The destructor stops the pump
+// and deletes the writer the same way.
 //
 // Threads: publish() and assertAlive() from one thread at a time, and not
 // while pumping (Error). stats(), subscribers() and pumpError() from any

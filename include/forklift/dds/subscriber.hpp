@@ -43,7 +43,10 @@
 // construction it attaches at once, before any publisher is seen.
 //
 // Errors: DdsError for a failed Cyclone call; Error when the ring has a live
-// writer already (a Subscriber is the ring's only writer).
+// writer already (a Subscriber is the ring's only writer). Should another
+// writer take the ring while no publisher lives, frames count as
+// undelivered until it leaves. A Cyclone call failing in the thread stops
+// it, and lastRejection() says so ("the subscriber's thread stopped: ...").
 #pragma once
 
 #include <cstddef>
