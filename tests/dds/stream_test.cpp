@@ -131,9 +131,10 @@ int publisherMain(int argc, char** argv) {
     }
     if (!pub.waitForAcks(20s)) return 4;
     std::ofstream(out) << "published=" << pub.stats().published << "\n";
-  }  // the ring's writer detaches: the pump ends and deletes the DDS writer
-  pub.stop();
-  return pub.pumpError().empty() ? 5 : 0;
+  }  // the ring's writer detaches: the pump ends by itself and deletes the DDS writer
+  for (int i = 0; i < 20000 && pub.pumping(); ++i) std::this_thread::sleep_for(1ms);
+  if (pub.pumping() || pub.pumpError().empty()) return 5;
+  return 0;
 }
 
 // Forks and execs a publisher process.
