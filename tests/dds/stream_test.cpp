@@ -28,6 +28,7 @@
 #include "forklift/dds/publisher.hpp"
 #include "forklift/dds/subscriber.hpp"
 #include "forklift/error.hpp"
+#include "forklift/manager.hpp"
 #include "forklift/ring_buffer.hpp"
 #include "frame.h"
 #include "frame_check.hpp"
@@ -492,6 +493,50 @@ TEST(DdsStream, AnotherWriterOnTheRingMakesFramesUndeliveredUntilItLeaves) {
   EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().delivered == 2; }, 10s));
   const auto s = sub.stats();
   EXPECT_EQ(s.received, s.delivered + s.undelivered);
+}
+
+// The publisher fed on a Manager's loop (no thread of its own): readRing
+// publishes each slot, a timer keeps the liveliness.
+TEST(DdsStream, APublisherOnAManagersLoop) {
+  fl::Manager manager;  // first: nothing of Cyclone runs while it sets up
+  const std::string topic = uniqueTopic("loop");
+  auto subRing = smallRing(fl::RingPolicy::Block, 8);
+  fl::RingReader local = subRing.reader();
+  fd::Subscriber sub(topic, subRing, options());
+  auto src = smallRing(fl::RingPolicy::Block);
+  std::optional<fd::Publisher> holder;
+  fd::Publisher& pub = holder.emplace(topic, src.format(), options());
+  ASSERT_TRUE(pub.waitForSubscribers(1, slow(10s)));
+  fl::RingReader reader = src.reader();
+  bool ended = false;
+  manager.readRing(reader, [&](fl::ReadSlot& slot) { pub.publish(slot); }, [&](const fl::Error&) { ended = true; });
+  manager.every(options().lease / 4, [&] { pub.assertAlive(); });
+  constexpr int kFrames = 200;
+  Consumer c;
+  std::thread consumer([&] { c.run(local, 0us, slow(30s)); });
+  std::thread producer([&] {
+    fl::RingWriter w = src.writer();
+    std::vector<std::byte> frame(32 * 32 * 3);
+    for (int i = 1; i <= kFrames; ++i) {
+      fl::WriteSlot s = w.reserve(slow(10s));
+      fillFrame(s.data(), s.capacity(), static_cast<std::uint64_t>(i));
+      s.setUser(0, i);
+      s.setUser(1, checksum(s.data(), s.capacity()));
+      s.commit();
+    }
+  });  // the writer detaches at the end: readRing's onEnd
+  EXPECT_TRUE(manager.runUntil([&] { return ended; }, slow(30s)));
+  producer.join();
+  EXPECT_TRUE(pub.waitForAcks(slow(10s)));
+  EXPECT_EQ(pub.stats().published, static_cast<std::uint64_t>(kFrames));
+  EXPECT_TRUE(fl::test::eventually([&] { return sub.stats().delivered == kFrames; }, 10s));
+  manager.finish();
+  holder.reset();  // the subscriber detaches: the consumer ends with PeerClosed
+  consumer.join();
+  EXPECT_EQ(c.frames, static_cast<std::uint64_t>(kFrames));
+  EXPECT_EQ(c.bad + c.disorder, 0u);
+  const auto s = sub.stats();
+  EXPECT_EQ(s.lost + s.missedAtJoin + s.undelivered + s.rejectedFormat + s.rejectedSequence, 0u);
 }
 
 TEST(DdsStream, MisuseIsRefusedWithAClearError) {

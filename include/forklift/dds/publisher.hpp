@@ -7,9 +7,14 @@
 // sequence number 1, 2, 3, ...). A Subscriber on the same topic, on this
 // host or another, writes them into its own ring.
 //
-// Two ways to feed it:
+// Three ways to feed it:
 //   fed directly:     Publisher pub("camera", ring.format());
 //                     pub.publish(slot);                   // a ReadSlot, or bytes + FrameMeta
+//   on a Manager's loop (no thread of its own):
+//                     manager.readRing(reader, [&](ReadSlot& s) { pub.publish(s); });
+//                     manager.every(lease / 4, [&] { pub.assertAlive(); });
+//                     (with Block, a publish may hold the loop up to blockTimeout,
+//                     and one that times out throws: readRing logs it, the frame is lost)
 //   pumping a ring:   pub.start(ring.reader());            // its one thread reads and publishes
 //
 // The sample points at the slot's bytes (no copy of ours); DDS serializes
