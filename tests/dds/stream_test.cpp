@@ -192,6 +192,37 @@ fl::RingBuffer smallRing(fl::RingPolicy p, std::size_t slots = 4) {
   return fl::RingBuffer::createArray<std::uint8_t>("dds-sub", slots, {32, 32, 3}, p);
 }
 
+// The watching subscriber (kill test across namespaces): "go" once a
+// publisher lives; when it dies, the CLOCK_MONOTONIC moment to out.lost;
+// when one lives again, that moment to out.back; then it reads 20 frames
+// and writes "<frames> <bad> <publishersLost>" to `out`.
+int watchMain(int argc, char** argv) {
+  if (argc != 5) return 2;
+  const std::string topic = argv[2];
+  g_domain = static_cast<std::uint32_t>(std::stoul(argv[3]));
+  const std::string out = argv[4];
+  auto ring = smallRing(fl::RingPolicy::DropOldest);
+  fl::RingReader reader = ring.reader();
+  fd::Subscriber sub(topic, ring, options());
+  if (!sub.waitForPublishers(1, 30s)) return 3;
+  std::ofstream(out + ".go") << "go\n";
+  if (!sub.waitForPublishers(0, 30s)) return 4;
+  std::ofstream(out + ".lost") << fl::detail::monotonicNs() << "\n";
+  Consumer before;
+  before.run(reader, 0us, 10s);  // what came before the death, then PeerClosed
+  if (!sub.waitForPublishers(1, 90s)) return 5;
+  std::ofstream(out + ".back") << fl::detail::monotonicNs() << "\n";
+  std::uint64_t frames = 0, bad = before.bad;
+  for (int i = 0; i < 600 && frames < 20; ++i) {
+    auto s = reader.next(100ms);
+    if (!s) continue;
+    ++frames;
+    if (checksum(s->data(), s->bytes()) != s->user(1)) ++bad;
+  }
+  std::ofstream(out) << frames << " " << bad << " " << sub.stats().publishersLost << "\n";
+  return 0;
+}
+
 // The subscriber process (for the network-namespace test): a ring of 4
 // slots of uint8[32x32x3] written by a Subscriber, read and checked until
 // the publisher leaves; "go" once the publisher is seen, the figures to
@@ -823,11 +854,12 @@ class NetnsPair {
            run("ip link show " + a_ + " >/dev/null 2>&1") != 0;
   }
   // Cyclone in namespace `ns`: its veth only, no multicast, the other end as peer.
-  static std::string config(const std::string& ifname, const std::string& peer, const std::string& bufferXml) {
+  static std::string config(const std::string& ifname, const std::string& peer, const std::string& bufferXml,
+                            const std::string& index = "auto") {
     return "<CycloneDDS><Domain Id=\"any\"><General><Interfaces><NetworkInterface name=\"" + ifname +
            "\"/></Interfaces><AllowMulticast>false</AllowMulticast></General>" + bufferXml +
-           "<Discovery><ParticipantIndex>auto</ParticipantIndex><Peers><Peer Address=\"" + peer +
-           "\"/></Peers></Discovery></Domain></CycloneDDS>";
+           "<Discovery><ParticipantIndex>" + index + "</ParticipantIndex><Peers><Peer Address=\"" +
+           peer + "\"/></Peers></Discovery></Domain></CycloneDDS>";
   }
 
  private:
@@ -902,6 +934,63 @@ TEST(DdsNetns, FramesCrossTwoNetworkStacks) {
   }
 }
 
+TEST(DdsNetns, AKilledPublisherIsSeenAcrossNamespacesAndARestartedOnePickedUp) {
+  if (::geteuid() != 0) GTEST_SKIP() << "network namespaces need root";
+  fl::test::TempDir dir;
+  const std::string subOut = (dir.path() / "sub").string(), p1 = (dir.path() / "p1").string(),
+                    p2 = (dir.path() / "p2").string();
+  std::optional<int> s1, s2, sw;
+  std::int64_t killedAt = 0;
+  {
+    NetnsPair ns;
+    const std::string made = ns.make();
+    if (!made.empty()) GTEST_SKIP() << "cannot make network namespaces here: " << made;
+    const std::string topic = uniqueTopic("netkill"), dom = std::to_string(g_domain);
+    const std::string cfgA = NetnsPair::config(ns.a(), "198.18.0.2", g_bufferXml, "1"),
+                      cfgA2 = NetnsPair::config(ns.a(), "198.18.0.2", g_bufferXml, "2"),
+                      cfgB = NetnsPair::config(ns.b(), "198.18.0.1", g_bufferXml, "0");
+    const pid_t watcher = spawnInNetns(ns.b(), cfgB, {"watch", topic, dom, subOut});
+    const pid_t first = spawnInNetns(ns.a(), cfgA, {"publish", topic, dom, "drop-oldest", "0", "32", "2000", p1});
+    EXPECT_TRUE(fl::test::eventually([&] { return ::access((subOut + ".go").c_str(), F_OK) == 0; }, 30s));
+    std::filesystem::copy_file(subOut + ".go", p1 + ".go");
+    std::this_thread::sleep_for(300ms);  // frames flow
+    // `ip netns exec` execs the program: the pid is the publisher's own.
+    ASSERT_EQ(::kill(first, SIGKILL), 0);
+    killedAt = fl::detail::monotonicNs();
+    s1 = fl::test::waitChild(first, 10s);
+    // A restarted publisher, once the watcher saw the first die, publishing
+    // until the watcher has its frames.
+    EXPECT_TRUE(fl::test::eventually([&] { return ::access((subOut + ".lost").c_str(), F_OK) == 0; }, 10s));
+    std::ofstream(p2 + ".go") << "go\n";
+    const auto restartedAt = fl::detail::monotonicNs();
+    const pid_t second = spawnInNetns(ns.a(), cfgA2, {"publish", topic, dom, "drop-oldest", "0", "32", "2000", p2});
+    sw = fl::test::waitChild(watcher, 120s);
+    ::kill(second, SIGKILL);
+    s2 = fl::test::waitChild(second, 10s);
+    std::int64_t backAt = 0;
+    std::ifstream(subOut + ".back") >> backAt;
+    std::printf("[ dds ] a restarted publisher seen across namespaces after %lld ms\n",
+                static_cast<long long>((backAt - restartedAt) / 1000000));
+  }
+  EXPECT_TRUE(WIFSIGNALED(s1.value_or(0)) && WTERMSIG(s1.value_or(0)) == SIGKILL);
+  EXPECT_TRUE(WIFSIGNALED(s2.value_or(0)) && WTERMSIG(s2.value_or(0)) == SIGKILL);
+  EXPECT_EQ(fl::test::exitCodeOf(sw), 0);
+  std::int64_t lostAt = 0;
+  std::ifstream(subOut + ".lost") >> lostAt;
+  const auto seenMs = (lostAt - killedAt) / 1000000;
+  std::printf("[ dds ] kill -9 across network namespaces seen after %lld ms (lease %lld ms)\n",
+              static_cast<long long>(seenMs), static_cast<long long>(options().lease.count()));
+  EXPECT_GT(lostAt, 0);
+  EXPECT_LE(seenMs, (options().lease + slow(1s)).count());
+  std::uint64_t frames = 0, bad = 0, lost = 0;
+  std::ifstream(subOut) >> frames >> bad >> lost;
+  EXPECT_EQ(frames, 20u);  // from the restarted publisher
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(lost, 1u);
+  EXPECT_FALSE(fl::test::hasChildren());
+  EXPECT_TRUE(NetnsPair().gone());
+}
+
 // Large frames between two processes over loopback, Block: frames/s
 // printed, not asserted (a figure of this machine, for the issue); every
 // frame arrives, in order.
@@ -965,6 +1054,14 @@ int main(int argc, char** argv) {
       "<Discovery><ParticipantIndex>auto</ParticipantIndex><MaxAutoParticipantIndex>40</MaxAutoParticipantIndex>"
       "<Peers><Peer Address=\"127.0.0.1\"/></Peers></Discovery></Domain></CycloneDDS>";
   ::setenv("CYCLONEDDS_URI", uri.c_str(), 0);
+  if (argc > 1 && std::strcmp(argv[1], "watch") == 0) {
+    try {
+      return watchMain(argc, argv);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "watcher %d: %s\n", ::getpid(), e.what());
+      return 99;
+    }
+  }
   if (argc > 1 && std::strcmp(argv[1], "subscribe") == 0) {
     try {
       return subscriberMain(argc, argv);
