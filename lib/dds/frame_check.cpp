@@ -14,7 +14,7 @@ std::string checkFrame(const forklift_dds_Frame& f, const RingFormat& format) {
   const std::size_t bytes = f.payload._length;
   if (f.payload._length > 0 && f.payload._buffer == nullptr) return seqText(f) + "payload without bytes";
   if (f.dtype == 0) {
-    if (f.shape._length != 0) return seqText(f) + "raw bytes (dtype 0) with a shape";
+    if (f.shape._length != 0 || f.layout != 0) return seqText(f) + "raw bytes (dtype 0) with a shape or layout";
     if (format.dtype) return seqText(f) + "raw bytes, but the ring holds " + dtypeName(*format.dtype) + " arrays";
     if (bytes > format.slotBytes)
       return seqText(f) + std::to_string(bytes) + " bytes do not fit a slot of " + std::to_string(format.slotBytes);
@@ -39,6 +39,8 @@ std::string checkFrame(const forklift_dds_Frame& f, const RingFormat& format) {
   if (!format.dtype || *format.dtype != dtype)
     return seqText(f) + dtypeName(dtype) + " arrays, but the ring holds " +
            (format.dtype ? std::string(dtypeName(*format.dtype)) + " arrays" : std::string("raw bytes"));
+  if (f.layout != static_cast<std::uint8_t>(format.layout))
+    return seqText(f) + "layout " + std::to_string(f.layout) + ", but the ring's arrays are " + layoutName(format.layout);
   bool same = f.shape._length == format.shape.size();
   for (std::uint32_t i = 0; same && i < f.shape._length; ++i) same = f.shape._buffer[i] == format.shape[i];
   if (!same) return seqText(f) + "its shape is not the ring's";

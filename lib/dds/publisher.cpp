@@ -60,6 +60,7 @@ struct PublisherState {
     f.timestampNs = ts != 0 ? ts : forklift::detail::monotonicNs();
     for (std::size_t i = 0; i < 4; ++i) f.user[i] = user[i];
     f.dtype = format.dtype ? static_cast<std::uint8_t>(*format.dtype) : 0;
+    f.layout = format.dtype ? static_cast<std::uint8_t>(format.layout) : 0;
     f.shape._buffer = shape.data();
     f.shape._length = f.shape._maximum = static_cast<std::uint32_t>(shape.size());
     f.shape._release = false;

@@ -304,6 +304,10 @@ TEST(DdsFrameCheck, RefusesEveryLie) {
   EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "3071 payload bytes, but uint8 of its shape needs 3072"));
   set(32 * 32 * 3 + 1);
   EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "frame 7: 3073 payload bytes"));
+  set(32 * 32 * 3);
+  fr.layout = 1;  // column-major, into a row-major ring
+  EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "layout 1, but the ring's arrays are row-major"));
+  fr.layout = 0;
   shape = {32, 96, 1};  // the right size, the wrong shape
   set(32 * 32 * 3);
   EXPECT_TRUE(fl::test::contains(fd::detail::checkFrame(fr, f), "its shape is not the ring's"));

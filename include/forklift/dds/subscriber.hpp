@@ -16,7 +16,8 @@
 // What is checked, and rejected (counted, the reason kept in
 // lastRejection(), the stream goes on; never a torn or partial slot):
 //   - dtype: not 0 (raw bytes) or a forklift DType, or not the ring's;
-//   - shape: rank over 8, a negative axis, or not the ring's shape;
+//   - shape: rank over 8, a negative axis, or not the ring's shape (and
+//     layout: row- or column-major, not the ring's);
 //   - payload: for an array ring, not exactly dtype size * shape; for a raw
 //     ring, larger than a slot;
 //   - sequence: not above the last one from the same DDS writer (backwards
