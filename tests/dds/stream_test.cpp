@@ -836,6 +836,7 @@ class NetnsPair {
   ~NetnsPair() {
     run("ip netns del " + a_ + " 2>/dev/null");
     run("ip netns del " + b_ + " 2>/dev/null");
+    run("ip link del " + a_ + " 2>/dev/null");  // a veth left in this namespace by a half-made pair
   }
   NetnsPair(const NetnsPair&) = delete;
   NetnsPair& operator=(const NetnsPair&) = delete;
