@@ -574,6 +574,23 @@ TEST(DdsStream, APublisherOnAManagersLoop) {
   EXPECT_EQ(s.lost + s.missedAtJoin + s.undelivered + s.rejectedFormat + s.rejectedSequence, 0u);
 }
 
+// What stream_options.hpp says DDS does not match.
+TEST(DdsStream, MismatchedEndsDoNotMatch) {
+  const std::string topic = uniqueTopic("mismatch");
+  auto reliable = smallRing(fl::RingPolicy::DropOldest);
+  fd::Subscriber sub(topic, reliable, options());
+  auto latest = smallRing(fl::RingPolicy::KeepLatest);
+  fd::Publisher bestEffort(topic, latest.format(), options());
+  auto longer = options();
+  longer.lease = 2s;
+  fd::Publisher longLease(topic, reliable.format(), longer);
+  fd::Publisher good(topic, reliable.format(), options());
+  ASSERT_TRUE(good.waitForSubscribers(1, slow(10s)));  // discovery is done by now
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(bestEffort.subscribers(), 0u);
+  EXPECT_EQ(longLease.subscribers(), 0u);
+}
+
 TEST(DdsStream, MisuseIsRefusedWithAClearError) {
   const std::string topic = uniqueTopic("misuse");
   auto ring = smallRing(fl::RingPolicy::Block);
