@@ -20,6 +20,8 @@
 //                    (bench/compare times the job from mpirun's start).
 //   --tasks N (2000) --repetitions R (5) --workers W (1)
 //   --idle-seconds S (3) --idle-settle S (1)
+//   --spin-us U, --max-backoff-us U: the MPI thread's WorldOptions (their
+//                    defaults unless given), to see what the back-off costs
 //
 // Rank 0 prints one JSON object a line on stdout:
 //   {"figure": "cluster_tasks_batch", "unit": "task/s", "median": ..,
@@ -64,6 +66,7 @@ struct Options {
   std::size_t workers = 1;
   double idleSeconds = 3.0;
   double idleSettle = 1.0;
+  cluster::WorldOptions world;
 };
 
 Options parse(int argc, char** argv) {
@@ -82,6 +85,10 @@ Options parse(int argc, char** argv) {
       o.idleSeconds = std::stod(v);
     else if (k == "--idle-settle")
       o.idleSettle = std::stod(v);
+    else if (k == "--spin-us")
+      o.world.spin = std::chrono::microseconds(std::stoll(v));
+    else if (k == "--max-backoff-us")
+      o.world.maxBackoff = std::chrono::microseconds(std::stoll(v));
     else
       throw Error("cluster_bench: unknown option " + k);
   }
@@ -348,7 +355,7 @@ int poolMain(const Options& o) {
   cluster::AgentOptions ao;
   ao.workers = o.workers;
   cluster::Agent agent(ao);  // before the World: workers forked before MPI_Init
-  cluster::World world;
+  cluster::World world(o.world);
   const bool startup = o.mode == "startup";
   if (!world.isDriver()) {
     if (!startup) {

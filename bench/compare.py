@@ -432,8 +432,8 @@ def cluster_table(results, errors=()):
         m, o = by.get((fig, "median", "forklift")), by.get((fig, "median", who))
         if not m or not o or fig.startswith("cluster_idle"):
             return "—"
-        unit = "us" if m["unit"] in ("us", "s") else "rate"
-        return fmt_ratio(speed_ratio(m["value"], o["value"], unit))
+        r = speed_ratio(m["value"], o["value"], "us" if m["unit"] in ("us", "s") else "rate")
+        return f"{r:.2g}×" if r is not None and r < 0.1 else fmt_ratio(r)
 
     lines = ["| figure | unit | forklift | mpi4py.futures | forklift ÷ mpi4py | Dask | forklift ÷ Dask | "
              "MPI ping-pong (limit) | forklift ÷ limit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -445,9 +445,11 @@ def cluster_table(results, errors=()):
         lines.append(f"| {label} | {unit} | {cell(fig, 'forklift')} | {cell(fig, 'mpi4py')} | {ratio(fig, 'mpi4py')} | "
                      f"{cell(fig, 'dask')} | {ratio(fig, 'dask')} | {cell(fig, 'limit:mpi')} | "
                      f"{ratio(fig, 'limit:mpi')} |")
-    notes = []
+    notes, reasons = [], {}
     for (fig, who), why in sorted(gone.items()):
-        notes.append(f"- {who}, {fig}: unavailable: {why}")
+        reasons.setdefault((who, why), []).append(fig)
+    for (who, why), figs in reasons.items():
+        notes.append(f"- {who}: {', '.join(figs)} unavailable: {why}")
     for e in errors:
         if not any(e in n for n in notes):
             notes.append(f"- {e}")
@@ -456,8 +458,16 @@ def cluster_table(results, errors=()):
         r = ratio("cluster_tasks_batch", who)
         goals.append(f"empty tasks/s ÷ {name}: {r} (goal ≥ 10×)")
     for size in ("1MiB", "16MiB"):
-        r = ratio(f"cluster_array_{size}_serial", "limit:mpi")
+        fig = f"cluster_array_{size}_serial"
+        r = ratio(fig, "limit:mpi")
+        if (fig, "forklift") in gone:
+            r = "not measured (forklift's array tasks unavailable, below)"
         goals.append(f"{size} array task bytes/s ÷ MPI ping-pong: {r} (goal ≥ 0.8×)")
+    idle = by.get(("cluster_idle_cpu_rank", "median", "forklift"))
+    if idle:
+        worst = by.get(("cluster_idle_cpu_rank", "p99", "forklift"), idle)["value"]
+        goals.append(f"idle agent rank: {idle['value']:.2f} % of a CPU, the busier of the two {worst:.2f} % "
+                     "(goal ≤ 1 %)")
     text = "\n".join(lines) + "\n\nGoals (issue 22): " + "; ".join(goals) + "."
     if notes:
         text += "\n\n" + "\n".join(notes)
