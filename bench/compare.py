@@ -406,7 +406,7 @@ CLUSTER_ROWS = [("cluster_tasks_batch", "empty tasks, 2,000 submitted at once"),
                 ("cluster_array_16MiB_serial", "16 MiB array task, one at a time"),
                 ("cluster_array_16MiB_batch", "16 MiB array tasks, 4 at once"),
                 ("cluster_startup", "start-up of the 3-rank job until the pool is ready"),
-                ("cluster_idle_cpu_rank", "idle agent rank, every thread"),
+                ("cluster_idle_cpu_rank", "idle CPU of an agent rank (peers: of a worker process), every thread"),
                 ("cluster_idle_cpu_agent_tree", "idle agent with its workers and fork server")]
 CLUSTER_UNITS = {"task/s": ("tasks/s", lambda v: f"{v:,.0f}"), "us": ("µs", lambda v: f"{v:,.0f}" if v >= 10 else f"{v:.1f}"),
                  "B/s": ("GB/s", lambda v: f"{v / 1e9:.2f}"), "s": ("ms", lambda v: f"{v * 1e3:,.0f}"),

@@ -8,19 +8,22 @@ Two workers in all, as cluster_bench's two agents of one worker each:
       /usr/bin/python3 cluster_peer.py dask [options]
 
 The same figures, under the same names and units, as cluster_bench prints
-(one JSON object a line on stdout): empty tasks submitted at once then waited
-for (task/s over each repetition), one at a time (µs per round trip), 1 MiB
+(one JSON object a line on stdout): the worker processes' idle CPU (every
+thread, from /proc, as cluster_bench reads it), empty tasks submitted at once
+then waited for (task/s over each repetition), one at a time (µs per round trip), 1 MiB
 and 16 MiB numpy arrays as the argument and a same-size copy returned (bytes
 both ways per second), and the wall-clock time when the executor was ready
 (bench/compare subtracts the launch time). p99 is the slow tail, as in
 cluster_bench: a time's 99th percentile, a rate's 1st.
 
   cluster_peer.py {mpi4py,dask} [--mode bench|startup] [--tasks N] [--repetitions R]
+                  [--idle-seconds S] [--idle-settle S]
 """
 import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -34,6 +37,35 @@ def empty():
 
 def echo(a):
     return a.copy()
+
+
+def pid_after(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def cpu_ns(pid):
+    """Run time of every thread of `pid`, in ns (as cluster_bench reads it)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def idle_cpu(pids, a, what):
+    """% of one CPU each worker process used while nothing was submitted."""
+    time.sleep(a.idle_settle)
+    before = {p: cpu_ns(p) for p in pids}
+    t0 = time.perf_counter()
+    time.sleep(a.idle_seconds)
+    wall = time.perf_counter() - t0
+    v = [100.0 * (cpu_ns(p) - before[p]) * 1e-9 / wall for p in pids]
+    emit("cluster_idle_cpu_rank", "%cpu", v, f"% of one CPU, every thread, over {a.idle_seconds:.1f} s from "
+         f"{a.idle_settle:.1f} s after the last task; one value per {what}")
 
 
 def percentile(v, p):
@@ -56,11 +88,13 @@ def ready():
           flush=True)
 
 
-def bench(submit, result, gather, a):
+def bench(submit, result, gather, a, pids, what):
     """submit(fn, *args) -> future; result(future) -> its value; gather(futures)
-    -> their values (each peer's own way to wait for many; bounded waits)."""
+    -> their values (each peer's own way to wait for many; bounded waits);
+    pids: the worker processes, whose idle CPU is measured."""
     for f in [submit(empty) for _ in range(200)]:  # warm-up
         result(f)
+    idle_cpu(pids, a, what)
     rates = []
     for _ in range(a.repetitions):
         t0 = time.perf_counter()
@@ -109,7 +143,10 @@ def run_mpi4py(a):
         ready()
         if a.mode == "startup":
             return
-        bench(ex.submit, lambda f: f.result(timeout=120), lambda fs: [f.result(timeout=120) for f in fs], a)
+        # Two tasks that overlap run on both worker ranks.
+        pids = sorted({f.result(timeout=120) for f in [ex.submit(pid_after, 0.5) for _ in range(2)]})
+        bench(ex.submit, lambda f: f.result(timeout=120), lambda fs: [f.result(timeout=120) for f in fs], a,
+              pids, "worker rank")
 
 
 def run_dask(a):
@@ -130,7 +167,8 @@ def run_dask(a):
         if a.mode == "startup":
             return
         bench(lambda fn, *args: client.submit(fn, *args, pure=False), lambda f: f.result(timeout=120),
-              lambda fs: gather(client, fs), a)
+              lambda fs: gather(client, fs), a, sorted(client.run(os.getpid).values()),
+              "worker process (not its nanny, nor the scheduler)")
 
 
 def main():
@@ -139,6 +177,8 @@ def main():
     ap.add_argument("--mode", choices=["bench", "startup"], default="bench")
     ap.add_argument("--tasks", type=int, default=2000)
     ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--idle-seconds", type=float, default=3.0)
+    ap.add_argument("--idle-settle", type=float, default=1.0)
     a = ap.parse_args()
     {"mpi4py": run_mpi4py, "dask": run_dask}[a.peer](a)
     sys.stdout.flush()
