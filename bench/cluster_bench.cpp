@@ -289,10 +289,16 @@ Value echoArray(const List& a) {
   return out.describe();
 }
 
-// One array task: true when its result came back right; throws its error.
+// An array task that did not end in time (it still runs somewhere).
+struct NoResult : Error {
+  using Error::Error;
+};
+
+// One array task: true when its result came back right; throws its error,
+// NoResult when none came within `timeout`.
 bool arrayRoundTrip(cluster::Pool& pool, const ShmArray<std::uint8_t>& in, Timeout timeout) {
   auto f = pool.submit("echo_array", {in.describe()});
-  if (!f.wait(timeout)) throw TimeoutError("no result within " + std::to_string(timeout.count()) + " ms");
+  if (!f.wait(timeout)) throw NoResult("no result within " + std::to_string(timeout.count()) + " ms");
   auto out = ShmArray<std::uint8_t>::open(f.get());
   const auto n = static_cast<std::size_t>(in.size());
   return static_cast<std::size_t>(out.size()) == n && out.data()[0] == in.data()[0] &&
@@ -312,6 +318,16 @@ void arrayTasks(cluster::Pool& pool, const Options& o) {
     for (std::size_t i = 0; i < bytes; ++i) in.data()[i] = static_cast<std::uint8_t>(i * 7 + 3);
     try {
       if (!arrayRoundTrip(pool, in, Timeout(60000))) throw Error("the returned array differs from the argument");
+    } catch (const NoResult& e) {
+      // The task still runs somewhere, so the pool cannot finalize, and its
+      // destructor would wait for it: the figures are printed, and this rank
+      // leaves; mpirun then ends the job, non-zero.
+      for (const char* size : {"1MiB", "16MiB"})
+        for (const char* mode : {"_serial", "_batch"})
+          unavailable(std::string("cluster_array_") + size + mode, std::string("the first array task: ") + e.what());
+      std::fprintf(stderr, "cluster_bench: an array task had no result within 60 s; ending the job\n");
+      std::fflush(nullptr);
+      _exit(3);
     } catch (const std::exception& e) {
       why = e.what();
       unavailable(name + "_serial", why);

@@ -340,9 +340,11 @@ def cluster_figures(reps, tasks=2000):
         """Runs `cmd`, once more if it failed; the JSON objects, or None."""
         for n in (1, 2):
             rc, objs, err, launched = run_lines(cmd, timeout)
-            if rc == 0 and any(o.get("figure") == want for o in objs):
-                return objs, launched
             reason = f"{contender}: exit {rc}" + (f": {err}" if err else "")
+            if any(o.get("figure") == want for o in objs):
+                if rc != 0:  # it measured, then failed: its figures stand, and why it failed is shown
+                    errors.append(reason)
+                return objs, launched
             log(f"cluster: {reason}" + (" (trying once more)" if n == 1 else ""))
         errors.append(reason)
         R.append({"figure": want, "contender": contender, "unavailable": reason})
