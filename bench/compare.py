@@ -692,7 +692,7 @@ def update_readme(sections, date, mach, pool_md=None):
         f.write(pre + "\n".join(block) + post)
 
 
-def update_readme_cluster(md, date, mach):
+def update_readme_cluster(md, date, mach, load=None):
     """The cluster's table, between its own markers (a section of its own, so
     a run of only the cluster leaves the other tables as they are)."""
     path = os.path.join(ROOT, "README.md")
@@ -702,7 +702,8 @@ def update_readme_cluster(md, date, mach):
     if begin not in text or end not in text:
         log("README.md has no cluster benchmark markers; not updated")
         return
-    block = (f"{begin}\nMeasured {date} on {mach['cpus']} × {mach['cpu']} (Linux {mach['kernel']}), one run, "
+    shared = f" (load average {load[0]:.1f} when it began: the machine was shared)" if load else ""
+    block = (f"{begin}\nMeasured {date} on {mach['cpus']} × {mach['cpu']} (Linux {mach['kernel']}), one run{shared}, "
              "not pinned; medians, and p99 (the slow tail) in parentheses. Ratios are forklift's speed divided by "
              f"the other's (above 1: forklift is faster).\n\n{md}\n{end}")
     pre, rest = text.split(begin, 1)
@@ -793,7 +794,8 @@ def main():
         if sections:
             update_readme(sections, date, mach, pool_table(doc["pool"]["results"]) if "pool" in doc else None)
         if "cluster" in doc:
-            update_readme_cluster(cluster_table(doc["cluster"]["results"], doc["cluster"]["errors"]), date, mach)
+            update_readme_cluster(cluster_table(doc["cluster"]["results"], doc["cluster"]["errors"]), date, mach,
+                                  doc["cluster"]["load_average_at_start"])
     log(f"wrote bench/results/{name}.json, {name}.md" + (" and the plots" if sections else ""))
     for key, _, _, _ in sections:
         errs = doc["placements"][key]["peer_errors"]
