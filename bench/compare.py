@@ -16,13 +16,23 @@ placement:
     multiprocessing.Pool and concurrent.futures.ProcessPoolExecutor running
     the same empty tasks (bench/peers/pool_peer.py, Debian's python3), once
     per run: the pools are not pinned.
+  - the cluster (issue 22): build/bench/cluster_bench under mpirun -np 3
+    (the driver and two agents of one worker): empty tasks through
+    cluster::Pool, 1 MiB and 16 MiB array tasks, the agents' idle CPU, and
+    start-up until the pool is ready (timed from the launch), beside
+    mpi4py.futures and Dask distributed doing the same
+    (bench/peers/cluster_peer.py) and a raw MPI_Send/MPI_Recv ping-pong (the
+    arrays' limit). A peer that fails is run once more, then shown as
+    failed with its reason. Unpinned.
 Every figure is a median over repetitions. Writes bench/results/<date>.json,
 bench/results/<date>.md (the tables), <date>-<placement>-handoff.png and
 -rtt.png, and refreshes the tables in README.md between its markers. The
-whole run is made twice: both processes of every contender on one CPU, and
-one CPU each.
+placements' run is made twice: both processes of every contender on one
+CPU, and one CPU each. `--only cluster` (or any of same, split, pool,
+cluster) runs those sections only and writes <date>-<sections>.{json,md}.
 
-  bench/compare [--repetitions N] [--placements same,split] [--no-peers] [--no-readme] [--no-pool]
+  bench/compare [--repetitions N] [--placements same,split] [--only SECTIONS] [--no-peers] [--no-readme]
+                [--no-pool] [--no-cluster]
 """
 import argparse
 import datetime
@@ -30,10 +40,12 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "bench")
@@ -256,6 +268,228 @@ def pool_table(results):
     return "\n".join(lines)
 
 
+# --- the cluster (issue 22): cluster::Pool under mpirun beside its peers ---------
+
+CLUSTER_PEERS = (("mpi4py", "mpi4py.futures"), ("dask", "Dask distributed"))
+CLUSTER_RANKS = 3  # the driver and two agents (or worker ranks) on this machine
+
+
+def mpirun_cmd():
+    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+    if not mpirun:
+        return None
+    cmd = [mpirun, "--oversubscribe", "-np", str(CLUSTER_RANKS)]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    return cmd
+
+
+def run_lines(cmd, timeout):
+    """Runs `cmd` in its own session; returns (exit code or a reason, [JSON
+    objects it printed], stderr's tail). On timeout the whole session is
+    stopped (mpirun passes SIGTERM on to its ranks), then killed."""
+    launched = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         cwd=ROOT)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                out, err = p.communicate(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                out, err = "", ""
+        rc = f"timed out after {timeout} s"
+    objs = []
+    for line in (out or "").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                objs.append(json.loads(line))
+            except ValueError:
+                pass
+    return rc, objs, (err or "").strip()[-400:], launched
+
+
+def cluster_figures(reps, tasks=2000):
+    """Empty tasks, array tasks, start-up and idle CPU of cluster::Pool with two
+    agents of one worker, the same through mpi4py.futures and Dask, and a raw
+    MPI ping-pong (the arrays' limit), all on this machine, unpinned."""
+    R, errors = [], []
+
+    def add(figure, contender, obj):
+        for stat in ("median", "p99"):
+            if stat in obj:
+                R.append({"figure": figure, "contender": contender, "stat": stat, "value": obj[stat],
+                          "unit": obj["unit"], "n": obj.get("n")})
+
+    def add_objs(contender, objs):
+        for o in objs:
+            if "unavailable" in o:
+                R.append({"figure": o["figure"], "contender": contender, "unavailable": o["unavailable"]})
+            elif "median" in o:
+                add(o["figure"], contender, o)
+
+    def attempt(contender, cmd, timeout, want):
+        """Runs `cmd`, once more if it failed; the JSON objects, or None."""
+        for n in (1, 2):
+            rc, objs, err, launched = run_lines(cmd, timeout)
+            reason = f"{contender}: exit {rc}" + (f": {err}" if err else "")
+            if any(o.get("figure") == want for o in objs):
+                if rc != 0:  # it measured, then failed: its figures stand, and why it failed is shown
+                    errors.append(reason)
+                return objs, launched
+            log(f"cluster: {reason}" + (" (trying once more)" if n == 1 else ""))
+        errors.append(reason)
+        R.append({"figure": want, "contender": contender, "unavailable": reason})
+        return None, None
+
+    mpirun = mpirun_cmd()
+    bench_exe = os.path.join(BUILD, "cluster_bench")
+    peer = os.path.join(ROOT, "bench", "peers", "cluster_peer.py")
+    if not mpirun:
+        errors.append("no mpirun (openmpi-bin)")
+        return R, errors
+    fk_ok = os.path.exists(bench_exe)
+    if not fk_ok:
+        errors.append("build/bench/cluster_bench is not built (meson found no MPI, or -Dbench=false)")
+    launchers = {"forklift": lambda mode: mpirun + [bench_exe, "--mode", mode, "--repetitions", str(reps),
+                                                    "--tasks", str(tasks)],
+                 "mpi4py": lambda mode: mpirun + ["/usr/bin/python3", "-m", "mpi4py.futures", peer, "mpi4py",
+                                                  "--mode", mode, "--repetitions", str(reps), "--tasks", str(tasks)],
+                 "dask": lambda mode: ["/usr/bin/python3", peer, "dask", "--mode", mode, "--repetitions", str(reps),
+                                       "--tasks", str(tasks)]}
+    contenders = (["forklift"] if fk_ok else []) + [c for c, _ in CLUSTER_PEERS]
+    # The figures, one contender after the other.
+    for c in contenders:
+        log(f"cluster: {c} ...")
+        objs, _ = attempt(c, launchers[c]("pool" if c == "forklift" else "bench"), 900, "cluster_tasks_batch")
+        if objs:
+            add_objs(c, objs)
+    if fk_ok:
+        # The same pool with the MPI threads spinning 1 ms (WorldOptions::spin;
+        # 50 µs by default) before they sleep: what the back-off costs tasks.
+        log("cluster: forklift, spin 1 ms ...")
+        objs, _ = attempt("forklift", launchers["forklift"]("pool") + ["--spin-us", "1000", "--idle-seconds", "0.1",
+                                                                     "--idle-settle", "0"], 900,
+                          "cluster_tasks_batch")
+        for o in objs or []:
+            if o.get("figure") in SPIN_FIGURES and "median" in o:
+                add(o["figure"] + "_spin", "forklift", o)
+        log("cluster: raw MPI ping-pong ...")
+        objs, _ = attempt("limit:mpi", mpirun + [bench_exe, "--mode", "pingpong", "--repetitions", str(reps)], 300,
+                          "mpi_pingpong_1MiB")
+        for o in objs or []:
+            if "median" in o:
+                # The ping-pong is the limit of the figure of the same size.
+                fig = {"mpi_pingpong_8B_rtt": "cluster_task_rtt"}.get(o["figure"], o["figure"])
+                for mode in ("serial", "batch"):
+                    if fig.startswith("mpi_pingpong_"):
+                        add(f"cluster_array_{fig[len('mpi_pingpong_'):]}_{mode}", "limit:mpi", o)
+                    elif mode == "serial":
+                        add(fig, "limit:mpi", o)
+    # Start-up: from the launch until the pool (executor, client) is ready,
+    # every contender launched `reps` times in turn.
+    samples = {c: [] for c in contenders}
+    for _ in range(reps):
+        for c in contenders:
+            objs, launched = attempt(c, launchers[c]("startup"), 180, "cluster_pool_ready")
+            ready = [o["wallclock"] for o in objs or [] if o.get("figure") == "cluster_pool_ready"]
+            if ready:
+                samples[c].append(ready[0] - launched)
+    for c, v in samples.items():
+        if v:
+            v = sorted(v)
+            add("cluster_startup", c, {"median": statistics.median(v), "p99": v[-1], "unit": "s", "n": len(v)})
+    return R, errors
+
+
+SPIN_FIGURES = ("cluster_tasks_batch", "cluster_task_rtt")
+CLUSTER_ROWS = [("cluster_tasks_batch", "empty tasks, 2,000 submitted at once"),
+                ("cluster_task_rtt", "empty task, one at a time (round trip)"),
+                ("cluster_tasks_batch_spin", "empty tasks, 2,000 at once; forklift's MPI threads spin 1 ms"),
+                ("cluster_task_rtt_spin", "empty task, one at a time; forklift's MPI threads spin 1 ms"),
+                ("cluster_array_1MiB_serial", "1 MiB array task, one at a time"),
+                ("cluster_array_1MiB_batch", "1 MiB array tasks, 16 at once"),
+                ("cluster_array_16MiB_serial", "16 MiB array task, one at a time"),
+                ("cluster_array_16MiB_batch", "16 MiB array tasks, 4 at once"),
+                ("cluster_startup", "start-up of the 3-rank job until the pool is ready"),
+                ("cluster_idle_cpu_rank", "idle CPU of an agent rank (peers: of a worker process), every thread"),
+                ("cluster_idle_cpu_agent_tree", "idle agent with its workers and fork server")]
+CLUSTER_UNITS = {"task/s": ("tasks/s", lambda v: f"{v:,.0f}"), "us": ("µs", lambda v: f"{v:,.0f}" if v >= 10 else f"{v:.1f}"),
+                 "B/s": ("GB/s", lambda v: f"{v / 1e9:.2f}"), "s": ("ms", lambda v: f"{v * 1e3:,.0f}"),
+                 "%cpu": ("% of a CPU", lambda v: f"{v:.2f}")}
+
+
+def cluster_table(results, errors=()):
+    by, gone = {}, {}
+    for r in results:
+        if "unavailable" in r:
+            gone[(r["figure"], r["contender"])] = r["unavailable"]
+        else:
+            by[(r["figure"], r["stat"], r["contender"])] = r
+
+    def cell(fig, who):
+        if who != "forklift":
+            fig = fig.removesuffix("_spin")
+        m, p = by.get((fig, "median", who)), by.get((fig, "p99", who))
+        if not m:
+            return "unavailable" if (fig, who) in gone else "—"
+        unit, f = CLUSTER_UNITS.get(m["unit"], (m["unit"], lambda v: f"{v:.3g}"))
+        return f"{f(m['value'])}" + (f" (p99 {f(p['value'])})" if p else "")
+
+    def ratio(fig, who):
+        m, o = by.get((fig, "median", "forklift")), by.get((fig.removesuffix("_spin"), "median", who))
+        if not m or not o or fig.startswith("cluster_idle"):
+            return "—"
+        r = speed_ratio(m["value"], o["value"], "us" if m["unit"] in ("us", "s") else "rate")
+        return f"{r:.2g}×" if r is not None and r < 0.1 else fmt_ratio(r)
+
+    lines = ["| figure | unit | forklift | mpi4py.futures | forklift ÷ mpi4py | Dask | forklift ÷ Dask | "
+             "MPI ping-pong (limit) | forklift ÷ limit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for fig, label in CLUSTER_ROWS:
+        any_m = next((r for k, r in by.items() if k[0] == fig), None)
+        if not any_m and not any(k[0] == fig for k in gone):
+            continue
+        unit = CLUSTER_UNITS.get(any_m["unit"], (any_m["unit"],))[0] if any_m else ""
+        lines.append(f"| {label} | {unit} | {cell(fig, 'forklift')} | {cell(fig, 'mpi4py')} | {ratio(fig, 'mpi4py')} | "
+                     f"{cell(fig, 'dask')} | {ratio(fig, 'dask')} | {cell(fig, 'limit:mpi')} | "
+                     f"{ratio(fig, 'limit:mpi')} |")
+    notes, reasons = [], {}
+    for (fig, who), why in sorted(gone.items()):
+        reasons.setdefault((who, why), []).append(fig)
+    for (who, why), figs in reasons.items():
+        notes.append(f"- {who}: {', '.join(figs)} unavailable: {why}")
+    for e in errors:
+        if not any(e in n for n in notes):
+            notes.append(f"- {e}")
+    goals = []
+    for who, name in CLUSTER_PEERS:
+        r = ratio("cluster_tasks_batch", who)
+        goals.append(f"empty tasks/s ÷ {name}: {r} (goal ≥ 10×; with 1 ms of spinning: "
+                     f"{ratio('cluster_tasks_batch_spin', who)})")
+    for size in ("1MiB", "16MiB"):
+        fig = f"cluster_array_{size}_serial"
+        r = ratio(fig, "limit:mpi")
+        if (fig, "forklift") in gone:
+            r = "not measured (forklift's array tasks unavailable, below)"
+        goals.append(f"{size} array task bytes/s ÷ MPI ping-pong: {r} (goal ≥ 0.8×)")
+    idle = by.get(("cluster_idle_cpu_rank", "median", "forklift"))
+    if idle:
+        worst = by.get(("cluster_idle_cpu_rank", "p99", "forklift"), idle)["value"]
+        goals.append(f"idle agent rank: {idle['value']:.2f} % of a CPU, the busier of the two {worst:.2f} % "
+                     "(goal ≤ 1 %)")
+    text = "\n".join(lines) + "\n\nGoals (issue 22): " + "; ".join(goals) + "."
+    if notes:
+        text += "\n\n" + "\n".join(notes)
+    return text
+
 LOWER_IS_BETTER = {"us"}
 ROWS = ["rtt_small:median", "rtt_small:p99", "rtt_small_shm:median", "rtt_small_shm:p99", "rtt_small_spin:median",
         "rtt_small_spin:p99", "codec_small:median", "send_rate:median",
@@ -458,22 +692,59 @@ def update_readme(sections, date, mach, pool_md=None):
         f.write(pre + "\n".join(block) + post)
 
 
+def update_readme_cluster(md, date, mach, load=None):
+    """The cluster's table, between its own markers (a section of its own, so
+    a run of only the cluster leaves the other tables as they are)."""
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        text = f.read()
+    begin, end = "<!-- bench-cluster:begin -->", "<!-- bench-cluster:end -->"
+    if begin not in text or end not in text:
+        log("README.md has no cluster benchmark markers; not updated")
+        return
+    shared = f" (load average {load[0]:.1f} when it began: the machine was shared)" if load else ""
+    block = (f"{begin}\nMeasured {date} on {mach['cpus']} × {mach['cpu']} (Linux {mach['kernel']}), one run{shared}, "
+             "not pinned; medians, and p99 (the slow tail) in parentheses. Ratios are forklift's speed divided by "
+             f"the other's (above 1: forklift is faster).\n\n{md}\n{end}")
+    pre, rest = text.split(begin, 1)
+    _, post = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(pre + block + post)
+
+
+SECTIONS = ("same", "split", "pool", "cluster")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--placements", default="same,split", help="same (both on CPU 0), split (CPU 0 and 1)")
+    ap.add_argument("--only", default="", help="run only these sections, comma-separated: " + ", ".join(SECTIONS))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--no-pool", action="store_true")
+    ap.add_argument("--no-cluster", action="store_true")
     a = ap.parse_args()
+    only = [x for x in a.only.split(",") if x]
+    for x in only:
+        if x not in SECTIONS:
+            ap.error(f"--only: unknown section '{x}' (sections: {', '.join(SECTIONS)})")
+    wanted = lambda x: x in only if only else True  # noqa: E731
     date = datetime.datetime.now().strftime("%Y-%m-%d")
+    # A run of some sections only has files of its own, so it does not
+    # replace a whole run's.
+    name = date + ("-" + "-".join(only) if only else "")
     mach = machine()
     outdir = os.path.join(ROOT, "bench", "results")
     os.makedirs(outdir, exist_ok=True)
     doc = {"date": date, "machine": mach, "load_average_at_start": os.getloadavg(),
            "repetitions": a.repetitions, "placements": {}}
+    if only:
+        doc["sections"] = only
     sections = []
     for key in a.placements.split(","):
+        if not wanted(key):
+            continue
         cpus, label = PLACEMENTS[key]
         log(f"placement {key}: {label}")
         env = dict(os.environ, FORKLIFT_BENCH_CPUS=cpus)
@@ -491,29 +762,47 @@ def main():
                                   "results": results}
         sections.append((key, label, md, os.path.relpath(stem, ROOT)))
         print(f"\n{label}\n\n{md}\n", flush=True)
-    if not a.no_pool:
+    if not a.no_pool and wanted("pool"):
         log("pools: empty tasks, unpinned")
         pr = pool_figures(a.repetitions)
         doc["pool"] = {"placement": "unpinned", "results": pr}
         pmd = pool_table(pr)
         print(f"\nPools, empty tasks (unpinned)\n\n{pmd}\n", flush=True)
-    with open(os.path.join(outdir, f"{date}.json"), "w") as f:
+    if not a.no_cluster and wanted("cluster"):
+        log("cluster: cluster::Pool under mpirun beside mpi4py.futures and Dask, unpinned")
+        doc["cluster"] = {"placement": "unpinned", "ranks": CLUSTER_RANKS, "load_average_at_start": os.getloadavg()}
+        cr, cerr = cluster_figures(a.repetitions)
+        doc["cluster"].update({"errors": cerr, "results": cr})
+        doc["cluster"]["load_average_at_end"] = os.getloadavg()
+        cmd = cluster_table(cr, cerr)
+        print(f"\nCluster, 3 ranks on this machine (unpinned)\n\n{cmd}\n", flush=True)
+    with open(os.path.join(outdir, f"{name}.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    with open(os.path.join(outdir, f"{date}.md"), "w") as f:
+    with open(os.path.join(outdir, f"{name}.md"), "w") as f:
         f.write(f"# forklift benchmarks, {date}\n\n{mach['cpus']} × {mach['cpu']}, Linux {mach['kernel']}. "
                 "Ratios: forklift's speed ÷ the other's (above 1: forklift is faster).\n")
         for key, label, md, stem_rel in sections:
             f.write(f"\n## {label}\n\n{md}\n")
         if "pool" in doc:
             f.write(f"\n## Pools, empty tasks (unpinned)\n\n{pool_table(doc['pool']['results'])}\n")
+        if "cluster" in doc:
+            f.write(f"\n## Cluster, 3 ranks on this machine (unpinned)\n\n"
+                    f"{cluster_table(doc['cluster']['results'], doc['cluster']['errors'])}\n")
     if not a.no_readme:
-        update_readme(sections, date, mach, pool_table(doc["pool"]["results"]) if "pool" in doc else None)
-    log(f"wrote bench/results/{date}.json, {date}.md and the plots")
+        # The main block is the placements' (and the pools'): refreshed only
+        # by a run that measured them.
+        if sections:
+            update_readme(sections, date, mach, pool_table(doc["pool"]["results"]) if "pool" in doc else None)
+        if "cluster" in doc:
+            update_readme_cluster(cluster_table(doc["cluster"]["results"], doc["cluster"]["errors"]), date, mach,
+                                  doc["cluster"]["load_average_at_start"])
+    log(f"wrote bench/results/{name}.json, {name}.md" + (" and the plots" if sections else ""))
     for key, _, _, _ in sections:
         errs = doc["placements"][key]["peer_errors"]
         if errs:
             log(f"peer errors ({key}): {errs}")
-
+    if "cluster" in doc and doc["cluster"]["errors"]:
+        log(f"cluster errors: {doc['cluster']['errors']}")
 
 if __name__ == "__main__":
     main()
