@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <deque>
+#include <exception>
 #include <unordered_map>
 
 #include "forklift/cluster/world.hpp"
@@ -412,6 +413,19 @@ Pool::Pool(World& world, PoolOptions options) {
 
 Pool::~Pool() {
   if (!core_ || core_->finalized) return;
+  if (std::uncaught_exceptions() > 0) {
+    // Unwinding: waiting for the tasks (forever, if one hangs) would keep
+    // the exception from ever reaching its handler, and the World's abort
+    // with it. The agents stop; what did not end is abandoned.
+    poolLog()->warn("cluster::Pool: destroyed while an exception unwinds; {} task(s) not ended are abandoned",
+                    core_->submitted - core_->completed);
+    try {
+      core_->stopAgents();
+    } catch (const std::exception& e) {
+      poolLog()->error("cluster::Pool: stopping the agents failed: {}", e.what());
+    }
+    return;
+  }
   try {
     finalize();
   } catch (const std::exception& e) {

@@ -236,7 +236,10 @@ class Pool {
   // Error on an agent rank or in a World of one rank; TimeoutError when an
   // agent did not say hello.
   explicit Pool(World& world, PoolOptions options = {});
-  // finalize() unless done; the agents' serve() returns in any case.
+  // finalize() unless done; the agents' serve() returns in any case. While
+  // an exception unwinds it does not wait for the tasks (one may hang): it
+  // stops the agents and abandons what did not end, so the exception reaches
+  // its handler (and a World it unwinds aborts the job, world.hpp).
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
