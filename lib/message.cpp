@@ -142,7 +142,11 @@ class Packer {
   // Memory the decoded message will take (see decodedBudget).
   std::uint64_t cost() const noexcept { return cost_; }
 
-  void message() {
+  // Flattened: msgpack-cxx's packer reaches Buffer::write through a member
+  // function pointer (packer::append_buffer), which gcc left as a call per
+  // header byte; inlined, each header becomes a store (BM_CodecRoundTrip:
+  // ~N instructions less per round trip).
+  [[gnu::flatten]] void message() {
     container(1, 3);
     cost_ += 3 * kListItemCost + m_.command().size();
     pk_.pack_array(3);
@@ -171,7 +175,7 @@ class Packer {
   }
 
   // `level` is the nesting level a container in this position would have.
-  void value(const Value& v, std::uint32_t level) {
+  [[gnu::flatten]] void value(const Value& v, std::uint32_t level) {
     switch (v.kind()) {
       case Value::Kind::Nil: pk_.pack_nil(); break;
       case Value::Kind::Bool: *v.getIf<bool>() ? pk_.pack_true() : pk_.pack_false(); break;
