@@ -144,8 +144,8 @@ class Packer {
 
   // Flattened: msgpack-cxx's packer reaches Buffer::write through a member
   // function pointer (packer::append_buffer), which gcc left as a call per
-  // header byte; inlined, each header becomes a store (BM_CodecRoundTrip:
-  // ~N instructions less per round trip).
+  // header; inlined, each header becomes a store (BM_CodecRoundTrip:
+  // 5,507 -> 4,935 instructions per round trip).
   [[gnu::flatten]] void message() {
     container(1, 3);
     cost_ += 3 * kListItemCost + m_.command().size();
@@ -634,8 +634,9 @@ struct ThreadParser {
 }
 
 // msgpack::parse(data, size, off, visitor), with a context kept from one
-// decode to the next: the same steps as its detail::parse_imp.
-bool parse(ThreadParser& p, const char* data, std::size_t size, std::size_t& off) {
+// decode to the next: the same steps as its detail::parse_imp. Flattened,
+// so that msgpack's state machine calls the builder's callbacks inline.
+[[gnu::flatten]] bool parse(ThreadParser& p, const char* data, std::size_t size, std::size_t& off) {
   if (size == 0) {
     p.builder.insufficient_bytes(0, 0);
     return false;
