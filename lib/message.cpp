@@ -370,14 +370,16 @@ class MessageBuilder {
     error.clear();
     limitHit = false;
   }
-  // Frees what a refused or half-built message left here.
+  // Frees what a refused or half-built message left here (a decoded one
+  // took its command and arguments): a thread keeps no memory of a message.
   void release() noexcept {
     if (generic_) {
       root_ = Value();
       for (Value& v : other_) v = Value();
       generic_ = false;
     }
-    args_.clear();
+    if (args_.capacity() != 0) Map().swap(args_);
+    if (command_.capacity() > kKeptCommand) std::string().swap(command_);
     // A huge frame stack (a deep message with a large Limits::maxDepth) is
     // not kept for the thread's lifetime.
     if (frames_.capacity() > 64) std::vector<Frame>().swap(frames_);
@@ -609,6 +611,7 @@ class MessageBuilder {
   bool envelope_ = false;
   std::uint32_t envelopePos_ = 0;  // elements of the envelope placed so far
   bool haveCommand_ = false, haveId_ = false, haveArgs_ = false;
+  static constexpr std::size_t kKeptCommand = 64;  // longer ones are not kept between decodes
   std::string command_;
   std::int64_t id_ = 0;
   Map args_;
