@@ -9,7 +9,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <functional>
+#include <limits>
 #include <random>
+#include <thread>
 #include <utility>
 
 #include "support.hpp"
@@ -633,6 +637,236 @@ TEST(Message, DecodeClosesEveryDescriptorOfARefusedMessage) {
   EXPECT_EQ(errorOf([&] { (void)decode(twice.data(), twice.size(), Limits{}, received(1)); }),
             "cannot decode message 'use': refers to descriptor 0 twice");
   EXPECT_EQ(test::openFdCount(), before + 1);  // only f
+}
+
+
+// ---------------------------------------------------------------- decode into place
+// The decoder builds a well-formed [command, id, {args}] straight into the
+// Message and anything else as a Value tree it then refuses; these cases try
+// each envelope position with each wrong kind, and the per-thread state that
+// one decode leaves for the next.
+
+struct Refusal {
+  std::string what;
+  std::string command;
+  std::uint64_t id = 0;
+  bool limit = false;
+};
+
+Refusal refusalOf(const Buffer& b, const Limits& limits = {}) {
+  try {
+    (void)decode(b.data(), b.size(), limits);
+  } catch (const LimitError& e) {
+    return {e.what(), e.command(), e.id(), true};
+  } catch (const DecodeError& e) {
+    return {e.what(), e.command(), e.id(), false};
+  }
+  ADD_FAILURE() << "decoded";
+  return {};
+}
+
+// An envelope of three elements, each packed by one of these.
+using Pack = std::function<void(msgpack::packer<Buffer>&)>;
+Buffer envelope(const Pack& first, const Pack& second, const Pack& third) {
+  Buffer b;
+  msgpack::packer<Buffer> pk(b);
+  pk.pack_array(3);
+  first(pk);
+  second(pk);
+  third(pk);
+  return b;
+}
+const Pack kCmd = [](msgpack::packer<Buffer>& pk) { pk.pack_str(4); pk.pack_str_body("ping", 4); };
+const Pack kId7 = [](msgpack::packer<Buffer>& pk) { pk.pack_uint64(7); };
+const Pack kArgs = [](msgpack::packer<Buffer>& pk) {
+  pk.pack_map(1);
+  pk.pack_str(1);
+  pk.pack_str_body("a", 1);
+  pk.pack_int(1);
+};
+const Pack kNil = [](msgpack::packer<Buffer>& pk) { pk.pack_nil(); };
+const Pack kInt = [](msgpack::packer<Buffer>& pk) { pk.pack_int(3); };
+const Pack kNeg = [](msgpack::packer<Buffer>& pk) { pk.pack_int(-1); };
+// Not integral: msgpack-cxx packs an integral double as an integer.
+const Pack kDouble = [](msgpack::packer<Buffer>& pk) { pk.pack_double(7.5); };
+const Pack kStr = [](msgpack::packer<Buffer>& pk) { pk.pack_str(1); pk.pack_str_body("s", 1); };
+const Pack kBin = [](msgpack::packer<Buffer>& pk) { pk.pack_bin(1); pk.pack_bin_body("b", 1); };
+const Pack kList = [](msgpack::packer<Buffer>& pk) { pk.pack_array(2); pk.pack_int(1); pk.pack_str(1); pk.pack_str_body("x", 1); };
+const Pack kMap = [](msgpack::packer<Buffer>& pk) {
+  pk.pack_map(1);
+  pk.pack_str(1);
+  pk.pack_str_body("k", 1);
+  pk.pack_array(0);
+};
+
+TEST(DecodeInPlace, EachEnvelopePositionOfAnotherKindIsNotATriple) {
+  const std::string notTriple = "not a [command, id, args] triple";
+  struct Case {
+    const char* what;
+    Buffer body;
+    std::string command;  // what the error names
+    std::uint64_t id;
+  };
+  std::vector<Case> cases;
+  for (const Pack* wrong : {&kNil, &kInt, &kNeg, &kDouble, &kBin, &kList, &kMap})
+    cases.push_back({"command of another kind", envelope(*wrong, kId7, kArgs), "", 7});
+  for (const Pack* wrong : {&kNil, &kNeg, &kDouble, &kStr, &kBin, &kList, &kMap})
+    cases.push_back({"id of another kind", envelope(kCmd, *wrong, kArgs), "ping", 0});
+  for (const Pack* wrong : {&kNil, &kInt, &kDouble, &kStr, &kBin, &kList})
+    cases.push_back({"arguments of another kind", envelope(kCmd, kId7, *wrong), "ping", 7});
+  cases.push_back({"everything of another kind", envelope(kList, kMap, kList), "", 0});
+  cases.push_back({"command and arguments swapped", envelope(kArgs, kId7, kCmd), "", 7});
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    const Refusal r = refusalOf(c.body);
+    EXPECT_FALSE(r.limit);
+    EXPECT_EQ(r.what, "cannot decode message" + (c.command.empty() ? std::string() : " '" + c.command + "'") +
+                          ": " + notTriple);
+    EXPECT_EQ(r.command, c.command);
+    EXPECT_EQ(r.id, c.id);
+  }
+}
+
+TEST(DecodeInPlace, OtherRootsAreNotATriple) {
+  std::vector<Buffer> roots;
+  for (const Pack* p : {&kNil, &kInt, &kStr, &kBin, &kList, &kMap, &kArgs}) {
+    Buffer b;
+    msgpack::packer<Buffer> pk(b);
+    (*p)(pk);
+    roots.push_back(b);
+  }
+  for (std::uint32_t n : {0u, 1u, 2u, 4u}) {  // arrays of other lengths, a message's parts first
+    Buffer b;
+    msgpack::packer<Buffer> pk(b);
+    pk.pack_array(n);
+    const Pack* parts[] = {&kCmd, &kId7, &kArgs, &kNil};
+    for (std::uint32_t i = 0; i < n; ++i) (*parts[i])(pk);
+    roots.push_back(b);
+  }
+  for (const Buffer& b : roots) {
+    const Refusal r = refusalOf(b);
+    EXPECT_EQ(r.what, "cannot decode message: not a [command, id, args] triple");
+    EXPECT_EQ(r.command, "");
+    EXPECT_EQ(r.id, 0u);
+  }
+}
+
+// An error inside an envelope element of another kind is still the first
+// error reported, with what was read before it.
+TEST(DecodeInPlace, ErrorsInsideAnEnvelopeElementOfAnotherKindComeFirst) {
+  const Pack deep = [](msgpack::packer<Buffer>& pk) {
+    for (int i = 0; i < 40; ++i) pk.pack_array(1);
+    pk.pack_int(1);
+  };
+  Refusal r = refusalOf(envelope(deep, kId7, kArgs));
+  EXPECT_TRUE(r.limit);
+  EXPECT_EQ(r.what, "cannot decode message: nests deeper than 32 levels");
+  EXPECT_EQ(r.id, 0u);  // the id comes after the refused element
+  r = refusalOf(envelope(kCmd, deep, kArgs));
+  EXPECT_EQ(r.what, "cannot decode message 'ping': nests deeper than 32 levels");
+  EXPECT_EQ(r.command, "ping");
+  const Pack badKey = [](msgpack::packer<Buffer>& pk) {
+    pk.pack_map(1);
+    pk.pack_int(1);
+    pk.pack_int(2);
+  };
+  r = refusalOf(envelope(kCmd, kId7, [&](msgpack::packer<Buffer>& pk) {
+    pk.pack_array(1);
+    badKey(pk);
+  }));
+  EXPECT_EQ(r.what, "cannot decode message 'ping': map key is not a string");
+  EXPECT_EQ(r.id, 7u);
+  // An id over int64 is refused where it is read.
+  r = refusalOf(envelope(kCmd, [](msgpack::packer<Buffer>& pk) { pk.pack_uint64(1ull << 63); }, kArgs));
+  EXPECT_EQ(r.what, "cannot decode message 'ping': integer 9223372036854775808 does not fit int64");
+  EXPECT_EQ(r.id, 0u);
+}
+
+TEST(DecodeInPlace, LongStringsKeysAndTheLargestIdRoundTrip) {
+  const std::string longCommand(300, 'c');  // past the short-string buffer
+  const std::string longKey(70000, 'k');    // str32 on the wire
+  Message m(longCommand, {{longKey, std::string(100, 'v')},
+                          {"", ""},
+                          {"dup", 1},
+                          {"dup", 2},  // duplicate keys stay, in order
+                          {"nested", Map{{longKey, Map{{"", List{Map{{"x", List{}}}, Map{}}}}}}}});
+  m.setId(static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()));
+  const Message out = roundTrip(m);
+  EXPECT_EQ(out, m);
+  EXPECT_EQ(out.args()[3].second.as<int>(), 2);
+}
+
+TEST(DecodeInPlace, DepthAndElementLimitsAtTheirEdges) {
+  Limits l;
+  l.maxDepth = 5;  // envelope 1, args 2, then three more levels
+  EXPECT_NO_THROW(roundTrip(Message("d", {{"v", nested(3)}}), l));
+  EXPECT_THROW(roundTrip(Message("d", {{"v", nested(4)}}), l), LimitError);
+  // Elements: 3 in the envelope, 1 argument, then the list's items.
+  Limits e;
+  e.maxElements = 3 + 1 + 10;
+  EXPECT_NO_THROW(roundTrip(Message("w", {{"l", List(10, Value(1))}}), e));
+  const Buffer over = encoded(Message("w", {{"l", List(11, Value(1))}}));
+  const Refusal r = refusalOf(over, e);
+  EXPECT_TRUE(r.limit);
+  EXPECT_EQ(r.what, "cannot decode message 'w': has more than 14 elements");
+}
+
+// What one decode leaves behind (a half-built message, an open container, a
+// tree of another shape) never shows in the next.
+TEST(DecodeInPlace, EveryDecodeStartsClean) {
+  Message good("ok", {{"a", List{1, Map{{"b", "c"}}}}, {"d", Bytes{1, 2}}});
+  good.setId(3);
+  const Buffer g = encoded(good);
+  Limits lax;
+  lax.maxDepth = 64;
+  const std::vector<Buffer> bad = {
+      encodedWith(Message("deep", {{"t", nested(40)}, {"after", 1}}), lax),
+      envelope(kList, kId7, kArgs),
+      envelope(kCmd, kId7, kList),
+      [] {
+        Buffer b;
+        msgpack::packer<Buffer> pk(b);
+        kMap(pk);
+        return b;
+      }(),
+      Buffer(),
+  };
+  for (int round = 0; round < 3; ++round) {
+    for (const Buffer& b : bad) {
+      EXPECT_ANY_THROW(decode(b.data(), b.size()));
+      const Message out = decode(g.data(), g.size());
+      EXPECT_EQ(out, good);
+    }
+    // A truncated good message at every length, then the whole one.
+    for (std::size_t n = 0; n < g.size(); ++n) EXPECT_ANY_THROW(decode(g.data(), n));
+    EXPECT_EQ(decode(g.data(), g.size()), good);
+  }
+}
+
+// Each thread decodes with its own state.
+TEST(DecodeInPlace, ThreadsDecodeAtTheSameTime) {
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([t, &wrong] {
+      for (int i = 0; i < 2000; ++i) {
+        Message m("t" + std::to_string(t), {{"i", i}, {"l", List{t, std::string(20 + t, 'x')}}});
+        m.setId(static_cast<std::uint64_t>(i));
+        Buffer b;
+        encode(m, b);
+        if (i % 7 == 0) {
+          try {
+            (void)decode(b.data(), b.size() - 1);
+            ++wrong;
+          } catch (const DecodeError&) {
+          }
+        }
+        if (!(decode(b.data(), b.size()) == m)) ++wrong;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 }  // namespace
