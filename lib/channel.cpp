@@ -550,7 +550,7 @@ std::optional<Message> Channel::takeFrame() {
   }
   Message m = decode(body, len, limits_, std::move(fds));
   detail::countMessageIn();
-  if (rend_ == 0 && rbuf_.size() > kKeepRecvBuffer) std::vector<char>().swap(rbuf_);
+  if (rend_ == 0 && rbuf_.size() > kKeepRecvBuffer) decltype(rbuf_)().swap(rbuf_);
   return m;
 }
 

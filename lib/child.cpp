@@ -528,7 +528,8 @@ pid_t forkBackend(const ChildSetup& setup, const std::function<int()>& body, int
 
 namespace {
 
-std::unique_ptr<Child> startForked(const ChildSetup& setup, const std::function<int()>& body, spdlog::logger* log,
+std::unique_ptr<Child> startForked(const ChildSetup& setup, const std::function<int()>& body,
+                                   const std::function<spdlog::logger&()>& log,
                                    const std::string& whyNotServed) {
   const int threads = otherThreads();
   if (threads > 0) {
@@ -540,7 +541,7 @@ std::unique_ptr<Child> startForked(const ChildSetup& setup, const std::function<
                   "starts one) and start that before any thread; or start forklift processes before starting "
                   "threads, or set ProcessOptions::allowThreads if you know every thread is fork-safe.");
     if (log)
-      log->warn("forking while {} other threads run (allowThreads is set): the child gets only this thread; "
+      log().warn("forking while {} other threads run (allowThreads is set): the child gets only this thread; "
                 "any lock another thread held at fork stays locked in the child",
                 threads);
   }
@@ -653,7 +654,8 @@ class ThreadChild final : public Child {
 
 }  // namespace
 
-std::unique_ptr<Child> Child::start(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log) {
+std::unique_ptr<Child> Child::start(const ChildSetup& setup, std::function<int()> body,
+                                    const std::function<spdlog::logger&()>& log) {
   if (setup.inProcess) return std::make_unique<ThreadChild>(std::move(body));
   std::string whyNotServed = "the start names no recipe";
   if (setup.served) {

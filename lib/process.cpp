@@ -272,7 +272,7 @@ void MessageProcess::start() {
     bellFd = bell;
     child_ = detail::Child::start(
         setup, [this, back, bell] { return runBackend(std::move(back->first), std::move(back->second), bell); },
-        &logger());
+        [this]() -> spdlog::logger& { return logger(); });
     back.reset();  // forked: the child has its ends; in-process: the thread does
     detail::frontend_fds::add({bell});
     registerFds(sharedFds);
@@ -399,7 +399,7 @@ int MessageProcess::runBackend(Channel cmd, Channel out, int stopBell) {
     return kExitPreRunFailed;
   }
   b.sendReady();
-  b.log().debug("running, pid {}", ::getpid());
+  if (b.logs(spdlog::level::debug)) b.log().debug("running, pid {}", ::getpid());
   b.run();
   if (!b.userGone()) {
     try {
@@ -414,7 +414,7 @@ int MessageProcess::runBackend(Channel cmd, Channel out, int stopBell) {
   }
   if (b.corrupt()) code = kExitCorruptStream;
   b.flush(Timeout(1000));
-  b.log().debug("leaving with code {}", code);
+  if (b.logs(spdlog::level::debug)) b.log().debug("leaving with code {}", code);
   backend_.reset();
   return code;
 }
