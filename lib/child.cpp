@@ -492,6 +492,7 @@ class Forker {
 }  // namespace
 
 pid_t forkBackend(const ChildSetup& setup, const std::function<int()>& body, int deathWrite, int closeInChild) {
+  prepareProcessTitle();  // once per process: the child then reads no /proc for its title
   std::fflush(nullptr);  // or the child would flush the frontend's buffered output a second time
   std::cout.flush();
   const pid_t parent = ::getpid();

@@ -32,6 +32,13 @@ namespace forklift::detail {
 
 void setProcessTitle(const std::string& comm, const std::string& title) noexcept;
 
+// Before a fork, in the process that forks: reads the kernel's bounds of
+// the area (/proc/self/stat) once per process, so that setProcessTitle in
+// every child forked from then on opens nothing (a child that lowered its
+// descriptor limit to what it holds still gets its title). Thread-safe; a
+// no-op after the first call and in a process whose title was set.
+void prepareProcessTitle() noexcept;
+
 // For tests: how the argv+environ area is found. `procStat` is what
 // setProcessTitle uses; `walkStrings` is its fallback when /proc/self/stat
 // does not show the area (it follows the environ strings from the end of
