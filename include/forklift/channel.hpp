@@ -136,6 +136,12 @@ class Channel {
   // Throws SystemError when the memory or a descriptor cannot be had.
   static std::pair<Channel, Channel> makeSharedPair(const Limits& limits, std::size_t toSecond,
                                                     std::size_t toFirst);
+  // Two such pairs whose four queues share one mapping (a backend's command
+  // and output channels): one mmap, one madvise and one munmap instead of
+  // two each. The memory lives until the last of the four ends closes.
+  using Pair = std::pair<Channel, Channel>;
+  static std::pair<Pair, Pair> makeSharedPairs(const Limits& limits, std::size_t toSecond1, std::size_t toFirst1,
+                                               std::size_t toSecond2, std::size_t toFirst2);
 
   Channel() = default;  // an empty channel: fd() == -1
   // Adopts a connected stream socket.
@@ -270,6 +276,7 @@ class Channel {
   std::size_t writeSome(const char* p, std::size_t n, std::span<const int> fds = {});
 
  private:
+  static void attachQueues(Pair& pair, const std::shared_ptr<detail::ShmLink>& link, int first);
   enum class Ready : std::uint8_t { Timeout, Fd, PeerDied };
   // Polls fd() for `events` and the death descriptor, if any. Fd wins when
   // both are ready, so bytes already there are handled first.
