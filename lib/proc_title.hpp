@@ -16,8 +16,11 @@
 //
 // The title is cut to fit the area and one page (the most the kernel shows).
 // The area is trusted only when program_invocation_name, /proc/self/cmdline
-// and /proc/self/stat (arg_start..env_end) agree; otherwise, or when an
-// allocation fails, only comm is set. The function never throws and never
+// and /proc/self/stat (arg_start..env_end) agree -- or, in a child forked
+// after prepareProcessTitle (below), when program_invocation_name is at the
+// kernel's arg_start and the argv strings end exactly at its arg_end, read
+// from memory without opening /proc; otherwise, or when an allocation
+// fails, only comm is set. The function never throws and never
 // crashes the process over a title.
 //
 // Call it only while the process has one thread (right after fork): it
