@@ -115,6 +115,10 @@ spdlog::logger& Backend::log() {
   return *log_;
 }
 
+bool Backend::logs(spdlog::level::level_enum level) const noexcept {
+  return log_ ? log_->should_log(level) : level >= newLoggerLevel();
+}
+
 Backend::~Backend() {
   closeAll();
   uv_run(&loop_, UV_RUN_DEFAULT);  // runs the close callbacks
@@ -367,7 +371,7 @@ void Backend::onOutPoll(uv_poll_t* h, int status, int) {
 
 void Backend::onStopBell(uv_poll_t* h, int, int) {
   auto* self = static_cast<Backend*>(h->data);
-  self->log().debug("stop requested");
+  if (self->logs(spdlog::level::debug)) self->log().debug("stop requested");
   uv_poll_stop(h);
   try {
     // Commands sent before the request are in the channel already: every
@@ -400,7 +404,7 @@ void Backend::onCommandReadable(bool waited) {
       requestStop();
       return;
     } catch (const PeerClosed&) {
-      if (!stopping_) log().debug("the frontend closed the command channel; stopping");
+      if (!stopping_ && logs(spdlog::level::debug)) log().debug("the frontend closed the command channel; stopping");
       frontendGone_ = true;
       requestStop();
       return;
@@ -460,10 +464,10 @@ void Backend::dispatch(Message& m) {
   // task that throws is an expected outcome, not this process's error):
   // logged at debug. A send's failure is reported as an event too, but
   // nobody may read it, so it is logged as an error here.
-  if (id)
-    log().debug("{}", why);
-  else
+  if (!id)
     log().error("{}", why);
+  else if (logs(spdlog::level::debug))
+    log().debug("{}", why);
   reply.reject(why);
 }
 

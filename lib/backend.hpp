@@ -39,6 +39,9 @@
 
 namespace forklift::detail {
 
+// The level a logger made now by makeLogger gets (formatLogger's), in log.cpp.
+spdlog::level::level_enum newLoggerLevel() noexcept;
+
 using CommandFn = std::function<Value(const Message&, Reply&)>;
 using CommandTable = std::unordered_map<std::string, CommandFn>;
 
@@ -66,6 +69,11 @@ class Backend : public std::enable_shared_from_this<Backend> {
   Backend& operator=(const Backend&) = delete;
 
   spdlog::logger& log();
+  // Whether a line at `level` would be written: asked before the lines of
+  // an ordinary run (ready, stop, exit), so that a backend that never logs
+  // never makes its logger (about 10,000 instructions, a terminal check and
+  // the lazy binding of spdlog in each child).
+  bool logs(spdlog::level::level_enum level) const noexcept;
 
   void sendReady();
   void sendFailed(const std::string& why);

@@ -68,20 +68,34 @@ Channel::Channel(int fd, const Limits& limits) : fd_(fd), limits_(limits) {}
 
 std::pair<Channel, Channel> Channel::makeSharedPair(const Limits& limits, std::size_t toSecond, std::size_t toFirst) {
   auto pair = makePair(limits);
-  auto link = detail::ShmLink::make(toSecond, toFirst);
+  attachQueues(pair, detail::ShmLink::make(toSecond, toFirst), 0);
+  return pair;
+}
+
+std::pair<Channel::Pair, Channel::Pair> Channel::makeSharedPairs(const Limits& limits, std::size_t toSecond1,
+                                                                 std::size_t toFirst1, std::size_t toSecond2,
+                                                                 std::size_t toFirst2) {
+  std::pair<Pair, Pair> pairs{makePair(limits), makePair(limits)};
+  auto link = detail::ShmLink::make({toSecond1, toFirst1, toSecond2, toFirst2});
+  attachQueues(pairs.first, link, 0);
+  attachQueues(pairs.second, link, 2);
+  return pairs;
+}
+
+// The pair's first end writes queue `first` and reads queue `first + 1`.
+void Channel::attachQueues(Pair& pair, const std::shared_ptr<detail::ShmLink>& link, int first) {
   Channel* ends[2] = {&pair.first, &pair.second};
   for (int side = 0; side < 2; ++side) {
     Channel& c = *ends[side];
     c.link_ = link;
-    c.out_ = link->pipe(side);
-    c.in_ = link->pipe(1 - side);
+    c.out_ = link->pipe(first + side);
+    c.in_ = link->pipe(first + 1 - side);
     if (!c.in_) continue;
     // One descriptor to poll for "a message or the end", as a socket is.
     c.readSet_.reset(::epoll_create1(EPOLL_CLOEXEC));
     if (!c.readSet_) detail::throwErrno("cannot create the channel's epoll set");
     c.watchInputIn(c.readSet_.get(), kBellTag, kEndTag);
   }
-  return pair;
 }
 
 void Channel::watchInputIn(int epollFd, std::uint64_t tag, std::uint64_t endTag) const {
@@ -550,7 +564,7 @@ std::optional<Message> Channel::takeFrame() {
   }
   Message m = decode(body, len, limits_, std::move(fds));
   detail::countMessageIn();
-  if (rend_ == 0 && rbuf_.size() > kKeepRecvBuffer) std::vector<char>().swap(rbuf_);
+  if (rend_ == 0 && rbuf_.size() > kKeepRecvBuffer) decltype(rbuf_)().swap(rbuf_);
   return m;
 }
 

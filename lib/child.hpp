@@ -140,8 +140,11 @@ class Child {
   // Runs `body` in a forked child (it leaves with _exit(body())) or in a
   // thread. Throws Error when forking is refused (other threads run), and
   // SystemError when the fork or its pidfd fails (nothing is left behind).
-  // `log` receives the warning of a fork with allowThreads.
-  static std::unique_ptr<Child> start(const ChildSetup& setup, std::function<int()> body, spdlog::logger* log);
+  // `log` gives the logger for the warning of a fork with allowThreads;
+  // called only then (making a logger costs more than the rest of a
+  // start's frontend work before the fork).
+  static std::unique_ptr<Child> start(const ChildSetup& setup, std::function<int()> body,
+                                      const std::function<spdlog::logger&()>& log);
 
   // True when a start naming `recipe` would go through the fork server now.
   static bool wouldServe(std::uint64_t recipe);

@@ -81,6 +81,10 @@ class SinkFailureReporter {
 
 }  // namespace
 
+namespace detail {
+spdlog::level::level_enum newLoggerLevel() noexcept { return static_cast<spdlog::level::level_enum>(g_level.load()); }
+}  // namespace detail
+
 void formatLogger(spdlog::level::level_enum level) {
   g_level = level;
   spdlog::set_pattern(kPattern);

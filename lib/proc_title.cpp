@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
+#include <mutex>
 #include <optional>
 
 #include "forklift/detail/fd.hpp"
@@ -84,10 +86,44 @@ std::optional<StatFields> readStat() {
   return f;
 }
 
+// The kernel's bounds, read once by the frontend before its first fork
+// (prepareProcessTitle): they are fixed at exec, so every backend forked
+// later finds its area without opening /proc. Reading /proc/self/cmdline
+// and /proc/self/stat in each child was two opens, four reads and the
+// kernel's formatting of 52 fields: +100 us of a fork until ready on the
+// test machine (a fork whose child only set its title, against a bare one).
+std::once_flag g_statOnce;
+std::optional<StatFields> g_stat;     // written once, under g_statOnce
+std::atomic<bool> g_statKnown{false}; // g_stat may be read (set after it is written)
+
+// The area from the kernel's bounds alone, checked without reading outside
+// them: program_invocation_name must be where the kernel put argv[0], and
+// [arg_start, arg_end) must be whole strings, the last one ending with its
+// NUL exactly at arg_end (a title rewritten without one is refused, as
+// findArea refuses it in /proc/self/cmdline).
+std::optional<Area> areaFromStat(const StatFields& st) {
+  char* const base = program_invocation_name;
+  if (base == nullptr || addr(base) != st.argStart) return std::nullopt;
+  char* const end = reinterpret_cast<char*>(st.argEnd);
+  for (char* p = base; p < end;) {
+    const std::size_t n = ::strnlen(p, static_cast<std::size_t>(end - p));
+    if (n == static_cast<std::size_t>(end - p)) return std::nullopt;  // no NUL before arg_end
+    p += n + 1;
+  }
+  Area a;
+  a.begin = base;
+  a.argEnd = end;
+  a.envEnd = st.envStart == st.argEnd && st.envEnd > st.envStart ? reinterpret_cast<char*>(st.envEnd) : end;
+  a.startStack = st.startStack;
+  return a;
+}
+
 // Finds the area and checks that program_invocation_name, /proc/self/cmdline
 // and the kernel's bounds agree. Reads nothing outside a string until the
 // bounds are confirmed.
 std::optional<Area> findArea(TitleAreaSource source) {
+  if (source == TitleAreaSource::procStat && g_statKnown.load(std::memory_order_acquire))
+    return g_stat ? areaFromStat(*g_stat) : std::nullopt;
   const std::string cmdline = readFile("/proc/self/cmdline");
   char* const base = program_invocation_name;
   if (base == nullptr || cmdline.empty() || cmdline.back() != '\0') return std::nullopt;
@@ -209,6 +245,18 @@ void writeTitle(const std::string& title, TitleAreaSource source) {
 }
 
 }  // namespace
+
+void prepareProcessTitle() noexcept {
+  if (g_claimed.begin != nullptr || g_statKnown.load(std::memory_order_acquire)) return;
+  try {
+    std::call_once(g_statOnce, [] {
+      g_stat = readStat();
+      g_statKnown.store(true, std::memory_order_release);
+    });
+  } catch (...) {
+    // Out of memory: each backend reads /proc itself, as before.
+  }
+}
 
 void setProcessTitle(const std::string& comm, const std::string& title, TitleAreaSource source) noexcept {
   char name[16] = {};  // comm holds 15 characters and a NUL

@@ -16,8 +16,11 @@
 //
 // The title is cut to fit the area and one page (the most the kernel shows).
 // The area is trusted only when program_invocation_name, /proc/self/cmdline
-// and /proc/self/stat (arg_start..env_end) agree; otherwise, or when an
-// allocation fails, only comm is set. The function never throws and never
+// and /proc/self/stat (arg_start..env_end) agree -- or, in a child forked
+// after prepareProcessTitle (below), when program_invocation_name is at the
+// kernel's arg_start and the argv strings end exactly at its arg_end, read
+// from memory without opening /proc; otherwise, or when an allocation
+// fails, only comm is set. The function never throws and never
 // crashes the process over a title.
 //
 // Call it only while the process has one thread (right after fork): it
@@ -31,6 +34,13 @@
 namespace forklift::detail {
 
 void setProcessTitle(const std::string& comm, const std::string& title) noexcept;
+
+// Before a fork, in the process that forks: reads the kernel's bounds of
+// the area (/proc/self/stat) once per process, so that setProcessTitle in
+// every child forked from then on opens nothing (a child that lowered its
+// descriptor limit to what it holds still gets its title). Thread-safe; a
+// no-op after the first call and in a process whose title was set.
+void prepareProcessTitle() noexcept;
 
 // For tests: how the argv+environ area is found. `procStat` is what
 // setProcessTitle uses; `walkStrings` is its fallback when /proc/self/stat

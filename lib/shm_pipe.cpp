@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "child.hpp"
+#include "forklift/error.hpp"
 #include "doorbell.hpp"
 #include "posix.hpp"
 #include "seams.hpp"
@@ -123,9 +124,14 @@ bool Pipe::writerArm() {
   return true;
 }
 
-std::shared_ptr<ShmLink> ShmLink::make(std::size_t ab, std::size_t ba) {
+std::shared_ptr<ShmLink> ShmLink::make(std::size_t ab, std::size_t ba) { return make({ab, ba}); }
+
+std::shared_ptr<ShmLink> ShmLink::make(std::initializer_list<std::size_t> sizes) {
+  if (sizes.size() > kMaxPipes) throw Error("ShmLink::make: more than " + std::to_string(kMaxPipes) + " queues");
   std::shared_ptr<ShmLink> link(new ShmLink);
-  const std::size_t caps[2] = {ab ? roundUp(ab) : 0, ba ? roundUp(ba) : 0};
+  std::size_t caps[kMaxPipes] = {};
+  int n = 0;
+  for (std::size_t want : sizes) caps[n++] = want ? roundUp(want) : 0;
   // One page-aligned block per queue: its header page, then its data.
   std::size_t bytes = 0;
   for (std::size_t c : caps)
@@ -135,13 +141,13 @@ std::shared_ptr<ShmLink> ShmLink::make(std::size_t ab, std::size_t ba) {
   link->base_ = base;
   link->bytes_ = bytes;
   char* at = static_cast<char*>(base);
-  for (int dir = 0; dir < 2; ++dir) {
-    if (!caps[dir]) continue;
-    Pipe& p = link->pipes_[dir];
+  for (int i = 0; i < n; ++i) {
+    if (!caps[i]) continue;
+    Pipe& p = link->pipes_[i];
     p.h = new (at) PipeHeader{};  // the mapping is zeroed: cursors start at 0
     p.data = at + 4096;
-    p.capacity = caps[dir];
-    at += 4096 + caps[dir];
+    p.capacity = caps[i];
+    at += 4096 + caps[i];
     p.dataBell.reset(syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     p.spaceBell.reset(syscalls.eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!p.dataBell || !p.spaceBell) throwErrno("cannot create the doorbells of the channel's shared-memory queues");

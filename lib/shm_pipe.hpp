@@ -28,6 +28,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 
 #include "forklift/detail/fd.hpp"
@@ -82,15 +83,20 @@ struct Pipe {
 
 class ShmLink {
  public:
+  static constexpr int kMaxPipes = 4;
   // `ab` and `ba` are the capacities of the two directions (rounded up to
   // a power of two, at least 4 KiB; 0 for no queue). Throws SystemError.
   static std::shared_ptr<ShmLink> make(std::size_t ab, std::size_t ba);
+  // Up to kMaxPipes queues in one mapping (two channel pairs' directions):
+  // one mmap, one madvise and one munmap for all of them.
+  static std::shared_ptr<ShmLink> make(std::initializer_list<std::size_t> caps);
   ~ShmLink();
   ShmLink(const ShmLink&) = delete;
   ShmLink& operator=(const ShmLink&) = delete;
 
-  // dir 0: end A writes, end B reads; dir 1 the other way. Null when absent.
-  Pipe* pipe(int dir) noexcept { return pipes_[dir].capacity ? &pipes_[dir] : nullptr; }
+  // Queue `i` in the order given to make: with make(ab, ba), 0 is end A
+  // writing to end B, 1 the other way. Null when absent.
+  Pipe* pipe(int i) noexcept { return pipes_[i].capacity ? &pipes_[i] : nullptr; }
   // Processes forked from now on do not inherit the mapping (the backend
   // that uses it is forked already).
   void hideFromLaterForks() noexcept;
@@ -100,7 +106,7 @@ class ShmLink {
   void* base_ = nullptr;
   std::size_t bytes_ = 0;
   bool hidden_ = false;  // listed in frontend_maps
-  Pipe pipes_[2];
+  Pipe pipes_[kMaxPipes];
 };
 
 }  // namespace forklift::detail

@@ -146,6 +146,33 @@ class Pinger : public MessageProcess {
   std::string c__ping() { return "pong"; }
 };
 
+// Whether `pid` holds a descriptor of `path` open.
+bool holdsOpen(pid_t pid, const fs::path& path) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec))
+    if (fs::read_symlink(e.path(), ec) == path) return true;
+  return false;
+}
+
+// Each side makes its logger at its first line (log.hpp): a backend that
+// has logged nothing has not opened its log file; its first line (an
+// unknown command is an error line) opens it and lands in it.
+TEST(Log, ABackendOpensItsLogFileAtItsFirstLineNotAtItsStart) {
+  TempDir dir;
+  CaptureStderr err(dir);
+  ProcessOptions o;
+  o.logFile = (dir.path() / "backend.log").string();
+  Pinger p("lazy", o);
+  p.start();
+  EXPECT_EQ(p.call("ping", {}, test::slow(5s)).as<std::string>(), "pong");
+  EXPECT_FALSE(holdsOpen(p.pid(), o.logFile)) << "a logger was made by an ordinary start and call";
+  p.send("nope");
+  EXPECT_EQ(p.call("ping", {}, test::slow(5s)).as<std::string>(), "pong");  // after the error line
+  EXPECT_TRUE(holdsOpen(p.pid(), o.logFile));
+  EXPECT_TRUE(p.stop(test::slow(5s)).ok());
+  EXPECT_TRUE(contains(readFile(o.logFile), "unknown command 'nope'")) << readFile(o.logFile);
+}
+
 // The issue: a backend whose log file fails dies at its first error line.
 TEST(Log, ABackendWhoseLogFileFailsKeepsServing) {
   TempDir dir;

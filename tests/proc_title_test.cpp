@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -241,6 +242,28 @@ class TitledProcess : public MessageProcess {
  private:
   std::string c__cmdline() { return readFile("/proc/self/cmdline"); }
 };
+
+// prepareProcessTitle reads the area's bounds before the fork: a child then
+// sets its title without opening anything. Here it cannot open anything
+// (its descriptor limit is 0); reading /proc in the child, as before,
+// left it with only its comm.
+TEST(ProcTitle, AChildForkedAfterPreparingSetsItsTitleWithoutOpeningAFile) {
+  detail::prepareProcessTitle();
+  expectTitleSeenFromOutside(
+      [] {
+        rlimit lim{};
+        if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return std::string("getrlimit failed");
+        const rlimit none{0, lim.rlim_max};
+        if (::setrlimit(RLIMIT_NOFILE, &none) != 0) return std::string("setrlimit failed");
+        const bool opened = UniqueFd(::open("/proc/self/stat", O_RDONLY | O_CLOEXEC)).valid() || errno != EMFILE;
+        if (!opened) detail::setProcessTitle("prepared", "forklift: prepared");
+        // Back to the limit it had: poll refuses more descriptors than it.
+        if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) return std::string("setrlimit back failed");
+        if (opened) return std::string("the limit did not hold: /proc/self/stat could still be opened");
+        return std::string();
+      },
+      "forklift: prepared");
+}
 
 TEST(ProcTitle, ABackendShowsForkliftClassDotNameInPs) {
   TitledProcess p("x");

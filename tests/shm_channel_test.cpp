@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 #include <thread>
@@ -236,6 +237,44 @@ TEST(ShmChannel, ClosingBothEndsReleasesEveryDescriptor) {
     EXPECT_GT(test::openFdCount(), before + 4);
   }
   EXPECT_EQ(test::openFdCount(), before);
+}
+
+// The mappings of this process that hold shared anonymous memory (the
+// queues are "/dev/zero (deleted)" in /proc/self/maps).
+int sharedAnonymousMappings() {
+  std::istringstream maps(test::readFile("/proc/self/maps"));
+  int n = 0;
+  for (std::string line; std::getline(maps, line);)
+    if (line.find("/dev/zero") != std::string::npos) ++n;
+  return n;
+}
+
+// makeSharedPairs: two pairs, four queues, one mapping; each pair carries
+// its own stream both ways, and the memory stays while any end is open.
+TEST(ShmChannel, TwoPairsShareOneMappingAndKeepTheirStreamsApart) {
+  const int before = sharedAnonymousMappings();
+  auto [first, second] = Channel::makeSharedPairs({}, kQueue, kQueue, 0, kQueue);
+  EXPECT_EQ(sharedAnonymousMappings(), before + 1);
+  auto& [a, b] = first;
+  auto& [c, d] = second;
+  a.send(Message("a to b"));
+  b.send(Message("b to a"));
+  d.send(Message("d to c"));
+  EXPECT_EQ(b.recv(test::slow(1s))->command(), "a to b");
+  EXPECT_EQ(a.recv(test::slow(1s))->command(), "b to a");
+  EXPECT_EQ(c.recv(test::slow(1s))->command(), "d to c");
+  EXPECT_FALSE(b.recv(Timeout(20)));
+  EXPECT_FALSE(c.recv(Timeout(20)));
+  EXPECT_TRUE(contains(thrown<Error>([&c = c] { c.send(Message("no")); }), "only receives"));
+  // The first pair closed, the second still works in the same memory.
+  a.close();
+  b.close();
+  EXPECT_EQ(sharedAnonymousMappings(), before + 1);
+  d.send(Message("still"));
+  EXPECT_EQ(c.recv(test::slow(1s))->command(), "still");
+  c.close();
+  d.close();
+  EXPECT_EQ(sharedAnonymousMappings(), before);
 }
 
 // --- waiting on the doorbell directly (watchInputIn, waitInput, holdRings)

@@ -9,7 +9,8 @@
 // `formatLogger(level)` is the one-call setup (valkka-multiprocess's
 // `formatLogger`): pattern and level for spdlog's default logger and for
 // every forklift logger made afterwards. Call it at the top of main; a
-// MessageProcess makes its logger in start().
+// MessageProcess makes each side's logger when that side first writes a
+// line its level lets through (a start that logs nothing makes none).
 //
 // A logger can also write to a file of its own; a backend opens its file
 // after the fork (a file sink made before fork would be shared by both sides).
