@@ -25,7 +25,11 @@
 // MPI_Isend, completes them with MPI_Test, and takes messages on forklift's
 // tag with MPI_Improbe + MPI_Mrecv (a matched probe: the exact size first, then
 // the receive of exactly that message; MPI-3, so MPICH works too). When a turn
-// moved nothing it spins for `WorldOptions::spin`, then sleeps: 10 us at first,
+// moved nothing it spins for `WorldOptions::spin` (1 ms: a task's trip
+// through an agent and back fits in it, so neither side's MPI thread sleeps
+// in the middle; bench/compare's cluster table, on this 2-vCPU VM: one task
+// at a time 72 us against 5.6 ms with a 50 us spin, and 3.8 times the
+// tasks/s), then sleeps: 10 us at first,
 // doubling up to `WorldOptions::maxBackoff` (2 ms; mpi4py.futures' back-off),
 // back to the start after any progress. After `idleAfter` (1 s) with nothing
 // sent or received the sleeps grow on up to `idleBackoff` (10 ms): a wake-up
@@ -188,7 +192,7 @@ struct WorldOptions {
   // The MPI thread's back-off when a turn moved nothing: it spins this long,
   // then sleeps 10 us, 20 us, ... up to maxBackoff between turns; once
   // nothing moved for idleAfter, up to idleBackoff (see "The MPI thread").
-  std::chrono::microseconds spin{50};
+  std::chrono::microseconds spin{1000};
   std::chrono::microseconds maxBackoff{2000};
   std::chrono::microseconds idleBackoff{10000};
   std::chrono::milliseconds idleAfter{1000};
