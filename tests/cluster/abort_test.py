@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from leftovers import procs_running  # noqa: E402
+
 mpirun, exe = sys.argv[1], sys.argv[2]
 failures = []
 # Rank 1 throws with its World alive; then the driver throws while its
@@ -28,16 +31,7 @@ for mode, rank in (([], 1), (["pool"], 0)):
         failures.append(f"{name}: not every rank started")
     print(f"{name}: job ended in {elapsed:.2f} s with code {p.returncode}")
 time.sleep(0.5)
-# Processes running the test binary (the ranks, their fork servers): by the
-# file they execute, not by command line (a compiler building it matches that).
-real = os.path.realpath(exe)
-left = []
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        if os.path.realpath(f"/proc/{pid}/exe") == real:
-            left.append(pid)
-    except OSError:
-        pass
+left = procs_running(exe)
 if left:
     failures.append(f"processes left: {left}")
 for f in failures:

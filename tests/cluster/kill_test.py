@@ -24,7 +24,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from leftovers import procs_running, shm_of  # noqa: E402
 from slowdown import slow  # noqa: E402
 
 BOUND = 5.0
@@ -42,18 +44,6 @@ def end_running(*_):
     sys.exit(143)
 
 
-def procs_running(exe):
-    real = os.path.realpath(exe)
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.path.realpath(f"/proc/{pid}/exe") == real:
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def procs_in_group(pgid):
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -63,15 +53,6 @@ def procs_in_group(pgid):
         except OSError:
             pass
     return found
-
-
-def shm_of(pids):
-    out = []
-    for name in os.listdir("/dev/shm"):
-        m = re.match(r"^fk\.(\d+)\.", name)
-        if m and int(m.group(1)) in pids:
-            out.append(name)
-    return out
 
 
 def shm_mapped(pids):

@@ -28,29 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import netns  # noqa: E402
+from leftovers import procs_running, shm_of  # noqa: E402
 from slowdown import slow  # noqa: E402
-
-
-def procs_running(exe):
-    real = os.path.realpath(exe)
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.path.realpath(f"/proc/{pid}/exe") == real:
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def shm_of(pids):
-    """Named segments (/dev/shm/fk.<pid>.*) made by any of `pids`."""
-    names = []
-    for name in os.listdir("/dev/shm"):
-        m = re.match(r"^fk\.(\d+)\.", name)
-        if m and int(m.group(1)) in pids:
-            names.append(name)
-    return names
 
 
 def wait_empty(hosts):
