@@ -5,11 +5,8 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 
 #include "forklift/fork_server.hpp"
 #include "forklift/process.hpp"
@@ -52,29 +49,7 @@ std::uint64_t makeFromPayload() {
   return key;
 }
 
-// A thread of the frontend while the test runs: starts must be served.
-class BusyThread {
- public:
-  BusyThread()
-      : thread_([this] {
-          std::unique_lock lock(m_);
-          cv_.wait(lock, [&] { return done_; });
-        }) {}
-  ~BusyThread() {
-    {
-      std::lock_guard lock(m_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
+using test::BusyThread;
 
 void expectNothingLeft() {
   EXPECT_FALSE(ForkServer::running()) << "the fork server outlived its handles";

@@ -11,7 +11,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -55,29 +54,7 @@ class Echo : public MessageProcess {
   }
 };
 
-// A thread of the frontend that runs until the scope ends.
-class BusyThread {
- public:
-  BusyThread()
-      : thread_([this] {
-          std::unique_lock lock(m_);
-          cv_.wait(lock, [&] { return done_; });
-        }) {}
-  ~BusyThread() {
-    {
-      std::lock_guard lock(m_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
+using test::BusyThread;
 
 bool endsWithin(pid_t pid, std::chrono::milliseconds t) {
   detail::UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));

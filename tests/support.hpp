@@ -7,12 +7,15 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -168,6 +171,31 @@ class ScopedFdLimit {
  private:
   long saved_ = -1;
   bool ok_ = false;
+};
+
+// A thread of this process that waits, doing nothing, until the scope
+// ends: the process runs threads (forks must go through a fork server).
+class BusyThread {
+ public:
+  BusyThread()
+      : thread_([this] {
+          std::unique_lock lock(m_);
+          cv_.wait(lock, [&] { return done_; });
+        }) {}
+  ~BusyThread() {
+    {
+      std::lock_guard lock(m_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
 };
 
 }  // namespace forklift::test
